@@ -1,0 +1,41 @@
+"""Content digests: ``<algo>:<hex>`` names for blobs and manifests (FORMAT.md, "Digests")."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Literal
+
+import blake3
+
+from .errors import InvalidNameError
+
+HashAlgorithm = Literal["blake3", "sha256"]
+ALGORITHMS: tuple[str, ...] = ("blake3", "sha256")
+DIGEST_PATTERN = re.compile(r"^(blake3|sha256):[0-9a-f]{64}$")
+
+# BLAKE3 splits a buffer over threads only when it is worth the hand-off.
+_PARALLEL_THRESHOLD = 4 * 2**20
+
+
+def hash_bytes(data: bytes | bytearray | memoryview, algorithm: HashAlgorithm = "blake3") -> str:
+    """Return the digest of ``data`` as ``<algorithm>:<hex>``."""
+    if algorithm == "blake3":
+        threads = blake3.blake3.AUTO if len(data) >= _PARALLEL_THRESHOLD else 1
+        return "blake3:" + blake3.blake3(data, max_threads=threads).hexdigest()
+    if algorithm == "sha256":
+        return "sha256:" + hashlib.sha256(data).hexdigest()
+    raise InvalidNameError(f"unknown hash algorithm {algorithm!r}; use one of {ALGORITHMS}")
+
+
+def check_digest(digest: str) -> str:
+    """Validate a digest string taken from untrusted input (a manifest) and return it."""
+    if not isinstance(digest, str) or not DIGEST_PATTERN.match(digest):
+        raise InvalidNameError(
+            f"malformed digest {digest!r}: expected '<blake3|sha256>:<64 lowercase hex>'"
+        )
+    return digest
+
+
+def algorithm_of(digest: str) -> HashAlgorithm:
+    return check_digest(digest).split(":", 1)[0]  # type: ignore[return-value]

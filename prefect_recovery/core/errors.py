@@ -1,0 +1,71 @@
+"""Typed errors a user can hit. Each message says what happened and what to do next."""
+
+from __future__ import annotations
+
+
+class CheckpointError(Exception):
+    """Base class of every error raised by prefect-recovery."""
+
+
+class InvalidNameError(CheckpointError, ValueError):
+    """A lineage, entry name or digest is malformed or would escape its region."""
+
+
+class ManifestError(CheckpointError):
+    """A manifest cannot be trusted: unreadable, malformed, tampered or of an unknown format."""
+
+    def __init__(self, message: str, *, region: str | None = None, key: str | None = None):
+        where = f" [{region}:{key}]" if region and key else ""
+        super().__init__(message + where)
+        self.region = region
+        self.key = key
+
+
+class RegionError(CheckpointError):
+    """A region could not be reached or refused an operation."""
+
+    def __init__(self, region: str, message: str):
+        super().__init__(f"region {region}: {message}")
+        self.region = region
+
+
+class RegionUnavailableError(RegionError):
+    """The region's storage could not be reached (network, credentials, missing bucket...)."""
+
+
+class StorageFullError(RegionError):
+    """The region ran out of space while writing. Free space and save again."""
+
+
+class ObjectNotFoundError(RegionError):
+    """An object the caller asked for does not exist in this region."""
+
+
+class QuorumNotMetError(CheckpointError):
+    """Fewer regions than ``write_quorum`` committed a save, so it was not committed at all."""
+
+    def __init__(self, message: str, causes: dict[str, str]):
+        detail = "; ".join(f"{region}: {cause}" for region, cause in causes.items())
+        super().__init__(f"{message} ({detail})" if detail else message)
+        self.causes = causes
+
+
+class VersionConflictError(CheckpointError):
+    """Another writer kept committing the version this save tried to take."""
+
+
+class CheckpointNotFoundError(CheckpointError, LookupError):
+    """No consistent checkpoint matches the request."""
+
+
+class BlobUnavailableError(CheckpointError):
+    """No region holds an intact copy of a blob a manifest names."""
+
+    def __init__(self, digest: str, causes: dict[str, str]):
+        detail = "; ".join(f"{region}: {cause}" for region, cause in causes.items())
+        super().__init__(
+            f"no intact copy of blob {digest} in any region ({detail}). "
+            "Run `prefect-recovery verify` to see the damage, or load an older version."
+        )
+        self.digest = digest
+        self.causes = causes

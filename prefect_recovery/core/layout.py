@@ -1,0 +1,63 @@
+"""Where each object lives inside a region (FORMAT.md, "Layout").
+
+Every key built here comes from validated parts, so no manifest content can make a key point
+outside its region.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .digest import check_digest
+from .errors import InvalidNameError
+
+LINEAGE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MANIFEST_NAME = re.compile(r"^(\d{12})\.json$")
+VERSION_WIDTH = 12
+
+
+def check_lineage(lineage: str) -> str:
+    if not isinstance(lineage, str) or not LINEAGE_PATTERN.match(lineage) or ".." in lineage:
+        raise InvalidNameError(
+            f"invalid lineage {lineage!r}: use 1-128 characters from A-Z a-z 0-9 . _ -, "
+            "starting with a letter or digit"
+        )
+    return lineage
+
+
+def check_entry_name(name: str) -> str:
+    """Entry names are relative, '/'-separated paths; reject anything that could escape."""
+    if not isinstance(name, str) or not name or len(name) > 4096:
+        raise InvalidNameError(f"invalid entry name {name!r}: must be 1-4096 characters")
+    if "\x00" in name or "\\" in name:
+        raise InvalidNameError(f"invalid entry name {name!r}: NUL and backslash are not allowed")
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        raise InvalidNameError(f"invalid entry name {name!r}: absolute paths are not allowed")
+    for part in name.split("/"):
+        if part in ("", ".", ".."):
+            raise InvalidNameError(f"invalid entry name {name!r}: empty, '.' or '..' component")
+    return name
+
+
+def blob_key(digest: str) -> str:
+    algo, hexdigest = check_digest(digest).split(":", 1)
+    return f"blobs/{algo}/{hexdigest[:2]}/{hexdigest}"
+
+
+def lineages_prefix() -> str:
+    return "lineages"
+
+
+def manifests_prefix(lineage: str) -> str:
+    return f"lineages/{check_lineage(lineage)}/manifests"
+
+
+def manifest_key(lineage: str, version: int) -> str:
+    if not isinstance(version, int) or version < 1 or version >= 10**VERSION_WIDTH:
+        raise InvalidNameError(f"invalid version {version!r}: must be a positive integer")
+    return f"{manifests_prefix(lineage)}/{version:0{VERSION_WIDTH}d}.json"
+
+
+def version_from_manifest_name(name: str) -> int | None:
+    match = MANIFEST_NAME.match(name)
+    return int(match.group(1)) if match else None

@@ -1,0 +1,315 @@
+"""One region: an fsspec URL plus storage options, behind a small create-only interface.
+
+``RegionIO`` is the only place that knows backend quirks (FORMAT.md, "Create-only writes"):
+
+* local directories: write a temp file in the target directory, fsync it, ``link()`` it to its
+  final name (fails if the name exists, so the write is create-only and atomic), fsync the
+  directory;
+* object stores: ``pipe_file(..., mode="create")``, which fsspec maps to the backend's own
+  precondition where it has one; elsewhere exists-check then write.
+
+Everything else in the package talks to a region only through these methods.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from .errors import ObjectNotFoundError, RegionError, RegionUnavailableError, StorageFullError
+
+
+class PutOutcome(enum.Enum):
+    CREATED = "created"
+    EXISTED = "existed"
+
+
+def redact_url(url: str) -> str:
+    """A URL for logs and errors: no user info, query string or fragment (may hold secrets)."""
+    parts = urlsplit(url)
+    if not parts.scheme or len(parts.scheme) == 1:  # plain path (or a Windows drive letter)
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return f"{parts.scheme}://{host}{parts.path}"
+
+
+def _is_local(url: str) -> bool:
+    scheme = urlsplit(url).scheme
+    return scheme in ("", "file", "local") or len(scheme) == 1
+
+
+class RegionIO:
+    """Create-only object I/O on one fsspec location. Keys are '/'-separated and relative."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, name: str | None = None):
+        self.url = url
+        self.name = name or redact_url(url)
+        self._storage_options = dict(storage_options or {})
+        self._fs: fsspec.AbstractFileSystem | None = None
+        self._root: str | None = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+    # -- plumbing -------------------------------------------------------------------------
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        if self._fs is None:
+            try:
+                self._fs, self._root = url_to_fs(self.url, **self._storage_options)
+            except Exception as exc:  # fsspec raises anything from ImportError to ValueError
+                raise RegionUnavailableError(
+                    self.name, f"cannot open this URL ({type(exc).__name__}: {exc}). "
+                    "Check the scheme, the installed extra (s3/azure) and the storage options."
+                ) from None
+        return self._fs
+
+    def _path(self, key: str) -> str:
+        _ = self.fs
+        return f"{self._root.rstrip('/')}/{key}" if self._root else key
+
+    def _wrap(self, exc: BaseException, action: str, key: str) -> RegionError:
+        if isinstance(exc, RegionError):
+            return exc
+        if isinstance(exc, FileNotFoundError):
+            return ObjectNotFoundError(self.name, f"{key} does not exist")
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return StorageFullError(self.name, f"no space left while {action} {key}; free space and retry")
+        return RegionUnavailableError(self.name, f"{action} {key} failed: {type(exc).__name__}: {exc}")
+
+    # -- the interface ----------------------------------------------------------------------
+    def put_if_absent(self, key: str, data: bytes | memoryview) -> PutOutcome:
+        """Create ``key`` with ``data`` unless it exists. Never overwrites, never leaves a partial object."""
+        path = self._path(key)
+        try:
+            if self.fs.exists(path):
+                return PutOutcome.EXISTED
+            try:
+                self.fs.pipe_file(path, bytes(data), mode="create")
+            except FileExistsError:
+                return PutOutcome.EXISTED
+            except TypeError:  # an fsspec backend without `mode`: best effort, see FORMAT.md
+                self.fs.pipe_file(path, bytes(data))
+            return PutOutcome.CREATED
+        except Exception as exc:
+            raise self._wrap(exc, "writing", key) from None
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self.fs.cat_file(self._path(key))
+        except Exception as exc:
+            raise self._wrap(exc, "reading", key) from None
+
+    def read_into(self, key: str, buffer: memoryview) -> int:
+        """Read ``key`` into ``buffer``; return the object's size (may differ from the buffer's)."""
+        data = self.get(key)
+        if len(data) == len(buffer):
+            buffer[:] = data
+        return len(data)
+
+    def size(self, key: str) -> int | None:
+        """Size of ``key`` in bytes, or None when it does not exist."""
+        try:
+            return int(self.fs.size(self._path(key)))
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            raise self._wrap(exc, "inspecting", key) from None
+
+    def exists(self, key: str) -> bool:
+        return self.size(key) is not None
+
+    def list(self, prefix: str) -> list[str]:
+        """Names directly under ``prefix`` (files and folders), or [] when it does not exist."""
+        try:
+            entries = self.fs.ls(self._path(prefix), detail=False)
+        except FileNotFoundError:
+            return []
+        except Exception as exc:
+            raise self._wrap(exc, "listing", prefix) from None
+        return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries)
+
+    def walk(self, prefix: str) -> list[str]:
+        """Every object key under ``prefix``, relative to the region root."""
+        base = self._path(prefix).rstrip("/")
+        try:
+            found = self.fs.find(base)
+        except FileNotFoundError:
+            return []
+        except Exception as exc:
+            raise self._wrap(exc, "listing", prefix) from None
+        root = self._path("").rstrip("/")
+        return sorted(path[len(root) + 1 :] if root else path for path in found)
+
+    def delete(self, key: str) -> None:
+        try:
+            self.fs.rm_file(self._path(key))
+        except FileNotFoundError:
+            pass
+        except Exception as exc:
+            raise self._wrap(exc, "deleting", key) from None
+
+    def probe(self) -> None:
+        """Raise RegionUnavailableError unless the region can be listed."""
+        self.list("")
+
+
+class LocalRegionIO(RegionIO):
+    """A directory on a local or mounted filesystem, with fsync-before-publish commits."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, name: str | None = None):
+        super().__init__(url, storage_options, name)
+        parts = urlsplit(url)
+        raw = parts.path if parts.scheme in ("file", "local") else url
+        self.root = Path(raw).expanduser().absolute()
+        if name is None:
+            self.name = str(self.root)
+
+    def _local(self, key: str) -> Path:
+        # Keys are built by core.layout from validated parts; refuse anything else loudly.
+        if key.startswith("/") or ".." in key.split("/") or "\x00" in key:
+            raise RegionError(self.name, f"refusing key outside the region: {key!r}")
+        return self.root / key
+
+    def _make_dirs(self, directory: Path) -> None:
+        missing = []
+        while not directory.exists():
+            missing.append(directory)
+            directory = directory.parent
+        for path in reversed(missing):
+            try:
+                path.mkdir()
+            except FileExistsError:
+                pass
+            _fsync_dir(path.parent)  # the new directory entry must survive a power loss
+
+    def put_if_absent(self, key: str, data: bytes | memoryview) -> PutOutcome:
+        final = self._local(key)
+        if final.exists():
+            return PutOutcome.EXISTED
+        tmp = None
+        try:
+            if not self.root.is_dir():
+                raise RegionUnavailableError(self.name, f"directory {self.root} does not exist")
+            self._make_dirs(final.parent)
+            tmp = final.parent / f".tmp-{final.name[:32]}-{uuid.uuid4().hex}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data).cast("B")
+                written = 0
+                while written < len(view):
+                    written += os.write(fd, view[written : written + (64 << 20)])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, final)  # atomic, and fails if another writer got there first
+                outcome = PutOutcome.CREATED
+            except FileExistsError:
+                outcome = PutOutcome.EXISTED
+            os.unlink(tmp)
+            tmp = None
+            _fsync_dir(final.parent)
+            return outcome
+        except Exception as exc:
+            raise self._wrap(exc, "writing", key) from None
+        finally:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._local(key).read_bytes()
+        except IsADirectoryError:
+            raise ObjectNotFoundError(self.name, f"{key} is a directory") from None
+        except Exception as exc:
+            raise self._wrap(exc, "reading", key) from None
+
+    def read_into(self, key: str, buffer: memoryview) -> int:
+        path = self._local(key)
+        try:
+            with open(path, "rb", buffering=0) as handle:
+                size = os.fstat(handle.fileno()).st_size
+                if size != len(buffer):
+                    return size
+                view = buffer.cast("B") if buffer.format != "B" else buffer
+                got = 0
+                while got < size:
+                    n = handle.readinto(view[got:])
+                    if not n:
+                        return got
+                    got += n
+                return size
+        except Exception as exc:
+            raise self._wrap(exc, "reading", key) from None
+
+    def size(self, key: str) -> int | None:
+        try:
+            return self._local(key).stat().st_size
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            raise self._wrap(exc, "inspecting", key) from None
+
+    def list(self, prefix: str) -> list[str]:
+        path = self._local(prefix) if prefix else self.root
+        if not self.root.is_dir():
+            raise RegionUnavailableError(self.name, f"directory {self.root} does not exist")
+        try:
+            return sorted(p.name for p in path.iterdir() if not p.name.startswith(".tmp-"))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except Exception as exc:
+            raise self._wrap(exc, "listing", prefix) from None
+
+    def walk(self, prefix: str) -> list[str]:
+        base = self._local(prefix) if prefix else self.root
+        if not self.root.is_dir():
+            raise RegionUnavailableError(self.name, f"directory {self.root} does not exist")
+        keys = []
+        for dirpath, _dirs, files in os.walk(base):
+            for file in files:
+                keys.append(str(Path(dirpath, file).relative_to(self.root)).replace(os.sep, "/"))
+        return sorted(keys)
+
+    def temp_files(self) -> list[str]:
+        """Leftover temp files of interrupted writes (never referenced by anything)."""
+        return [key for key in self.walk("") if key.rsplit("/", 1)[-1].startswith(".tmp-")]
+
+    def delete(self, key: str) -> None:
+        try:
+            self._local(key).unlink()
+        except FileNotFoundError:
+            pass
+        except Exception as exc:
+            raise self._wrap(exc, "deleting", key) from None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def open_region(url: str, storage_options: dict[str, Any] | None = None, name: str | None = None) -> RegionIO:
+    """Build the right ``RegionIO`` for ``url`` (a local path or any fsspec URL)."""
+    if not isinstance(url, str) or not url.strip():
+        raise RegionUnavailableError(str(url), "a region needs a non-empty URL or path")
+    if _is_local(url):
+        return LocalRegionIO(url, storage_options, name)
+    return RegionIO(url, storage_options, name)

@@ -1,0 +1,530 @@
+"""The multi-region checkpoint store: the commit protocol and consistent reads (FORMAT.md).
+
+Write order (DESIGN.md invariant 2): every blob to every region in parallel, then, only in
+regions that took all blobs, the manifest, create-only. The manifest goes first to one region
+(the *arbiter*: the first healthy region in configured order), which decides who owns a
+version number when two writers race; then to the others in parallel. A save counts when
+``write_quorum`` regions hold its manifest; below that, the manifests it did create are
+removed again and the save fails, so no manifest claims a commit that did not happen.
+
+Read rule (invariant 3): a version is *consistent* when one identical, valid manifest is in at
+least ``write_quorum`` regions and every blob it names exists in at least one region; every
+blob is re-hashed on read, with fallback to the next region.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata as importlib_metadata
+from typing import Any
+
+from pydantic import JsonValue
+
+from .digest import HashAlgorithm, hash_bytes
+from .errors import (
+    BlobUnavailableError,
+    CheckpointNotFoundError,
+    InvalidNameError,
+    ManifestError,
+    QuorumNotMetError,
+    RegionError,
+    VersionConflictError,
+)
+from .layout import (
+    blob_key,
+    check_lineage,
+    lineages_prefix,
+    manifest_key,
+    manifests_prefix,
+    version_from_manifest_name,
+)
+from .manifest import Component, Entry, Manifest, ManifestBody, ShardInfo, decode_manifest
+from .models import CheckpointInfo
+from .region import PutOutcome, RegionIO
+
+DEFAULT_CHUNK_BYTES = 32 * 2**20
+MAX_VERSION_ATTEMPTS = 32
+
+
+@dataclass
+class EntryPlan:
+    """A leaf to store: its flat bytes and the metadata the manifest records for it."""
+
+    name: str
+    kind: str
+    data: memoryview
+    dtype: str | None = None
+    shape: list[int] | None = None
+    component: str | None = None
+    shard: ShardInfo | None = None
+
+
+@dataclass
+class ManifestCopies:
+    """What each region holds for one version of a lineage."""
+
+    version: int
+    valid: dict[str, Manifest] = field(default_factory=dict)
+    invalid: dict[str, str] = field(default_factory=dict)
+    raw: dict[str, bytes] = field(default_factory=dict)
+
+    def best(self, region_order: Sequence[str]) -> tuple[Manifest | None, list[str]]:
+        """The manifest held by most regions (ties: earliest region) and who holds it."""
+        groups: dict[str, list[str]] = {}
+        for region in region_order:
+            if region in self.valid:
+                groups.setdefault(self.valid[region].manifest_digest, []).append(region)
+        if not groups:
+            return None, []
+        holders = max(groups.values(), key=len)  # max keeps the first of equal lengths
+        return self.valid[holders[0]], holders
+
+
+def _writer_info() -> dict[str, JsonValue]:
+    try:
+        version = importlib_metadata.version("prefect-recovery")
+    except importlib_metadata.PackageNotFoundError:
+        version = "unknown"
+    return {"host": socket.gethostname(), "pid": os.getpid(), "prefect_recovery": version}
+
+
+class Store:
+    """Checkpoints of many lineages, replicated over several regions."""
+
+    def __init__(
+        self,
+        regions: Sequence[RegionIO],
+        *,
+        write_quorum: int = 1,
+        hash_algorithm: HashAlgorithm = "blake3",
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        io_threads: int = 4,
+    ):
+        if not regions:
+            raise InvalidNameError("a store needs at least one region")
+        names = [region.name for region in regions]
+        if len(set(names)) != len(names):
+            raise InvalidNameError(f"regions must be distinct, got {names}")
+        if not 1 <= write_quorum <= len(regions):
+            raise InvalidNameError(
+                f"write_quorum must be between 1 and the number of regions ({len(regions)}), "
+                f"got {write_quorum}"
+            )
+        if chunk_bytes < 1:
+            raise InvalidNameError("chunk_bytes must be positive")
+        self.regions = list(regions)
+        self.write_quorum = write_quorum
+        self.hash_algorithm = hash_algorithm
+        self.chunk_bytes = chunk_bytes
+        self.io_threads = io_threads
+
+    @property
+    def region_names(self) -> list[str]:
+        return [region.name for region in self.regions]
+
+    def _region(self, name: str) -> RegionIO:
+        return next(region for region in self.regions if region.name == name)
+
+    # -- writing ------------------------------------------------------------------------
+    def commit(
+        self,
+        lineage: str,
+        entries: Sequence[EntryPlan],
+        *,
+        step: int | None = None,
+        tree: JsonValue = None,
+        components: Iterable[Component] = (),
+        metadata: dict[str, JsonValue] | None = None,
+    ) -> CheckpointInfo:
+        """Write ``entries`` as the next version of ``lineage`` and return what was committed."""
+        check_lineage(lineage)
+        chunked = self._write_blobs(entries)
+        region_causes, bytes_written, chunk_refs = chunked
+        healthy = [r for r in self.regions if r.name not in region_causes]
+        if len(healthy) < self.write_quorum:
+            raise QuorumNotMetError(
+                f"save of lineage {lineage!r} not committed: only {len(healthy)} of "
+                f"{len(self.regions)} regions took the data, write_quorum is {self.write_quorum}",
+                region_causes,
+            )
+        manifest_entries = [
+            Entry(
+                name=plan.name,
+                kind=plan.kind,  # type: ignore[arg-type]
+                size=len(plan.data),
+                chunks=refs,
+                dtype=plan.dtype,
+                shape=plan.shape,
+                component=plan.component,
+                shard=plan.shard,
+            )
+            for plan, refs in zip(entries, chunk_refs, strict=True)
+        ]
+        body_fields: dict[str, Any] = dict(
+            lineage=lineage,
+            step=step,
+            hash_algorithm=self.hash_algorithm,
+            entries=manifest_entries,
+            tree=tree,
+            components=list(components),
+            metadata=metadata or {},
+            writer=_writer_info(),
+        )
+        manifest, acked, lagging = self._commit_manifest(lineage, body_fields, healthy)
+        lagging = {**region_causes, **lagging}
+        return CheckpointInfo(
+            lineage=lineage,
+            version=manifest.version,
+            step=step,
+            created_at=manifest.created_at,
+            manifest_digest=manifest.manifest_digest,
+            total_bytes=manifest.total_bytes,
+            regions=acked,
+            lagging=lagging,
+            bytes_written=bytes_written,
+            metadata=manifest.metadata,
+        )
+
+    def _write_blobs(
+        self, entries: Sequence[EntryPlan]
+    ) -> tuple[dict[str, str], int, list[list[Any]]]:
+        """Hash every chunk once and write it to every region; returns per-region failures."""
+        from .manifest import ChunkRef
+
+        slices: list[tuple[int, memoryview]] = []
+        for index, plan in enumerate(entries):
+            data = plan.data.cast("B") if plan.data.format != "B" or plan.data.ndim != 1 else plan.data
+            if len(data) == 0:
+                continue
+            for start in range(0, len(data), self.chunk_bytes):
+                slices.append((index, data[start : start + self.chunk_bytes]))
+
+        causes: dict[str, str] = {}
+        written = [0]
+        lock = threading.Lock()
+        claimed: dict[str, set[str]] = {region.name: set() for region in self.regions}
+
+        def put(region: RegionIO, digest_future: Future[str], data: memoryview) -> None:
+            if region.name in causes:
+                return
+            digest = digest_future.result()
+            with lock:
+                if digest in claimed[region.name]:
+                    return
+                claimed[region.name].add(digest)
+            try:
+                if self._ensure_blob(region, digest, data):
+                    with lock:
+                        written[0] += len(data)
+            except RegionError as exc:
+                with lock:
+                    causes.setdefault(region.name, str(exc))
+
+        hash_threads = min(2, os.cpu_count() or 1)
+        with ThreadPoolExecutor(hash_threads, thread_name_prefix="ckpt-hash") as hasher:
+            digests = [hasher.submit(hash_bytes, data, self.hash_algorithm) for _, data in slices]
+            pools = [
+                ThreadPoolExecutor(self.io_threads, thread_name_prefix=f"ckpt-put-{i}")
+                for i in range(len(self.regions))
+            ]
+            try:
+                futures = [
+                    pool.submit(put, region, digest, data)
+                    for (_, data), digest in zip(slices, digests, strict=True)
+                    for region, pool in zip(self.regions, pools, strict=True)
+                ]
+                for future in futures:
+                    future.result()
+            finally:
+                for pool in pools:
+                    pool.shutdown(wait=True)
+            refs: list[list[ChunkRef]] = [[] for _ in entries]
+            for (index, data), digest in zip(slices, digests, strict=True):
+                refs[index].append(ChunkRef(digest=digest.result(), size=len(data)))
+        return causes, written[0], refs
+
+    def _ensure_blob(self, region: RegionIO, digest: str, data: memoryview) -> bool:
+        """Make ``region`` hold an intact copy of a blob; True when new bytes were written.
+
+        An existing object of the right size is trusted here (content is checked on every read
+        and by verify); a wrong-sized leftover, or one that lost a create race and does not
+        hash right, is replaced.
+        """
+        key = blob_key(digest)
+        existing = region.size(key)
+        if existing == len(data):
+            return False
+        if existing is not None:
+            region.delete(key)
+        if region.put_if_absent(key, data) is PutOutcome.CREATED:
+            return True
+        if hash_bytes(region.get(key), self.hash_algorithm) != digest:
+            region.delete(key)
+            region.put_if_absent(key, data)
+            return True
+        return False
+
+    def _next_version(self, lineage: str) -> int:
+        latest = 0
+        for region in self.regions:
+            try:
+                names = region.list(manifests_prefix(lineage))
+            except RegionError:
+                continue
+            for name in names:
+                version = version_from_manifest_name(name)
+                if version is not None:
+                    latest = max(latest, version)
+        return latest + 1
+
+    def _commit_manifest(
+        self, lineage: str, body_fields: dict[str, Any], healthy: list[RegionIO]
+    ) -> tuple[Manifest, list[str], dict[str, str]]:
+        version = self._next_version(lineage)
+        causes: dict[str, str] = {}
+        for _attempt in range(MAX_VERSION_ATTEMPTS):
+            manifest = Manifest.build(
+                ManifestBody(
+                    version=version,
+                    created_at=datetime.now(UTC).isoformat(timespec="microseconds"),
+                    **body_fields,
+                )
+            )
+            data = manifest.encode()
+            key = manifest_key(lineage, version)
+            arbiter = None
+            lost = False
+            for region in healthy:
+                if region.name in causes:
+                    continue
+                try:
+                    outcome = region.put_if_absent(key, data)
+                except RegionError as exc:
+                    causes[region.name] = str(exc)
+                    continue
+                if outcome is PutOutcome.EXISTED:
+                    lost = True
+                else:
+                    arbiter = region
+                break
+            if lost:
+                version = max(version + 1, self._next_version(lineage))
+                continue
+            if arbiter is None:
+                raise QuorumNotMetError(
+                    f"save of lineage {lineage!r} not committed: no region accepted the manifest",
+                    causes,
+                )
+            acked = [arbiter.name]
+            others = [r for r in healthy if r is not arbiter and r.name not in causes]
+
+            def put_manifest(region: RegionIO) -> tuple[str, str | None]:
+                try:
+                    outcome = region.put_if_absent(key, data)
+                except RegionError as exc:
+                    return region.name, str(exc)
+                if outcome is PutOutcome.EXISTED and region.get(key) != data:
+                    return region.name, f"version {version} was taken there by another writer"
+                return region.name, None
+
+            if others:
+                with ThreadPoolExecutor(len(others)) as pool:
+                    for name, cause in pool.map(put_manifest, others):
+                        if cause is None:
+                            acked.append(name)
+                        else:
+                            causes[name] = cause
+            acked.sort(key=self.region_names.index)
+            if len(acked) < self.write_quorum:
+                for name in acked:  # withdraw the claims of a save that did not commit
+                    try:
+                        self._region(name).delete(key)
+                    except RegionError:
+                        pass
+                raise QuorumNotMetError(
+                    f"save of lineage {lineage!r} not committed: manifest reached {len(acked)} "
+                    f"of {len(self.regions)} regions, write_quorum is {self.write_quorum}",
+                    causes,
+                )
+            return manifest, acked, causes
+        raise VersionConflictError(
+            f"lineage {lineage!r}: other writers took {MAX_VERSION_ATTEMPTS} versions in a row; "
+            "retry the save"
+        )
+
+    # -- reading ------------------------------------------------------------------------
+    def lineages(self) -> list[str]:
+        found: set[str] = set()
+        for region in self.regions:
+            try:
+                found.update(region.list(lineages_prefix()))
+            except RegionError:
+                continue
+        return sorted(found)
+
+    def reachable_regions(self) -> tuple[list[RegionIO], dict[str, str]]:
+        reachable, causes = [], {}
+        for region in self.regions:
+            try:
+                region.probe()
+                reachable.append(region)
+            except RegionError as exc:
+                causes[region.name] = str(exc)
+        return reachable, causes
+
+    def versions(self, lineage: str) -> dict[int, list[str]]:
+        """Every version number any region lists for ``lineage``, with the regions listing it."""
+        check_lineage(lineage)
+        found: dict[int, list[str]] = {}
+        for region in self.regions:
+            try:
+                names = region.list(manifests_prefix(lineage))
+            except RegionError:
+                continue
+            for name in names:
+                version = version_from_manifest_name(name)
+                if version is not None:
+                    found.setdefault(version, []).append(region.name)
+        return dict(sorted(found.items()))
+
+    def manifest_copies(self, lineage: str, version: int, regions: Iterable[str] | None = None) -> ManifestCopies:
+        copies = ManifestCopies(version)
+        key = manifest_key(lineage, version)
+        targets = [self._region(n) for n in regions] if regions is not None else self.regions
+
+        def fetch(region: RegionIO) -> None:
+            try:
+                data = region.get(key)
+            except RegionError as exc:
+                copies.invalid[region.name] = str(exc)
+                return
+            copies.raw[region.name] = data
+            try:
+                copies.valid[region.name] = decode_manifest(
+                    data, expect_lineage=lineage, expect_version=version, region=region.name, key=key
+                )
+            except ManifestError as exc:
+                copies.invalid[region.name] = str(exc)
+
+        with ThreadPoolExecutor(max(1, len(targets))) as pool:
+            list(pool.map(fetch, targets))
+        return copies
+
+    def blob_present(self, digest: str, size: int) -> bool:
+        key = blob_key(digest)
+        for region in self.regions:
+            try:
+                if region.size(key) == size:
+                    return True
+            except RegionError:
+                continue
+        return False
+
+    def consistent_manifest(self, lineage: str, version: int) -> tuple[Manifest, list[str]] | None:
+        """The committed manifest of ``version`` and its holders, or None if not consistent."""
+        holders_listed = self.versions(lineage).get(version)
+        if not holders_listed:
+            return None
+        copies = self.manifest_copies(lineage, version, holders_listed)
+        manifest, holders = copies.best(self.region_names)
+        if manifest is None or len(holders) < self.write_quorum:
+            return None
+        sizes = {c.digest: c.size for e in manifest.entries for c in e.chunks}
+        if not all(self.blob_present(d, s) for d, s in sizes.items()):
+            return None
+        return manifest, holders
+
+    def resolve(self, lineage: str, version: int | None = None) -> tuple[Manifest, list[str]]:
+        """The manifest to load: ``version`` if given and consistent, else the latest consistent."""
+        check_lineage(lineage)
+        listed = self.versions(lineage)
+        if version is not None:
+            found = self.consistent_manifest(lineage, version) if version in listed else None
+            if found is None:
+                raise CheckpointNotFoundError(
+                    f"lineage {lineage!r} has no consistent version {version} "
+                    f"(consistent versions: {self.consistent_versions(lineage) or 'none'})"
+                )
+            return found
+        for candidate in sorted(listed, reverse=True):
+            found = self.consistent_manifest(lineage, candidate)
+            if found is not None:
+                return found
+        raise CheckpointNotFoundError(
+            f"lineage {lineage!r} has no consistent checkpoint in {self.region_names}"
+        )
+
+    def consistent_versions(self, lineage: str) -> list[int]:
+        return [v for v in self.versions(lineage) if self.consistent_manifest(lineage, v)]
+
+    def list(self, lineage: str | None = None) -> list[CheckpointInfo]:
+        infos = []
+        for name in [lineage] if lineage else self.lineages():
+            for version in self.versions(name):
+                found = self.consistent_manifest(name, version)
+                if found is None:
+                    continue
+                manifest, holders = found
+                infos.append(
+                    CheckpointInfo(
+                        lineage=name,
+                        version=version,
+                        step=manifest.step,
+                        created_at=manifest.created_at,
+                        manifest_digest=manifest.manifest_digest,
+                        total_bytes=manifest.total_bytes,
+                        regions=holders,
+                        lagging={
+                            r: "manifest missing" for r in self.region_names if r not in holders
+                        },
+                        metadata=manifest.metadata,
+                    )
+                )
+        return infos
+
+    def read_blob_into(self, digest: str, buffer: memoryview, prefer: Sequence[str] = ()) -> str:
+        """Fill ``buffer`` with an intact copy of blob ``digest``; return the region it came from."""
+        key = blob_key(digest)
+        order = [self._region(n) for n in prefer] + [r for r in self.regions if r.name not in prefer]
+        causes: dict[str, str] = {}
+        for region in order:
+            try:
+                size = region.read_into(key, buffer)
+            except RegionError as exc:
+                causes[region.name] = str(exc)
+                continue
+            if size != len(buffer):
+                causes[region.name] = f"size {size}, expected {len(buffer)} (corrupt)"
+                continue
+            if hash_bytes(buffer, digest.split(":", 1)[0]) != digest:  # type: ignore[arg-type]
+                causes[region.name] = "content does not match its digest (corrupt)"
+                continue
+            return region.name
+        raise BlobUnavailableError(digest, causes)
+
+    def read_entries_into(
+        self, targets: Sequence[tuple[Entry, memoryview]], prefer: Sequence[str] = ()
+    ) -> None:
+        """Fill each buffer with its entry's bytes, chunks read in parallel and verified."""
+        jobs = []
+        for entry, buffer in targets:
+            flat = buffer.cast("B") if buffer.format != "B" or buffer.ndim != 1 else buffer
+            if len(flat) != entry.size:
+                raise ValueError(f"buffer of {len(flat)} bytes for entry {entry.name!r} of {entry.size}")
+            offset = 0
+            for chunk in entry.chunks:
+                jobs.append((chunk.digest, flat[offset : offset + chunk.size]))
+                offset += chunk.size
+        if len(jobs) <= 1:
+            for digest, view in jobs:
+                self.read_blob_into(digest, view, prefer)
+            return
+        with ThreadPoolExecutor(self.io_threads, thread_name_prefix="ckpt-get") as pool:
+            for future in [pool.submit(self.read_blob_into, d, v, prefer) for d, v in jobs]:
+                future.result()
