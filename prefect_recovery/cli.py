@@ -132,7 +132,10 @@ def verify(
                 table.add_column(column)
             for problem in report.problems:
                 table.add_row(
-                    problem.region, problem.object, problem.kind, "yes" if problem.repaired else "no",
+                    problem.region,
+                    problem.object,
+                    problem.kind,
+                    "yes" if problem.repaired else "no",
                     problem.detail,
                 )
             console.print(table)

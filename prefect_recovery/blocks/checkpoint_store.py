@@ -39,9 +39,7 @@ class Region(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    url: str = Field(
-        description="fsspec URL or local path, e.g. `/mnt/ckpt`, `gs://bucket/ckpt`, `s3://bucket/ckpt`."
-    )
+    url: str = Field(description="fsspec URL or local path, e.g. `/mnt/ckpt`, `gs://bucket/ckpt`, `s3://bucket/ckpt`.")
     storage_options: SecretDict = Field(
         default_factory=lambda: SecretDict({}),
         description="Options passed to the fsspec filesystem (credentials, endpoint). Kept secret.",
@@ -82,20 +80,14 @@ class CheckpointStore(Block):
     _block_type_name: ClassVar[str] = "Checkpoint Store"
     _block_type_slug: ClassVar[str] = "checkpoint-store"
     _logo_url: ClassVar[str] = "https://avatars.githubusercontent.com/u/39270919?s=200&v=4"
-    _documentation_url: ClassVar[str] = (
-        "https://github.com/prefect-recovery/prefect-recovery#readme"
-    )
-    _description: ClassVar[str] = (
-        "Versioned, verified, multi-region checkpoints for recoverable ML pipelines."
-    )
+    _documentation_url: ClassVar[str] = "https://github.com/prefect-recovery/prefect-recovery#readme"
+    _description: ClassVar[str] = "Versioned, verified, multi-region checkpoints for recoverable ML pipelines."
 
     regions: builtins.list[Region] = Field(
         description="Where copies of every checkpoint are written (two or more for safety).",
         min_length=1,
     )
-    write_quorum: int = Field(
-        default=1, ge=1, description="How many regions must commit a save for it to count."
-    )
+    write_quorum: int = Field(default=1, ge=1, description="How many regions must commit a save for it to count.")
     hash_algorithm: Literal["blake3", "sha256"] = Field(
         default="blake3", description="Digest used to name and verify blobs."
     )
@@ -132,9 +124,7 @@ class CheckpointStore(Block):
         if self._store is None:
             self._store = Store(
                 [
-                    open_region(
-                        region.url, region.storage_options.get_secret_value(), region.name
-                    )
+                    open_region(region.url, region.storage_options.get_secret_value(), region.name)
                     for region in self.regions
                 ],
                 write_quorum=self.write_quorum,

@@ -31,9 +31,7 @@ def hash_bytes(data: bytes | bytearray | memoryview, algorithm: HashAlgorithm = 
 def check_digest(digest: str) -> str:
     """Validate a digest string taken from untrusted input (a manifest) and return it."""
     if not isinstance(digest, str) or not DIGEST_PATTERN.match(digest):
-        raise InvalidNameError(
-            f"malformed digest {digest!r}: expected '<blake3|sha256>:<64 lowercase hex>'"
-        )
+        raise InvalidNameError(f"malformed digest {digest!r}: expected '<blake3|sha256>:<64 lowercase hex>'")
     return digest
 
 

@@ -19,8 +19,7 @@ VERSION_WIDTH = 12
 def check_lineage(lineage: str) -> str:
     if not isinstance(lineage, str) or not LINEAGE_PATTERN.match(lineage) or ".." in lineage:
         raise InvalidNameError(
-            f"invalid lineage {lineage!r}: use 1-128 characters from A-Z a-z 0-9 . _ -, "
-            "starting with a letter or digit"
+            f"invalid lineage {lineage!r}: use 1-128 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
         )
     return lineage
 

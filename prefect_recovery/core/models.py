@@ -20,9 +20,7 @@ class CheckpointInfo(BaseModel):
     lagging: dict[str, str] = Field(
         default_factory=dict, description="Regions that missed this version, with the reason."
     )
-    bytes_written: int | None = Field(
-        default=None, description="New blob bytes this save wrote, summed over regions."
-    )
+    bytes_written: int | None = Field(default=None, description="New blob bytes this save wrote, summed over regions.")
     metadata: dict[str, JsonValue] = Field(default_factory=dict)
 
 

@@ -69,8 +69,9 @@ class RegionIO:
                 self._fs, self._root = url_to_fs(self.url, **self._storage_options)
             except Exception as exc:  # fsspec raises anything from ImportError to ValueError
                 raise RegionUnavailableError(
-                    self.name, f"cannot open this URL ({type(exc).__name__}: {exc}). "
-                    "Check the scheme, the installed extra (s3/azure) and the storage options."
+                    self.name,
+                    f"cannot open this URL ({type(exc).__name__}: {exc}). "
+                    "Check the scheme, the installed extra (s3/azure) and the storage options.",
                 ) from None
         return self._fs
 

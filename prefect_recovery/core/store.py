@@ -113,8 +113,7 @@ class Store:
             raise InvalidNameError(f"regions must be distinct, got {names}")
         if not 1 <= write_quorum <= len(regions):
             raise InvalidNameError(
-                f"write_quorum must be between 1 and the number of regions ({len(regions)}), "
-                f"got {write_quorum}"
+                f"write_quorum must be between 1 and the number of regions ({len(regions)}), got {write_quorum}"
             )
         if chunk_bytes < 1:
             raise InvalidNameError("chunk_bytes must be positive")
@@ -191,9 +190,7 @@ class Store:
             metadata=manifest.metadata,
         )
 
-    def _write_blobs(
-        self, entries: Sequence[EntryPlan]
-    ) -> tuple[dict[str, str], int, list[list[Any]]]:
+    def _write_blobs(self, entries: Sequence[EntryPlan]) -> tuple[dict[str, str], int, list[list[Any]]]:
         """Hash every chunk once and write it to every region; returns per-region failures."""
         from .manifest import ChunkRef
 
@@ -324,7 +321,9 @@ class Store:
             acked = [arbiter.name]
             others = [r for r in healthy if r is not arbiter and r.name not in causes]
 
-            def put_manifest(region: RegionIO) -> tuple[str, str | None]:
+            def put_manifest(
+                region: RegionIO, key: str = key, data: bytes = data, version: int = version
+            ) -> tuple[str, str | None]:
                 try:
                     outcome = region.put_if_absent(key, data)
                 except RegionError as exc:
@@ -354,8 +353,7 @@ class Store:
                 )
             return manifest, acked, causes
         raise VersionConflictError(
-            f"lineage {lineage!r}: other writers took {MAX_VERSION_ATTEMPTS} versions in a row; "
-            "retry the save"
+            f"lineage {lineage!r}: other writers took {MAX_VERSION_ATTEMPTS} versions in a row; retry the save"
         )
 
     # -- reading ------------------------------------------------------------------------
@@ -456,9 +454,7 @@ class Store:
             found = self.consistent_manifest(lineage, candidate)
             if found is not None:
                 return found
-        raise CheckpointNotFoundError(
-            f"lineage {lineage!r} has no consistent checkpoint in {self.region_names}"
-        )
+        raise CheckpointNotFoundError(f"lineage {lineage!r} has no consistent checkpoint in {self.region_names}")
 
     def consistent_versions(self, lineage: str) -> list[int]:
         return [v for v in self.versions(lineage) if self.consistent_manifest(lineage, v)]
@@ -480,9 +476,7 @@ class Store:
                         manifest_digest=manifest.manifest_digest,
                         total_bytes=manifest.total_bytes,
                         regions=holders,
-                        lagging={
-                            r: "manifest missing" for r in self.region_names if r not in holders
-                        },
+                        lagging={r: "manifest missing" for r in self.region_names if r not in holders},
                         metadata=manifest.metadata,
                     )
                 )
@@ -508,9 +502,7 @@ class Store:
             return region.name
         raise BlobUnavailableError(digest, causes)
 
-    def read_entries_into(
-        self, targets: Sequence[tuple[Entry, memoryview]], prefer: Sequence[str] = ()
-    ) -> None:
+    def read_entries_into(self, targets: Sequence[tuple[Entry, memoryview]], prefer: Sequence[str] = ()) -> None:
         """Fill each buffer with its entry's bytes, chunks read in parallel and verified."""
         jobs = []
         for entry, buffer in targets:

@@ -36,9 +36,7 @@ def verify_store(store: Store, *, repair: bool = False, lineage: str | None = No
             committed = manifest is not None and len(holders) >= store.write_quorum
             for region, cause in copies.invalid.items():
                 if region in copies.raw:  # present but unusable
-                    problems.append(
-                        Problem(region=region, object=key, kind="unreadable manifest", detail=cause)
-                    )
+                    problems.append(Problem(region=region, object=key, kind="unreadable manifest", detail=cause))
             if not committed:
                 held = ", ".join(holders) or "no region"
                 notes.append(

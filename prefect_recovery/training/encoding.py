@@ -156,9 +156,7 @@ def _select(manifest: Manifest, keys: Iterable[str] | None) -> list[Entry]:
         return list(manifest.entries)
     prefixes = [_key_path(k) for k in keys]
     return [
-        entry
-        for entry in manifest.entries
-        if any(entry.name == p or entry.name.startswith(p + "/") for p in prefixes)
+        entry for entry in manifest.entries if any(entry.name == p or entry.name.startswith(p + "/") for p in prefixes)
     ]
 
 
@@ -170,8 +168,7 @@ def allocate(entry: Entry) -> tuple[torch.Tensor | bytearray, memoryview]:
     dtype = DTYPES.get(entry.dtype or "")
     if dtype is None:
         raise ManifestError(
-            f"entry {entry.name!r} has dtype {entry.dtype!r}, which this torch "
-            f"({torch.__version__}) cannot represent"
+            f"entry {entry.name!r} has dtype {entry.dtype!r}, which this torch ({torch.__version__}) cannot represent"
         )
     numel = math.prod(entry.shape or [])
     itemsize = torch.empty((), dtype=dtype).element_size()

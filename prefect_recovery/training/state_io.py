@@ -23,9 +23,7 @@ def save_state(
 ) -> CheckpointInfo:
     """Commit ``state`` as the next version of ``lineage``; blocks until committed."""
     encoded = encode_state(state)
-    return store.commit(
-        lineage, encoded.entries, step=step, tree=encoded.tree, metadata=metadata or {}
-    )
+    return store.commit(lineage, encoded.entries, step=step, tree=encoded.tree, metadata=metadata or {})
 
 
 def load_state(
