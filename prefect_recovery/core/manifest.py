@@ -133,6 +133,15 @@ class ManifestBody(_Strict):
                 seen.setdefault(chunk.digest, None)
         return list(seen)
 
+    def state_digest(self) -> str:
+        """Digest of the saved state alone (entries and tree): equal states, equal digests,
+        whatever the lineage, version, time or metadata."""
+        payload = {
+            "entries": [entry.model_dump(mode="json", exclude={"component"}) for entry in self.entries],
+            "tree": self.tree,
+        }
+        return hash_bytes(canonical_json(payload), self.hash_algorithm)
+
     @property
     def total_bytes(self) -> int:
         return sum(entry.size for entry in self.entries)

@@ -1,0 +1,315 @@
+"""``Checkpointer``: drop-in checkpointing for an ordinary training loop.
+
+::
+
+    with Checkpointer(store, "my-run", model=model, optimizer=opt, scheduler=sched,
+                      data=loader, schedule=CheckpointSchedule.every(50), seed=0) as ckpt:
+        while ckpt.step_count < total_steps:
+            batch = next(batches)
+            ...  # forward, backward, optimizer.step(), scheduler.step()
+            ckpt.step()                       # saves when the schedule says so
+        ckpt.milestone("train_end")
+
+Entering restores the latest consistent checkpoint of the lineage (or seeds everything from
+``seed`` on a first run). What a checkpoint holds (DESIGN.md invariants 5 and 6):
+
+| component    | durable | what                                                     |
+|--------------|---------|----------------------------------------------------------|
+| model        | yes     | ``state_dict()``: parameters and buffers                  |
+| optimizer    | yes     | ``state_dict()``                                          |
+| scheduler    | yes     | LR scheduler ``state_dict()``                             |
+| scaler       | yes     | ``torch.amp.GradScaler.state_dict()``                      |
+| data         | yes     | data-loader / sampler ``state_dict()`` (position)         |
+| rng          | yes     | Python, NumPy, torch CPU and CUDA RNG states              |
+| determinism  | yes     | seed, thread count, deterministic flags, default dtype    |
+| counters     | yes     | step and epoch                                            |
+| extras       | yes     | user objects (``state_dict()`` or plain values)           |
+| gradients    | no      | never written; they are recomputed after a resume         |
+
+A heavy save holds all of them, goes to every region and counts at the store's quorum; resume
+uses heavy saves only. A light save holds ``schedule.light_components`` and goes to the first
+region alone, under the sibling lineage ``<lineage>.light``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..core.errors import CheckpointNotFoundError
+from ..core.manifest import Component
+from ..core.models import CheckpointInfo
+from ..core.store import Store
+from .async_saver import AsyncSaver
+from .determinism import apply_settings, capture_rng, capture_settings, restore_rng, seed_everything
+from .encoding import encode_state
+from .schedule import CheckpointSchedule, Tier
+from .state_io import load_state
+
+logger = logging.getLogger("prefect_recovery.checkpointer")
+
+LIGHT_SUFFIX = ".light"
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
+
+
+class Preempted(SystemExit):
+    """Raised from ``step()`` after the emergency checkpoint that a SIGTERM asked for."""
+
+    def __init__(self, info: CheckpointInfo | None):
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.info = info
+
+
+def _core_store(store: Any) -> Store:
+    return store if isinstance(store, Store) else store.core  # a CheckpointStore block
+
+
+class Checkpointer:
+    """Restores and saves the training state of one lineage on a declarative schedule."""
+
+    def __init__(
+        self,
+        store: Any,
+        lineage: str,
+        *,
+        model: Any = None,
+        optimizer: Any = None,
+        scheduler: Any = None,
+        scaler: Any = None,
+        data: Any = None,
+        extras: dict[str, Any] | None = None,
+        schedule: CheckpointSchedule | None = None,
+        seed: int | None = None,
+        owner: str = "trainer",
+        metadata: dict[str, Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        handle_sigterm: bool = True,
+    ):
+        self.store = _core_store(store)
+        self.lineage = lineage
+        self.objects = {
+            name: value
+            for name, value in (
+                ("model", model),
+                ("optimizer", optimizer),
+                ("scheduler", scheduler),
+                ("scaler", scaler),
+                ("data", data),
+            )
+            if value is not None
+        }
+        self.extras = dict(extras or {})
+        self.schedule = schedule or CheckpointSchedule()
+        self.seed = seed
+        self.owner = owner
+        self.metadata = dict(metadata or {})
+        self.clock = clock
+        self.handle_sigterm = handle_sigterm
+        self.step_count = 0
+        self.epoch = 0
+        self.resumed_from: dict[str, int | None] | None = None
+        self.last_info: CheckpointInfo | None = None
+        self._settings: dict[str, Any] | None = None
+        self._last_save = {"light": clock(), "heavy": clock()}
+        self._saver = AsyncSaver(self.schedule.max_in_flight, self.schedule.on_backpressure)
+        self._light_store = Store(
+            self.store.regions[:1],
+            write_quorum=1,
+            hash_algorithm=self.store.hash_algorithm,
+            chunk_bytes=self.store.chunk_bytes,
+            io_threads=self.store.io_threads,
+        )
+        self._preempted = threading.Event()
+        self._previous_handler: Any = None
+        self._watchdog: threading.Timer | None = None
+
+    # -- restore ---------------------------------------------------------------------------
+    def restore(self, version: int | None = None) -> dict[str, int | None] | None:
+        """Load the latest consistent checkpoint (or ``version``) into the live objects.
+
+        Returns ``{"version", "step"}`` of what was restored, or None when the lineage has no
+        checkpoint yet; then everything is seeded from ``seed`` for a fresh, repeatable start.
+        """
+        try:
+            state, manifest = load_state(self.store, lineage=self.lineage, version=version)
+        except CheckpointNotFoundError:
+            if version is not None:
+                raise
+            if self.seed is not None:
+                seed_everything(self.seed)
+            self._settings = capture_settings(self.seed)
+            self.resumed_from = None
+            return None
+        for name, target in self.objects.items():
+            if name not in state:
+                raise CheckpointNotFoundError(
+                    f"checkpoint {self.lineage} v{manifest.version} has no {name!r} component to restore"
+                )
+            target.load_state_dict(state[name])
+        for name, target in self.extras.items():
+            value = state.get("extras", {}).get(name)
+            if hasattr(target, "load_state_dict"):
+                target.load_state_dict(value)
+            else:
+                self.extras[name] = value
+        apply_settings(state["determinism"])
+        self._settings = state["determinism"]
+        restore_rng(state["rng"])
+        self.step_count = int(state["counters"]["step"])
+        self.epoch = int(state["counters"]["epoch"])
+        self.resumed_from = {"version": manifest.version, "step": manifest.step}
+        self.last_info = None
+        now = self.clock()
+        self._last_save = {"light": now, "heavy": now}
+        logger.info("restored %s v%s at step %s", self.lineage, manifest.version, manifest.step)
+        return self.resumed_from
+
+    # -- capture -----------------------------------------------------------------------------
+    def capture(self, tier: Tier = "heavy") -> dict[str, Any]:
+        """The state to save (live references; ``encode_state(copy=True)`` snapshots it)."""
+        state: dict[str, Any] = {name: obj.state_dict() for name, obj in self.objects.items()}
+        if self.extras:
+            state["extras"] = {
+                name: obj.state_dict() if hasattr(obj, "state_dict") else obj for name, obj in self.extras.items()
+            }
+        state["rng"] = capture_rng()
+        state["determinism"] = self._settings or capture_settings(self.seed)
+        state["counters"] = {"step": self.step_count, "epoch": self.epoch}
+        if tier == "light":
+            state = {name: value for name, value in state.items() if name in self.schedule.light_components}
+        return state
+
+    def _components(self, state: dict[str, Any]) -> list[Component]:
+        components = [Component(name=name, durable=True, owner=self.owner) for name in state]
+        components.append(Component(name="gradients", durable=False, owner=self.owner))
+        return components
+
+    # -- saving ------------------------------------------------------------------------------
+    def step(self, n: int = 1) -> None:
+        """Count ``n`` completed steps and save if the schedule says so."""
+        self._saver.raise_errors()
+        self.step_count += n
+        if self._preempted.is_set():
+            self._emergency_exit()
+        decision = self.schedule.decide(self.step_count, seconds_since=self._seconds_since())
+        if decision is not None:
+            self._save(*decision)
+
+    def milestone(self, name: str, *, wait: bool = True) -> CheckpointInfo | None:
+        """Report a named event (``epoch_end``, ``eval_best``, ``final``...); saves if scheduled.
+
+        Milestone saves are synchronous by default (``wait``): the call returns once committed.
+        """
+        self._saver.raise_errors()
+        decision = self.schedule.decide(self.step_count, seconds_since=self._seconds_since(), milestone=name)
+        if decision is None:
+            return None
+        return self._save(decision[0], decision[1], wait=wait)
+
+    def save(self, tier: Tier = "heavy", *, trigger: str = "manual", wait: bool = True) -> CheckpointInfo | None:
+        """Save now, whatever the schedule says."""
+        self._saver.raise_errors()
+        return self._save(tier, trigger, wait=wait)
+
+    def _seconds_since(self) -> dict[str, float]:
+        now = self.clock()
+        return {tier: now - at for tier, at in self._last_save.items()}
+
+    def _save(self, tier: Tier, trigger: str, wait: bool = False) -> CheckpointInfo | None:
+        store = self.store if tier == "heavy" else self._light_store
+        lineage = self.lineage if tier == "heavy" else self.lineage + LIGHT_SUFFIX
+        metadata = {
+            **self.metadata,
+            "tier": tier,
+            "trigger": trigger,
+            "epoch": self.epoch,
+            "complete": tier == "heavy",
+        }
+        step = self.step_count
+        asynchronous = self.schedule.asynchronous and not wait
+        if asynchronous and not self._saver.acquire():
+            logger.warning("skipped %s save at step %s: %s saves in flight", tier, step, self._saver.max_in_flight)
+            return None
+        if not asynchronous:
+            self._saver.flush()  # keep versions in step order
+        try:
+            state = self.capture(tier)
+            encoded = encode_state(state, copy=asynchronous)  # the only stall: a host-memory snapshot
+            components = self._components(state)
+        except BaseException:
+            if asynchronous:
+                self._saver.release()
+            raise
+
+        def commit() -> CheckpointInfo:
+            info = store.commit(
+                lineage, encoded.entries, step=step, tree=encoded.tree, components=components, metadata=metadata
+            )
+            if tier == "heavy":
+                self.last_info = info
+            return info
+
+        now = self.clock()
+        self._last_save["light"] = now
+        if tier == "heavy":
+            self._last_save["heavy"] = now
+        if asynchronous:
+            self._saver.submit(f"{tier} {trigger} at step {step}", commit)
+            return None
+        return commit()
+
+    # -- preemption --------------------------------------------------------------------------
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        # Only flag it: the state is consistent at the next step() boundary, not mid-update.
+        self._preempted.set()
+        deadline = self.schedule.emergency_deadline_seconds
+        self._watchdog = threading.Timer(deadline, self._deadline_passed)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    def _deadline_passed(self) -> None:
+        logger.error("emergency checkpoint missed its %ss deadline; exiting", self.schedule.emergency_deadline_seconds)
+        os._exit(PREEMPTED_EXIT_CODE)
+
+    def _emergency_exit(self) -> None:
+        logger.warning("SIGTERM: writing an emergency checkpoint at step %s", self.step_count)
+        info = None
+        try:
+            info = self._save("heavy", "emergency", wait=True)
+        finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+        raise Preempted(info)
+
+    @property
+    def preempted(self) -> bool:
+        return self._preempted.is_set()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def flush(self, timeout: float | None = None) -> bool:
+        return self._saver.flush(timeout)
+
+    def close(self) -> None:
+        """Wait for pending saves (raising the first failure) and stop the writer."""
+        try:
+            self._saver.close()
+        finally:
+            if self._previous_handler is not None:
+                signal.signal(signal.SIGTERM, self._previous_handler)
+                self._previous_handler = None
+
+    def __enter__(self) -> Checkpointer:
+        self.restore()
+        if self.handle_sigterm and threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        elif self.handle_sigterm:
+            logger.info("not in the main thread: SIGTERM emergency checkpoints are off")
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()

@@ -1,0 +1,140 @@
+"""The example workload behind the demo pipeline: seeded synthetic data, a small MLP, and a
+training loop checkpointed by ``Checkpointer``. Pure torch; the Prefect steps wrap it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils.data import TensorDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from .checkpointer import Checkpointer
+from .sampling import ResumableRandomSampler
+from .schedule import CheckpointSchedule, EveryNSteps, Milestones
+
+FEATURES, CLASSES, HIDDEN = 128, 10, 512
+TRAIN_SAMPLES, TEST_SAMPLES, BATCH = 8192, 2048, 256
+
+
+def default_schedule() -> CheckpointSchedule:
+    """Heavy every 50 steps, light every 10, and the pipeline's milestones."""
+    return CheckpointSchedule(
+        triggers=[
+            EveryNSteps(every=50),
+            EveryNSteps(every=10, tier="light"),
+            Milestones(names=["train_end", "final"]),
+        ]
+    )
+
+
+def make_data(seed: int) -> dict[str, torch.Tensor]:
+    """A seeded synthetic classification task (a noisy random linear teacher)."""
+    generator = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(FEATURES, CLASSES, generator=generator)
+    x = torch.randn(TRAIN_SAMPLES + TEST_SAMPLES, FEATURES, generator=generator)
+    noise = 0.5 * torch.randn(TRAIN_SAMPLES + TEST_SAMPLES, CLASSES, generator=generator)
+    y = (x @ teacher + noise).argmax(dim=1)
+    return {
+        "x_train": x[:TRAIN_SAMPLES].contiguous(),
+        "y_train": y[:TRAIN_SAMPLES].contiguous(),
+        "x_test": x[TRAIN_SAMPLES:].contiguous(),
+        "y_test": y[TRAIN_SAMPLES:].contiguous(),
+    }
+
+
+def build_model() -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Linear(FEATURES, HIDDEN),
+        torch.nn.GELU(),
+        torch.nn.Dropout(0.1),  # uses the global torch RNG: resuming must restore it
+        torch.nn.Linear(HIDDEN, HIDDEN),
+        torch.nn.GELU(),
+        torch.nn.Linear(HIDDEN, CLASSES),
+    )
+
+
+def configure_threads() -> None:
+    # Results depend on the intra-op thread count; fix it (recorded in every checkpoint).
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def train(
+    store: Any,
+    lineage: str,
+    data: dict[str, torch.Tensor],
+    *,
+    steps: int,
+    seed: int,
+    schedule: CheckpointSchedule | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Train to ``steps`` steps, resuming from the lineage's latest checkpoint if any."""
+    configure_threads()
+    torch.manual_seed(seed)  # model init; overwritten by a restore
+    model = build_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
+    dataset = TensorDataset(data["x_train"], data["y_train"])
+    sampler = ResumableRandomSampler(len(dataset), seed=seed, batch_size=BATCH)
+    # Whole batches, no collation. The loader's own generator keeps the global torch RNG (which
+    # dropout uses, and checkpoints capture) from being advanced by each iter(loader) call.
+    loader = StatefulDataLoader(
+        dataset, batch_size=None, sampler=sampler, generator=torch.Generator().manual_seed(seed)
+    )
+    with Checkpointer(
+        store,
+        lineage,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        data=loader,
+        schedule=schedule or default_schedule(),
+        seed=seed,
+        metadata={"seed": seed, "steps": steps},
+    ) as ckpt:
+        start_step = ckpt.step_count
+        batches = iter(loader)
+        model.train()
+        loss = torch.tensor(float("nan"))
+        while ckpt.step_count < steps:
+            try:
+                x, y = next(batches)
+            except StopIteration:
+                ckpt.epoch += 1
+                ckpt.milestone("epoch_end")
+                batches = iter(loader)
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            ckpt.step()
+            if on_step is not None:
+                on_step(ckpt.step_count)
+        if start_step < steps:
+            ckpt.milestone("train_end")
+        ckpt.flush()
+        return {
+            "steps": ckpt.step_count,
+            "trained_steps": ckpt.step_count - start_step,
+            "resumed_from": ckpt.resumed_from,
+            "last_loss": float(loss.detach()),
+        }
+
+
+@torch.no_grad()
+def evaluate(state: dict[str, Any], data: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Loss and accuracy of the checkpointed model on the held-out split."""
+    configure_threads()
+    model = build_model()
+    model.load_state_dict(state["model"])
+    model.eval()
+    logits = model(data["x_test"])
+    return {
+        "test_loss": float(torch.nn.functional.cross_entropy(logits, data["y_test"])),
+        "test_accuracy": float((logits.argmax(dim=1) == data["y_test"]).float().mean()),
+    }
