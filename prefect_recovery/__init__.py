@@ -1,30 +1,60 @@
 """prefect-recovery: recoverable, bit-identical ML pipelines on Prefect.
 
-Importing the package registers the ``CheckpointStore`` block with Prefect (entry point
-``prefect.collections``), so ``prefect block register -m prefect_recovery`` finds it.
+The public names are imported lazily, so ``import prefect_recovery.core`` stays free of torch
+and Prefect (the core is bytes only and reusable from any framework). Prefect finds the block
+through the ``prefect.collections`` entry point (``prefect_recovery.blocks``), and
+``prefect block register -m prefect_recovery`` sees it through ``__dir__``/``__getattr__``.
 """
 
-from .blocks import CheckpointStore, Region
-from .core import (
-    BlobUnavailableError,
-    CheckpointError,
-    CheckpointInfo,
-    CheckpointNotFoundError,
-    ManifestError,
-    QuorumNotMetError,
-    RegionUnavailableError,
-    VerifyReport,
-)
+from __future__ import annotations
 
-__all__ = [
-    "BlobUnavailableError",
-    "CheckpointError",
-    "CheckpointInfo",
-    "CheckpointNotFoundError",
-    "CheckpointStore",
-    "ManifestError",
-    "QuorumNotMetError",
-    "Region",
-    "RegionUnavailableError",
-    "VerifyReport",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "CheckpointStore": "prefect_recovery.blocks",
+    "Region": "prefect_recovery.blocks",
+    "Checkpointer": "prefect_recovery.training.checkpointer",
+    "CheckpointSchedule": "prefect_recovery.training.schedule",
+    "EveryNSteps": "prefect_recovery.training.schedule",
+    "Timebox": "prefect_recovery.training.schedule",
+    "Milestones": "prefect_recovery.training.schedule",
+    "BlobUnavailableError": "prefect_recovery.core",
+    "CheckpointError": "prefect_recovery.core",
+    "CheckpointInfo": "prefect_recovery.core",
+    "CheckpointNotFoundError": "prefect_recovery.core",
+    "ManifestError": "prefect_recovery.core",
+    "QuorumNotMetError": "prefect_recovery.core",
+    "RegionUnavailableError": "prefect_recovery.core",
+    "VerifyReport": "prefect_recovery.core",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .blocks import CheckpointStore, Region
+    from .core import (
+        BlobUnavailableError,
+        CheckpointError,
+        CheckpointInfo,
+        CheckpointNotFoundError,
+        ManifestError,
+        QuorumNotMetError,
+        RegionUnavailableError,
+        VerifyReport,
+    )
+    from .training.checkpointer import Checkpointer
+    from .training.schedule import CheckpointSchedule, EveryNSteps, Milestones, Timebox
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'prefect_recovery' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -11,13 +11,13 @@ import re
 from .digest import check_digest
 from .errors import InvalidNameError
 
-LINEAGE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-MANIFEST_NAME = re.compile(r"^(\d{12})\.json$")
+LINEAGE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+MANIFEST_NAME = re.compile(r"(\d{12})\.json")
 VERSION_WIDTH = 12
 
 
 def check_lineage(lineage: str) -> str:
-    if not isinstance(lineage, str) or not LINEAGE_PATTERN.match(lineage) or ".." in lineage:
+    if not isinstance(lineage, str) or not LINEAGE_PATTERN.fullmatch(lineage) or ".." in lineage:
         raise InvalidNameError(
             f"invalid lineage {lineage!r}: use 1-128 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
         )
@@ -58,5 +58,5 @@ def manifest_key(lineage: str, version: int) -> str:
 
 
 def version_from_manifest_name(name: str) -> int | None:
-    match = MANIFEST_NAME.match(name)
+    match = MANIFEST_NAME.fullmatch(name)
     return int(match.group(1)) if match else None

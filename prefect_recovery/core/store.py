@@ -38,6 +38,7 @@ from .errors import (
 )
 from .layout import (
     blob_key,
+    check_entry_name,
     check_lineage,
     lineages_prefix,
     manifest_key,
@@ -143,6 +144,10 @@ class Store:
     ) -> CheckpointInfo:
         """Write ``entries`` as the next version of ``lineage`` and return what was committed."""
         check_lineage(lineage)
+        names = [check_entry_name(plan.name) for plan in entries]  # before a single byte is written
+        if len(set(names)) != len(names):
+            duplicates = sorted({name for name in names if names.count(name) > 1})
+            raise InvalidNameError(f"duplicate entry names {duplicates}")
         chunked = self._write_blobs(entries)
         region_causes, bytes_written, chunk_refs = chunked
         healthy = [r for r in self.regions if r.name not in region_causes]
@@ -156,7 +161,7 @@ class Store:
             Entry(
                 name=plan.name,
                 kind=plan.kind,  # type: ignore[arg-type]
-                size=len(plan.data),
+                size=plan.data.nbytes,
                 chunks=refs,
                 dtype=plan.dtype,
                 shape=plan.shape,

@@ -20,7 +20,7 @@ import random
 import sys
 import time
 
-from prefect_recovery.core import EntryPlan, Store, open_region
+from prefect_recovery.core import EntryPlan, Store, open_region  # imports neither torch nor Prefect
 
 SHARED = bytes(range(256)) * 12
 
