@@ -29,7 +29,23 @@ _EXPORTS = {
     "VerifyReport": "prefect_recovery.core",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "BlobUnavailableError",
+    "CheckpointError",
+    "CheckpointInfo",
+    "CheckpointNotFoundError",
+    "CheckpointSchedule",
+    "CheckpointStore",
+    "Checkpointer",
+    "EveryNSteps",
+    "ManifestError",
+    "Milestones",
+    "QuorumNotMetError",
+    "Region",
+    "RegionUnavailableError",
+    "Timebox",
+    "VerifyReport",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .blocks import CheckpointStore, Region

@@ -49,6 +49,7 @@ from .async_saver import AsyncSaver
 from .determinism import apply_settings, capture_rng, capture_settings, restore_rng, seed_everything
 from .encoding import encode_state
 from .schedule import CheckpointSchedule, Tier
+from .staging import StagingBuffers
 from .state_io import load_state
 
 logger = logging.getLogger("prefect_recovery.checkpointer")
@@ -117,6 +118,7 @@ class Checkpointer:
         self._settings: dict[str, Any] | None = None
         self._last_save = {"light": clock(), "heavy": clock()}
         self._saver = AsyncSaver(self.schedule.max_in_flight, self.schedule.on_backpressure)
+        self._staging = StagingBuffers(self.schedule.max_in_flight)
         self._light_store = Store(
             self.store.regions[:1],
             write_quorum=1,
@@ -237,19 +239,27 @@ class Checkpointer:
             return None
         if not asynchronous:
             self._saver.flush()  # keep versions in step order
+        slot = self._staging.take() if asynchronous else None
         try:
             state = self.capture(tier)
-            encoded = encode_state(state, copy=asynchronous)  # the only stall: a host-memory snapshot
+            # The only stall of an async save: copying the state into this slot's host buffers.
+            snapshot = self._staging.copier(slot) if slot is not None else None
+            encoded = encode_state(state, snapshot=snapshot)
             components = self._components(state)
         except BaseException:
-            if asynchronous:
+            if slot is not None:
+                self._staging.give_back(slot)
                 self._saver.release()
             raise
 
         def commit() -> CheckpointInfo:
-            info = store.commit(
-                lineage, encoded.entries, step=step, tree=encoded.tree, components=components, metadata=metadata
-            )
+            try:
+                info = store.commit(
+                    lineage, encoded.entries, step=step, tree=encoded.tree, components=components, metadata=metadata
+                )
+            finally:
+                if slot is not None:
+                    self._staging.give_back(slot)
             if tier == "heavy":
                 self.last_info = info
             return info

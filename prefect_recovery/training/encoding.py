@@ -15,7 +15,7 @@ Tree nodes (JSON): ``null``, ``true``/``false``, integers and strings stand for 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -69,8 +69,22 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
-def encode_state(state: Any, *, copy: bool = False, components: Mapping[str, str] | None = None) -> EncodedState:
-    """Plan ``state`` as entries. ``copy=True`` snapshots tensors so training may go on."""
+def encode_state(
+    state: Any,
+    *,
+    copy: bool = False,
+    snapshot: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    components: Mapping[str, str] | None = None,
+) -> EncodedState:
+    """Plan ``state`` as entries.
+
+    Args:
+        state: The nested state.
+        copy: Snapshot every tensor (``clone``) so training may go on while it is written.
+        snapshot: Instead of ``clone``, copy each tensor (by entry name) into a buffer this
+            callable returns; reusing buffers spares the page faults of fresh allocations.
+        components: Maps top-level keys to component names (default: the key itself).
+    """
     entries: list[EntryPlan] = []
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
@@ -92,15 +106,17 @@ def encode_state(state: Any, *, copy: bool = False, components: Mapping[str, str
                     f"quantized={value.is_quantized}); convert it with .to_dense()/.dequantize()"
                 )
             tensor = value.detach()
-            if tensor.device.type != "cpu":
-                tensor = tensor.to("cpu")
-            elif copy:
-                tensor = tensor.clone(memory_format=torch.contiguous_format)
-            tensor = tensor.contiguous()
             if tensor.is_conj():
                 tensor = tensor.resolve_conj()
             if tensor.is_neg():
                 tensor = tensor.resolve_neg()
+            if snapshot is not None:
+                tensor = snapshot(name, tensor)
+            elif tensor.device.type != "cpu":
+                tensor = tensor.to("cpu")
+            elif copy:
+                tensor = tensor.clone(memory_format=torch.contiguous_format)
+            tensor = tensor.contiguous()
             tensors[name] = tensor
             entries.append(
                 EntryPlan(
