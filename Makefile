@@ -24,8 +24,10 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
+# The main job: the example pipeline run uninterrupted, then killed with SIGKILL part-way and
+# resumed; it fails unless the resumed result is bit-identical to the uninterrupted one.
 demo: install
-	$(BIN)/prefect-recovery demo
+	$(BIN)/prefect-recovery crash-test
 
 lint: install-dev
 	$(BIN)/ruff check prefect_recovery tests benchmarks

@@ -134,7 +134,7 @@ def run(tensors: int, mib: int, root: Path, repeat: int) -> dict[str, object]:
         shutil.rmtree(region, ignore_errors=True)
         region.mkdir()
         store = CheckpointStore(regions=[str(region)], write_quorum=1)
-        seconds, info = timed(lambda store=store: store.save(state, lineage="bench", step=1))
+        seconds, _ = timed(lambda store=store: store.save(state, lineage="bench", step=1))
         record("checkpoint_store", "save", seconds)
         seconds, loaded = timed(lambda store=store: store.load(lineage="bench"))
         record("checkpoint_store", "load", seconds)
