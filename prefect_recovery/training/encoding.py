@@ -15,7 +15,8 @@ Tree nodes (JSON): ``null``, ``true``/``false``, integers and strings stand for 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+import struct
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -26,7 +27,10 @@ from ..core.errors import InvalidNameError, ManifestError
 from ..core.manifest import Entry, Manifest
 from ..core.store import EntryPlan
 
-MAX_TREE_DEPTH = 256
+# How deep the state tree's JSON may nest. A dict node costs 3 JSON levels, a list or tuple 2
+# (FORMAT.md, "State tree"); pydantic validates JSON values up to about 255 levels.
+MAX_JSON_DEPTH = 250
+_DICT_LEVELS, _SEQUENCE_LEVELS = 3, 2
 
 # Every dtype this torch build can store as raw bytes, by its name without the "torch." prefix.
 # Quantized dtypes carry scale/zero-point outside their bytes, so they are left out.
@@ -55,10 +59,55 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _path_part(key: str | int) -> str:
     if isinstance(key, int):
         return f"#{key}"
+    if key == "":
+        return "%"  # quote() never yields a lone '%', so this cannot collide
     part = quote(key, safe="-_.~@+=,:")
-    if part in ("", ".", ".."):
-        part = "".join(f"%{ord(c):02X}" for c in key) or "%00"  # never an empty or dot component
+    if part in (".", ".."):
+        part = part.replace(".", "%2E")  # never a '.' or '..' path component
     return part
+
+
+def _check_utf8(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UnsupportedValueError(
+            f"{where!r}: string {text[:40]!r} is not valid Unicode (lone surrogates); store it as bytes instead"
+        ) from None
+
+
+def encode_float(value: float) -> str:
+    """``float.hex()`` for numbers and infinities; ``nan:<IEEE bits>`` keeps a NaN's sign and payload."""
+    if math.isnan(value):
+        return "nan:" + struct.pack(">d", value).hex()
+    return float(value).hex()
+
+
+def decode_float(text: str) -> float:
+    if text.startswith("nan:"):
+        return struct.unpack(">d", bytes.fromhex(text[4:]))[0]
+    return float.fromhex(text)
+
+
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def raw_view(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor reinterpreted as an integer dtype of the same element size.
+
+    torch cannot copy or make contiguous some dtypes (uint1..7, int1..7); their bits can be
+    copied through an integer view, which any tensor layout allows.
+    """
+    size = tensor.element_size()
+    return tensor.view(_SAME_SIZE_INT[size]) if size in _SAME_SIZE_INT else tensor
+
+
+def contiguous_copy(tensor: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A contiguous copy of ``tensor`` (into ``out`` when given), for every dtype."""
+    if out is None:
+        out = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
+    raw_view(out).copy_(raw_view(tensor))
+    return out
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -91,14 +140,20 @@ def encode_state(
 
     def visit(value: Any, path: tuple[str, ...], depth: int) -> Any:
         name = "/".join(path) or "root"
-        if depth > MAX_TREE_DEPTH:
-            raise UnsupportedValueError(f"state nested deeper than {MAX_TREE_DEPTH} at {name!r}")
-        if value is None or isinstance(value, (bool, str)):
+        if depth > MAX_JSON_DEPTH:
+            raise UnsupportedValueError(
+                f"state nested deeper than allowed at {name!r} (at most about "
+                f"{MAX_JSON_DEPTH // _DICT_LEVELS} levels of dicts); flatten it"
+            )
+        if value is None or isinstance(value, bool):
             return value
+        if isinstance(value, str):
+            _check_utf8(value, name)
+            return str(value)
         if isinstance(value, int):
             return int(value)
         if isinstance(value, float):
-            return {"float": float(value).hex()}
+            return {"float": encode_float(value)}
         if isinstance(value, torch.Tensor):
             if value.is_quantized or value.is_sparse or value.layout != torch.strided:
                 raise UnsupportedValueError(
@@ -112,11 +167,8 @@ def encode_state(
                 tensor = tensor.resolve_neg()
             if snapshot is not None:
                 tensor = snapshot(name, tensor)
-            elif tensor.device.type != "cpu":
-                tensor = tensor.to("cpu")
-            elif copy:
-                tensor = tensor.clone(memory_format=torch.contiguous_format)
-            tensor = tensor.contiguous()
+            elif copy or tensor.device.type != "cpu" or not tensor.is_contiguous():
+                tensor = contiguous_copy(tensor)
             tensors[name] = tensor
             entries.append(
                 EntryPlan(
@@ -152,9 +204,11 @@ def encode_state(
                             raise UnsupportedValueError(
                                 f"{name!r}: dict keys must be str or int, got {type(key).__name__}"
                             )
-                        items.append([key, visit(item, (*path, _path_part(key)), depth + 1)])
+                        if isinstance(key, str):
+                            _check_utf8(key, name)
+                        items.append([key, visit(item, (*path, _path_part(key)), depth + _DICT_LEVELS)])
                     return {"dict": items}
-                nodes = [visit(item, (*path, _path_part(i)), depth + 1) for i, item in enumerate(value)]
+                nodes = [visit(item, (*path, _path_part(i)), depth + _SEQUENCE_LEVELS) for i, item in enumerate(value)]
                 return {"tuple" if isinstance(value, tuple) else "list": nodes}
             finally:
                 seen.discard(id(value))
@@ -165,15 +219,6 @@ def encode_state(
 
     tree = visit(state, (), 0)
     return EncodedState(tree=tree, entries=entries, tensors=tensors)
-
-
-def _select(manifest: Manifest, keys: Iterable[str] | None) -> list[Entry]:
-    if keys is None:
-        return list(manifest.entries)
-    prefixes = [_key_path(k) for k in keys]
-    return [
-        entry for entry in manifest.entries if any(entry.name == p or entry.name.startswith(p + "/") for p in prefixes)
-    ]
 
 
 def allocate(entry: Entry) -> tuple[torch.Tensor | bytearray, memoryview]:
@@ -197,23 +242,59 @@ def allocate(entry: Entry) -> tuple[torch.Tensor | bytearray, memoryview]:
     return tensor, tensor_bytes(tensor) if numel else memoryview(bytearray())
 
 
-def decode_tree(tree: Any, values: Mapping[str, Any], *, keys: Iterable[str] | None = None) -> Any:
-    """Rebuild the nested structure; with ``keys`` keep only those subtrees (and their parents)."""
-    prefixes = None if keys is None else [_key_path(k) for k in keys]
-    MISSING = object()
+Key = str | Sequence[str | int]
 
-    def wanted(path: str) -> str:
+
+def _segments(key: Key) -> tuple[str | int, ...]:
+    """A user's key ('model', 'optimizer/state/0' or ('optimizer', 'state', 0)) as path segments."""
+    if isinstance(key, str):
+        return tuple(part for part in key.split("/") if part) if key else ()
+    return tuple(key)
+
+
+def _same(node_key: str | int, wanted: str | int) -> bool:
+    return node_key == wanted or str(node_key) == str(wanted)
+
+
+class _Selection:
+    """Which parts of a state tree a partial load asks for (all of it when ``keys`` is None)."""
+
+    def __init__(self, keys: Iterable[Key] | None):
+        self.keys = None if keys is None else [_segments(key) for key in keys]
+        self.matched: set[int] = set()
+
+    def mode(self, path: tuple[str | int, ...]) -> str:
         """'all' inside a selected subtree, 'some' on the way to one, else 'none'."""
-        if prefixes is None or any(path == p or path.startswith(p + "/") for p in prefixes):
+        if self.keys is None:
             return "all"
-        if any(p.startswith(path + "/") or not path for p in prefixes):
-            return "some"
-        return "none"
+        mode = "none"
+        for index, key in enumerate(self.keys):
+            common = min(len(key), len(path))
+            if all(_same(path[i], key[i]) for i in range(common)):
+                if len(key) <= len(path):
+                    if len(key) == len(path):
+                        self.matched.add(index)
+                    return "all"
+                mode = "some"
+        return mode
 
-    def build(node: Any, path: str, depth: int) -> Any:
-        if depth > MAX_TREE_DEPTH:
-            raise ManifestError(f"state tree nested deeper than {MAX_TREE_DEPTH}")
-        mode = wanted(path)
+    def check_all_matched(self, tree: Any) -> None:
+        if self.keys is None:
+            return
+        missing = ["/".join(map(str, key)) for index, key in enumerate(self.keys) if index not in self.matched and key]
+        if missing:
+            top = [str(pair[0]) for pair in tree.get("dict", [])] if isinstance(tree, dict) else []
+            raise InvalidNameError(f"no part of the state matches keys {missing}; top-level keys: {top}")
+
+
+def _walk(tree: Any, selection: _Selection, leaf: Callable[[str, str], Any], depth: int = 0) -> Any:
+    """Rebuild ``tree`` keeping what ``selection`` wants; ``leaf(tag, entry_name)`` gives leaves."""
+    MISSING = _MISSING
+
+    def build(node: Any, path: tuple[str | int, ...], depth: int) -> Any:
+        if depth > MAX_JSON_DEPTH:
+            raise ManifestError("state tree nested too deeply")
+        mode = selection.mode(path)
         if mode == "none":
             return MISSING
         if node is None or isinstance(node, (bool, int, str)):
@@ -222,24 +303,20 @@ def decode_tree(tree: Any, values: Mapping[str, Any], *, keys: Iterable[str] | N
             raise ManifestError(f"malformed state tree node {str(node)[:80]!r}")
         ((tag, body),) = node.items()
         if tag == "float":
+            if mode != "all":
+                return MISSING
             try:
-                return float.fromhex(body) if mode == "all" else MISSING
-            except (TypeError, ValueError):
+                return decode_float(body)
+            except (TypeError, ValueError, struct.error):
                 raise ManifestError(f"malformed float {body!r} in state tree") from None
         if tag in ("tensor", "bytes"):
             if not isinstance(body, str):
                 raise ManifestError("malformed leaf reference in state tree")
-            if mode != "all":
-                return MISSING
-            if body not in values:
-                raise ManifestError(f"state tree refers to entry {body!r}, which the manifest lacks")
-            value = values[body]
-            return bytes(value) if tag == "bytes" else value
-        join = (lambda part: f"{path}/{part}") if path else (lambda part: part)
+            return leaf(tag, body) if mode == "all" else MISSING
         if tag == "dict":
-            result = {}
             if not isinstance(body, list):
                 raise ManifestError("malformed dict node in state tree")
+            result = {}
             for pair in body:
                 if (
                     not isinstance(pair, list)
@@ -248,30 +325,42 @@ def decode_tree(tree: Any, values: Mapping[str, Any], *, keys: Iterable[str] | N
                     or not isinstance(pair[0], (str, int))
                 ):
                     raise ManifestError("malformed dict node in state tree")
-                child = build(pair[1], join(_path_part(pair[0])), depth + 1)
+                child = build(pair[1], (*path, pair[0]), depth + _DICT_LEVELS)
                 if child is not MISSING:
                     result[pair[0]] = child
             return result
         if tag in ("list", "tuple"):
             if not isinstance(body, list):
                 raise ManifestError(f"malformed {tag} node in state tree")
-            items = [build(child, join(_path_part(i)), depth + 1) for i, child in enumerate(body)]
-            items = [None if item is MISSING else item for item in items]
+            items = [build(child, (*path, index), depth + _SEQUENCE_LEVELS) for index, child in enumerate(body)]
+            items = [None if item is _MISSING else item for item in items]
             return tuple(items) if tag == "tuple" else items
         raise ManifestError(f"unknown node type {tag!r} in state tree")
 
-    result = build(tree, "", 0)
-    return None if result is MISSING else result
+    result = build(tree, (), depth)
+    return None if result is _MISSING else result
 
 
-def _key_path(key: str) -> str:
-    """A user's key ('model' or 'model/fc.weight') as an entry-name prefix."""
-    return "/".join(_path_part(part) for part in key.split("/")) if key else ""
+_MISSING = object()
 
 
-def selected_entries(manifest: Manifest, keys: Iterable[str] | None) -> list[Entry]:
-    selected = _select(manifest, keys)
-    if keys is not None and not selected:
-        available = sorted({entry.name.split("/", 1)[0] for entry in manifest.entries})
-        raise InvalidNameError(f"no entries match keys {list(keys)}; top-level keys: {available}")
-    return selected
+def selected_entries(manifest: Manifest, keys: Iterable[Key] | None) -> list[Entry]:
+    """The entries a (partial) load must read, in manifest order; unknown keys are an error."""
+    if keys is None:
+        return list(manifest.entries)
+    selection = _Selection(keys)
+    names: set[str] = set()
+    _walk(manifest.tree, selection, lambda tag, name: names.add(name))
+    selection.check_all_matched(manifest.tree)
+    return [entry for entry in manifest.entries if entry.name in names]
+
+
+def decode_tree(tree: Any, values: Mapping[str, Any], *, keys: Iterable[Key] | None = None) -> Any:
+    """Rebuild the nested structure; with ``keys`` keep only those subtrees (and their parents)."""
+
+    def leaf(tag: str, name: str) -> Any:
+        if name not in values:
+            raise ManifestError(f"state tree refers to entry {name!r}, which the manifest lacks")
+        return bytes(values[name]) if tag == "bytes" else values[name]
+
+    return _walk(tree, _Selection(keys), leaf)

@@ -12,6 +12,8 @@ import queue
 
 import torch
 
+from .encoding import contiguous_copy
+
 
 class StagingBuffers:
     def __init__(self, slots: int):
@@ -37,8 +39,7 @@ class StagingBuffers:
                 pin = tensor.device.type == "cuda"  # pinned memory makes device-to-host copies async-capable
                 buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin)
                 buffers[name] = buffer
-            buffer.copy_(tensor)
-            return buffer
+            return contiguous_copy(tensor, out=buffer)
 
         return copy
 

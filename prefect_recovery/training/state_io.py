@@ -10,7 +10,7 @@ from pydantic import JsonValue
 from ..core.manifest import Manifest
 from ..core.models import CheckpointInfo
 from ..core.store import Store
-from .encoding import allocate, decode_tree, encode_state, selected_entries
+from .encoding import Key, allocate, decode_tree, encode_state, selected_entries
 
 
 def save_state(
@@ -31,11 +31,12 @@ def load_state(
     *,
     lineage: str,
     version: int | None = None,
-    keys: Iterable[str] | None = None,
+    keys: Iterable[Key] | None = None,
 ) -> tuple[Any, Manifest]:
     """The state of ``version`` (default: latest consistent) and its manifest.
 
-    With ``keys`` only those subtrees are read ("model", or "model/fc.weight"). Every byte is
+    With ``keys`` only those subtrees are read (`"model"`, `"optimizer/state/0"` or a tuple of
+    path segments such as `("optimizer", "state", 0)`). Every byte is
     verified against its digest before a tensor is handed out.
     """
     manifest, holders = store.resolve(lineage, version)
