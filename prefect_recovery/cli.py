@@ -56,7 +56,13 @@ def open_store(regions: list[str] | None, store: str | None, quorum: int = 1) ->
     if regions and store:
         raise typer.BadParameter("give either --region or --store, not both")
     if store:
-        return CheckpointStore.load(store)
+        try:
+            return CheckpointStore.load(store)
+        except ValueError as exc:  # Prefect's "Unable to find block document named ..."
+            raise CheckpointError(
+                f"no CheckpointStore block named {store!r} on the Prefect server ({exc}); save one with "
+                f"CheckpointStore(regions=[...]).save({store!r}) or check PREFECT_API_URL"
+            ) from None
     if regions:
         return CheckpointStore(regions=regions, write_quorum=quorum)
     return CheckpointStore.default()
@@ -85,9 +91,15 @@ def ls(
 ) -> None:
     """List consistent checkpoints (committed in at least write_quorum regions)."""
     try:
-        infos = open_store(region, store, quorum).list(lineage)
+        opened = open_store(region, store, quorum)
+        reachable, down = opened.core.reachable_regions()
+        if not reachable:
+            raise CheckpointError("no region is reachable: " + "; ".join(down.values()))
+        infos = opened.list(lineage)
     except CheckpointError as exc:
         _fail(str(exc), as_json)
+    for cause in down.values():
+        err_console.print(f"[yellow]warning:[/] {cause}; listing what the other regions hold")
     if as_json:
         _emit([info.model_dump(mode="json") for info in infos])
         return

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from prefect.blocks.core import Block
+from prefect.blocks.core import Block, schema_extra
 from prefect.types import SecretDict
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, PrivateAttr, field_validator
 
@@ -49,6 +49,18 @@ class Region(BaseModel):
     )
 
 
+def _schema_extra(schema: dict[str, Any], model: type[Block]) -> None:
+    """Prefect's block schema, with the whole region list marked secret.
+
+    Prefect's server obfuscates secret fields by dotted path and does not look inside lists,
+    so ``regions.storage_options.*`` alone would leave credentials readable in the API and UI.
+    Marking ``regions.*`` masks the list (URLs included) unless secrets are asked for.
+    """
+    schema_extra(schema, model)
+    secrets = [field for field in schema.get("secret_fields", []) if not field.startswith("regions.")]
+    schema["secret_fields"] = [*secrets, "regions.*"]
+
+
 class _CheckpointOrBlockLoad:
     """On the class: Prefect's ``Block.load(name)``. On an instance: load a checkpoint."""
 
@@ -75,7 +87,7 @@ class CheckpointStore(Block):
         ```
     """
 
-    model_config = ConfigDict(ignored_types=(_CheckpointOrBlockLoad,))
+    model_config = ConfigDict(ignored_types=(_CheckpointOrBlockLoad,), json_schema_extra=_schema_extra)
 
     _block_type_name: ClassVar[str] = "Checkpoint Store"
     _block_type_slug: ClassVar[str] = "checkpoint-store"
@@ -160,6 +172,11 @@ class CheckpointStore(Block):
         """
         if lineage is None:
             block_name = name if name is not None else state
+            if block_name is not None and not isinstance(block_name, str):
+                raise TypeError(
+                    "save() of a checkpoint needs lineage=..., e.g. store.save(state, lineage='my-run', step=10); "
+                    "without lineage it saves this block document and takes a name string"
+                )
             return Block.save(self, block_name, overwrite=overwrite, **kwargs)
         return save_state(self.core, state, lineage=lineage, step=step, metadata=metadata)
 

@@ -107,6 +107,7 @@ class ManifestBody(_Strict):
     created_at: str
     hash_algorithm: HashAlgorithm = "blake3"
     byte_order: Literal["little"] = "little"
+    placement: Literal["all", "primary"] = "all"
     entries: list[Entry]
     tree: JsonValue = None
     components: list[Component] = Field(default_factory=list)

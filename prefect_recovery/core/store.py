@@ -22,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata as importlib_metadata
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import JsonValue
 
@@ -106,7 +106,19 @@ class Store:
         hash_algorithm: HashAlgorithm = "blake3",
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         io_threads: int = 4,
+        placement: Literal["all", "primary"] = "all",
     ):
+        """
+        Args:
+            regions: Where copies go, in order; the first healthy one arbitrates versions.
+            write_quorum: Regions that must hold a manifest for its save to count.
+            hash_algorithm: Digest naming blobs and manifests.
+            chunk_bytes: Largest blob; bigger entries are split.
+            io_threads: Parallel transfers per region.
+            placement: Recorded in each manifest. ``all``: every region should hold a copy
+                (verify reports missing ones). ``primary``: one region by design (the
+                Checkpointer's light tier), counted at quorum 1 and never reported missing.
+        """
         if not regions:
             raise InvalidNameError("a store needs at least one region")
         names = [region.name for region in regions]
@@ -123,6 +135,11 @@ class Store:
         self.hash_algorithm = hash_algorithm
         self.chunk_bytes = chunk_bytes
         self.io_threads = io_threads
+        self.placement = placement
+
+    def quorum_for(self, manifest: Manifest) -> int:
+        """Copies a manifest needs to count as committed (1 for single-region placement)."""
+        return self.write_quorum if manifest.placement == "all" else 1
 
     @property
     def region_names(self) -> list[str]:
@@ -174,6 +191,7 @@ class Store:
             lineage=lineage,
             step=step,
             hash_algorithm=self.hash_algorithm,
+            placement=self.placement,
             entries=manifest_entries,
             tree=tree,
             components=list(components),
@@ -436,7 +454,7 @@ class Store:
             return None
         copies = self.manifest_copies(lineage, version, holders_listed)
         manifest, holders = copies.best(self.region_names)
-        if manifest is None or len(holders) < self.write_quorum:
+        if manifest is None or len(holders) < self.quorum_for(manifest):
             return None
         sizes = {c.digest: c.size for e in manifest.entries for c in e.chunks}
         if not all(self.blob_present(d, s) for d, s in sizes.items()):

@@ -25,6 +25,9 @@ def verify_store(store: Store, *, repair: bool = False, lineage: str | None = No
     up = [region.name for region in reachable]
 
     blobs: dict[str, int] = {}
+    # Regions each blob must be in: every reachable one, unless only single-region
+    # (placement "primary") manifests name it, which need it where they are.
+    blob_regions: dict[str, set[str]] = {}
     versions = 0
     lineages = [lineage] if lineage else store.lineages()
     for name in lineages:
@@ -33,7 +36,7 @@ def verify_store(store: Store, *, repair: bool = False, lineage: str | None = No
             key = manifest_key(name, version)
             copies = store.manifest_copies(name, version, up)
             manifest, holders = copies.best(store.region_names)
-            committed = manifest is not None and len(holders) >= store.write_quorum
+            committed = manifest is not None and len(holders) >= store.quorum_for(manifest)
             for region, cause in copies.invalid.items():
                 if region in copies.raw:  # present but unusable
                     problems.append(Problem(region=region, object=key, kind="unreadable manifest", detail=cause))
@@ -44,12 +47,14 @@ def verify_store(store: Store, *, repair: bool = False, lineage: str | None = No
                     f"{store.write_quorum}); not a checkpoint, left for garbage collection"
                 )
                 continue
+            expected = set(up) if manifest.placement == "all" else set(holders)
             for chunk_entry in manifest.entries:
                 for chunk in chunk_entry.chunks:
                     blobs[chunk.digest] = chunk.size
+                    blob_regions.setdefault(chunk.digest, set()).update(expected)
             good = copies.raw[holders[0]]
             for region in up:
-                if region in holders:
+                if region in holders or region not in expected:
                     continue
                 bad = region in copies.raw
                 problem = Problem(
@@ -80,6 +85,8 @@ def verify_store(store: Store, *, repair: bool = False, lineage: str | None = No
         found: list[Problem] = []
         healthy: bytes | None = None
         for region in reachable:
+            if region.name not in blob_regions[digest]:
+                continue
             try:
                 data = region.get(key)
             except RegionError as exc:

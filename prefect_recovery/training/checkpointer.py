@@ -125,6 +125,7 @@ class Checkpointer:
             hash_algorithm=self.store.hash_algorithm,
             chunk_bytes=self.store.chunk_bytes,
             io_threads=self.store.io_threads,
+            placement="primary",
         )
         self._preempted = threading.Event()
         self._previous_handler: Any = None

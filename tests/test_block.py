@@ -1,0 +1,283 @@
+"""The ``CheckpointStore`` block on a Prefect server: save/load of the document, secrets, registration."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import uuid
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from prefect import flow
+from prefect.testing.standard_test_suites import BlockStandardTestSuite
+from pydantic import ValidationError
+
+from prefect_recovery import CheckpointError, CheckpointStore, Region
+
+SECRET = "s3cr3t-key-DO-NOT-SHOW"
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def make_regions(tmp_path: Path, count: int = 2) -> list[Path]:
+    paths = [tmp_path / f"region-{i}" for i in range(count)]
+    for path in paths:
+        path.mkdir(parents=True)
+    return paths
+
+
+def config_of(store: CheckpointStore) -> dict[str, Any]:
+    """The user-visible configuration, with secret values revealed."""
+    return {
+        "regions": [
+            {"url": r.url, "name": r.name, "storage_options": r.storage_options.get_secret_value()}
+            for r in store.regions
+        ],
+        "write_quorum": store.write_quorum,
+        "hash_algorithm": store.hash_algorithm,
+        "chunk_bytes": store.chunk_bytes,
+        "io_threads": store.io_threads,
+    }
+
+
+def api_env() -> dict[str, str]:
+    """Environment for a subprocess that talks to the harness server."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    assert url, "the prefect_server fixture should have set an API URL"
+    return {**os.environ, "PREFECT_API_URL": url, "COLUMNS": "250", "NO_COLOR": "1"}
+
+
+def prefect_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "prefect", *args], env=env, capture_output=True, text=True, timeout=180
+    )
+
+
+# -- the document on the server -------------------------------------------------------------------------
+def test_block_saved_on_server_loads_with_same_config_and_checkpoints(prefect_server, tmp_path: Path) -> None:
+    a, b = make_regions(tmp_path)
+    store = CheckpointStore(
+        regions=[Region(url=str(a), name="eu"), str(b)],
+        write_quorum=2,
+        hash_algorithm="sha256",
+        chunk_bytes=4096,
+        io_threads=2,
+    )
+    weights = torch.randn(64, 64)  # 16 KiB: several chunks of 4096 bytes
+    first = store.save({"w": weights, "note": "v1"}, lineage="blk", step=3, metadata={"by": "first"})
+    name = unique("my-store")
+    document_id = store.save(name)
+    assert isinstance(document_id, uuid.UUID)
+
+    loaded = CheckpointStore.load(name)
+    assert type(loaded) is CheckpointStore
+    assert config_of(loaded) == config_of(store)
+    assert loaded.regions[0].name == "eu"
+
+    restored = loaded.load(lineage="blk")
+    assert torch.equal(restored["w"], weights)
+    assert restored["note"] == "v1"
+    [info] = loaded.list("blk")
+    assert (info.version, info.step, info.metadata, info.manifest_digest) == (
+        first.version,
+        3,
+        {"by": "first"},
+        first.manifest_digest,
+    )
+    assert info.manifest_digest.startswith("sha256:")
+
+    second = loaded.save({"w": weights * 2}, lineage="blk", step=4)  # and the other way round
+    assert second.version == first.version + 1
+    assert torch.equal(store.load(lineage="blk")["w"], weights * 2)
+    assert torch.equal(store.load(lineage="blk", version=first.version)["w"], weights)
+
+
+def test_block_save_respects_overwrite(prefect_server, tmp_path: Path) -> None:
+    a, b, c = make_regions(tmp_path, 3)
+    name = unique("ow")
+    CheckpointStore(regions=[str(a), str(b)]).save(name)
+    with pytest.raises(ValueError, match="overwrite"):
+        CheckpointStore(regions=[str(a), str(c)]).save(name)
+    assert [r.url for r in CheckpointStore.load(name).regions] == [str(a), str(b)]
+    CheckpointStore(regions=[str(a), str(c)], write_quorum=2).save(name, overwrite=True)
+    reloaded = CheckpointStore.load(name)
+    assert [r.url for r in reloaded.regions] == [str(a), str(c)]
+    assert reloaded.write_quorum == 2
+
+
+def test_block_load_of_unknown_name_fails_clearly(prefect_server) -> None:
+    with pytest.raises(ValueError, match=r"not found|Unable to find"):
+        CheckpointStore.load(unique("missing"))
+
+
+def test_block_load_and_checkpoints_inside_a_flow(prefect_server, tmp_path: Path) -> None:
+    a, b = make_regions(tmp_path)
+    name = unique("in-flow")
+    CheckpointStore(regions=[str(a), str(b)]).save(name)
+
+    @flow
+    def train(block_name: str) -> int:
+        store = CheckpointStore.load(block_name)
+        info = store.save({"w": torch.arange(4.0)}, lineage="flow", step=1)
+        return info.version
+
+    @flow
+    async def restore(block_name: str) -> list[float]:
+        store = await CheckpointStore.load(block_name)  # Prefect's async dispatch in async code
+        return store.load(lineage="flow")["w"].tolist()
+
+    assert train(name) == 1
+    assert asyncio.run(restore(name)) == [0.0, 1.0, 2.0, 3.0]
+
+
+# -- secrets ------------------------------------------------------------------------------------------------
+def _secret_store(tmp_path: Path) -> CheckpointStore:
+    a, b = make_regions(tmp_path)
+    return CheckpointStore(regions=[Region(url=str(a), storage_options={"key": SECRET, "anon": False}), str(b)])
+
+
+def test_storage_options_are_secret_in_python(prefect_server, tmp_path: Path) -> None:
+    store = _secret_store(tmp_path)
+    name = unique("secret")
+    store.save(name)
+    loaded = CheckpointStore.load(name)
+    assert loaded.regions[0].storage_options.get_secret_value() == {"key": SECRET, "anon": False}
+    assert loaded.regions[1].storage_options.get_secret_value() == {}
+    for shown in (
+        repr(loaded),
+        str(loaded.model_dump()),
+        loaded.model_dump_json(),
+        json.dumps(loaded.model_dump(mode="json")),
+    ):
+        assert SECRET not in shown
+
+
+def test_block_schema_declares_storage_options_secret() -> None:
+    schema = CheckpointStore._to_block_schema()
+    assert "regions.*" in schema.fields["secret_fields"]  # Prefect cannot mask a path inside a list
+
+
+def test_storage_options_are_obfuscated_in_the_api_document(prefect_server, tmp_path: Path) -> None:
+    from prefect.client.orchestration import get_client
+
+    store = _secret_store(tmp_path)
+    name = unique("secret-api")
+    store.save(name)
+    with get_client(sync_client=True) as client:
+        document = client.read_block_document_by_name(name, "checkpoint-store", include_secrets=False)
+    assert SECRET not in json.dumps(document.data, default=str)  # the API never shows the secret ...
+    with get_client(sync_client=True) as client:
+        full = client.read_block_document_by_name(name, "checkpoint-store", include_secrets=True)
+    assert full.data["regions"][0]["url"] == store.regions[0].url  # ... which the block itself still has
+    assert CheckpointStore.load(name).regions[0].storage_options.get_secret_value()["key"] == SECRET
+
+
+# -- validation ----------------------------------------------------------------------------------------------
+def test_regions_given_as_strings_become_region_models(tmp_path: Path) -> None:
+    a, b = make_regions(tmp_path)
+    store = CheckpointStore(regions=[str(a), str(b)])
+    assert all(type(region) is Region for region in store.regions)
+    assert [region.url for region in store.regions] == [str(a), str(b)]
+    assert all(region.storage_options.get_secret_value() == {} for region in store.regions)
+
+    single = CheckpointStore(regions=str(a))
+    assert [region.url for region in single.regions] == [str(a)]
+
+    mixed = CheckpointStore(regions=[{"url": str(a), "name": "one"}, Region(url=str(b))])
+    assert [(r.url, r.name) for r in mixed.regions] == [(str(a), "one"), (str(b), None)]
+
+    info = store.save({"x": torch.ones(1)}, lineage="s")
+    assert info.regions == [str(a), str(b)]
+
+
+@pytest.mark.parametrize("bad", [{"regions": []}, {"regions": ["/tmp"], "write_quorum": 0}, {"hash_algorithm": "md5"}])
+def test_invalid_configuration_is_rejected_at_construction(bad: dict[str, Any]) -> None:
+    kwargs = {"regions": ["/tmp/a", "/tmp/b"], **bad}
+    with pytest.raises(ValidationError):
+        CheckpointStore(**kwargs)
+
+
+def test_region_rejects_unknown_fields() -> None:
+    with pytest.raises(ValidationError):
+        Region(url="/tmp", storage_option={"typo": True})
+
+
+def test_write_quorum_larger_than_region_count_is_a_clear_error(tmp_path: Path) -> None:
+    a, b = make_regions(tmp_path)
+    with pytest.raises(CheckpointError) as excinfo:
+        store = CheckpointStore(regions=[str(a), str(b)], write_quorum=3)
+        store.save({"x": torch.ones(1)}, lineage="q")
+    message = str(excinfo.value)
+    assert "write_quorum" in message
+    assert "3" in message and "2" in message
+    assert not any(p.is_file() for p in a.rglob("*"))  # nothing half-written
+
+
+def test_same_region_twice_is_rejected(tmp_path: Path) -> None:
+    (a,) = make_regions(tmp_path, 1)
+    with pytest.raises(CheckpointError, match="distinct"):
+        CheckpointStore(regions=[str(a), str(a)]).list()
+
+
+def test_checkpoint_save_without_lineage_says_lineage_is_missing(tmp_path: Path) -> None:
+    store = CheckpointStore.default(tmp_path)
+    with pytest.raises((TypeError, ValueError), match="lineage"):
+        store.save({"model": {"w": torch.ones(2)}})
+
+
+# -- registration ---------------------------------------------------------------------------------------------
+def test_package_is_a_prefect_collection() -> None:
+    from prefect.blocks.core import Block
+    from prefect.plugins import load_prefect_collections
+    from prefect.utilities.dispatch import lookup_type
+
+    [entry_point] = [ep for ep in metadata.entry_points(group="prefect.collections") if ep.name == "prefect_recovery"]
+    assert entry_point.value.split(":")[0].split(".")[0] == "prefect_recovery"
+    module = load_prefect_collections()["prefect_recovery"]  # what Prefect itself imports at startup
+    assert getattr(module, "CheckpointStore", None) is CheckpointStore
+    assert lookup_type(Block, "checkpoint-store") is CheckpointStore
+
+
+def test_prefect_block_register_and_block_type_listed(prefect_server) -> None:
+    env = api_env()
+    registered = prefect_cli("block", "register", "-m", "prefect_recovery", env=env)
+    assert registered.returncode == 0, registered.stdout + registered.stderr
+    assert "Checkpoint Store" in registered.stdout
+
+    listed = prefect_cli("block", "type", "ls", env=env)
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    assert "checkpoint-store" in listed.stdout
+
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        block_type = client.read_block_type_by_slug("checkpoint-store")
+        schema = client.get_most_recent_block_schema_for_block_type(block_type.id)
+    assert block_type.name == "Checkpoint Store"
+    assert "CheckpointStore.load(" in (block_type.code_example or "")
+    assert {"regions", "write_quorum"} <= set(schema.fields["properties"])
+
+
+class TestCheckpointStoreStandards(BlockStandardTestSuite):
+    """Prefect's own checks for published blocks (description, docs URL, field docs, code example)."""
+
+    @pytest.fixture
+    def block(self) -> type[CheckpointStore]:
+        return CheckpointStore
+
+    def test_has_a_valid_image(self, block: type[CheckpointStore]) -> None:  # the original downloads the logo
+        assert str(block._logo_url).startswith("https://")
+
+    def test_region_fields_have_descriptions(self) -> None:
+        for name, field in Region.model_fields.items():
+            assert field.description, f"Region.{name} has no description"
