@@ -5,8 +5,9 @@ disk and makes it durable (fsync) before the clock stops; then each reads it bac
 
     python benchmarks/save_restore.py --json [--tensors 64] [--mib 16] [--dir DIR] [--repeat 2]
 
-Reads come from the page cache for every method alike (the files were just written); compare
-ratios within one run, not absolute numbers across machines.
+Each method runs in a fresh process (same memory warm-up), so no method reuses memory another
+one faulted in. Reads come from the page cache for every method alike (the files were just
+written); compare ratios within one run, not absolute numbers across machines.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import json
 import os
 import platform
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -99,51 +102,71 @@ def dcp_load(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tens
     return out
 
 
-def run(tensors: int, mib: int, root: Path, repeat: int) -> dict[str, object]:
+def warm_up(nbytes: int) -> None:
+    """Touch and free memory first: on a VM the first touch of guest memory is very slow, and it
+    would otherwise land on whichever method happens to run first."""
+    block = torch.empty(nbytes // 4)
+    block.view(-1)[::1024].fill_(1.0)
+    del block
+
+
+METHODS: dict[str, tuple[Callable, Callable]] = {
+    "raw_write_fsync": (raw_save, raw_load),
+    "torch_save": (torch_save, lambda s, p: torch.load(p, weights_only=True)),
+    "safetensors": (safetensors_save, lambda s, p: load_file(str(p))),
+    "torch_dcp": (dcp_save, dcp_load),
+}
+
+
+def run_one(method: str, tensors: int, mib: int, root: Path) -> dict[str, float]:
+    """One method in this (fresh) process: save, load, check; seconds for each."""
     state = make_state(tensors, mib)
     total = sum(t.numel() * t.element_size() for t in state.values())
-    results: dict[str, dict[str, float]] = {}
-
-    def record(method: str, kind: str, seconds: float) -> None:
-        entry = results.setdefault(method, {})
-        entry[f"{kind}_s"] = min(seconds, entry.get(f"{kind}_s", float("inf")))
-        entry[f"{kind}_gbps"] = round(total / entry[f"{kind}_s"] / 1e9, 3)
+    warm_up(2 * total)
+    result: dict[str, float] = {}
 
     def check(loaded: dict[str, torch.Tensor]) -> None:
         assert all(torch.equal(loaded[name], tensor) for name, tensor in state.items()), "round trip differs"
 
-    second_save: dict[str, int] = {}
-    for _ in range(repeat):
-        for method, save, load in (
-            ("raw_write_fsync", raw_save, raw_load),
-            ("torch_save", torch_save, lambda s, p: torch.load(p, weights_only=True)),
-            ("safetensors", safetensors_save, lambda s, p: load_file(str(p))),
-            ("torch_dcp", dcp_save, dcp_load),
-        ):
-            target = root / method
-            shutil.rmtree(target, ignore_errors=True)
-            seconds, _ = timed(lambda save=save, target=target: save(state, target))
-            record(method, "save", seconds)
-            seconds, loaded = timed(lambda load=load, target=target: load(state, target))
-            record(method, "load", seconds)
-            check(loaded)
-            del loaded
-            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink()
-
-        region = root / "store-region"
-        shutil.rmtree(region, ignore_errors=True)
-        region.mkdir()
-        store = CheckpointStore(regions=[str(region)], write_quorum=1)
-        seconds, _ = timed(lambda store=store: store.save(state, lineage="bench", step=1))
-        record("checkpoint_store", "save", seconds)
-        seconds, loaded = timed(lambda store=store: store.load(lineage="bench"))
-        record("checkpoint_store", "load", seconds)
+    if method in METHODS:
+        save, load = METHODS[method]
+        target = root / method
+        result["save_s"], _ = timed(lambda: save(state, target))
+        result["load_s"], loaded = timed(lambda: load(state, target))
         check(loaded)
-        del loaded
-        seconds, again = timed(lambda store=store: store.save(state, lineage="bench", step=2))
-        record("checkpoint_store_unchanged", "save", seconds)
-        second_save = {"bytes_written": again.bytes_written, "total_bytes": again.total_bytes}
-        shutil.rmtree(region)
+        return result
+    region = root / "store-region"
+    region.mkdir()
+    store = CheckpointStore(regions=[str(region)], write_quorum=1)
+    result["save_s"], _ = timed(lambda: store.save(state, lineage="bench", step=1))
+    result["load_s"], loaded = timed(lambda: store.load(lineage="bench"))
+    check(loaded)
+    result["unchanged_save_s"], again = timed(lambda: store.save(state, lineage="bench", step=2))
+    result["unchanged_bytes_written"] = again.bytes_written
+    return result
+
+
+def run(tensors: int, mib: int, root: Path, repeat: int) -> dict[str, object]:
+    total = tensors * mib * 2**20
+    results: dict[str, dict[str, float]] = {}
+    unchanged_written = None
+    for _ in range(repeat):
+        for method in [*METHODS, "checkpoint_store"]:
+            workdir = Path(tempfile.mkdtemp(prefix=f"{method}-", dir=root))
+            command = [sys.executable, __file__, "--one", method, "--tensors", str(tensors), "--mib", str(mib),
+                       "--dir", str(workdir)]  # fmt: skip
+            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            shutil.rmtree(workdir, ignore_errors=True)
+            measured = json.loads(done.stdout)
+            entry = results.setdefault(method, {})
+            for kind in ("save", "load"):
+                seconds = min(measured[f"{kind}_s"], entry.get(f"{kind}_s", float("inf")))
+                entry[f"{kind}_s"] = round(seconds, 4)
+                entry[f"{kind}_gbps"] = round(total / seconds / 1e9, 3)
+            if method == "checkpoint_store":
+                unchanged = min(measured["unchanged_save_s"], entry.get("unchanged_save_s", float("inf")))
+                entry["unchanged_save_s"] = round(unchanged, 4)
+                unchanged_written = measured["unchanged_bytes_written"]
 
     store_save = results["checkpoint_store"]["save_s"]
     store_load = results["checkpoint_store"]["load_s"]
@@ -153,6 +176,7 @@ def run(tensors: int, mib: int, root: Path, repeat: int) -> dict[str, object]:
         "tensors": tensors,
         "tensor_mib": mib,
         "repeat": repeat,
+        "note": "each method runs in a fresh process after the same memory warm-up; best of `repeat`",
         "host": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count()},
         "methods": results,
         "ratios": {
@@ -163,9 +187,7 @@ def run(tensors: int, mib: int, root: Path, repeat: int) -> dict[str, object]:
             "load_vs_torch_load": round(results["torch_save"]["load_s"] / store_load, 2),
             "load_vs_safetensors": round(results["safetensors"]["load_s"] / store_load, 2),
             "load_vs_torch_dcp": round(results["torch_dcp"]["load_s"] / store_load, 2),
-            "unchanged_second_save_written_fraction": round(
-                second_save["bytes_written"] / second_save["total_bytes"], 6
-            ),
+            "unchanged_second_save_written_fraction": round((unchanged_written or 0) / total, 6),
         },
         "goals": {
             "save_vs_torch_save": ">= 1.5",
@@ -183,7 +205,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="best of N runs per method")
     parser.add_argument("--dir", type=Path, default=None, help="directory on the disk to measure")
     parser.add_argument("--json", action="store_true", help="print JSON (the only output format)")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one method, this process
     args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one, args.tensors, args.mib, args.dir)))
+        return
     root = Path(tempfile.mkdtemp(prefix="bench-", dir=args.dir))
     try:
         print(json.dumps(run(args.tensors, args.mib, root, args.repeat), indent=2))

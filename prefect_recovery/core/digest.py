@@ -14,8 +14,10 @@ HashAlgorithm = Literal["blake3", "sha256"]
 ALGORITHMS: tuple[str, ...] = ("blake3", "sha256")
 DIGEST_PATTERN = re.compile(r"(blake3|sha256):[0-9a-f]{64}")
 
-# BLAKE3 splits a buffer over threads only when it is worth the hand-off.
-_PARALLEL_THRESHOLD = 4 * 2**20
+# BLAKE3 splits one buffer over threads only above this size. Chunks (32 MiB by default) are
+# already hashed in parallel with each other, so splitting them too only oversubscribes the
+# cores (measured: loads about 10% faster single-threaded per chunk on 2 cores).
+_PARALLEL_THRESHOLD = 64 * 2**20
 
 
 def hash_bytes(data: bytes | bytearray | memoryview, algorithm: HashAlgorithm = "blake3") -> str:

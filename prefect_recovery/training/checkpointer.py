@@ -46,7 +46,14 @@ from ..core.manifest import Component
 from ..core.models import CheckpointInfo
 from ..core.store import Store
 from .async_saver import AsyncSaver
-from .determinism import apply_settings, capture_rng, capture_settings, restore_rng, seed_everything
+from .determinism import (
+    apply_settings,
+    capture_rng,
+    capture_settings,
+    isolate_background_rng_users,
+    restore_rng,
+    seed_everything,
+)
 from .encoding import encode_state
 from .schedule import CheckpointSchedule, Tier
 from .staging import StagingBuffers
@@ -129,6 +136,7 @@ class Checkpointer:
         )
         self._preempted = threading.Event()
         self._previous_handler: Any = None
+        isolate_background_rng_users()  # the RNG states we capture must only move with training
         self._watchdog: threading.Timer | None = None
 
     # -- restore ---------------------------------------------------------------------------
@@ -196,10 +204,11 @@ class Checkpointer:
     def step(self, n: int = 1) -> None:
         """Count ``n`` completed steps and save if the schedule says so."""
         self._saver.raise_errors()
+        previous = self.step_count
         self.step_count += n
         if self._preempted.is_set():
             self._emergency_exit()
-        decision = self.schedule.decide(self.step_count, seconds_since=self._seconds_since())
+        decision = self.schedule.decide(self.step_count, seconds_since=self._seconds_since(), previous_step=previous)
         if decision is not None:
             self._save(*decision)
 

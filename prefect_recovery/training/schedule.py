@@ -35,8 +35,8 @@ class EveryNSteps(_Trigger):
     kind: Literal["every_n_steps"] = "every_n_steps"
     every: int = Field(ge=1, description="Steps between saves.")
 
-    def fires(self, step: int, seconds_since: float, milestone: str | None) -> bool:
-        return milestone is None and step > 0 and step % self.every == 0
+    def fires(self, step: int, previous: int, seconds_since: float, milestone: str | None) -> bool:
+        return milestone is None and step > 0 and step // self.every > previous // self.every
 
 
 class Timebox(_Trigger):
@@ -45,7 +45,7 @@ class Timebox(_Trigger):
     kind: Literal["timebox"] = "timebox"
     seconds: float = Field(gt=0, description="Most seconds of work that may go unsaved.")
 
-    def fires(self, step: int, seconds_since: float, milestone: str | None) -> bool:
+    def fires(self, step: int, previous: int, seconds_since: float, milestone: str | None) -> bool:
         return milestone is None and seconds_since >= self.seconds
 
 
@@ -56,10 +56,10 @@ class Milestones(_Trigger):
     names: list[str] = Field(default_factory=list, description="Event names that save.")
     steps: list[int] = Field(default_factory=list, description="Step numbers that save.")
 
-    def fires(self, step: int, seconds_since: float, milestone: str | None) -> bool:
+    def fires(self, step: int, previous: int, seconds_since: float, milestone: str | None) -> bool:
         if milestone is not None:
             return milestone in self.names
-        return step in self.steps
+        return any(previous < target <= step for target in self.steps)
 
 
 Trigger = Annotated[EveryNSteps | Timebox | Milestones, Field(discriminator="kind")]
@@ -92,6 +92,7 @@ class CheckpointSchedule(BaseModel):
         *,
         seconds_since: dict[str, float] | float,
         milestone: str | None = None,
+        previous_step: int | None = None,
     ) -> tuple[Tier, str] | None:
         """The tier to save now and the trigger that asked for it, or None.
 
@@ -100,11 +101,14 @@ class CheckpointSchedule(BaseModel):
             seconds_since: Seconds since the last save, per tier (``{"light": .., "heavy": ..}``)
                 or one number for both.
             milestone: The event being reported, if this is a milestone call.
+            previous_step: Completed steps at the last call (default ``step - 1``), so a call
+                that advances several steps still fires for every boundary it crossed.
         """
+        previous = step - 1 if previous_step is None else previous_step
         chosen: tuple[Tier, str] | None = None
         for trigger in self.triggers:
             since = seconds_since if isinstance(seconds_since, float | int) else seconds_since[trigger.tier]
-            if trigger.fires(step, float(since), milestone):
+            if trigger.fires(step, previous, float(since), milestone):
                 label = trigger.kind if milestone is None else f"milestone:{milestone}"
                 if chosen is None or (trigger.tier == "heavy" and chosen[0] == "light"):
                     chosen = (trigger.tier, label)
