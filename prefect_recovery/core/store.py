@@ -291,17 +291,7 @@ class Store:
         return False
 
     def _next_version(self, lineage: str) -> int:
-        latest = 0
-        for region in self.regions:
-            try:
-                names = region.list(manifests_prefix(lineage))
-            except RegionError:
-                continue
-            for name in names:
-                version = version_from_manifest_name(name)
-                if version is not None:
-                    latest = max(latest, version)
-        return latest + 1
+        return max(self.versions(lineage), default=0) + 1
 
     def _commit_manifest(
         self, lineage: str, body_fields: dict[str, Any], healthy: list[RegionIO]
