@@ -13,6 +13,7 @@ from .errors import (
     StorageFullError,
     VersionConflictError,
 )
+from .journal import Journal, JournalError, JournalEvent, LineageHistory, replay
 from .manifest import Entry, Manifest, decode_manifest
 from .models import CheckpointInfo, Problem, VerifyReport
 from .region import LocalRegionIO, RegionIO, open_region
@@ -27,6 +28,10 @@ __all__ = [
     "Entry",
     "EntryPlan",
     "InvalidNameError",
+    "Journal",
+    "JournalError",
+    "JournalEvent",
+    "LineageHistory",
     "LocalRegionIO",
     "Manifest",
     "ManifestError",
@@ -42,5 +47,6 @@ __all__ = [
     "VersionConflictError",
     "decode_manifest",
     "open_region",
+    "replay",
     "verify_store",
 ]

@@ -60,3 +60,25 @@ def manifest_key(lineage: str, version: int) -> str:
 def version_from_manifest_name(name: str) -> int | None:
     match = MANIFEST_NAME.fullmatch(name)
     return int(match.group(1)) if match else None
+
+
+# -- journal (DESIGN.md invariant 8, FORMAT.md "Journal") ------------------------------------
+JOURNAL_NAME = re.compile(r"(\d{12})\.json")
+SEQ_WIDTH = 12
+
+
+def journal_prefix(lineage: str) -> str:
+    return f"lineages/{check_lineage(lineage)}/journal"
+
+
+def journal_key(lineage: str, seq: int) -> str:
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1 or seq >= 10**SEQ_WIDTH:
+        raise InvalidNameError(f"invalid journal seq {seq!r}: must be a positive integer below 10**{SEQ_WIDTH}")
+    return f"{journal_prefix(lineage)}/{seq:0{SEQ_WIDTH}d}.json"
+
+
+def seq_from_journal_name(name: str) -> int | None:
+    """The seq of a journal file name (``000000000007.json``), or None for anything else (incl. seq 0)."""
+    match = JOURNAL_NAME.fullmatch(name)
+    seq = int(match.group(1)) if match else 0
+    return seq or None

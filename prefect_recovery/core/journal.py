@@ -1,0 +1,535 @@
+"""The lineage journal: an append-only log of what happened to a lineage (FORMAT.md, "Journal").
+
+DESIGN.md invariant 8: the store is the source of truth. Every run, step, checkpoint, failure
+and recovery of a lineage is recorded here as an immutable, create-only event file
+(``lineages/<lineage>/journal/<seq>.json``), replicated over the store's regions. The journal
+replaces nothing in Prefect's database and reads nothing from it: Prefect orchestrates and
+displays, while recovery decides from the journal alone, so it works even when Prefect never
+saw the crash (a SIGKILL, a lost node, a server restart).
+
+Appending mirrors the manifest commit protocol (``Store._commit_manifest``): the event takes
+``seq`` = one more than the highest seq any region lists, is written create-only to the
+*arbiter* (the first region, in configured order, that accepts the write; if the seq already
+exists there another writer owns it and the append retries with the next seq), then to the
+other regions in parallel. It counts when ``write_quorum`` regions hold it; below that, the
+copies it created are deleted again and ``QuorumNotMetError`` is raised. Seqs are monotonic,
+not dense: a withdrawn or lost append leaves a gap.
+
+Events are ordered by ``seq`` only. ``time`` is the writer's wall clock, recorded for people,
+never used for ordering (clocks of different machines disagree).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator
+
+from .digest import HashAlgorithm, algorithm_of, check_digest, hash_bytes
+from .errors import CheckpointError, QuorumNotMetError, RegionError, VersionConflictError
+from .layout import check_lineage, journal_key, journal_prefix, seq_from_journal_name
+from .manifest import canonical_json
+from .region import PutOutcome, RegionIO
+from .store import Store
+
+FORMAT_NAME = "prefect-recovery/journal-event"
+FORMAT_VERSION = 1
+MAX_EVENT_BYTES = 2**20
+MAX_SEQ_ATTEMPTS = 32
+MAX_RUN_ID_CHARS = 256
+
+EventKind = Literal[
+    "run_started",
+    "step_started",
+    "step_completed",
+    "checkpoint_committed",
+    "failure",
+    "recovery_started",
+    "recovery_finished",
+    "run_finished",
+]
+EVENT_KINDS: tuple[str, ...] = get_args(EventKind)
+_STEP_KINDS = ("step_started", "step_completed")
+
+
+class JournalError(CheckpointError):
+    """A journal event cannot be trusted or written: malformed, tampered, misplaced or damaged."""
+
+    def __init__(self, message: str, *, region: str | None = None, key: str | None = None):
+        where = f" [{region}:{key}]" if region and key else ""
+        super().__init__(message + where)
+        self.region = region
+        self.key = key
+
+
+class JournalEventBody(BaseModel):
+    """Every field of an event except its digest (what ``event_digest`` is computed over)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    format: Literal["prefect-recovery/journal-event"] = FORMAT_NAME
+    format_version: Literal[1] = FORMAT_VERSION
+    lineage: str
+    seq: int = Field(ge=1, lt=10**12)
+    kind: EventKind
+    run_id: str = Field(min_length=1, max_length=MAX_RUN_ID_CHARS)
+    time: str = Field(max_length=64, description="ISO 8601 UTC; informational only, never used for ordering.")
+    data: dict[str, JsonValue] = Field(default_factory=dict)
+
+    @field_validator("lineage")
+    @classmethod
+    def _lineage(cls, value: str) -> str:
+        return check_lineage(value)
+
+
+class JournalEvent(JournalEventBody):
+    """One immutable journal record. ``event_digest`` covers every other field."""
+
+    event_digest: str
+
+    @field_validator("event_digest")
+    @classmethod
+    def _digest(cls, value: str) -> str:
+        return check_digest(value)
+
+    @classmethod
+    def build(cls, body: JournalEventBody, algorithm: HashAlgorithm = "blake3") -> JournalEvent:
+        payload = body.model_dump(mode="json")
+        return cls(**payload, event_digest=hash_bytes(canonical_json(payload), algorithm))
+
+    def body_payload(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"event_digest"})
+
+    def encode(self) -> bytes:
+        return canonical_json(self.model_dump(mode="json"))
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def decode_event(
+    data: bytes,
+    expect_lineage: str | None = None,
+    expect_seq: int | None = None,
+    *,
+    region: str | None = None,
+    key: str | None = None,
+) -> JournalEvent:
+    """Parse and check untrusted event bytes; raise JournalError on any doubt.
+
+    Checks, in order: size (at most 1 MiB), JSON, ``format`` and ``format_version``, schema,
+    ``event_digest`` against the canonical body, then lineage and seq against the location the
+    bytes were found under (so an event copied into another lineage or seq is rejected).
+    """
+
+    def fail(message: str) -> JournalError:
+        return JournalError(message, region=region, key=key)
+
+    if len(data) > MAX_EVENT_BYTES:
+        raise fail(f"journal event is {len(data)} bytes, larger than the {MAX_EVENT_BYTES} limit")
+    try:
+        raw = json.loads(bytes(data).decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise fail(f"journal event is not valid JSON (truncated or corrupt?): {exc}") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
+        raise fail("not a prefect-recovery journal event (missing or wrong 'format')")
+    if raw.get("format_version") != FORMAT_VERSION or isinstance(raw.get("format_version"), bool):
+        raise fail(
+            f"unknown journal event format_version {raw.get('format_version')!r}; this "
+            f"prefect-recovery reads version {FORMAT_VERSION}. Upgrade prefect-recovery."
+        )
+    try:
+        event = JournalEvent.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise fail(f"journal event failed schema validation at {where}: {first['msg']}") from None
+    except RecursionError:
+        raise fail("journal event is nested too deeply") from None
+    try:
+        expected = hash_bytes(canonical_json(event.body_payload()), algorithm_of(event.event_digest))
+    except (ValueError, RecursionError) as exc:
+        raise fail(f"journal event cannot be canonicalized: {exc}") from None
+    if expected != event.event_digest:
+        raise fail(
+            "journal event content does not match its event_digest (bit rot or tampering); "
+            "a healthy copy in another region is used when there is one"
+        )
+    if expect_lineage is not None and event.lineage != expect_lineage:
+        raise fail(f"journal event belongs to lineage {event.lineage!r}, found under {expect_lineage!r}")
+    if expect_seq is not None and event.seq != expect_seq:
+        raise fail(f"journal event says seq {event.seq}, found as seq {expect_seq}")
+    return event
+
+
+class JournalRead(BaseModel):
+    """What one read of a journal found: the committed events and what it had to leave out."""
+
+    events: list[JournalEvent] = Field(description="Committed events, by seq.")
+    unreachable: dict[str, str] = Field(
+        default_factory=dict, description="Regions that could not be listed, with the reason."
+    )
+    skipped_copies: dict[int, dict[str, str]] = Field(
+        default_factory=dict, description="seq -> region -> why that copy was not used (corrupt, unreadable, other)."
+    )
+    uncommitted: list[int] = Field(
+        default_factory=list, description="Seqs held by fewer than write_quorum regions: appends that never counted."
+    )
+    lost: dict[int, dict[str, str]] = Field(
+        default_factory=dict, description="Committed seqs with no intact copy anywhere: region -> cause."
+    )
+
+
+class Journal:
+    """The append-only event log of one lineage, replicated over a store's regions.
+
+    This is the source of truth for what happened to the lineage (DESIGN.md invariant 8); it
+    replaces nothing in Prefect's database and never consults it.
+    """
+
+    def __init__(self, store: Store, lineage: str):
+        self.store = store
+        self.lineage = check_lineage(lineage)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.lineage!r}, regions={self.store.region_names})"
+
+    # -- listing ------------------------------------------------------------------------------
+    def _listing(self) -> tuple[dict[int, list[str]], dict[str, str]]:
+        found: dict[int, list[str]] = {}
+        unreachable: dict[str, str] = {}
+        prefix = journal_prefix(self.lineage)
+        for region in self.store.regions:
+            try:
+                names = region.list(prefix)
+            except RegionError as exc:
+                unreachable[region.name] = str(exc)
+                continue
+            for name in names:
+                seq = seq_from_journal_name(name)
+                if seq is not None:
+                    found.setdefault(seq, []).append(region.name)
+        return dict(sorted(found.items())), unreachable
+
+    def seqs(self) -> dict[int, list[str]]:
+        """Every seq any reachable region lists (committed or not), with the regions listing it."""
+        return self._listing()[0]
+
+    def next_seq(self) -> int:
+        """One more than the highest seq any reachable region lists."""
+        return max(self._listing()[0], default=0) + 1
+
+    # -- writing ------------------------------------------------------------------------------
+    def append(self, kind: EventKind, *, run_id: str, data: dict[str, JsonValue] | None = None) -> JournalEvent:
+        """Append one event and return it once ``write_quorum`` regions hold it.
+
+        ``step_started`` and ``step_completed`` need ``data["step"]`` (the step's name); a
+        ``failure`` names its step the same way when it has one. Raises JournalError for an
+        invalid event (nothing written), QuorumNotMetError when too few regions took it (the
+        copies it created are withdrawn), VersionConflictError when other writers took
+        ``MAX_SEQ_ATTEMPTS`` seqs in a row.
+        """
+        if kind not in EVENT_KINDS:
+            raise JournalError(f"unknown journal event kind {kind!r}; use one of {list(EVENT_KINDS)}")
+        payload = dict(data or {})
+        if kind in _STEP_KINDS and not (isinstance(payload.get("step"), str) and payload["step"]):
+            raise JournalError(f"a {kind} event needs data['step'], the step's name")
+        time = datetime.now(UTC).isoformat(timespec="microseconds")
+        algorithm = self.store.hash_algorithm
+
+        def build(seq: int) -> tuple[JournalEvent, bytes]:
+            try:
+                body = JournalEventBody(
+                    lineage=self.lineage, seq=seq, kind=kind, run_id=run_id, time=time, data=payload
+                )
+                event = JournalEvent.build(body, algorithm)
+                encoded = event.encode()
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(part) for part in first["loc"])
+                raise JournalError(f"invalid {kind} event at {where}: {first['msg']}") from None
+            except (ValueError, RecursionError) as exc:  # NaN/Infinity, or nested too deeply
+                raise JournalError(f"{kind} event data is not plain JSON: {exc}") from None
+            if len(encoded) > MAX_EVENT_BYTES:
+                raise JournalError(
+                    f"{kind} event is {len(encoded)} bytes, larger than the {MAX_EVENT_BYTES} limit; "
+                    "store large data as a checkpoint and journal its version"
+                )
+            return event, encoded
+
+        build(1)  # reject a bad event before listing or writing anything
+        causes: dict[str, str] = {}
+        seq = self.next_seq()
+        for _attempt in range(MAX_SEQ_ATTEMPTS):
+            event, encoded = build(seq)
+            key = journal_key(self.lineage, seq)
+            arbiter: RegionIO | None = None
+            lost = False
+            for region in self.store.regions:
+                if region.name in causes:
+                    continue
+                try:
+                    outcome = region.put_if_absent(key, encoded)
+                except RegionError as exc:
+                    causes[region.name] = str(exc)
+                    continue
+                if outcome is PutOutcome.EXISTED:
+                    lost = True  # another writer owns this seq
+                else:
+                    arbiter = region
+                break
+            if lost:
+                seq = max(seq + 1, self.next_seq())
+                continue
+            if arbiter is None:
+                raise QuorumNotMetError(
+                    f"{kind} event of lineage {self.lineage!r} not journaled: no region accepted it", causes
+                )
+            return self._replicate(event, key, encoded, arbiter, causes)
+        raise VersionConflictError(
+            f"lineage {self.lineage!r}: other writers took {MAX_SEQ_ATTEMPTS} journal seqs in a row; retry the append"
+        )
+
+    def _replicate(
+        self, event: JournalEvent, key: str, encoded: bytes, arbiter: RegionIO, causes: dict[str, str]
+    ) -> JournalEvent:
+        created = [arbiter]
+        acked = [arbiter.name]
+        others = [r for r in self.store.regions if r is not arbiter and r.name not in causes]
+
+        def put(region: RegionIO) -> tuple[RegionIO, PutOutcome | None, str | None]:
+            try:
+                outcome = region.put_if_absent(key, encoded)
+                if outcome is PutOutcome.EXISTED and region.get(key) != encoded:
+                    return region, None, f"seq {event.seq} was taken there by another writer"
+            except RegionError as exc:
+                return region, None, str(exc)
+            return region, outcome, None
+
+        if others:
+            with ThreadPoolExecutor(len(others), thread_name_prefix="journal-put") as pool:
+                for region, outcome, cause in pool.map(put, others):
+                    if cause is not None:
+                        causes[region.name] = cause
+                        continue
+                    acked.append(region.name)
+                    if outcome is PutOutcome.CREATED:
+                        created.append(region)
+        if len(acked) < self.store.write_quorum:
+            for region in created:  # withdraw: no event may claim an append that did not count
+                try:
+                    region.delete(key)
+                except RegionError:
+                    pass  # a leftover below quorum is skipped by every reader
+            raise QuorumNotMetError(
+                f"{event.kind} event of lineage {self.lineage!r} not journaled: it reached {len(acked)} of "
+                f"{len(self.store.regions)} regions, write_quorum is {self.store.write_quorum}",
+                causes,
+            )
+        return event
+
+    # -- reading ------------------------------------------------------------------------------
+    def read(self, *, after: int = 0) -> JournalRead:
+        """Read every committed event with ``seq > after`` and report what was left out.
+
+        For each seq listed by any region, every listed copy is read and checked
+        (``decode_event``). The copy held by most regions wins (ties: the earliest region);
+        corrupt or unreadable copies are skipped when another region has a valid one. A seq
+        counts as committed when its holders (regions with the winning copy, plus regions whose
+        copy is damaged, since a create-only file exists only because an append wrote it) reach
+        ``write_quorum`` minus the regions that could not be listed (at least 1): an unreachable
+        region may hold the missing copies, and hiding committed events during a region outage
+        would make recovery act on a truncated history. Held by fewer: an append that never
+        counted (withdrawn, or still in flight), skipped.
+        """
+        region_names = self.store.region_names
+        listed, unreachable = self._listing()
+        if len(unreachable) == len(region_names):
+            raise JournalError(
+                f"cannot read the journal of lineage {self.lineage!r}: no region is reachable ("
+                + "; ".join(f"{name}: {cause}" for name, cause in unreachable.items())
+                + ")"
+            )
+        required = max(1, self.store.write_quorum - len(unreachable))
+        jobs = [(seq, name) for seq, names in listed.items() if seq > after for name in names]
+        regions = {region.name: region for region in self.store.regions}
+
+        def fetch(job: tuple[int, str]) -> tuple[int, str, JournalEvent | str]:
+            seq, name = job
+            key = journal_key(self.lineage, seq)
+            try:
+                data = regions[name].get(key)
+                return seq, name, decode_event(data, self.lineage, seq, region=name, key=key)
+            except (RegionError, JournalError) as exc:
+                return seq, name, str(exc)
+
+        valid: dict[int, dict[str, JournalEvent]] = {}
+        damaged: dict[int, dict[str, str]] = {}
+        if jobs:
+            workers = max(1, min(len(jobs), self.store.io_threads * len(region_names)))
+            with ThreadPoolExecutor(workers, thread_name_prefix="journal-get") as pool:
+                for seq, name, result in pool.map(fetch, jobs):
+                    if isinstance(result, JournalEvent):
+                        valid.setdefault(seq, {})[name] = result
+                    else:
+                        damaged.setdefault(seq, {})[name] = result
+
+        found = JournalRead(events=[], unreachable=unreachable)
+        for seq in sorted({seq for seq, _ in jobs}):
+            copies = valid.get(seq, {})
+            bad = damaged.get(seq, {})
+            groups: dict[str, list[str]] = {}
+            for name in region_names:
+                if name in copies:
+                    groups.setdefault(copies[name].event_digest, []).append(name)
+            if not groups:
+                if len(bad) >= required:
+                    found.lost[seq] = bad
+                else:
+                    found.uncommitted.append(seq)
+                continue
+            holders = max(groups.values(), key=len)  # max keeps the first of equal lengths
+            skipped = dict(bad)
+            for name, event in copies.items():
+                if name not in holders:
+                    skipped[name] = f"a different event (digest {event.event_digest}) under the same seq"
+            if len(holders) + len(bad) < required:
+                found.uncommitted.append(seq)
+                continue
+            if skipped:
+                found.skipped_copies[seq] = skipped
+            found.events.append(copies[holders[0]])
+        return found
+
+    def events(self, *, after: int = 0) -> list[JournalEvent]:
+        """The committed events with ``seq > after``, in seq order.
+
+        Raises JournalError when a committed event has no intact copy in any region (a history
+        with a hole must not be replayed) or when no region is reachable.
+        """
+        found = self.read(after=after)
+        if found.lost:
+            seq, causes = next(iter(found.lost.items()))
+            detail = "; ".join(f"{region}: {cause}" for region, cause in causes.items())
+            raise JournalError(
+                f"journal of lineage {self.lineage!r}: event {seq} has no intact copy in any region ({detail}). "
+                "Run `prefect-recovery verify` to see the damage."
+            )
+        return found.events
+
+    def history(self) -> LineageHistory:
+        """``replay(self.events())``."""
+        return replay(self.events())
+
+
+RunStatus = Literal["new", "running", "failed", "finished"]
+
+
+class LineageHistory(BaseModel):
+    """What the journal says happened to a lineage (``replay``), from the store alone.
+
+    This replaces nothing in Prefect's database and is not derived from it: it is the source of
+    truth recovery acts on (DESIGN.md invariant 8). A process killed with SIGKILL writes no
+    failure event, so its lineage stays ``running`` with ``interrupted_step`` set; the journal
+    alone cannot tell a live run from a dead one (ask the orchestrator, or a lease, for that).
+    """
+
+    lineage: str | None = None
+    status: RunStatus = Field(
+        default="new",
+        description="new: no events; running: the last run started and has no failure/run_finished after it; "
+        "failed: a failure after the last run_started and no run_finished after that; "
+        "finished: a run_finished after the last run_started (and after any failure of that run).",
+    )
+    runs: list[str] = Field(default_factory=list, description="run_ids in the order of their first run_started.")
+    current_run: str | None = Field(default=None, description="run_id of the last run_started.")
+    completed_steps: dict[str, dict[str, JsonValue]] = Field(
+        default_factory=dict, description="step name -> data of its latest step_completed (over all runs)."
+    )
+    failed_step: str | None = Field(
+        default=None, description="data['step'] of the last failure since the last run_started, if it names one."
+    )
+    interrupted_step: str | None = Field(
+        default=None,
+        description="The last step started in the current run with no step_completed after it (where a killed "
+        "process died). None when the run finished.",
+    )
+    last_checkpoint: dict[str, JsonValue] | None = Field(
+        default=None, description="data of the latest checkpoint_committed (version, step, trigger, regions)."
+    )
+    recoveries: list[dict[str, JsonValue]] = Field(
+        default_factory=list,
+        description="One per recovery_started: {run_id, started_seq, started, finished_seq, finished}; "
+        "finished/finished_seq are null while it is in progress (or if it died).",
+    )
+    last_seq: int = Field(default=0, description="Highest seq replayed (0 for none).")
+
+
+def replay(events: Iterable[JournalEvent]) -> LineageHistory:
+    """Fold journal events into a ``LineageHistory``. Ordering is by ``seq``, never by ``time``.
+
+    The journal is the source of truth (DESIGN.md invariant 8); nothing here consults Prefect.
+    """
+    ordered = sorted(events, key=lambda event: event.seq)
+    if not ordered:
+        return LineageHistory()
+    lineages = {event.lineage for event in ordered}
+    if len(lineages) > 1:
+        raise JournalError(f"cannot replay events of several lineages together: {sorted(lineages)}")
+    seqs = [event.seq for event in ordered]
+    if len(set(seqs)) != len(seqs):
+        raise JournalError("cannot replay a journal with two events under one seq")
+
+    history = LineageHistory(lineage=ordered[0].lineage, status="running", last_seq=ordered[-1].seq)
+    terminal: RunStatus | None = None
+    open_steps: dict[str, int] = {}  # step -> seq of its step_started, in start order (current run)
+    for event in ordered:
+        step = event.data.get("step")
+        step = step if isinstance(step, str) and step else None
+        if event.kind == "run_started":
+            if event.run_id not in history.runs:
+                history.runs.append(event.run_id)
+            history.current_run = event.run_id
+            terminal = None
+            history.failed_step = None
+            open_steps = {}
+        elif event.kind == "step_started" and step is not None:
+            open_steps.pop(step, None)
+            open_steps[step] = event.seq
+        elif event.kind == "step_completed" and step is not None:
+            history.completed_steps[step] = dict(event.data)
+            open_steps.pop(step, None)
+        elif event.kind == "failure":
+            terminal = "failed"
+            history.failed_step = step
+        elif event.kind == "run_finished":
+            terminal = "finished"
+        elif event.kind == "checkpoint_committed":
+            history.last_checkpoint = dict(event.data)
+        elif event.kind == "recovery_started":
+            history.recoveries.append(
+                {
+                    "run_id": event.run_id,
+                    "started_seq": event.seq,
+                    "started": dict(event.data),
+                    "finished_seq": None,
+                    "finished": None,
+                }
+            )
+        elif event.kind == "recovery_finished":
+            pending = [r for r in history.recoveries if r["finished_seq"] is None]
+            same_run = [r for r in pending if r["run_id"] == event.run_id]
+            target = (same_run or pending or [None])[-1]
+            if target is None:  # its recovery_started never committed: still record it
+                target = {"run_id": event.run_id, "started_seq": None, "started": None}
+                history.recoveries.append(target)
+            target["finished_seq"] = event.seq
+            target["finished"] = dict(event.data)
+    history.status = terminal or "running"
+    history.interrupted_step = None if terminal == "finished" else next(reversed(open_steps), None)
+    return history
