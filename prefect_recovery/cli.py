@@ -187,6 +187,45 @@ def export(
         )
 
 
+@app.command("history")
+def history(
+    lineage: Annotated[str, typer.Option("--lineage", help="Lineage whose journal to show.")],
+    region: RegionOpt = None,
+    store: StoreOpt = None,
+    quorum: QuorumOpt = 1,
+    as_json: JsonOpt = False,
+) -> None:
+    """The lineage's timeline from its journal: runs, steps, checkpoints, failures, where a run stopped."""
+    from .core.journal import Journal, replay
+
+    try:
+        events = Journal(open_store(region, store, quorum).core, lineage).events()
+        summary = replay(events)
+    except CheckpointError as exc:
+        _fail(str(exc), as_json)
+    shown = [event.model_dump(mode="json", exclude={"format", "format_version", "event_digest"}) for event in events]
+    if as_json:
+        _emit({"lineage": lineage, "summary": summary.model_dump(mode="json"), "events": shown})
+        return
+    if not events:
+        console.print(f"lineage {lineage} has no journal events")
+        return
+    table = Table(title=f"journal of {lineage}")
+    for column in ("seq", "time", "run", "event", "details"):
+        table.add_column(column)
+    for event in shown:
+        details = ", ".join(f"{key}={value}" for key, value in event["data"].items() if key != "environment")
+        table.add_row(str(event["seq"]), event["time"][:19].replace("T", " "), event["run_id"][:8], event["kind"],
+                      details[:120])  # fmt: skip
+    console.print(table)
+    where = summary.interrupted_step or summary.failed_step
+    console.print(
+        f"status: {summary.status}"
+        + (f", stopped in step {where!r}" if where and summary.status != "finished" else "")
+        + (f", last checkpoint v{summary.last_checkpoint['version']}" if summary.last_checkpoint else "")
+    )
+
+
 @app.command("demo")
 def demo(
     lineage: Annotated[str, typer.Option("--lineage", help="Lineage of the run.")] = "demo",

@@ -131,6 +131,29 @@ def test_ls_lists_the_saved_checkpoints(demo_run, demo_home: Path) -> None:
     assert "demo" in {info["lineage"] for info in everything}
 
 
+def test_history_shows_the_journal_of_a_finished_run(demo_run, demo_home: Path) -> None:
+    result = run_cli("history", "--lineage", "demo", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json_of(result)
+    kinds = [event["kind"] for event in report["events"]]
+    assert kinds[0] == "run_started" and kinds[-1] == "run_finished"
+    assert [e["seq"] for e in report["events"]] == sorted(e["seq"] for e in report["events"])
+    steps = [e["data"]["step"] for e in report["events"] if e["kind"] == "step_completed"]
+    assert steps == ["prepare-data", "train", "evaluate", "finalize"]
+    committed = [e["data"]["version"] for e in report["events"] if e["kind"] == "checkpoint_committed"]
+    heavy_versions = [i["version"] for i in json_of(run_cli("ls", "--lineage", "demo", "--json"))]
+    assert committed == heavy_versions[: len(committed)] and committed  # every heavy save of the run, in order
+    summary = report["summary"]
+    assert summary["status"] == "finished"
+    assert summary["interrupted_step"] is None
+    assert set(summary["completed_steps"]) == {"prepare-data", "train", "evaluate", "finalize"}
+    final = report["events"][-1]["data"]
+    assert final["final_digest"] == demo_run[1]["final_digest"]
+
+    human = run_cli("history", "--lineage", "demo")
+    assert human.returncode == 0 and "status: finished" in human.stdout
+
+
 def test_ls_on_an_empty_home(recovery_home: Path) -> None:
     result = run_cli("ls", "--json")
     assert result.returncode == 0, result.stderr

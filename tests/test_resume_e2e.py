@@ -31,6 +31,7 @@ import torch
 from conftest import CLI, REPO
 
 from prefect_recovery import CheckpointStore
+from prefect_recovery.core.journal import Journal
 from prefect_recovery.core.layout import blob_key
 from prefect_recovery.training.checkpointer import LIGHT_SUFFIX, PREEMPTED_EXIT_CODE
 
@@ -247,8 +248,15 @@ def test_kill_between_checkpoints(reference, api_url, recovery_home, tmp_path):
     infos = store.list(lineage)
     assert [i.metadata["trigger"] for i in infos] == ["every_n_steps"] * len(infos)
     assert infos[-1].step < STEPS
+    # The journal, not Prefect, says where the killed run died (no failure event after SIGKILL).
+    history = Journal(store.core, lineage).history()
+    assert history.status == "running"
+    assert history.interrupted_step == "train"
+    assert set(history.completed_steps) == {"prepare-data"}
     result = resume_and_compare(reference, recovery_home, lineage, api_url, tmp_path / "logs")
     assert result["resumed_from"]["step"] == infos[-1].step >= 100
+    history = Journal(store.core, lineage).history()
+    assert history.status == "finished" and len(history.runs) == 2
 
 
 def test_kill_during_an_async_save(reference, api_url, recovery_home, tmp_path):

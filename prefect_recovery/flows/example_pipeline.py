@@ -11,7 +11,16 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from ..blocks import CheckpointStore
-from ..tasks.example_steps import FINAL_MILESTONE, evaluate, final_digest, finalize, prepare_data, train
+from ..tasks.example_steps import (
+    FINAL_MILESTONE,
+    data_digest,
+    evaluate,
+    final_digest,
+    finalize,
+    prepare_data,
+    train,
+)
+from ..tasks.run_journal import RunJournal
 from ..training.schedule import CheckpointSchedule
 
 DEFAULT_STEPS = 1000
@@ -58,10 +67,30 @@ def example_pipeline(
             "final_digest": final_digest(store, lineage, final.version),
             "resumed_from": None,
         }
-    data = prepare_data(seed)
-    trained = train(store, lineage, data, steps, seed, schedule)
-    metrics = evaluate(store, lineage, data)
-    final = finalize(store, lineage, metrics)
+    journal = RunJournal(store.core, lineage)
+    latest = status.get("latest")
+    journal.run_started(
+        parameters={
+            "lineage": lineage,
+            "steps": steps,
+            "seed": seed,
+            "schedule": schedule.model_dump(mode="json") if schedule else None,
+        },
+        resumed_from={"version": latest.version, "step": latest.step} if latest else None,
+    )
+    with journal.step("prepare-data", seed=seed) as out:
+        data = prepare_data(seed)
+        out["data_digest"] = data_digest(data)
+    with journal.step("train", steps=steps, seed=seed) as out:
+        trained = train(store, lineage, data, steps, seed, schedule, journal)
+        out.update(steps=trained["steps"], trained_steps=trained["trained_steps"])
+    with journal.step("evaluate") as out:
+        metrics = evaluate(store, lineage, data)
+        out.update(metrics)
+    with journal.step("finalize") as out:
+        final = finalize(store, lineage, metrics)
+        out.update(version=final["version"], state_digest=final["state_digest"])
+    journal.append("run_finished", final_version=final["version"], final_digest=final["state_digest"])
     return {
         "lineage": lineage,
         "status": "completed",

@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from ..blocks import CheckpointStore
 from ..training import example
 from ..training.schedule import CheckpointSchedule
+from .run_journal import RunJournal
 
 FINAL_MILESTONE = "final"
 
@@ -36,6 +37,7 @@ def train(
     steps: int,
     seed: int,
     schedule: CheckpointSchedule | None = None,
+    journal: RunJournal | None = None,
 ) -> dict[str, Any]:
     """Train to ``steps``, resuming from the latest consistent checkpoint of ``lineage``."""
     logger = get_run_logger()
@@ -44,7 +46,10 @@ def train(
         if step % 50 == 0 or step == steps:
             logger.info("step %s/%s", step, steps)
 
-    result = example.train(store, lineage, data, steps=steps, seed=seed, schedule=schedule, on_step=progress)
+    on_commit = journal.checkpoint_committed if journal is not None else None
+    result = example.train(
+        store, lineage, data, steps=steps, seed=seed, schedule=schedule, on_step=progress, on_commit=on_commit
+    )
     if result["resumed_from"]:
         logger.info("resumed from version %(version)s at step %(step)s", result["resumed_from"])
     return result
@@ -72,6 +77,18 @@ def finalize(store: CheckpointStore, lineage: str, metrics: dict[str, float]) ->
     )
     get_run_logger().info("final checkpoint %s v%s", lineage, info.version)
     return {"version": info.version, "step": info.step, "state_digest": final_digest(store, lineage, info.version)}
+
+
+def data_digest(data: dict[str, torch.Tensor]) -> str:
+    """Digest of a dataset's tensors (names, dtypes, shapes and bytes): its provenance record."""
+    from ..core.digest import hash_bytes
+    from ..training.encoding import tensor_bytes
+
+    parts = [
+        f"{name}:{tensor.dtype}:{list(tensor.shape)}:{hash_bytes(tensor_bytes(tensor.contiguous()))}"
+        for name, tensor in sorted(data.items())
+    ]
+    return hash_bytes("\n".join(parts).encode())
 
 
 def final_digest(store: CheckpointStore, lineage: str, version: int) -> str:

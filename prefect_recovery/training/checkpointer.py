@@ -97,6 +97,7 @@ class Checkpointer:
         metadata: dict[str, Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
         handle_sigterm: bool = True,
+        on_commit: Callable[[CheckpointInfo], None] | None = None,
     ):
         self.store = _core_store(store)
         self.lineage = lineage
@@ -118,6 +119,7 @@ class Checkpointer:
         self.metadata = dict(metadata or {})
         self.clock = clock
         self.handle_sigterm = handle_sigterm
+        self.on_commit = on_commit  # called with every committed heavy checkpoint (writer thread for async)
         self.step_count = 0
         self.epoch = 0
         self.resumed_from: dict[str, int | None] | None = None
@@ -272,6 +274,8 @@ class Checkpointer:
                     self._staging.give_back(slot)
             if tier == "heavy":
                 self.last_info = info
+                if self.on_commit is not None:
+                    self.on_commit(info)
             return info
 
         now = self.clock()

@@ -70,6 +70,7 @@ def train(
     seed: int,
     schedule: CheckpointSchedule | None = None,
     on_step: Callable[[int], None] | None = None,
+    on_commit: Callable[[Any], None] | None = None,
 ) -> dict[str, Any]:
     """Train to ``steps`` steps, resuming from the lineage's latest checkpoint if any."""
     configure_threads()
@@ -94,6 +95,7 @@ def train(
         schedule=schedule or default_schedule(),
         seed=seed,
         metadata={"seed": seed, "steps": steps},
+        on_commit=on_commit,
     ) as ckpt:
         start_step = ckpt.step_count
         batches = iter(loader)
