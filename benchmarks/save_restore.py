@@ -128,12 +128,26 @@ def run_one(method: str, tensors: int, mib: int, root: Path) -> dict[str, float]
     def check(loaded: dict[str, torch.Tensor]) -> None:
         assert all(torch.equal(loaded[name], tensor) for name, tensor in state.items()), "round trip differs"
 
+    # A restore into a live model: destination tensors exist (and were touched) already.
+    live = {name: torch.zeros_like(tensor) for name, tensor in state.items()}
+
     if method in METHODS:
         save, load = METHODS[method]
         target = root / method
         result["save_s"], _ = timed(lambda: save(state, target))
         result["load_s"], loaded = timed(lambda: load(state, target))
         check(loaded)
+        del loaded
+        if method == "torch_save":  # torch.load, then load_state_dict-style copy into the model
+
+            def load_and_copy() -> dict[str, torch.Tensor]:
+                loaded = load(state, target)
+                for name, tensor in live.items():
+                    tensor.copy_(loaded[name])
+                return live
+
+            result["restore_into_s"], restored = timed(load_and_copy)
+            check(restored)
         return result
     region = root / "store-region"
     region.mkdir()
@@ -141,6 +155,10 @@ def run_one(method: str, tensors: int, mib: int, root: Path) -> dict[str, float]
     result["save_s"], _ = timed(lambda: store.save(state, lineage="bench", step=1))
     result["load_s"], loaded = timed(lambda: store.load(lineage="bench"))
     check(loaded)
+    del loaded
+    result["restore_into_s"], restored = timed(lambda: store.load(lineage="bench", into=live))
+    check(restored)
+    assert all(restored[name] is live[name] for name in live), "load(into=) did not fill the live tensors"
     result["unchanged_save_s"], again = timed(lambda: store.save(state, lineage="bench", step=2))
     result["unchanged_bytes_written"] = again.bytes_written
     return result
@@ -159,7 +177,9 @@ def run(tensors: int, mib: int, root: Path, repeat: int) -> dict[str, object]:
             shutil.rmtree(workdir, ignore_errors=True)
             measured = json.loads(done.stdout)
             entry = results.setdefault(method, {})
-            for kind in ("save", "load"):
+            for kind in ("save", "load", "restore_into"):
+                if f"{kind}_s" not in measured:
+                    continue
                 seconds = min(measured[f"{kind}_s"], entry.get(f"{kind}_s", float("inf")))
                 entry[f"{kind}_s"] = round(seconds, 4)
                 entry[f"{kind}_gbps"] = round(total / seconds / 1e9, 3)
@@ -185,6 +205,9 @@ def run(tensors: int, mib: int, root: Path, repeat: int) -> dict[str, object]:
             "save_vs_safetensors": round(results["safetensors"]["save_s"] / store_save, 2),
             "save_vs_torch_dcp": round(results["torch_dcp"]["save_s"] / store_save, 2),
             "load_vs_torch_load": round(results["torch_save"]["load_s"] / store_load, 2),
+            "restore_into_vs_torch_load_and_copy": round(
+                results["torch_save"]["restore_into_s"] / results["checkpoint_store"]["restore_into_s"], 2
+            ),
             "load_vs_safetensors": round(results["safetensors"]["load_s"] / store_load, 2),
             "load_vs_torch_dcp": round(results["torch_dcp"]["load_s"] / store_load, 2),
             "unchanged_second_save_written_fraction": round((unchanged_written or 0) / total, 6),

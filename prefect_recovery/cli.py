@@ -271,7 +271,8 @@ def crash_test(
     """Run the demo uninterrupted, then again killed with SIGKILL part-way and resumed; compare."""
     from .crash_test import run_crash_test
 
-    result = run_crash_test(steps=steps, seed=seed, kill_after=kill_after, say=None if as_json else console.print)
+    say = None if as_json else (lambda message: console.print(message, soft_wrap=True))
+    result = run_crash_test(steps=steps, seed=seed, kill_after=kill_after, say=say)
     if as_json:
         _emit(result)
     if not result["identical"]:

@@ -540,3 +540,40 @@ def test_encode_state_plans_raw_little_endian_bytes_with_dtype_and_shape() -> No
     assert bytes(by_name["w"].data) == np.array([1, 2, 3, 258], dtype="<i2").tobytes()
     assert bytes(by_name["b"].data) == b"xyz"
     assert encoded.tree == {"dict": [["w", {"tensor": "w"}], ["b", {"bytes": "b"}], ["n", 3]]}
+
+
+# -- loading into existing tensors -------------------------------------------------------------------------------
+def test_load_into_fills_matching_live_tensors_in_place(store: CheckpointStore) -> None:
+    torch.manual_seed(0)
+    saved = torch.nn.Linear(6, 3)
+    store.save({"model": saved.state_dict(), "step": 4}, lineage="into")
+
+    live = torch.nn.Linear(6, 3)  # a fresh model: its parameters get the saved values in place
+    target = {"model": live.state_dict()}
+    weight_storage = live.weight.data_ptr()
+    restored = store.load(lineage="into", into=target)
+
+    assert restored["step"] == 4
+    assert restored["model"]["weight"] is target["model"]["weight"]
+    assert live.weight.data_ptr() == weight_storage
+    assert torch.equal(live.weight, saved.weight) and torch.equal(live.bias, saved.bias)
+
+
+def test_load_into_allocates_where_the_live_tensor_does_not_fit(store: CheckpointStore) -> None:
+    store.save({"a": torch.arange(6.0), "b": torch.ones(2, 3), "c": torch.zeros(4)}, lineage="misfit")
+    live = {"a": torch.zeros(6, dtype=torch.float64), "b": torch.zeros(3, 2), "c": torch.zeros(8)[::2]}
+    restored = store.load(lineage="misfit", into=live)
+    for key in ("a", "b", "c"):  # wrong dtype, wrong shape, non-contiguous: never written into
+        assert restored[key] is not live[key]
+        assert not live[key].any()
+    assert torch.equal(restored["a"], torch.arange(6.0))
+    assert torch.equal(restored["b"], torch.ones(2, 3))
+
+
+def test_load_into_with_keys_reads_only_the_selected_subtree(store: CheckpointStore) -> None:
+    store.save({"model": {"w": torch.ones(3)}, "optimizer": {"m": torch.full((3,), 2.0)}}, lineage="both")
+    live = {"model": {"w": torch.zeros(3)}, "optimizer": {"m": torch.zeros(3)}}
+    restored = store.load(lineage="both", keys=["model"], into=live)
+    assert set(restored) == {"model"}
+    assert torch.equal(live["model"]["w"], torch.ones(3))
+    assert not live["optimizer"]["m"].any()

@@ -196,16 +196,20 @@ class CheckpointStore(Block):
         *,
         lineage: str,
         version: int | None = None,
-        keys: Iterable[str] | None = None,
+        keys: Iterable[Any] | None = None,
+        into: Any = None,
     ) -> Any:
         """Load a checkpoint: the same nested structure, bit-identical tensors.
 
         Args:
             lineage: The lineage to load from.
             version: A committed version; default the latest consistent one.
-            keys: Only these subtrees, e.g. ``["model"]`` or ``["model/fc.weight"]``.
+            keys: Only these subtrees, e.g. ``["model"]``, ``["optimizer/state/0"]``.
+            into: A nested state whose matching CPU tensors are filled in place instead of
+                allocating new ones (e.g. ``{"model": model.state_dict()}``); see
+                ``training.state_io.load_state``.
         """
-        state, _manifest = load_state(self.core, lineage=lineage, version=version, keys=keys)
+        state, _manifest = load_state(self.core, lineage=lineage, version=version, keys=keys, into=into)
         return state
 
     load_checkpoint = _load_checkpoint

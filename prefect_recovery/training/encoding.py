@@ -287,8 +287,8 @@ class _Selection:
             raise InvalidNameError(f"no part of the state matches keys {missing}; top-level keys: {top}")
 
 
-def _walk(tree: Any, selection: _Selection, leaf: Callable[[str, str], Any], depth: int = 0) -> Any:
-    """Rebuild ``tree`` keeping what ``selection`` wants; ``leaf(tag, entry_name)`` gives leaves."""
+def _walk(tree: Any, selection: _Selection, leaf: Callable[..., Any], depth: int = 0) -> Any:
+    """Rebuild ``tree`` keeping what ``selection`` wants; ``leaf(tag, entry_name, path)`` gives leaves."""
     MISSING = _MISSING
 
     def build(node: Any, path: tuple[str | int, ...], depth: int) -> Any:
@@ -312,7 +312,7 @@ def _walk(tree: Any, selection: _Selection, leaf: Callable[[str, str], Any], dep
         if tag in ("tensor", "bytes"):
             if not isinstance(body, str):
                 raise ManifestError("malformed leaf reference in state tree")
-            return leaf(tag, body) if mode == "all" else MISSING
+            return leaf(tag, body, path) if mode == "all" else MISSING
         if tag == "dict":
             if not isinstance(body, list):
                 raise ManifestError("malformed dict node in state tree")
@@ -344,21 +344,53 @@ def _walk(tree: Any, selection: _Selection, leaf: Callable[[str, str], Any], dep
 _MISSING = object()
 
 
-def selected_entries(manifest: Manifest, keys: Iterable[Key] | None) -> list[Entry]:
-    """The entries a (partial) load must read, in manifest order; unknown keys are an error."""
-    if keys is None:
-        return list(manifest.entries)
+def selected_entries(
+    manifest: Manifest, keys: Iterable[Key] | None
+) -> list[tuple[Entry, tuple[str | int, ...] | None]]:
+    """The entries a (partial) load must read, in manifest order, each with its path in the
+    state (None for an entry the tree does not reach); unknown keys are an error."""
     selection = _Selection(keys)
-    names: set[str] = set()
-    _walk(manifest.tree, selection, lambda tag, name: names.add(name))
+    paths: dict[str, tuple[str | int, ...]] = {}
+    _walk(manifest.tree, selection, lambda tag, name, path: paths.setdefault(name, path))
     selection.check_all_matched(manifest.tree)
-    return [entry for entry in manifest.entries if entry.name in names]
+    if keys is None:
+        return [(entry, paths.get(entry.name)) for entry in manifest.entries]
+    return [(entry, paths[entry.name]) for entry in manifest.entries if entry.name in paths]
+
+
+def find_target(into: Any, path: tuple[str | int, ...] | None) -> Any:
+    """The object at ``path`` inside a caller's nested state, or None."""
+    if path is None:
+        return None
+    node = into
+    for part in path:
+        if (isinstance(node, Mapping) and part in node) or (
+            isinstance(node, (list, tuple)) and isinstance(part, int) and 0 <= part < len(node)
+        ):
+            node = node[part]
+        else:
+            return None
+    return node
+
+
+def reusable(target: Any, entry: Entry) -> bool:
+    """Can ``entry`` be read straight into ``target`` (a CPU tensor of the same dtype and shape)?"""
+    return (
+        isinstance(target, torch.Tensor)
+        and target.device.type == "cpu"
+        and target.layout == torch.strided
+        and target.is_contiguous()
+        and not target.requires_grad
+        and entry.kind == "tensor"
+        and _dtype_name(target.dtype) == entry.dtype
+        and list(target.shape) == entry.shape
+    )
 
 
 def decode_tree(tree: Any, values: Mapping[str, Any], *, keys: Iterable[Key] | None = None) -> Any:
     """Rebuild the nested structure; with ``keys`` keep only those subtrees (and their parents)."""
 
-    def leaf(tag: str, name: str) -> Any:
+    def leaf(tag: str, name: str, path: tuple[str | int, ...]) -> Any:
         if name not in values:
             raise ManifestError(f"state tree refers to entry {name!r}, which the manifest lacks")
         return bytes(values[name]) if tag == "bytes" else values[name]

@@ -10,7 +10,16 @@ from pydantic import JsonValue
 from ..core.manifest import Manifest
 from ..core.models import CheckpointInfo
 from ..core.store import Store
-from .encoding import Key, allocate, decode_tree, encode_state, selected_entries
+from .encoding import (
+    Key,
+    allocate,
+    decode_tree,
+    encode_state,
+    find_target,
+    reusable,
+    selected_entries,
+    tensor_bytes,
+)
 
 
 def save_state(
@@ -32,20 +41,30 @@ def load_state(
     lineage: str,
     version: int | None = None,
     keys: Iterable[Key] | None = None,
+    into: Any = None,
 ) -> tuple[Any, Manifest]:
     """The state of ``version`` (default: latest consistent) and its manifest.
 
     With ``keys`` only those subtrees are read (`"model"`, `"optimizer/state/0"` or a tuple of
-    path segments such as `("optimizer", "state", 0)`). Every byte is
-    verified against its digest before a tensor is handed out.
+    path segments such as `("optimizer", "state", 0)`). Every byte is verified against its
+    digest before a tensor is handed out.
+
+    With ``into`` (a nested state of the same shape, e.g. ``{"model": model.state_dict()}``),
+    tensors are read straight into the matching existing CPU tensors (same dtype and shape,
+    contiguous, no grad) instead of new ones: no allocation and no later copy. Those tensors
+    are changed in place, and are left partly written if the load fails (no intact copy of a
+    blob in any region); the returned state holds them.
     """
     manifest, holders = store.resolve(lineage, version)
     keys = list(keys) if keys is not None else None
-    entries = selected_entries(manifest, keys)
     values: dict[str, Any] = {}
     targets = []
-    for entry in entries:
-        value, view = allocate(entry)
+    for entry, path in selected_entries(manifest, keys):
+        target = find_target(into, path) if into is not None else None
+        if reusable(target, entry):
+            value, view = target, tensor_bytes(target) if entry.size else memoryview(bytearray())
+        else:
+            value, view = allocate(entry)
         values[entry.name] = value
         targets.append((entry, view))
     store.read_entries_into(targets, prefer=holders)
