@@ -30,16 +30,15 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator
 
 from .digest import HashAlgorithm, algorithm_of, check_digest, hash_bytes
-from .errors import CheckpointError, QuorumNotMetError, RegionError, VersionConflictError
+from .errors import CheckpointError, RegionError
 from .layout import check_lineage, journal_key, journal_prefix, seq_from_journal_name
 from .manifest import canonical_json
-from .region import PutOutcome, RegionIO
+from .publish import publish
 from .store import Store
 
 FORMAT_NAME = "prefect-recovery/journal-event"
 FORMAT_VERSION = 1
 MAX_EVENT_BYTES = 2**20
-MAX_SEQ_ATTEMPTS = 32
 MAX_RUN_ID_CHARS = 256
 
 EventKind = Literal[
@@ -232,7 +231,7 @@ class Journal:
         ``failure`` names its step the same way when it has one. Raises JournalError for an
         invalid event (nothing written), QuorumNotMetError when too few regions took it (the
         copies it created are withdrawn), VersionConflictError when other writers took
-        ``MAX_SEQ_ATTEMPTS`` seqs in a row.
+        ``core.publish.MAX_ATTEMPTS`` seqs in a row.
         """
         if kind not in EVENT_KINDS:
             raise JournalError(f"unknown journal event kind {kind!r}; use one of {list(EVENT_KINDS)}")
@@ -263,75 +262,22 @@ class Journal:
             return event, encoded
 
         build(1)  # reject a bad event before listing or writing anything
-        causes: dict[str, str] = {}
-        seq = self.next_seq()
-        for _attempt in range(MAX_SEQ_ATTEMPTS):
-            event, encoded = build(seq)
-            key = journal_key(self.lineage, seq)
-            arbiter: RegionIO | None = None
-            lost = False
-            for region in self.store.regions:
-                if region.name in causes:
-                    continue
-                try:
-                    outcome = region.put_if_absent(key, encoded)
-                except RegionError as exc:
-                    causes[region.name] = str(exc)
-                    continue
-                if outcome is PutOutcome.EXISTED:
-                    lost = True  # another writer owns this seq
-                else:
-                    arbiter = region
-                break
-            if lost:
-                seq = max(seq + 1, self.next_seq())
-                continue
-            if arbiter is None:
-                raise QuorumNotMetError(
-                    f"{kind} event of lineage {self.lineage!r} not journaled: no region accepted it", causes
-                )
-            return self._replicate(event, key, encoded, arbiter, causes)
-        raise VersionConflictError(
-            f"lineage {self.lineage!r}: other writers took {MAX_SEQ_ATTEMPTS} journal seqs in a row; retry the append"
+        built: dict[int, JournalEvent] = {}
+
+        def encode(seq: int) -> bytes:
+            built[seq], encoded = build(seq)
+            return encoded
+
+        published = publish(
+            self.store.regions,
+            what=f"{kind} event of lineage {self.lineage!r}",
+            first=self.next_seq(),
+            key_of=lambda seq: journal_key(self.lineage, seq),
+            encode=encode,
+            next_free=self.next_seq,
+            quorum=self.store.write_quorum,
         )
-
-    def _replicate(
-        self, event: JournalEvent, key: str, encoded: bytes, arbiter: RegionIO, causes: dict[str, str]
-    ) -> JournalEvent:
-        created = [arbiter]
-        acked = [arbiter.name]
-        others = [r for r in self.store.regions if r is not arbiter and r.name not in causes]
-
-        def put(region: RegionIO) -> tuple[RegionIO, PutOutcome | None, str | None]:
-            try:
-                outcome = region.put_if_absent(key, encoded)
-                if outcome is PutOutcome.EXISTED and region.get(key) != encoded:
-                    return region, None, f"seq {event.seq} was taken there by another writer"
-            except RegionError as exc:
-                return region, None, str(exc)
-            return region, outcome, None
-
-        if others:
-            with ThreadPoolExecutor(len(others), thread_name_prefix="journal-put") as pool:
-                for region, outcome, cause in pool.map(put, others):
-                    if cause is not None:
-                        causes[region.name] = cause
-                        continue
-                    acked.append(region.name)
-                    if outcome is PutOutcome.CREATED:
-                        created.append(region)
-        if len(acked) < self.store.write_quorum:
-            for region in created:  # withdraw: no event may claim an append that did not count
-                try:
-                    region.delete(key)
-                except RegionError:
-                    pass  # a leftover below quorum is skipped by every reader
-            raise QuorumNotMetError(
-                f"{event.kind} event of lineage {self.lineage!r} not journaled: it reached {len(acked)} of "
-                f"{len(self.store.regions)} regions, write_quorum is {self.store.write_quorum}",
-                causes,
-            )
-        return event
+        return built[published.number]
 
     # -- reading ------------------------------------------------------------------------------
     def read(self, *, after: int = 0) -> JournalRead:

@@ -34,7 +34,6 @@ from .errors import (
     ManifestError,
     QuorumNotMetError,
     RegionError,
-    VersionConflictError,
 )
 from .layout import (
     blob_key,
@@ -47,10 +46,10 @@ from .layout import (
 )
 from .manifest import Component, Entry, Manifest, ManifestBody, ShardInfo, decode_manifest
 from .models import CheckpointInfo
+from .publish import publish
 from .region import PutOutcome, RegionIO
 
 DEFAULT_CHUNK_BYTES = 32 * 2**20
-MAX_VERSION_ATTEMPTS = 32
 
 
 @dataclass
@@ -296,78 +295,23 @@ class Store:
     def _commit_manifest(
         self, lineage: str, body_fields: dict[str, Any], healthy: list[RegionIO]
     ) -> tuple[Manifest, list[str], dict[str, str]]:
-        version = self._next_version(lineage)
-        causes: dict[str, str] = {}
-        for _attempt in range(MAX_VERSION_ATTEMPTS):
-            manifest = Manifest.build(
-                ManifestBody(
-                    version=version,
-                    created_at=datetime.now(UTC).isoformat(timespec="microseconds"),
-                    **body_fields,
-                )
-            )
-            data = manifest.encode()
-            key = manifest_key(lineage, version)
-            arbiter = None
-            lost = False
-            for region in healthy:
-                if region.name in causes:
-                    continue
-                try:
-                    outcome = region.put_if_absent(key, data)
-                except RegionError as exc:
-                    causes[region.name] = str(exc)
-                    continue
-                if outcome is PutOutcome.EXISTED:
-                    lost = True
-                else:
-                    arbiter = region
-                break
-            if lost:
-                version = max(version + 1, self._next_version(lineage))
-                continue
-            if arbiter is None:
-                raise QuorumNotMetError(
-                    f"save of lineage {lineage!r} not committed: no region accepted the manifest",
-                    causes,
-                )
-            acked = [arbiter.name]
-            others = [r for r in healthy if r is not arbiter and r.name not in causes]
+        built: dict[int, Manifest] = {}
 
-            def put_manifest(
-                region: RegionIO, key: str = key, data: bytes = data, version: int = version
-            ) -> tuple[str, str | None]:
-                try:
-                    outcome = region.put_if_absent(key, data)
-                except RegionError as exc:
-                    return region.name, str(exc)
-                if outcome is PutOutcome.EXISTED and region.get(key) != data:
-                    return region.name, f"version {version} was taken there by another writer"
-                return region.name, None
+        def encode(version: int) -> bytes:
+            created_at = datetime.now(UTC).isoformat(timespec="microseconds")
+            built[version] = Manifest.build(ManifestBody(version=version, created_at=created_at, **body_fields))
+            return built[version].encode()
 
-            if others:
-                with ThreadPoolExecutor(len(others)) as pool:
-                    for name, cause in pool.map(put_manifest, others):
-                        if cause is None:
-                            acked.append(name)
-                        else:
-                            causes[name] = cause
-            acked.sort(key=self.region_names.index)
-            if len(acked) < self.write_quorum:
-                for name in acked:  # withdraw the claims of a save that did not commit
-                    try:
-                        self._region(name).delete(key)
-                    except RegionError:
-                        pass
-                raise QuorumNotMetError(
-                    f"save of lineage {lineage!r} not committed: manifest reached {len(acked)} "
-                    f"of {len(self.regions)} regions, write_quorum is {self.write_quorum}",
-                    causes,
-                )
-            return manifest, acked, causes
-        raise VersionConflictError(
-            f"lineage {lineage!r}: other writers took {MAX_VERSION_ATTEMPTS} versions in a row; retry the save"
+        published = publish(
+            healthy,
+            what=f"save of lineage {lineage!r}",
+            first=self._next_version(lineage),
+            key_of=lambda version: manifest_key(lineage, version),
+            encode=encode,
+            next_free=lambda: self._next_version(lineage),
+            quorum=self.write_quorum,
         )
+        return built[published.number], published.holders, published.lagging
 
     # -- reading ------------------------------------------------------------------------
     def lineages(self) -> list[str]:
