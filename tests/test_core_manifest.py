@@ -267,3 +267,10 @@ def test_store_refuses_invalid_lineage_without_writing(tmp_path, lineage):
 def test_lineage_with_trailing_newline_is_rejected():
     with pytest.raises(InvalidNameError):
         check_lineage("lin\n")
+
+
+def test_nan_or_infinity_in_a_manifest_is_rejected_as_a_manifest_error() -> None:
+    text = _manifest().encode().decode().replace('"metadata":{', '"metadata":{"loss":NaN,', 1)
+    assert "NaN" in text
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        decode_manifest(text.encode())

@@ -21,7 +21,6 @@ never used for ordering (clocks of different machines disagree).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -34,6 +33,7 @@ from .errors import CheckpointError, RegionError
 from .layout import check_lineage, journal_key, journal_prefix, seq_from_journal_name
 from .manifest import canonical_json
 from .publish import publish
+from .records import parse_record
 from .store import Store
 
 FORMAT_NAME = "prefect-recovery/journal-event"
@@ -107,10 +107,6 @@ class JournalEvent(JournalEventBody):
         return canonical_json(self.model_dump(mode="json"))
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def decode_event(
     data: bytes,
     expect_lineage: str | None = None,
@@ -129,27 +125,15 @@ def decode_event(
     def fail(message: str) -> JournalError:
         return JournalError(message, region=region, key=key)
 
-    if len(data) > MAX_EVENT_BYTES:
-        raise fail(f"journal event is {len(data)} bytes, larger than the {MAX_EVENT_BYTES} limit")
-    try:
-        raw = json.loads(bytes(data).decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise fail(f"journal event is not valid JSON (truncated or corrupt?): {exc}") from None
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
-        raise fail("not a prefect-recovery journal event (missing or wrong 'format')")
-    if raw.get("format_version") != FORMAT_VERSION or isinstance(raw.get("format_version"), bool):
-        raise fail(
-            f"unknown journal event format_version {raw.get('format_version')!r}; this "
-            f"prefect-recovery reads version {FORMAT_VERSION}. Upgrade prefect-recovery."
-        )
-    try:
-        event = JournalEvent.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise fail(f"journal event failed schema validation at {where}: {first['msg']}") from None
-    except RecursionError:
-        raise fail("journal event is nested too deeply") from None
+    event = parse_record(
+        data,
+        what="journal event",
+        format_name=FORMAT_NAME,
+        format_version=FORMAT_VERSION,
+        model=JournalEvent,
+        max_bytes=MAX_EVENT_BYTES,
+        fail=fail,
+    )
     try:
         expected = hash_bytes(canonical_json(event.body_payload()), algorithm_of(event.event_digest))
     except (ValueError, RecursionError) as exc:

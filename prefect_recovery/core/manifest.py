@@ -13,11 +13,12 @@ import json
 import sys
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
 from .digest import HashAlgorithm, check_digest, hash_bytes
 from .errors import ManifestError
 from .layout import check_entry_name, check_lineage
+from .records import parse_record
 
 FORMAT_NAME = "prefect-recovery/manifest"
 FORMAT_VERSION = 1
@@ -178,27 +179,15 @@ def decode_manifest(
     def fail(message: str) -> ManifestError:
         return ManifestError(message, region=region, key=key)
 
-    if len(data) > MAX_MANIFEST_BYTES:
-        raise fail(f"manifest is {len(data)} bytes, larger than the {MAX_MANIFEST_BYTES} limit")
-    try:
-        raw = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise fail(f"manifest is not valid JSON (truncated or corrupt?): {exc}") from None
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
-        raise fail("not a prefect-recovery manifest (missing or wrong 'format')")
-    if raw.get("format_version") != FORMAT_VERSION:
-        raise fail(
-            f"unknown manifest format_version {raw.get('format_version')!r}; this "
-            f"prefect-recovery reads version {FORMAT_VERSION}. Upgrade prefect-recovery."
-        )
-    try:
-        manifest = Manifest.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise fail(f"manifest failed schema validation at {where}: {first['msg']}") from None
-    except RecursionError:
-        raise fail("manifest is nested too deeply") from None
+    manifest = parse_record(
+        data,
+        what="manifest",
+        format_name=FORMAT_NAME,
+        format_version=FORMAT_VERSION,
+        model=Manifest,
+        max_bytes=MAX_MANIFEST_BYTES,
+        fail=fail,
+    )
     expected = hash_bytes(canonical_json(manifest.body_payload()), manifest.hash_algorithm)
     if expected != manifest.manifest_digest:
         raise fail(

@@ -1,0 +1,54 @@
+"""Parsing of untrusted stored records (manifests, journal events): the checks they share.
+
+In order: size, strict JSON (no NaN/Infinity), ``format`` and ``format_version``, then the
+pydantic schema. Each record type then checks its own digest and location.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+Record = TypeVar("Record", bound=BaseModel)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_record(
+    data: bytes,
+    *,
+    what: str,
+    format_name: str,
+    format_version: int,
+    model: type[Record],
+    max_bytes: int,
+    fail: Callable[[str], Exception],
+) -> Record:
+    """Validate ``data`` as a ``model``; raise ``fail(message)`` on any doubt."""
+    if len(data) > max_bytes:
+        raise fail(f"{what} is {len(data)} bytes, larger than the {max_bytes} limit")
+    try:
+        raw = json.loads(bytes(data).decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise fail(f"{what} is not valid JSON (truncated or corrupt?): {exc}") from None
+    if not isinstance(raw, dict) or raw.get("format") != format_name:
+        raise fail(f"not a prefect-recovery {what} (missing or wrong 'format')")
+    version = raw.get("format_version")
+    if version != format_version or isinstance(version, bool):
+        raise fail(
+            f"unknown {what} format_version {version!r}; this prefect-recovery reads version "
+            f"{format_version}. Upgrade prefect-recovery."
+        )
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise fail(f"{what} failed schema validation at {where}: {first['msg']}") from None
+    except RecursionError:
+        raise fail(f"{what} is nested too deeply") from None
