@@ -11,14 +11,22 @@ class InvalidNameError(CheckpointError, ValueError):
     """A lineage, entry name or digest is malformed or would escape its region."""
 
 
-class ManifestError(CheckpointError):
-    """A manifest cannot be trusted: unreadable, malformed, tampered or of an unknown format."""
+class RecordError(CheckpointError):
+    """A stored record cannot be trusted; ``region`` and ``key`` say which copy."""
 
     def __init__(self, message: str, *, region: str | None = None, key: str | None = None):
         where = f" [{region}:{key}]" if region and key else ""
         super().__init__(message + where)
         self.region = region
         self.key = key
+
+
+class ManifestError(RecordError):
+    """A manifest cannot be trusted: unreadable, malformed, tampered or of an unknown format."""
+
+
+class JournalError(RecordError):
+    """A journal event cannot be trusted or written: malformed, tampered, misplaced or damaged."""
 
 
 class RegionError(CheckpointError):

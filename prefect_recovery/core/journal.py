@@ -29,7 +29,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator
 
 from .digest import HashAlgorithm, algorithm_of, check_digest, hash_bytes
-from .errors import CheckpointError, RegionError
+from .errors import JournalError, RegionError
 from .layout import check_lineage, journal_key, journal_prefix, seq_from_journal_name
 from .manifest import canonical_json
 from .publish import publish
@@ -53,16 +53,6 @@ EventKind = Literal[
 ]
 EVENT_KINDS: tuple[str, ...] = get_args(EventKind)
 _STEP_KINDS = ("step_started", "step_completed")
-
-
-class JournalError(CheckpointError):
-    """A journal event cannot be trusted or written: malformed, tampered, misplaced or damaged."""
-
-    def __init__(self, message: str, *, region: str | None = None, key: str | None = None):
-        where = f" [{region}:{key}]" if region and key else ""
-        super().__init__(message + where)
-        self.region = region
-        self.key = key
 
 
 class JournalEventBody(BaseModel):

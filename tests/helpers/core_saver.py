@@ -51,6 +51,8 @@ def main(argv: list[str]) -> None:
                 step=i,
                 metadata={"tag": tag, "i": i},
             )
+            # write_quorum=2 of 2: a commit that returned must be held by both regions, racing or not
+            assert info.regions == [store.regions[0].name, store.regions[1].name], info
             print(json.dumps({"version": info.version, "tag": tag, "i": i}), flush=True)
     elif mode == "big":
         region_a, region_b, lineage, mib = argv[1:5]
