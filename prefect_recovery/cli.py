@@ -187,6 +187,10 @@ def export(
         )
 
 
+# Digests and records too long for a table cell; `history --json` shows everything.
+_HIDDEN_HISTORY_KEYS = {"environment", "process", "cache_key", "code", "input_digest", "output_digest", "code_digest"}
+
+
 @app.command("history")
 def history(
     lineage: Annotated[str, typer.Option("--lineage", help="Lineage whose journal to show.")],
@@ -214,7 +218,10 @@ def history(
     for column in ("seq", "time", "run", "event", "details"):
         table.add_column(column)
     for event in shown:
-        details = ", ".join(f"{key}={value}" for key, value in event["data"].items() if key != "environment")
+        data = event["data"]
+        shown_keys = [key for key in data if key not in _HIDDEN_HISTORY_KEYS]
+        shown_keys.sort(key=lambda key: (key != "step", key))  # the step's name first
+        details = ", ".join(f"{key}={data[key]}" for key in shown_keys)
         table.add_row(str(event["seq"]), event["time"][:19].replace("T", " "), event["run_id"][:8], event["kind"],
                       details[:120])  # fmt: skip
     console.print(table)
@@ -257,6 +264,119 @@ def demo(
         how = f"resumed from v{resumed['version']} (step {resumed['step']})" if resumed else "from scratch"
         console.print(f"lineage {lineage} completed {how}: final version {result['final_version']}")
     console.print(f"final state digest {result['final_digest']}")
+
+
+def latest_unfinished_lineage(store: CheckpointStore) -> str | None:
+    """The unfinished lineage (journal status running or failed) with the most recent event."""
+    from .core.journal import Journal, replay
+    from .tasks.pipeline_run import STEPS_SUFFIX
+
+    candidates: list[tuple[str, str]] = []
+    for name in store.lineages():
+        if name.endswith((STEPS_SUFFIX, ".light")):
+            continue
+        events = Journal(store.core, name).events()
+        if events and replay(events).status in ("running", "failed"):
+            candidates.append((events[-1].time, name))
+    return max(candidates)[1] if candidates else None
+
+
+@app.command("recover")
+def recover_command(
+    lineage: Annotated[
+        str | None, typer.Option("--lineage", help="Lineage to recover (default: the latest unfinished one).")
+    ] = None,
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help="'latest' or a version number.")] = "latest",
+    from_step: Annotated[
+        str | None, typer.Option("--from-step", help="Run this step and all later ones again.")
+    ] = None,
+    preflight: Annotated[
+        str, typer.Option("--preflight", help="strict: stop on any failed check; warn: report and go on.")
+    ] = "strict",
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Recover a crashed pipeline run: preflight checks, restore, resume at the failed step."""
+    from .core.errors import PreflightError
+    from .flows.recover import recover
+
+    if preflight not in ("strict", "warn"):
+        _fail(f"--preflight must be strict or warn, got {preflight!r}", as_json)
+    try:
+        checkpoint_store = open_store(None, store)
+        lineage = lineage or latest_unfinished_lineage(checkpoint_store)
+        if lineage is None:
+            _fail("no unfinished lineage in this store: nothing to recover", as_json, code=1)
+        if not as_json:
+            console.print(f"recovering lineage {lineage} ({preflight} preflight)")
+        result = recover(lineage=lineage, checkpoint=checkpoint, from_step=from_step, preflight=preflight,
+                         store_block=store)  # fmt: skip
+    except PreflightError as exc:
+        if not as_json:
+            for row in exc.results:
+                console.print(f"  {row['status']:>4}  {row['check']}: {row['reason']}", soft_wrap=True)
+        _fail(str(exc), as_json)
+    except CheckpointError as exc:
+        _fail(str(exc), as_json)
+    keys = ("lineage", "status", "final_version", "final_digest", "resumed_from", "failed_step", "reused_steps",
+            "preflight")  # fmt: skip
+    payload = {key: result[key] for key in keys if key in result}
+    if as_json:
+        _emit(payload)
+        return
+    if result["status"] == "finished":
+        console.print(f"lineage {lineage} already finished: final version {result['final_version']}; nothing changed")
+        return
+    for row in result["preflight"]:
+        console.print(f"  {row['status']:>4}  {row['check']}: {row['reason']}", soft_wrap=True)
+    resumed = result["resumed_from"]
+    how = f"from v{resumed['version']} (step {resumed['step']})" if resumed else "from the start"
+    console.print(
+        f"lineage {lineage} recovered {how} at step {result['failed_step']!r}; reused steps: "
+        f"{', '.join(result['reused_steps']) or 'none'}; final version {result['final_version']}"
+    )
+    console.print(f"final state digest {result['final_digest']}")
+
+
+@app.command("serve")
+def serve_command(
+    limit: Annotated[int | None, typer.Option("--limit", help="At most this many concurrent runs.")] = None,
+) -> None:
+    """Serve the example-pipeline, recover and daily audit deployments from this process."""
+    from .deploy import serve
+
+    serve(limit=limit)
+
+
+automations_app = typer.Typer(help="Prefect automations for crash detection and automatic recovery.")
+app.add_typer(automations_app, name="automations")
+
+
+@automations_app.command("install")
+def automations_install(
+    zombie_after: Annotated[
+        int, typer.Option("--zombie-after", help="Seconds without a heartbeat before a run is marked Crashed.")
+    ] = 120,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create (or update) the zombie-run detector and the auto-recover trigger; safe to re-run."""
+    from datetime import timedelta
+
+    from .deploy import install_automations
+
+    try:
+        results = install_automations(zombie_after=timedelta(seconds=zombie_after))
+    except Exception as exc:  # the server's answer (no deployment yet, no API) is the message
+        _fail(
+            f"cannot install automations: {exc}. Serve or deploy the deployments first "
+            "(`prefect-recovery serve` or `prefect deploy --all`) and check PREFECT_API_URL",
+            as_json,
+        )
+    if as_json:
+        _emit(results)
+        return
+    for row in results:
+        console.print(f"{row['action']}: {row['automation']}")
 
 
 @app.command("crash-test")

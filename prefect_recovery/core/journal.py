@@ -424,7 +424,8 @@ def replay(events: Iterable[JournalEvent]) -> LineageHistory:
         elif event.kind == "step_completed" and step is not None:
             history.completed_steps[step] = dict(event.data)
             open_steps.pop(step, None)
-        elif event.kind == "failure":
+        elif event.kind == "failure" and event.data.get("final", True) is not False:
+            # A failed attempt that will be retried (final=False) does not end the run.
             terminal = "failed"
             history.failed_step = step
         elif event.kind == "run_finished":
@@ -453,3 +454,43 @@ def replay(events: Iterable[JournalEvent]) -> LineageHistory:
     history.status = terminal or "running"
     history.interrupted_step = None if terminal == "finished" else next(reversed(open_steps), None)
     return history
+
+
+class Claim(BaseModel):
+    """A run or recovery that started on a lineage and has not ended in the journal."""
+
+    run_id: str
+    seq: int
+    kind: Literal["run_started", "recovery_started"]
+    process: JsonValue = None
+    parent: str | None = Field(default=None, description="run_id of the recovery that started this run, if any.")
+
+
+def open_claims(events: Iterable[JournalEvent]) -> list[Claim]:
+    """Runs and recoveries with a start event and no end event, by seq.
+
+    A run ends with ``run_finished`` or a final ``failure`` of the same run_id; a recovery
+    with ``recovery_finished``. A process killed with SIGKILL never writes its end, so its
+    claim stays open: whether it still holds the lineage is a question of liveness
+    (``core.liveness``), not of the journal.
+    """
+    claims: dict[str, Claim] = {}
+    for event in sorted(events, key=lambda event: event.seq):
+        if event.kind in ("run_started", "recovery_started"):
+            parent = event.data.get("recovery_run")
+            claims[event.run_id] = Claim(
+                run_id=event.run_id,
+                seq=event.seq,
+                kind=event.kind,
+                process=event.data.get("process"),
+                parent=parent if isinstance(parent, str) else None,
+            )
+        elif event.run_id in claims:
+            kind = claims[event.run_id].kind
+            ends_run = event.kind == "run_finished" or (
+                event.kind == "failure" and event.data.get("final", True) is not False
+            )
+            ends_recovery = event.kind == "recovery_finished"
+            if (kind == "run_started" and ends_run) or (kind == "recovery_started" and ends_recovery):
+                del claims[event.run_id]
+    return sorted(claims.values(), key=lambda claim: claim.seq)

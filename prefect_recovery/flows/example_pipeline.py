@@ -1,7 +1,8 @@
 """The example pipeline: prepare data -> train (checkpointed) -> evaluate -> finalize.
 
-A run of a lineage that already has checkpoints but no ``final`` one resumes from the latest
-consistent checkpoint; a finished lineage is reported, not run again.
+Every step is an idempotent ``@step``: a run of a lineage that already has finished steps
+reuses them (their code does not run again) and the training resumes from the latest
+consistent checkpoint. A finished lineage is reported, not run again.
 """
 
 from __future__ import annotations
@@ -11,32 +12,44 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from ..blocks import CheckpointStore
-from ..tasks.example_steps import (
-    FINAL_MILESTONE,
-    data_digest,
-    evaluate,
-    final_digest,
-    finalize,
-    prepare_data,
-    train,
-)
-from ..tasks.run_journal import RunJournal
+from ..core.journal import Journal
+from ..tasks.example_steps import FINAL_MILESTONE, evaluate, final_digest, finalize, prepare_data, train
+from ..tasks.pipeline_run import PipelineRun, file_input
+from ..tasks.step import code_digest
 from ..training.schedule import CheckpointSchedule
+from .registry import register_pipeline
 
 DEFAULT_STEPS = 1000
 
 
 def lineage_status(store: CheckpointStore, lineage: str) -> dict[str, Any]:
-    """``finished`` (has a final checkpoint), ``unfinished`` (has others) or ``new``."""
+    """``finished`` (its journal ends with a finished run), ``unfinished`` or ``new``.
+
+    Lineages written before the journal existed count as finished when they hold a ``final``
+    milestone checkpoint.
+    """
+    history = Journal(store.core, lineage).history()
     infos = store.list(lineage)
-    for info in reversed(infos):
-        if info.metadata.get("trigger") == f"milestone:{FINAL_MILESTONE}":
-            return {"status": "finished", "final": info}
-    if infos:
-        return {"status": "unfinished", "latest": infos[-1]}
-    return {"status": "new"}
+    finals = [info for info in infos if info.metadata.get("trigger") == f"milestone:{FINAL_MILESTONE}"]
+    if history.status == "finished" or (history.status == "new" and finals):
+        return {"status": "finished", "final": finals[-1] if finals else None, "history": history}
+    if history.status != "new" or infos:
+        return {"status": "unfinished", "latest": infos[-1] if infos else None, "history": history}
+    return {"status": "new", "history": history}
 
 
+def finished_result(store: CheckpointStore, lineage: str, status: dict[str, Any]) -> dict[str, Any]:
+    final = status["final"]
+    return {
+        "lineage": lineage,
+        "status": "finished",
+        "final_version": final.version if final else None,
+        "final_digest": final_digest(store, lineage, final.version) if final else None,
+        "resumed_from": None,
+    }
+
+
+@register_pipeline
 @flow(name="example-pipeline", log_prints=True)
 def example_pipeline(
     lineage: str = "demo",
@@ -44,8 +57,9 @@ def example_pipeline(
     seed: int = 0,
     schedule: CheckpointSchedule | None = None,
     store_block: str | None = None,
+    data_path: str | None = None,
 ) -> dict[str, Any]:
-    """Train a small model with checkpoints; resume the lineage if it has an unfinished run.
+    """Train a small model with checkpoints; a lineage with an unfinished run is resumed.
 
     Args:
         lineage: Name of the run history in the checkpoint store.
@@ -53,44 +67,39 @@ def example_pipeline(
         seed: Seed of the data, the model and every RNG.
         schedule: When to checkpoint (default: heavy every 50 steps, light every 10).
         store_block: Name of a saved CheckpointStore block; default the embedded local store.
+        data_path: A dataset file (safetensors: x_train, y_train, x_test, y_test); default: synthetic
+            data made from the seed.
     """
     logger = get_run_logger()
     store = CheckpointStore.load(store_block) if store_block else CheckpointStore.default()
     status = lineage_status(store, lineage)
     if status["status"] == "finished":
-        final = status["final"]
-        logger.info("lineage %s already finished at version %s; nothing to do", lineage, final.version)
-        return {
-            "lineage": lineage,
-            "status": "finished",
-            "final_version": final.version,
-            "final_digest": final_digest(store, lineage, final.version),
-            "resumed_from": None,
-        }
-    journal = RunJournal(store.core, lineage)
-    latest = status.get("latest")
-    journal.run_started(
-        parameters={
-            "lineage": lineage,
-            "steps": steps,
-            "seed": seed,
-            "schedule": schedule.model_dump(mode="json") if schedule else None,
-        },
-        resumed_from={"version": latest.version, "step": latest.step} if latest else None,
+        logger.info("lineage %s already finished; nothing to do", lineage)
+        return finished_result(store, lineage, status)
+    parameters = {
+        "lineage": lineage,
+        "steps": steps,
+        "seed": seed,
+        "schedule": schedule.model_dump(mode="json") if schedule else None,
+        "store_block": store_block,
+        "data_path": data_path,
+    }
+    inputs = {"dataset": file_input(data_path)} if data_path else {"dataset": {"synthetic_seed": seed}}
+    run = PipelineRun(
+        store,
+        lineage,
+        pipeline=example_pipeline.name,
+        parameters=parameters,
+        inputs=inputs,
+        code_digest=code_digest(example_pipeline.fn),
     )
-    with journal.step("prepare-data", seed=seed) as out:
-        data = prepare_data(seed)
-        out["data_digest"] = data_digest(data)
-    with journal.step("train", steps=steps, seed=seed) as out:
-        trained = train(store, lineage, data, steps, seed, schedule, journal)
-        out.update(steps=trained["steps"], trained_steps=trained["trained_steps"])
-    with journal.step("evaluate") as out:
-        metrics = evaluate(store, lineage, data)
-        out.update(metrics)
-    with journal.step("finalize") as out:
-        final = finalize(store, lineage, metrics)
-        out.update(version=final["version"], state_digest=final["state_digest"])
-    journal.append("run_finished", final_version=final["version"], final_digest=final["state_digest"])
+    with run:
+        digest = inputs["dataset"].get("digest") if data_path else None
+        data = prepare_data(seed, data_path, digest)
+        trained = train(store, lineage, data, steps, seed, schedule)
+        metrics = evaluate(store, lineage, trained, data)
+        final = finalize(store, lineage, trained, metrics)
+        run.finish(final_version=final["version"], final_digest=final["state_digest"])
     return {
         "lineage": lineage,
         "status": "completed",

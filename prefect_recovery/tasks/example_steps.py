@@ -1,35 +1,44 @@
-"""The example pipeline's steps as Prefect tasks (thin wrappers over training.example)."""
+"""The example pipeline's steps: idempotent ``@step`` tasks over ``training.example``.
+
+Each step's result is kept in the store, so a later run of the same lineage (a recovery)
+reuses the steps that finished; ``train`` resumes from the lineage's checkpoints.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import get_run_logger
 
 from ..blocks import CheckpointStore
+from ..core.errors import StepInputError
 from ..training import example
 from ..training.schedule import CheckpointSchedule
-from .run_journal import RunJournal
+from .pipeline_run import current_run
+from .step import step
 
 FINAL_MILESTONE = "final"
 
-# Tensors flow between these steps in memory; the checkpoint store is their durable record.
-_STEP_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
 
+@step(name="prepare-data")
+def prepare_data(seed: int, data_path: str | None = None, data_digest: str | None = None) -> dict[str, torch.Tensor]:
+    """The dataset: read from ``data_path`` (safetensors) or made from ``seed``.
 
-@task(name="prepare-data", **_STEP_OPTIONS)
-def prepare_data(seed: int) -> dict[str, torch.Tensor]:
-    """Synthetic, seeded data: the same seed always gives the same bytes."""
-    data = example.make_data(seed)
-    get_run_logger().info(
-        "prepared %s train / %s test samples (seed %s)", example.TRAIN_SAMPLES, example.TEST_SAMPLES, seed
-    )
+    ``data_digest`` (the file's digest) is part of the inputs so a changed file is a new step.
+    """
+    if data_path is not None:
+        try:
+            data = example.load_data(data_path)
+        except (OSError, ValueError) as exc:
+            raise StepInputError(f"cannot read the dataset {data_path}: {exc}") from None
+    else:
+        data = example.make_data(seed)
+    get_run_logger().info("prepared %s train / %s test samples", len(data["x_train"]), len(data["x_test"]))
     return data
 
 
-@task(name="train", **_STEP_OPTIONS)
+@step(name="train", ignore=["store"])
 def train(
     store: CheckpointStore,
     lineage: str,
@@ -37,44 +46,59 @@ def train(
     steps: int,
     seed: int,
     schedule: CheckpointSchedule | None = None,
-    journal: RunJournal | None = None,
 ) -> dict[str, Any]:
-    """Train to ``steps``, resuming from the latest consistent checkpoint of ``lineage``."""
+    """Train to ``steps``, resuming from the lineage's latest checkpoint (or the one a recovery chose)."""
+    if steps < 1:
+        raise StepInputError(f"steps must be at least 1, got {steps}")
     logger = get_run_logger()
+    run = current_run()
 
     def progress(step: int) -> None:
         if step % 50 == 0 or step == steps:
             logger.info("step %s/%s", step, steps)
 
-    on_commit = journal.checkpoint_committed if journal is not None else None
     result = example.train(
-        store, lineage, data, steps=steps, seed=seed, schedule=schedule, on_step=progress, on_commit=on_commit
+        store,
+        lineage,
+        data,
+        steps=steps,
+        seed=seed,
+        schedule=schedule,
+        on_step=progress,
+        on_commit=run.checkpoint_committed if run is not None else None,
+        resume_version=run.resume_version if run is not None else None,
     )
     if result["resumed_from"]:
         logger.info("resumed from version %(version)s at step %(step)s", result["resumed_from"])
     return result
 
 
-@task(name="evaluate", **_STEP_OPTIONS)
-def evaluate(store: CheckpointStore, lineage: str, data: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Evaluate the model of the latest checkpoint (reads only its weights)."""
-    metrics = example.evaluate(store.load(lineage=lineage, keys=["model"]), data)
+@step(name="evaluate", ignore=["store"])
+def evaluate(
+    store: CheckpointStore, lineage: str, trained: dict[str, Any], data: dict[str, torch.Tensor]
+) -> dict[str, float]:
+    """Evaluate the trained model (reads only the weights of the training's last checkpoint)."""
+    metrics = example.evaluate(store.load(lineage=lineage, version=trained["version"], keys=["model"]), data)
     get_run_logger().info("test loss %.4f, accuracy %.4f", metrics["test_loss"], metrics["test_accuracy"])
     return metrics
 
 
-@task(name="finalize", **_STEP_OPTIONS)
-def finalize(store: CheckpointStore, lineage: str, metrics: dict[str, float]) -> dict[str, Any]:
+@step(name="finalize", ignore=["store"])
+def finalize(
+    store: CheckpointStore, lineage: str, trained: dict[str, Any], metrics: dict[str, float]
+) -> dict[str, Any]:
     """The final heavy checkpoint: the trained state plus its metrics, milestone ``final``."""
-    state = store.load(lineage=lineage)
+    state = store.load(lineage=lineage, version=trained["version"])
     state["metrics"] = metrics
-    latest = store.latest(lineage)
     info = store.save_checkpoint(
         state,
         lineage=lineage,
-        step=latest.step if latest else None,
+        step=trained["steps"],
         metadata={"tier": "heavy", "trigger": f"milestone:{FINAL_MILESTONE}", "complete": True, "final": True},
     )
+    run = current_run()
+    if run is not None:
+        run.checkpoint_committed(info)
     get_run_logger().info("final checkpoint %s v%s", lineage, info.version)
     return {"version": info.version, "step": info.step, "state_digest": final_digest(store, lineage, info.version)}
 

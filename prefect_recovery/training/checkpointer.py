@@ -98,6 +98,7 @@ class Checkpointer:
         clock: Callable[[], float] = time.monotonic,
         handle_sigterm: bool = True,
         on_commit: Callable[[CheckpointInfo], None] | None = None,
+        resume_version: int | None = None,
     ):
         self.store = _core_store(store)
         self.lineage = lineage
@@ -119,6 +120,7 @@ class Checkpointer:
         self.metadata = dict(metadata or {})
         self.clock = clock
         self.handle_sigterm = handle_sigterm
+        self.resume_version = resume_version  # what `with Checkpointer(...)` restores (None: latest)
         self.on_commit = on_commit  # called with every committed heavy checkpoint (writer thread for async)
         self.step_count = 0
         self.epoch = 0
@@ -328,7 +330,7 @@ class Checkpointer:
                 self._previous_handler = None
 
     def __enter__(self) -> Checkpointer:
-        self.restore()
+        self.restore(self.resume_version)
         if self.handle_sigterm and threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         elif self.handle_sigterm:

@@ -45,6 +45,23 @@ def make_data(seed: int) -> dict[str, torch.Tensor]:
     }
 
 
+def save_data(path: str | os.PathLike[str], data: dict[str, torch.Tensor]) -> None:
+    """Write a dataset as a safetensors file (what a pipeline with a real input reads)."""
+    from safetensors.torch import save_file
+
+    save_file(data, os.fspath(path))
+
+
+def load_data(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    data = load_file(os.fspath(path))
+    missing = {"x_train", "y_train", "x_test", "y_test"} - set(data)
+    if missing:
+        raise ValueError(f"dataset {path} lacks the tensors {sorted(missing)}")
+    return data
+
+
 def build_model() -> torch.nn.Module:
     return torch.nn.Sequential(
         torch.nn.Linear(FEATURES, HIDDEN),
@@ -71,8 +88,9 @@ def train(
     schedule: CheckpointSchedule | None = None,
     on_step: Callable[[int], None] | None = None,
     on_commit: Callable[[Any], None] | None = None,
+    resume_version: int | None = None,
 ) -> dict[str, Any]:
-    """Train to ``steps`` steps, resuming from the lineage's latest checkpoint if any."""
+    """Train to ``steps`` steps, resuming from the lineage's latest checkpoint (or ``resume_version``)."""
     configure_threads()
     torch.manual_seed(seed)  # model init; overwritten by a restore
     model = build_model()
@@ -96,6 +114,7 @@ def train(
         seed=seed,
         metadata={"seed": seed, "steps": steps},
         on_commit=on_commit,
+        resume_version=resume_version,
     ) as ckpt:
         start_step = ckpt.step_count
         batches = iter(loader)
@@ -120,7 +139,9 @@ def train(
         if start_step < steps:
             ckpt.milestone("train_end")
         ckpt.flush()
+        latest = ckpt.store.resolve(lineage)[0]
         return {
+            "version": latest.version,
             "steps": ckpt.step_count,
             "trained_steps": ckpt.step_count - start_step,
             "resumed_from": ckpt.resumed_from,

@@ -1,0 +1,226 @@
+"""The ``recover`` flow: preflight, select and verify a checkpoint, resume the pipeline.
+
+1. Read the lineage's journal (the store is the source of truth, not Prefect's database): a
+   finished lineage is reported and nothing changes.
+2. Preflight checks (tasks/preflight.py), published as a table artifact. ``strict`` stops on
+   any failure; ``warn`` goes on except when another live run or recovery holds the lineage.
+3. Claim the lineage (``recovery_started``; of two recoveries at once exactly one proceeds).
+4. Verify the selected checkpoint (every blob read and checked against its digest).
+5. Run the pipeline that wrote the lineage again with its recorded parameters: finished steps
+   are reused from the store, training resumes from the selected checkpoint, later steps run.
+6. Journal ``recovery_finished``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from ..blocks import CheckpointStore
+from ..core.errors import CheckpointNotFoundError, PreflightError, RecoveryError
+from ..core.journal import Journal, JournalEvent, replay
+from ..core.manifest import Manifest
+from ..tasks.example_steps import final_digest
+from ..tasks.pipeline_run import RecoveryPlan, claim_lineage, current_run_id, recovery_plan
+from ..tasks.preflight import CheckResult, PreflightContext, as_rows, run_checks
+from ..tasks.step import code_digest
+from .example_pipeline import lineage_status
+from .registry import resolve_pipeline
+
+_TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
+
+
+def artifact_key(prefix: str, lineage: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return f"{prefix}-" + (re.sub(r"[^a-z0-9-]+", "-", lineage.lower()).strip("-") or "lineage")
+
+
+def last_run_started(events: list[JournalEvent]) -> JournalEvent | None:
+    """The latest run_started that was not started by a recovery's own re-run bookkeeping."""
+    runs = [event for event in events if event.kind == "run_started"]
+    return runs[-1] if runs else None
+
+
+@task(name="preflight", **_TASK_OPTIONS)
+def preflight_task(ctx: PreflightContext, lineage: str) -> list[CheckResult]:
+    results = run_checks(ctx)
+    create_table_artifact(
+        table=as_rows(results),
+        key=artifact_key("preflight", lineage),
+        description=f"Preflight checks of the recovery of lineage `{lineage}`",
+    )
+    logger = get_run_logger()
+    for result in results:
+        log = logger.error if result.status == "fail" else logger.warning if result.status == "warn" else logger.info
+        log("preflight %s: %s (%s)", result.check, result.status, result.reason)
+    return results
+
+
+@task(name="verify-checkpoint", **_TASK_OPTIONS)
+def verify_checkpoint(store: CheckpointStore, lineage: str, version: int) -> dict[str, Any]:
+    """Read every blob of the checkpoint and check it against its digest (a healthy copy is used)."""
+    manifest, holders = store.core.resolve(lineage, version)
+    store.load(lineage=lineage, version=version)  # every read is digest-checked; raises if none is intact
+    get_run_logger().info("checkpoint %s v%s verified (%s bytes)", lineage, version, manifest.total_bytes)
+    return {"version": version, "step": manifest.step, "bytes": manifest.total_bytes, "regions": holders}
+
+
+def _select(store: CheckpointStore, lineage: str, checkpoint: str | int) -> Manifest | None:
+    if str(checkpoint) == "latest":
+        latest = store.latest(lineage)
+        return store.core.resolve(lineage, latest.version)[0] if latest else None
+    try:
+        version = int(checkpoint)
+    except ValueError:
+        raise RecoveryError(f"checkpoint must be 'latest' or a version number, got {checkpoint!r}") from None
+    try:
+        return store.core.resolve(lineage, version)[0]
+    except CheckpointNotFoundError as exc:
+        raise RecoveryError(
+            f"checkpoint {lineage} v{version} is not a consistent checkpoint ({exc}); "
+            f"see `prefect-recovery ls --lineage {lineage}`"
+        ) from None
+
+
+@flow(name="recover", log_prints=True)
+def recover(
+    lineage: str,
+    checkpoint: str = "latest",
+    from_step: str | None = None,
+    preflight: Literal["strict", "warn"] = "strict",
+    store_block: str | None = None,
+) -> dict[str, Any]:
+    """Recover a crashed or failed pipeline run: preflight, restore, resume at the failed step.
+
+    Args:
+        lineage: The lineage to recover (the `lineage` parameter of the crashed run).
+        checkpoint: "latest" (the latest consistent checkpoint) or a version number.
+        from_step: Run this step and every later one again even if they finished.
+        preflight: "strict" stops on any failed check; "warn" reports and goes on.
+        store_block: Name of a saved CheckpointStore block; default the embedded local store.
+    """
+    logger = get_run_logger()
+    store = CheckpointStore.load(store_block) if store_block else CheckpointStore.default()
+    status = lineage_status(store, lineage)
+    if status["status"] == "new":
+        raise RecoveryError(f"lineage {lineage!r} has no journal and no checkpoints in this store: nothing to recover")
+    journal = Journal(store.core, lineage)
+    if status["status"] == "finished":
+        final = status["final"]
+        logger.info("lineage %s already finished; nothing to recover and nothing changed", lineage)
+        return {
+            "lineage": lineage,
+            "status": "finished",
+            "final_version": final.version if final else None,
+            "final_digest": final_digest(store, lineage, final.version) if final else None,
+            "resumed_from": None,
+        }
+    events = journal.events()
+    history = replay(events)
+    started = last_run_started(events)
+    if started is None or not isinstance(started.data.get("pipeline"), str):
+        raise RecoveryError(f"lineage {lineage!r} has no pipeline run in its journal; run the pipeline instead")
+    pipeline = resolve_pipeline(str(started.data["pipeline"]))
+    parameters = dict(started.data.get("parameters") or {})
+    manifest = _select(store, lineage, checkpoint)
+    run_id = current_run_id()
+
+    ctx = PreflightContext(
+        store=store.core,
+        lineage=lineage,
+        events=events,
+        run_started=started,
+        manifest=manifest,
+        pipeline_code=code_digest(pipeline.fn),
+        run_id=run_id,
+    )
+    results = preflight_task(ctx, lineage)
+    failed = [r for r in results if r.status == "fail"]
+    blocking = failed if preflight == "strict" else [r for r in failed if r.check == "lineage lock"]
+    if blocking:
+        raise PreflightError(
+            f"recovery of lineage {lineage!r} stopped by preflight ({preflight}): "
+            + "; ".join(f"{r.check}: {r.reason}" for r in blocking),
+            as_rows(results),
+        )
+    where = history.failed_step or history.interrupted_step
+    resumed_from = {"version": manifest.version, "step": manifest.step} if manifest else None
+    claim_lineage(
+        journal,
+        "recovery_started",
+        run_id=run_id,
+        data={
+            "checkpoint": resumed_from,
+            "from_step": from_step,
+            "preflight": preflight,
+            "failed_step": where,
+            "checks": {r.check: r.status for r in results},
+        },
+        exclude=set(),
+    )
+    try:
+        if manifest is not None:
+            verify_checkpoint(store, lineage, manifest.version)
+        plan = RecoveryPlan(
+            lineage=lineage,
+            recovery_run=run_id,
+            resume_version=manifest.version if manifest else None,
+            from_step=from_step,
+        )
+        logger.info(
+            "resuming %s (pipeline %s) at step %s from %s",
+            lineage,
+            pipeline.name,
+            where,
+            f"v{manifest.version} (step {manifest.step})" if manifest else "the start (no checkpoint yet)",
+        )
+        with recovery_plan(plan):
+            result = pipeline(**parameters)
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"[:2000]
+        journal.append("recovery_finished", run_id=run_id, data={"status": "failed", "error": error})
+        raise
+    reused = [
+        str(event.data.get("step"))
+        for event in journal.events(after=events[-1].seq if events else 0)
+        if event.kind == "step_completed" and event.data.get("reused") is True
+    ]
+    journal.append(
+        "recovery_finished",
+        run_id=run_id,
+        data={
+            "status": "completed",
+            "final_version": result.get("final_version"),
+            "final_digest": result.get("final_digest"),
+            "reused_steps": reused,
+        },
+    )
+    summary = {
+        "lineage": lineage,
+        "status": "recovered",
+        "final_version": result.get("final_version"),
+        "final_digest": result.get("final_digest"),
+        "resumed_from": resumed_from,
+        "failed_step": where,
+        "reused_steps": reused,
+        "preflight": as_rows(results),
+    }
+    create_markdown_artifact(
+        key=artifact_key("recovery", lineage),
+        markdown=(
+            f"# Recovery of `{lineage}`\n\n"
+            f"* resumed at step `{where}` from "
+            + (f"checkpoint v{manifest.version} (training step {manifest.step})" if manifest else "the start")
+            + f"\n* reused steps: {', '.join(reused) or 'none'}\n"
+            f"* final checkpoint v{summary['final_version']}, state digest `{summary['final_digest']}`\n"
+        ),
+        description=f"Recovery of lineage {lineage}",
+    )
+    return summary
+
+
+__all__ = ["recover"]

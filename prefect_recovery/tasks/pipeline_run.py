@@ -1,0 +1,284 @@
+"""One run of a pipeline on a lineage: its journal record, its claim on the lineage, its steps.
+
+``PipelineRun`` is a context manager a pipeline flow opens around its steps:
+
+* on entry it *claims* the lineage: no other live run or recovery may hold it (DESIGN.md
+  invariant 7: two recoveries at once, one proceeds), then it journals ``run_started`` with the
+  parameters, seed, environment, code digest, input provenance and this process's identity;
+* ``@step`` tasks called inside it find it through a context variable, journal themselves and
+  keep their results in the store under ``<lineage>.steps``;
+* on exit it journals ``run_finished`` or a final ``failure``.
+
+A recovery (``flows.recover``) opens a ``RecoveryPlan`` first; the run it starts then resumes
+from the checkpoint the recovery selected and re-runs steps from ``from_step`` on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import platform
+import uuid
+from collections.abc import Iterator
+from importlib import metadata
+from typing import Any, Literal
+from uuid import UUID
+
+from pydantic import JsonValue
+
+from ..core.digest import hash_bytes
+from ..core.errors import LineageBusyError
+from ..core.journal import Claim, EventKind, Journal, JournalEvent, open_claims
+from ..core.liveness import is_alive, process_identity
+from ..core.models import CheckpointInfo
+from ..core.store import Store
+
+ENVIRONMENT_PACKAGES = ("torch", "numpy", "prefect", "prefect-recovery", "torchdata", "safetensors", "blake3")
+STEPS_SUFFIX = ".steps"
+
+
+def environment() -> dict[str, JsonValue]:
+    """What a bit-identical resume depends on: interpreter, libraries, threads, CUDA."""
+    versions: dict[str, JsonValue] = {}
+    for package in ENVIRONMENT_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    env: dict[str, JsonValue] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": versions,
+    }
+    try:
+        import torch
+
+        env["torch_threads"] = torch.get_num_threads()
+        env["cuda_available"] = bool(torch.cuda.is_available())
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    return env
+
+
+def current_run_id() -> str:
+    """The Prefect flow-run id when inside a flow run, else a fresh uuid."""
+    try:
+        from prefect.runtime import flow_run
+
+        if flow_run.id:
+            return str(flow_run.id)
+    except Exception:  # outside Prefect, or no API: the journal does not need Prefect
+        pass
+    return uuid.uuid4().hex
+
+
+def file_input(path: str) -> dict[str, JsonValue]:
+    """Provenance of an input file for ``run_started``: its URL, size and content digest."""
+    import fsspec
+
+    with fsspec.open(path, "rb") as handle:
+        data = handle.read()
+    return {"uri": path, "size": len(data), "digest": hash_bytes(data)}
+
+
+# -- liveness of claims -----------------------------------------------------------------------
+def orchestrator_says_alive(run_id: str) -> bool | None:
+    """Ask the Prefect API whether flow run ``run_id`` is still in a non-final state.
+
+    Used only for claims whose process ran on another machine; None when Prefect does not
+    know the run (another server, or a run outside Prefect).
+    """
+    try:
+        flow_run_id = UUID(run_id)
+    except ValueError:
+        return None
+    try:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run_id).state
+    except Exception:  # no API, unknown run: the answer is "unknown", not an error
+        return None
+    return None if state is None else not state.is_final()
+
+
+def claim_alive(claim: Claim) -> bool | None:
+    alive = is_alive(claim.process)
+    return alive if alive is not None else orchestrator_says_alive(claim.run_id)
+
+
+def describe_claim(claim: Claim, alive: bool | None) -> str:
+    what = "run" if claim.kind == "run_started" else "recovery"
+    process = claim.process if isinstance(claim.process, dict) else {}
+    where = f"pid {process.get('pid')} on {process.get('host')}" if process else "an unknown process"
+    state = "is still running" if alive else "may still be running (its host cannot be checked from here)"
+    return f"{what} {claim.run_id} ({where}, journal seq {claim.seq}) {state}"
+
+
+def live_claims(events: list[JournalEvent], exclude: set[str]) -> list[tuple[Claim, bool | None]]:
+    """Open claims not in ``exclude`` whose process is alive (True) or cannot be checked (None)."""
+    found = []
+    for claim in open_claims(events):
+        if claim.run_id in exclude:
+            continue
+        alive = claim_alive(claim)
+        if alive is not False:
+            found.append((claim, alive))
+    return found
+
+
+def claim_lineage(
+    journal: Journal,
+    kind: Literal["run_started", "recovery_started"],
+    *,
+    run_id: str,
+    data: dict[str, JsonValue],
+    exclude: set[str],
+) -> JournalEvent:
+    """Journal ``kind`` for ``run_id`` unless another live run or recovery holds the lineage.
+
+    Check, append, check again: of two claims racing, the one with the lower seq wins and the
+    other withdraws (appends its end event) and raises LineageBusyError. Nothing is written when
+    the first check already finds a holder.
+    """
+    lineage = journal.lineage
+    busy = live_claims(journal.events(), exclude | {run_id})
+    if busy:
+        raise LineageBusyError(_busy_message(lineage, busy))
+    event = journal.append(kind, run_id=run_id, data={**data, "process": process_identity()})
+    earlier = [(c, alive) for c, alive in live_claims(journal.events(), exclude | {run_id}) if c.seq < event.seq]
+    if earlier:
+        end: EventKind = "failure" if kind == "run_started" else "recovery_finished"
+        journal.append(end, run_id=run_id, data={"final": True, "status": "aborted", "error": "lineage busy"})
+        raise LineageBusyError(_busy_message(lineage, earlier))
+    return event
+
+
+def _busy_message(lineage: str, busy: list[tuple[Claim, bool | None]]) -> str:
+    holders = "; ".join(describe_claim(claim, alive) for claim, alive in busy)
+    return (
+        f"lineage {lineage!r} is held by another live run or recovery: {holders}. "
+        "Wait for it to finish (or stop it) and try again; nothing was changed."
+    )
+
+
+# -- recovery plan and the current run --------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class RecoveryPlan:
+    """What a recovery asks of the pipeline run it starts."""
+
+    lineage: str
+    recovery_run: str
+    resume_version: int | None = None
+    from_step: str | None = None
+
+
+_current_run: contextvars.ContextVar[PipelineRun | None] = contextvars.ContextVar("pipeline_run", default=None)
+_current_plan: contextvars.ContextVar[RecoveryPlan | None] = contextvars.ContextVar("recovery_plan", default=None)
+
+
+def current_run() -> PipelineRun | None:
+    """The PipelineRun whose block this code runs in, if any."""
+    return _current_run.get()
+
+
+@contextlib.contextmanager
+def recovery_plan(plan: RecoveryPlan) -> Iterator[RecoveryPlan]:
+    token = _current_plan.set(plan)
+    try:
+        yield plan
+    finally:
+        _current_plan.reset(token)
+
+
+class PipelineRun:
+    """Journal and claim of one pipeline run on a lineage; the context ``@step`` tasks use."""
+
+    def __init__(
+        self,
+        store: Any,
+        lineage: str,
+        *,
+        pipeline: str,
+        parameters: dict[str, JsonValue],
+        inputs: dict[str, JsonValue] | None = None,
+        code_digest: str | None = None,
+        run_id: str | None = None,
+    ):
+        self.checkpoint_store = store  # the CheckpointStore block (or a core Store)
+        self.store: Store = store.core if hasattr(store, "core") else store
+        self.lineage = lineage
+        self.steps_lineage = f"{lineage}{STEPS_SUFFIX}"
+        self.journal = Journal(self.store, lineage)
+        Journal(self.store, self.steps_lineage)  # validates the derived name early
+        self.pipeline = pipeline
+        self.parameters = parameters
+        self.inputs = inputs or {}
+        self.code_digest = code_digest
+        self.run_id = run_id or current_run_id()
+        plan = _current_plan.get()
+        self.plan = plan if plan is not None and plan.lineage == lineage else None
+        self._forcing = False
+        self.failed_step: str | None = None
+        self._token: contextvars.Token[PipelineRun | None] | None = None
+
+    # -- what a recovery asked ----------------------------------------------------------------
+    @property
+    def resume_version(self) -> int | None:
+        return self.plan.resume_version if self.plan else None
+
+    def forced(self, step_name: str) -> bool:
+        """True for ``from_step`` and every step after it: they run even when a result is stored."""
+        if self.plan and self.plan.from_step == step_name:
+            self._forcing = True
+        return self._forcing
+
+    # -- journal ------------------------------------------------------------------------------
+    def append(self, kind: EventKind, **data: JsonValue) -> JournalEvent:
+        return self.journal.append(kind, run_id=self.run_id, data=data)
+
+    def checkpoint_committed(self, info: CheckpointInfo) -> None:
+        self.append(
+            "checkpoint_committed",
+            version=info.version,
+            step=info.step,
+            trigger=info.metadata.get("trigger"),
+            tier=info.metadata.get("tier"),
+            regions=list(info.regions),
+        )
+
+    def __enter__(self) -> PipelineRun:
+        data: dict[str, JsonValue] = {
+            "pipeline": self.pipeline,
+            "parameters": self.parameters,
+            "environment": environment(),
+            "code_digest": self.code_digest,
+            "inputs": self.inputs,
+        }
+        exclude = set()
+        if self.plan is not None:
+            data["recovery_run"] = self.plan.recovery_run
+            data["resume_version"] = self.plan.resume_version
+            data["from_step"] = self.plan.from_step
+            exclude.add(self.plan.recovery_run)
+        claim_lineage(self.journal, "run_started", run_id=self.run_id, data=data, exclude=exclude)
+        self._token = _current_run.set(self)
+        return self
+
+    def finish(self, **outputs: JsonValue) -> None:
+        """Journal ``run_finished`` (call once the last step is done)."""
+        self.append("run_finished", **outputs)
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if self._token is not None:
+            _current_run.reset(self._token)
+            self._token = None
+        if exc is not None:
+            self.append(
+                "failure",
+                scope="run",
+                final=True,
+                step=self.failed_step,
+                error=f"{type(exc).__name__}: {exc}"[:2000],
+            )

@@ -1,0 +1,237 @@
+"""Preflight checks a recovery runs before it touches anything.
+
+Each check returns a ``CheckResult`` (pass / warn / fail, with a reason that says what to fix).
+They read the lineage's journal (what the crashed run recorded) and the selected checkpoint's
+manifest, and compare with this machine. Only the storage check writes: one probe object per
+region, deleted again.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from ..core.errors import CheckpointError
+from ..core.journal import JournalEvent
+from ..core.manifest import Manifest
+from ..core.region import LocalRegionIO
+from ..core.store import Store
+from ..training.encoding import DTYPES
+from .pipeline_run import describe_claim, environment, file_input, live_claims
+from .step import STEP_CODE
+
+Status = Literal["pass", "warn", "fail"]
+# Extra free bytes every local restore target must keep beyond what the restore needs.
+HEADROOM_ENV = "PREFECT_RECOVERY_MIN_FREE_BYTES"
+DEFAULT_HEADROOM = 64 * 2**20
+
+
+class CheckResult(BaseModel):
+    check: str
+    status: Status
+    reason: str
+
+
+class PreflightContext(BaseModel):
+    """What the checks look at."""
+
+    model_config = {"arbitrary_types_allowed": True}
+
+    store: Store
+    lineage: str
+    events: list[JournalEvent]
+    run_started: JournalEvent | None
+    manifest: Manifest | None
+    pipeline_code: str | None = None
+    run_id: str = ""
+
+
+def _result(check: str, problems: list[str], warnings: list[str], ok: str) -> CheckResult:
+    if problems:
+        return CheckResult(check=check, status="fail", reason="; ".join(problems))
+    if warnings:
+        return CheckResult(check=check, status="warn", reason="; ".join(warnings))
+    return CheckResult(check=check, status="pass", reason=ok)
+
+
+def check_environment(ctx: PreflightContext) -> CheckResult:
+    """Python, library versions, CUDA and threads against what the crashed run recorded."""
+    if ctx.run_started is None:
+        return CheckResult(check="environment", status="warn", reason="the journal records no run to compare with")
+    recorded = ctx.run_started.data.get("environment")
+    if not isinstance(recorded, dict):
+        return CheckResult(check="environment", status="warn", reason="the run recorded no environment")
+    now = environment()
+    problems, warnings = [], []
+    if recorded.get("python") != now["python"]:
+        problems.append(f"Python {now['python']} here, the run used {recorded.get('python')}")
+    packages_then = recorded.get("packages") if isinstance(recorded.get("packages"), dict) else {}
+    packages_now = now["packages"] if isinstance(now["packages"], dict) else {}
+    for package, version in sorted(packages_then.items()):
+        if package in packages_now and packages_now[package] != version:
+            problems.append(f"{package} {packages_now[package]} installed, the run used {version}")
+    if recorded.get("cuda_available") and not now.get("cuda_available"):
+        problems.append("the run used CUDA and no CUDA device is available here")
+    if "torch_threads" in recorded and recorded["torch_threads"] != now.get("torch_threads"):
+        warnings.append(
+            f"torch uses {now.get('torch_threads')} threads here, the run used {recorded['torch_threads']} "
+            "(the checkpoint restores its own setting)"
+        )
+    if problems:
+        problems.append("install the versions the run used (bit-identical results depend on them)")
+    return _result("environment", problems, warnings, f"Python {now['python']}, same libraries as the run")
+
+
+def check_dtypes(ctx: PreflightContext) -> CheckResult:
+    """Every dtype the checkpoint stores exists in this torch build."""
+    if ctx.manifest is None:
+        return CheckResult(check="dtypes", status="pass", reason="no checkpoint to restore: training starts afresh")
+    stored = {entry.dtype for entry in ctx.manifest.entries if entry.kind == "tensor" and entry.dtype}
+    unknown = sorted(stored - set(DTYPES))
+    if unknown:
+        return CheckResult(
+            check="dtypes",
+            status="fail",
+            reason=f"this torch cannot read the stored dtypes {unknown}; install the torch version the run used",
+        )
+    return CheckResult(check="dtypes", status="pass", reason=f"all {len(stored)} stored dtypes are readable")
+
+
+def check_storage(ctx: PreflightContext) -> CheckResult:
+    """Every region reachable and writable (a probe object, deleted again); quorum available."""
+    problems, failing = [], []
+    for region in ctx.store.regions:
+        key = f"preflight/{uuid.uuid4().hex}"
+        try:
+            region.probe()
+            region.put_if_absent(key, b"prefect-recovery preflight probe")
+            region.delete(key)
+        except CheckpointError as exc:
+            failing.append(region.name)
+            problems.append(f"region {region.name}: {exc}")
+    usable = len(ctx.store.regions) - len(failing)
+    if usable < ctx.store.write_quorum:
+        problems.append(
+            f"only {usable} of {len(ctx.store.regions)} regions usable, the write quorum is {ctx.store.write_quorum}: "
+            "new checkpoints could not commit. Bring the regions back (or lower write_quorum) and retry"
+        )
+        return CheckResult(check="storage", status="fail", reason="; ".join(problems))
+    if problems:  # quorum still met: a degraded store, repaired later by verify --repair
+        return CheckResult(check="storage", status="warn", reason="; ".join(problems))
+    return CheckResult(
+        check="storage",
+        status="pass",
+        reason=f"{usable} regions reachable and writable (write quorum {ctx.store.write_quorum})",
+    )
+
+
+def check_data(ctx: PreflightContext) -> CheckResult:
+    """Inputs the run recorded still exist and still have their digests."""
+    inputs = ctx.run_started.data.get("inputs") if ctx.run_started else None
+    files = {name: spec for name, spec in (inputs or {}).items() if isinstance(spec, dict) and "uri" in spec}
+    if not files:
+        return CheckResult(check="data", status="pass", reason="the run recorded no external input files")
+    problems = []
+    for name, spec in sorted(files.items()):
+        uri = str(spec["uri"])
+        try:
+            now = file_input(uri)
+        except (OSError, ValueError) as exc:
+            problems.append(f"input {name!r} at {uri} cannot be read ({type(exc).__name__}: {exc}); restore the file")
+            continue
+        if now["digest"] != spec.get("digest"):
+            problems.append(
+                f"input {name!r} at {uri} changed since the run (digest {spec.get('digest')} recorded, "
+                f"{now['digest']} now); restore the original file, or start a new lineage for the new data"
+            )
+    return _result("data", problems, [], f"{len(files)} input file(s) present with their recorded digests")
+
+
+def _local_paths(store: Store) -> list[Path]:
+    paths = [Path(tempfile.gettempdir())]
+    paths += [region.root for region in store.regions if isinstance(region, LocalRegionIO)]
+    return paths
+
+
+def check_disk(ctx: PreflightContext) -> CheckResult:
+    """Room for the restore: each local region and the temp dir keep the checkpoint's size plus headroom."""
+    need = ctx.manifest.total_bytes if ctx.manifest is not None else 0
+    headroom = int(os.environ.get(HEADROOM_ENV, DEFAULT_HEADROOM))
+    problems = []
+    for path in _local_paths(ctx.store):
+        probe = path
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free
+        if free < need + headroom:
+            problems.append(
+                f"{path} has {free:,} bytes free; the restore needs {need:,} plus {headroom:,} headroom "
+                f"({HEADROOM_ENV}). Free some space and retry"
+            )
+    return _result("disk", problems, [], f"enough free space for {need:,} bytes of checkpoint")
+
+
+def check_code(ctx: PreflightContext) -> CheckResult:
+    """Code drift since the run: the pipeline and each finished step (a warning, never a failure)."""
+    warnings = []
+    recorded = ctx.run_started.data.get("code_digest") if ctx.run_started else None
+    if recorded and ctx.pipeline_code and recorded != ctx.pipeline_code:
+        warnings.append("the pipeline's code changed since the run")
+    changed = sorted(
+        {
+            str(event.data.get("step"))
+            for event in ctx.events
+            if event.kind == "step_completed"
+            and event.data.get("code") not in (None, STEP_CODE.get(str(event.data.get("step")), event.data.get("code")))
+        }
+    )
+    if changed:
+        warnings.append(f"steps whose code changed since they ran (they will run again): {changed}")
+    return _result("code", [], warnings, "same code as the run")
+
+
+def check_lock(ctx: PreflightContext) -> CheckResult:
+    """No other live run or recovery holds the lineage."""
+    busy = live_claims(ctx.events, {ctx.run_id})
+    if busy:
+        holders = "; ".join(describe_claim(claim, alive) for claim, alive in busy)
+        return CheckResult(
+            check="lineage lock", status="fail", reason=f"{holders}; wait for it to finish or stop it, then retry"
+        )
+    return CheckResult(check="lineage lock", status="pass", reason="no live run or recovery holds the lineage")
+
+
+CHECKS: list[Callable[[PreflightContext], CheckResult]] = [
+    check_environment,
+    check_dtypes,
+    check_storage,
+    check_data,
+    check_disk,
+    check_code,
+    check_lock,
+]
+
+
+def run_checks(ctx: PreflightContext) -> list[CheckResult]:
+    results = []
+    for check in CHECKS:
+        try:
+            results.append(check(ctx))
+        except Exception as exc:  # a check that cannot run is a failure with its reason, not a crash
+            name = check.__name__.removeprefix("check_")
+            results.append(CheckResult(check=name, status="fail", reason=f"check could not run: {exc}"))
+    return results
+
+
+def as_rows(results: list[CheckResult]) -> list[dict[str, Any]]:
+    return [result.model_dump() for result in results]
+
+
+__all__ = ["CHECKS", "CheckResult", "PreflightContext", "as_rows", "run_checks"]

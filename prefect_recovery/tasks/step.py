@@ -1,0 +1,246 @@
+"""``@step``: an idempotent pipeline step, a Prefect task whose results live in the store.
+
+Inside a ``PipelineRun`` a step's cache key is
+
+    blake3(lineage, step name, digest of its inputs, digest of its code)
+
+and never the flow-run id, so a later run of the same lineage (a recovery, or a plain re-run)
+finds the result of a step that already finished and returns it without running the step's
+code; the task run then shows as **Cached** in the Prefect UI. Results are stored through the
+CheckpointStore as versions of the lineage ``<lineage>.steps`` (every region, write quorum,
+verified on read, no pickle: tensors, numbers, str, bytes, None and dict/list/tuple of them).
+
+Retries default to exponential backoff with jitter, for transient errors only
+(``is_transient``); a bad input (``StepInputError``, ``ValueError``, ``TypeError``...) fails at
+once with its own message.
+
+Outside a ``PipelineRun`` a step is a plain Prefect task (no cache, no journal).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from prefect import Task, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import TaskRun
+from prefect.states import Completed, State
+from prefect.tasks import exponential_backoff
+from pydantic import BaseModel
+
+from ..core.digest import hash_bytes
+from ..core.errors import (
+    CheckpointNotFoundError,
+    QuorumNotMetError,
+    RegionError,
+    StepInputError,
+    StepResultError,
+    StorageFullError,
+)
+from ..core.manifest import canonical_json
+from ..core.models import CheckpointInfo
+from ..training.encoding import UnsupportedValueError, encode_state
+from ..training.state_io import load_state, save_state
+from .pipeline_run import PipelineRun, current_run
+
+R = TypeVar("R")
+
+# Step name -> digest of its code, for every step defined in this process (preflight's drift check).
+STEP_CODE: dict[str, str] = {}
+
+_TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.EIO}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors worth retrying: the network, a region or the disk hiccupped, not the input."""
+    if isinstance(exc, (StepInputError, StorageFullError)):
+        return False
+    if isinstance(exc, (RegionError, QuorumNotMetError, ConnectionError, TimeoutError)):
+        return True
+    return isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS
+
+
+def retry_transient(task_: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Prefect ``retry_condition_fn``: retry only when the failure is transient."""
+    try:
+        state.result()
+    except BaseException as exc:  # the failure the state holds
+        return is_transient(exc)
+    return False
+
+
+def code_digest(fn: Callable[..., Any]) -> str:
+    """Digest of a function's source (or bytecode when the source is unavailable)."""
+    try:
+        source = inspect.getsource(fn).encode()
+    except (OSError, TypeError):
+        code = fn.__code__
+        source = code.co_code + repr(code.co_consts).encode()
+    return hash_bytes(source)
+
+
+def value_digest(value: Any, *, what: str = "value") -> str:
+    """Digest of a value's content: tensors by dtype, shape and bytes; pydantic models by JSON."""
+
+    def plain(item: Any) -> Any:
+        if isinstance(item, BaseModel):
+            return {"__model__": type(item).__qualname__, "fields": item.model_dump(mode="json")}
+        if isinstance(item, dict):
+            return {key: plain(inner) for key, inner in item.items()}
+        if isinstance(item, (list, tuple)):
+            return type(item)(plain(inner) for inner in item)
+        return item
+
+    try:
+        encoded = encode_state(plain(value))
+    except UnsupportedValueError as exc:
+        raise StepResultError(f"cannot digest {what}: {exc}") from None
+    parts = [canonical_json(encoded.tree)]
+    parts += [
+        canonical_json([entry.name, entry.dtype, entry.shape, hash_bytes(entry.data)]) for entry in encoded.entries
+    ]
+    return hash_bytes(b"\n".join(parts))
+
+
+def cache_key(lineage: str, step_name: str, input_digest: str, code: str) -> str:
+    return hash_bytes(canonical_json({"lineage": lineage, "step": step_name, "inputs": input_digest, "code": code}))
+
+
+def stored_result(run: PipelineRun, step_name: str, key: str) -> tuple[Any, CheckpointInfo] | None:
+    """The newest stored result of ``step_name`` with ``key``, verified; None when there is none."""
+    try:
+        infos = run.store.list(run.steps_lineage)
+    except CheckpointNotFoundError:
+        return None
+    for info in reversed(infos):
+        if info.metadata.get("cache_key") == key and info.metadata.get("step") == step_name:
+            state, _manifest = load_state(run.store, lineage=run.steps_lineage, version=info.version)
+            return state["result"], info
+    return None
+
+
+def step(
+    fn: Callable[..., R] | None = None,
+    *,
+    name: str | None = None,
+    ignore: Iterable[str] = (),
+    retries: int = 3,
+    retry_delay_seconds: Any = None,
+    retry_jitter_factor: float | None = 0.5,
+    retry_condition_fn: Any = None,
+    **task_options: Any,
+) -> Any:
+    """Make ``fn`` an idempotent pipeline step (a Prefect task).
+
+    Args:
+        name: Step name (default: the function name with ``-`` for ``_``); part of the cache key.
+        ignore: Parameters left out of the input digest (e.g. the store, a logger).
+        retries: Retries for transient errors (default 3).
+        retry_delay_seconds: Default: exponential backoff from 2 s (2, 4, 8 s...).
+        retry_jitter_factor: Random spread of each delay (default 0.5).
+        retry_condition_fn: Default: ``retry_transient``.
+        task_options: Anything else ``@prefect.task`` accepts (tags, timeout_seconds, ...).
+    """
+
+    def decorate(func: Callable[..., R]) -> Task[..., R]:
+        step_name = name or func.__name__.replace("_", "-")
+        code = code_digest(func)
+        STEP_CODE[step_name] = code
+        signature = inspect.signature(func)
+        skipped = set(ignore)
+        unknown = skipped - set(signature.parameters)
+        if unknown:
+            raise TypeError(f"step {step_name!r}: ignore names unknown parameters {sorted(unknown)}")
+
+        @functools.wraps(func)
+        def run_step(*args: Any, **kwargs: Any) -> Any:
+            run = current_run()
+            if run is None:
+                return func(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            inputs = {key: value for key, value in bound.arguments.items() if key not in skipped}
+            input_digest = value_digest(inputs, what=f"the inputs of step {step_name!r}")
+            key = cache_key(run.lineage, step_name, input_digest, code)
+            logger = get_run_logger()
+            if not run.forced(step_name):
+                found = stored_result(run, step_name, key)
+                if found is not None:
+                    result, info = found
+                    run.append(
+                        "step_completed",
+                        step=step_name,
+                        reused=True,
+                        cache_key=key,
+                        code=code,
+                        input_digest=input_digest,
+                        output_digest=info.metadata.get("output_digest"),
+                        result_version=info.version,
+                    )
+                    where = f"{run.steps_lineage} v{info.version}"
+                    logger.info("step %s already finished in this lineage: reusing its result (%s)", step_name, where)
+                    return Completed(name="Cached", data=result, message=f"reused from {where}")
+            from prefect.runtime import task_run
+
+            attempt = int(task_run.run_count or 1)
+            run.append(
+                "step_started", step=step_name, cache_key=key, code=code, input_digest=input_digest, attempt=attempt
+            )
+            try:
+                result = func(*args, **kwargs)
+            except BaseException as exc:
+                final = not (is_transient(exc) and attempt <= retries)
+                if final:
+                    run.failed_step = step_name
+                run.append(
+                    "failure",
+                    step=step_name,
+                    final=final,
+                    attempt=attempt,
+                    error=f"{type(exc).__name__}: {exc}"[:2000],
+                )
+                raise
+            output_digest = value_digest(result, what=f"the result of step {step_name!r}")
+            try:
+                info = save_state(
+                    run.store,
+                    {"result": result},
+                    lineage=run.steps_lineage,
+                    metadata={"step": step_name, "cache_key": key, "output_digest": output_digest, "run": run.run_id},
+                )
+            except UnsupportedValueError as exc:
+                raise StepResultError(f"step {step_name!r} returned a value that cannot be stored: {exc}") from None
+            run.append(
+                "step_completed",
+                step=step_name,
+                reused=False,
+                cache_key=key,
+                code=code,
+                input_digest=input_digest,
+                output_digest=output_digest,
+                result_version=info.version,
+            )
+            return result
+
+        options = {
+            "name": step_name,
+            "cache_policy": NO_CACHE,  # the cache is ours: lineage-scoped and held in the store
+            "persist_result": False,
+            "retries": retries,
+            "retry_delay_seconds": retry_delay_seconds
+            if retry_delay_seconds is not None
+            else exponential_backoff(backoff_factor=2),
+            "retry_jitter_factor": retry_jitter_factor,
+            "retry_condition_fn": retry_condition_fn or retry_transient,
+            **task_options,
+        }
+        return task(run_step, **options)
+
+    return decorate(fn) if fn is not None else decorate
+
+
+__all__ = ["STEP_CODE", "cache_key", "code_digest", "is_transient", "retry_transient", "step", "value_digest"]
