@@ -1,0 +1,174 @@
+"""A real Prefect server (``prefect server start``, SQLite, temporary PREFECT_HOME) and a real
+``prefect-recovery serve`` process, for the end-to-end tests of deployments, the UI and
+automations. Both are subprocesses on 127.0.0.1 with free ports, stopped at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, process: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited ({process.returncode}): {log.read_text()[-3000:] if log else ''}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not up after {timeout} s: {log.read_text()[-3000:] if log else ''}")
+
+
+def stop(process: subprocess.Popen, grace: float = 15) -> None:
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@dataclass
+class LiveServer:
+    url: str  # the UI, e.g. http://127.0.0.1:PORT
+    api_url: str  # url + /api
+    home: Path
+    process: subprocess.Popen
+    log: Path
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """Environment for a client process (CLI, serve, a pipeline run) of this server."""
+        env = {
+            **os.environ,
+            "PREFECT_API_URL": self.api_url,
+            "PREFECT_HOME": str(self.home / "client"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        }
+        env.update(extra)
+        return env
+
+
+@contextmanager
+def live_server(tmp: Path, startup_timeout: float = 180) -> Iterator[LiveServer]:
+    port = free_port()
+    home = tmp / "prefect-server-home"
+    home.mkdir(parents=True, exist_ok=True)
+    log = tmp / "prefect-server.log"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
+    }
+    env.pop("PREFECT_API_URL", None)
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    server = LiveServer(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/api", home, process, log)
+    try:
+        wait_http(f"{server.api_url}/health", startup_timeout, process, log)
+        yield server
+    finally:
+        stop(process)
+
+
+@contextmanager
+def serving(
+    server: LiveServer, tmp: Path, env: dict[str, str], startup_timeout: float = 180
+) -> Iterator[subprocess.Popen]:
+    """``prefect-recovery serve`` against ``server``; yields once its three deployments exist."""
+    log = tmp / "serve.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [str(BIN / "prefect-recovery"), "serve"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=tmp,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + startup_timeout
+        names = ["example-pipeline/example-pipeline", "recover/recover", "audit/audit-daily"]
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"serve exited ({process.returncode}): {log.read_text()[-3000:]}")
+            if all(deployment_id(server, name) for name in names) and b"being served" in log.read_bytes():
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"serve not ready after {startup_timeout} s: {log.read_text()[-3000:]}")
+            time.sleep(1)
+        yield process
+    finally:
+        stop(process)
+
+
+def api(server: LiveServer, method: str, path: str, body: object | None = None) -> object:
+    """A plain HTTP call to the server's REST API (JSON in, JSON out)."""
+    import json
+
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        f"{server.api_url}{path}", data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        raw = response.read()
+    return json.loads(raw) if raw else None
+
+
+def deployment_id(server: LiveServer, name: str) -> str | None:
+    flow, deployment = name.split("/")
+    try:
+        found = api(server, "GET", f"/deployments/name/{flow}/{deployment}")
+    except OSError:
+        return None
+    return found["id"] if isinstance(found, dict) else None
+
+
+def flow_runs(server: LiveServer, deployment: str | None = None, flow_name: str | None = None) -> list[dict]:
+    body: dict = {"sort": "EXPECTED_START_TIME_ASC", "limit": 200}
+    if deployment:
+        body["deployments"] = {"id": {"any_": [deployment_id(server, deployment)]}}
+    if flow_name:
+        body["flows"] = {"name": {"any_": [flow_name]}}
+    return api(server, "POST", "/flow_runs/filter", body)  # type: ignore[return-value]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
