@@ -3,7 +3,8 @@
 1. run the demo pipeline uninterrupted (lineage ``<prefix>-reference``);
 2. run it again under another lineage and SIGKILL its whole process group once ``kill_after``
    checkpoints are committed (no goodbye, like a lost node);
-3. run ``demo`` on that lineage again: it resumes from the latest consistent checkpoint;
+3. run ``recover`` on that lineage: preflight checks, then the pipeline resumes from the latest
+   consistent checkpoint, reusing the steps that had finished;
 4. compare the final state digests: they must be equal (bit-identical weights, optimizer,
    scheduler, RNG and data position).
 """
@@ -66,10 +67,17 @@ def run_crash_test(*, steps: int, seed: int, kill_after: int, say: Callable[[str
     else:
         say(f"    killed; latest committed checkpoint then: v{killed_at['version']} at step {killed_at['step']}")
 
-    say("3/3 run demo again on the killed lineage")
-    resumed = _run_json(_demo(crashed_lineage, steps, seed))
+    say(f"3/3 prefect-recovery recover --lineage {crashed_lineage}")
+    resumed = _run_json(
+        [sys.executable, "-m", "prefect_recovery.cli", "recover", "--json", "--lineage", crashed_lineage]
+    )
     identical = resumed["final_digest"] == reference["final_digest"]
-    say(f"    resumed from {resumed['resumed_from']}, final digest {resumed['final_digest']}")
+    failed = [row["check"] for row in resumed.get("preflight", []) if row["status"] != "pass"]
+    say(f"    preflight: {'all checks passed' if not failed else 'not passed: ' + ', '.join(failed)}")
+    say(
+        f"    resumed from {resumed['resumed_from']} at step {resumed.get('failed_step')!r}, reused steps "
+        f"{resumed.get('reused_steps')}, final digest {resumed['final_digest']}"
+    )
     say("identical to the uninterrupted run: bit-for-bit" if identical else "DIFFERENT from the uninterrupted run")
     return {
         "identical": identical,

@@ -27,7 +27,7 @@ from ..core.manifest import Manifest
 from ..tasks.example_steps import final_digest
 from ..tasks.pipeline_run import RecoveryPlan, claim_lineage, current_run_id, recovery_plan
 from ..tasks.preflight import CheckResult, PreflightContext, as_rows, run_checks
-from ..tasks.step import code_digest
+from ..tasks.step import STEP_CODE, code_digest
 from .example_pipeline import lineage_status
 from .registry import resolve_pipeline
 
@@ -126,6 +126,13 @@ def recover(
         raise RecoveryError(f"lineage {lineage!r} has no pipeline run in its journal; run the pipeline instead")
     pipeline = resolve_pipeline(str(started.data["pipeline"]))
     parameters = dict(started.data.get("parameters") or {})
+    if from_step is not None:
+        known = {str(e.data.get("step")) for e in events if e.kind in ("step_started", "step_completed")}
+        known |= set(STEP_CODE)  # steps defined by the pipeline's modules, run or not
+        if from_step not in known:
+            raise RecoveryError(
+                f"from_step {from_step!r} is not a step of lineage {lineage!r}; its steps are {sorted(known)}"
+            )
     manifest = _select(store, lineage, checkpoint)
     run_id = current_run_id()
 
