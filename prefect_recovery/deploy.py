@@ -24,23 +24,31 @@ RECOVER_AUTOMATION = "prefect-recovery: recover crashed pipeline runs"
 
 
 def build_deployments() -> list[Any]:
+    from prefect.deployments.runner import EntrypointType
+
     from .flows.audit import audit
     from .flows.example_pipeline import example_pipeline
     from .flows.recover import recover
 
+    # Module paths, not file paths: the runner starts each run in a fresh process that imports
+    # the flow, and a package module loaded as a loose file loses its relative imports.
+    module = EntrypointType.MODULE_PATH
     return [
         example_pipeline.to_deployment(
             name="example-pipeline",
+            entrypoint_type=module,
             description="The example training pipeline; an unfinished lineage resumes.",
             tags=["prefect-recovery"],
         ),
         recover.to_deployment(
             name="recover",
+            entrypoint_type=module,
             description="Recover a crashed pipeline run: preflight, restore, resume at the failed step.",
             tags=["prefect-recovery"],
         ),
         audit.to_deployment(
             name="audit-daily",
+            entrypoint_type=module,
             description="Verify every checkpoint in the store (verify-only audit).",
             cron=AUDIT_CRON,
             tags=["prefect-recovery"],
