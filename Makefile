@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT := false
 
-.PHONY: install install-dev demo test lint format bench clean
+.PHONY: install install-dev chromium demo test lint format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,16 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	touch $@
 
 install: $(VENV)/.installed
-install-dev: $(VENV)/.installed-dev
+install-dev: $(VENV)/.installed-dev chromium
+
+# Debian's Chromium, which Playwright drives in the Prefect-UI test (tests/test_recover_ui.py; another binary:
+# PREFECT_RECOVERY_CHROMIUM). `playwright install` is not used: it downloads its own browser from the internet.
+# apt-get runs as root, or through sudo where that exists.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" -eq 0 ]; then sudo=; elif command -v sudo >/dev/null 2>&1; then sudo=sudo; \
+	  else echo "chromium is missing: install it as root (apt-get install -y chromium)" >&2; exit 1; fi; \
+	  $$sudo apt-get update && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
 
 # The main job: the example pipeline run uninterrupted, then killed with SIGKILL part-way and
 # resumed; it fails unless the resumed result is bit-identical to the uninterrupted one.

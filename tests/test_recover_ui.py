@@ -1,0 +1,222 @@
+"""Recovery from the Prefect UI, end to end: a pipeline run killed with SIGKILL is recovered by a user who opens
+the ``recover`` deployment in the UI, starts a Custom run with ``lineage`` filled in and submits it.
+
+Everything is real: ``prefect server start`` (SQLite), ``prefect-recovery serve`` running the flow run it is
+handed, ``prefect-recovery demo`` subprocesses, and Debian's Chromium driven by Playwright. The recovered lineage
+must end with exactly the tensors of an uninterrupted run of the same steps and seed. The Custom run form, filled
+in, is saved to ``docs/img/recover-custom-run.png`` for the README.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import CLI, REPO
+from helpers.live_prefect import LiveServer, api, deployment_id, flow_runs, live_server, serving, wait_for
+
+from prefect_recovery import CheckpointStore
+
+pytestmark = pytest.mark.slow
+
+STEPS, SEED = 150, 7  # heavy checkpoints at steps 50, 100, 150, then milestone:train_end and milestone:final
+RUN_TIMEOUT = 300
+# Debian's Chromium (`make install-dev` installs it); Playwright's own browser download does not work offline.
+CHROMIUM = os.environ.get("PREFECT_RECOVERY_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SCREENSHOT = REPO / "docs" / "img" / "recover-custom-run.png"
+
+
+@dataclass
+class Stack:
+    server: LiveServer
+    env: dict[str, str]  # for subprocesses: this server's API and the shared PREFECT_RECOVERY_HOME
+    home: Path
+    tmp: Path
+    serve_log: Path
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("recover-ui")
+    home = tmp / "recovery-home"
+    with live_server(tmp) as server:
+        env = server.env(PREFECT_RECOVERY_HOME=str(home))
+        with serving(server, tmp, env):
+            yield Stack(server, env, home, tmp, tmp / "serve.log")
+
+
+@pytest.fixture
+def start_demo(stack: Stack) -> Iterator[Callable[[str], subprocess.Popen[bytes]]]:
+    """``prefect-recovery demo --json`` for a lineage, as a subprocess (a process group, killed at teardown)."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(lineage: str) -> subprocess.Popen[bytes]:
+        with open(stack.tmp / f"demo-{lineage}.log", "wb") as err:
+            process = subprocess.Popen(
+                [*CLI, "demo", "--json", "--lineage", lineage, "--steps", str(STEPS), "--seed", str(SEED)],
+                stdout=subprocess.PIPE,
+                stderr=err,
+                env=stack.env,
+                cwd=REPO,
+                start_new_session=True,
+            )
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        process.stdout.close()  # type: ignore[union-attr]
+
+
+def final_state(store: CheckpointStore, lineage: str) -> dict[str, Any]:
+    final = store.latest(lineage)
+    assert final is not None and final.metadata["trigger"] == "milestone:final", final
+    assert final.step == STEPS
+    return store.load(lineage=lineage, version=final.version)
+
+
+def leaves(tree: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from leaves(value, f"{path}/{key}")
+    elif isinstance(tree, list | tuple):
+        for i, value in enumerate(tree):
+            yield from leaves(value, f"{path}/{i}")
+    else:
+        yield path, tree
+
+
+def differing(a: Any, b: Any) -> list[str]:
+    """Paths where two state trees differ: tensors by dtype and torch.equal, other values by ==."""
+    left, right = dict(leaves(a)), dict(leaves(b))
+    found = sorted(set(left) ^ set(right))
+    for path in sorted(set(left) & set(right)):
+        x, y = left[path], right[path]
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            same = x.dtype == y.dtype and torch.equal(x, y)
+        else:
+            same = type(x) is type(y) and x == y
+        if not same:
+            found.append(path)
+    return found
+
+
+def run_logs(stack: Stack, run_id: str) -> str:
+    logs = api(
+        stack.server,
+        "POST",
+        "/logs/filter",
+        {"logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_ASC", "limit": 200},
+    )
+    flow_log = "\n".join(entry["message"] for entry in logs)  # type: ignore[union-attr]
+    return f"flow run logs:\n{flow_log[-4000:]}\nserve log:\n{stack.serve_log.read_text()[-6000:]}"
+
+
+def submit_recover_from_ui(stack: Stack, lineage: str) -> None:
+    """Deployments -> recover -> Run -> Custom run -> lineage -> Submit, as a user does it."""
+    from playwright.sync_api import expect, sync_playwright
+
+    recover_id = deployment_id(stack.server, "recover/recover")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(60_000)  # two slow cores: the first render of the UI takes seconds
+            page.goto(f"{stack.server.url}/deployments")
+            # the deployment's name links to its page (the flow's name "recover" below it links to the flow)
+            page.get_by_role("link", name="recover", exact=True).and_(
+                page.locator(f"[href='/deployments/deployment/{recover_id}']")
+            ).click()
+            expect(page).to_have_url(f"{stack.server.url}/deployments/deployment/{recover_id}")
+
+            page.get_by_role("button", name="Run", exact=True).click()
+            page.get_by_text("Custom run", exact=True).click()
+            # each parameter is a labelled form property; its label is not tied to the input (no for/id pair)
+            field = (
+                page.locator(".schema-form-property")
+                .filter(has=page.get_by_text("lineage", exact=True))
+                .get_by_role("textbox")
+            )
+            field.fill(lineage)
+            expect(field).to_have_value(lineage)
+            expect(field).to_have_count(1)
+
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT))
+            page.get_by_role("button", name="Submit", exact=True).click()
+            # the UI goes back to the deployment's runs once the flow run exists
+            expect(page).to_have_url(f"{stack.server.url}/deployments/deployment/{recover_id}?tab=Runs")
+        finally:
+            browser.close()
+
+
+def test_recover_a_killed_run_from_the_ui(stack: Stack, start_demo: Callable[[str], subprocess.Popen[bytes]]) -> None:
+    lineage = "ui-crash"
+    store = CheckpointStore.default(stack.home)
+
+    # the uninterrupted reference runs meanwhile (it shares nothing with the killed lineage but the store)
+    reference = start_demo("ref")
+    crashing = start_demo(lineage)
+
+    def two_checkpoints_or_exit() -> bool:
+        return crashing.poll() is not None or len(store.list(lineage)) >= 2
+
+    try:
+        wait_for(two_checkpoints_or_exit, RUN_TIMEOUT, "two committed checkpoints", interval=0.05)
+        assert crashing.poll() is None, f"demo exited ({crashing.returncode}) before its second checkpoint"
+    finally:
+        if crashing.poll() is None:
+            os.killpg(crashing.pid, signal.SIGKILL)
+        crashing.wait()
+    killed_at = store.list(lineage)
+    assert [i.metadata["trigger"] for i in killed_at] == ["every_n_steps"] * len(killed_at)
+    assert killed_at[-1].step < STEPS, "the kill came too late: training had finished"
+
+    submit_recover_from_ui(stack, lineage)
+
+    runs = wait_for(lambda: flow_runs(stack.server, "recover/recover"), 30, "the flow run the UI created")
+    assert len(runs) == 1, runs
+    run_id = runs[0]["id"]
+    assert runs[0]["parameters"]["lineage"] == lineage
+
+    def finished() -> dict | None:
+        run: dict = api(stack.server, "GET", f"/flow_runs/{run_id}")  # type: ignore[assignment]
+        if run["state_type"] in ("FAILED", "CRASHED", "CANCELLED"):
+            pytest.fail(f"recover run ended {run['state_name']}\n{run_logs(stack, run_id)}")
+        return run if run["state_type"] == "COMPLETED" else None
+
+    try:
+        run = wait_for(finished, RUN_TIMEOUT, "the recover run to complete", interval=2)
+    except TimeoutError as exc:
+        pytest.fail(f"{exc}\n{run_logs(stack, run_id)}")
+    assert run["parameters"]["lineage"] == lineage
+
+    out, _ = reference.communicate(timeout=RUN_TIMEOUT)
+    assert reference.returncode == 0, (stack.tmp / "demo-ref.log").read_text()[-4000:]
+    assert json.loads(out)["status"] == "completed"
+
+    recovered = store.list(lineage)
+    # the recovery resumed after the last committed checkpoint: the killed run's checkpoints are still the first ones
+    assert [(i.version, i.manifest_digest) for i in recovered[: len(killed_at)]] == [
+        (i.version, i.manifest_digest) for i in killed_at
+    ]
+    assert differing(final_state(store, "ref"), final_state(store, lineage)) == []
