@@ -24,11 +24,10 @@ from ..blocks import CheckpointStore
 from ..core.errors import CheckpointNotFoundError, PreflightError, RecoveryError
 from ..core.journal import Journal, JournalEvent, replay
 from ..core.manifest import Manifest
-from ..tasks.example_steps import final_digest
 from ..tasks.pipeline_run import RecoveryPlan, claim_lineage, current_run_id, recovery_plan
 from ..tasks.preflight import CheckResult, PreflightContext, as_rows, run_checks
 from ..tasks.step import STEP_CODE, code_digest
-from .example_pipeline import lineage_status
+from .example_pipeline import finished_result, lineage_status
 from .registry import resolve_pipeline
 
 _TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
@@ -110,15 +109,8 @@ def recover(
         raise RecoveryError(f"lineage {lineage!r} has no journal and no checkpoints in this store: nothing to recover")
     journal = Journal(store.core, lineage)
     if status["status"] == "finished":
-        final = status["final"]
         logger.info("lineage %s already finished; nothing to recover and nothing changed", lineage)
-        return {
-            "lineage": lineage,
-            "status": "finished",
-            "final_version": final.version if final else None,
-            "final_digest": final_digest(store, lineage, final.version) if final else None,
-            "resumed_from": None,
-        }
+        return finished_result(store, lineage, status)
     events = journal.events()
     history = replay(events)
     started = last_run_started(events)
