@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from conftest import CLI, REPO
 from helpers.live_prefect import BIN, LiveServer, api, deployment_id, flow_runs, live_server, serving, wait_for
+from helpers.step_values import differing_leaves
 
 from prefect_recovery import CheckpointStore
 from prefect_recovery.core.journal import Journal
@@ -133,36 +133,6 @@ def descends_from(pid: int, ancestor: int) -> bool:
         if pid == ancestor:
             return True
     return False
-
-
-def leaves(tree: Any, path: str = "") -> Iterator[tuple[str, Any]]:
-    if isinstance(tree, dict):
-        for key, value in tree.items():
-            yield from leaves(value, f"{path}/{key}")
-    elif isinstance(tree, list | tuple):
-        for i, value in enumerate(tree):
-            yield from leaves(value, f"{path}/{i}")
-    else:
-        yield path, tree
-
-
-def differing_leaves(a: Any, b: Any) -> list[str]:
-    """Paths where two states differ: tensors by dtype, shape and raw bytes, other values by ==."""
-    left, right = dict(leaves(a)), dict(leaves(b))
-    differ = sorted(set(left) ^ set(right))
-    for path in sorted(set(left) & set(right)):
-        x, y = left[path], right[path]
-        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
-            same = (
-                x.dtype == y.dtype
-                and x.shape == y.shape
-                and torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))
-            )
-        else:
-            same = type(x) is type(y) and x == y
-        if not same:
-            differ.append(path)
-    return differ
 
 
 def final_state(home: Path, lineage: str) -> tuple[Any, Any]:

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from conftest import CLI, REPO
 from helpers.live_prefect import LiveServer, api, deployment_id, flow_runs, live_server, serving, wait_for
+from helpers.step_values import differing_leaves
 
 from prefect_recovery import CheckpointStore
 
@@ -92,32 +92,6 @@ def final_state(store: CheckpointStore, lineage: str) -> dict[str, Any]:
     assert final is not None and final.metadata["trigger"] == "milestone:final", final
     assert final.step == STEPS
     return store.load(lineage=lineage, version=final.version)
-
-
-def leaves(tree: Any, path: str = "") -> Iterator[tuple[str, Any]]:
-    if isinstance(tree, dict):
-        for key, value in tree.items():
-            yield from leaves(value, f"{path}/{key}")
-    elif isinstance(tree, list | tuple):
-        for i, value in enumerate(tree):
-            yield from leaves(value, f"{path}/{i}")
-    else:
-        yield path, tree
-
-
-def differing(a: Any, b: Any) -> list[str]:
-    """Paths where two state trees differ: tensors by dtype and torch.equal, other values by ==."""
-    left, right = dict(leaves(a)), dict(leaves(b))
-    found = sorted(set(left) ^ set(right))
-    for path in sorted(set(left) & set(right)):
-        x, y = left[path], right[path]
-        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
-            same = x.dtype == y.dtype and torch.equal(x, y)
-        else:
-            same = type(x) is type(y) and x == y
-        if not same:
-            found.append(path)
-    return found
 
 
 def run_logs(stack: Stack, run_id: str) -> str:
@@ -219,4 +193,4 @@ def test_recover_a_killed_run_from_the_ui(stack: Stack, start_demo: Callable[[st
     assert [(i.version, i.manifest_digest) for i in recovered[: len(killed_at)]] == [
         (i.version, i.manifest_digest) for i in killed_at
     ]
-    assert differing(final_state(store, "ref"), final_state(store, lineage)) == []
+    assert differing_leaves(final_state(store, "ref"), final_state(store, lineage)) == []

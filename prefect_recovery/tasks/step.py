@@ -192,6 +192,13 @@ def step(
             )
             try:
                 result = func(*args, **kwargs)
+                # Storing the result is part of the step: a result that cannot be stored fails it.
+                output_digest = value_digest(result, what=f"the result of step {step_name!r}")
+                metadata = {"step": step_name, "cache_key": key, "output_digest": output_digest, "run": run.run_id}
+                try:
+                    info = save_state(run.store, {"result": result}, lineage=run.steps_lineage, metadata=metadata)
+                except UnsupportedValueError as exc:
+                    raise StepResultError(f"step {step_name!r} returned a value that cannot be stored: {exc}") from None
             except BaseException as exc:
                 final = not (is_transient(exc) and attempt <= retries)
                 if final:
@@ -204,16 +211,6 @@ def step(
                     error=f"{type(exc).__name__}: {exc}"[:2000],
                 )
                 raise
-            output_digest = value_digest(result, what=f"the result of step {step_name!r}")
-            try:
-                info = save_state(
-                    run.store,
-                    {"result": result},
-                    lineage=run.steps_lineage,
-                    metadata={"step": step_name, "cache_key": key, "output_digest": output_digest, "run": run.run_id},
-                )
-            except UnsupportedValueError as exc:
-                raise StepResultError(f"step {step_name!r} returned a value that cannot be stored: {exc}") from None
             run.append(
                 "step_completed",
                 step=step_name,
