@@ -64,7 +64,9 @@ def publish(
             except RegionError as exc:
                 causes[region.name] = str(exc)
                 continue
-            lost = outcome is PutOutcome.EXISTED
+            # EXISTED with our own bytes: an earlier attempt of this very write landed (a retried
+            # PUT whose first answer was lost), so this writer owns the number.
+            lost = outcome is PutOutcome.EXISTED and not _holds(region, key, data)
             arbiter = None if lost else region
             break
         if lost:
@@ -74,6 +76,13 @@ def publish(
             raise QuorumNotMetError(f"{what} not committed: no region accepted it", causes)
         return _replicate(regions, order, what, number, key, data, arbiter, causes, quorum)
     raise VersionConflictError(f"{what}: other writers took {MAX_ATTEMPTS} numbers in a row; retry")
+
+
+def _holds(region: RegionIO, key: str, data: bytes) -> bool:
+    try:
+        return region.get(key) == data
+    except RegionError:
+        return False
 
 
 def _replicate(

@@ -6,7 +6,14 @@
   final name (fails if the name exists, so the write is create-only and atomic), fsync the
   directory;
 * object stores: ``pipe_file(..., mode="create")``, which fsspec maps to the backend's own
-  precondition where it has one; elsewhere exists-check then write.
+  precondition (S3 ``If-None-Match: *``, GCS ``ifGenerationMatch=0``, Azure
+  ``If-None-Match: *``); ``gs://`` regions also read back what they wrote, because GCS
+  emulators ignore the precondition (FORMAT.md, "Create-only writes").
+
+Object-store calls are retried with exponential backoff and jitter (tenacity) for transient
+errors only: connection failures, timeouts, throttling and 5xx answers. A 403, a missing
+object or an existing one is an answer, never retried. Each call gives up after
+``call_deadline`` seconds in all.
 
 Everything else in the package talks to a region only through these methods.
 """
@@ -23,6 +30,7 @@ from urllib.parse import urlsplit
 
 import fsspec
 from fsspec.core import url_to_fs
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential_jitter
 
 from .errors import ObjectNotFoundError, RegionError, RegionUnavailableError, StorageFullError
 
@@ -43,6 +51,50 @@ def redact_url(url: str) -> str:
     return f"{parts.scheme}://{host}{parts.path}"
 
 
+_TRANSIENT_NAMES = (
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ConnectionClosedError",
+    "ClientConnectorError",
+    "ServerDisconnectedError",
+    "ServiceRequestError",
+    "ServiceResponseError",
+    "ClientOSError",
+)
+
+
+def _status_of(exc: BaseException) -> int | None:
+    """The HTTP status an object-store error carries, whatever library raised it."""
+    for attribute in ("status_code", "status", "code"):
+        value = getattr(exc, attribute, None)
+        if isinstance(value, int) and 100 <= value < 600:
+            return value
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):  # botocore ClientError
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return status if isinstance(status, int) else None
+    return None
+
+
+def is_transient_io(exc: BaseException) -> bool:
+    """Worth retrying: the peer was unreachable, slow, throttling or failing on its side."""
+    if isinstance(exc, (FileNotFoundError, FileExistsError, PermissionError, RegionError)):
+        return False
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    status = _status_of(exc)
+    if status is not None:
+        return status in (408, 429) or status >= 500
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if names & set(_TRANSIENT_NAMES):
+        return True
+    cause = exc.__cause__ or exc.__context__
+    return cause is not None and cause is not exc and is_transient_io(cause)
+
+
 def _is_local(url: str) -> bool:
     scheme = urlsplit(url).scheme
     return scheme in ("", "file", "local") or len(scheme) == 1
@@ -51,12 +103,27 @@ def _is_local(url: str) -> bool:
 class RegionIO:
     """Create-only object I/O on one fsspec location. Keys are '/'-separated and relative."""
 
+    retry_attempts = 4  # first try included
+    call_deadline = 60.0  # seconds for one call, retries included
+    verify_after_write = False
+
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None, name: str | None = None):
         self.url = url
         self.name = name or redact_url(url)
         self._storage_options = dict(storage_options or {})
         self._fs: fsspec.AbstractFileSystem | None = None
         self._root: str | None = None
+        self.verify_after_write = urlsplit(url).scheme in ("gs", "gcs")
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, retried for transient errors within ``call_deadline``."""
+        retrying = Retrying(
+            retry=retry_if_exception(is_transient_io),
+            wait=wait_exponential_jitter(initial=0.2, max=5.0),
+            stop=stop_after_attempt(self.retry_attempts) | stop_after_delay(self.call_deadline),
+            reraise=True,
+        )
+        return retrying(fn, *args, **kwargs)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
@@ -93,21 +160,24 @@ class RegionIO:
         """Create ``key`` with ``data`` unless it exists. Never overwrites, never leaves a partial object."""
         path = self._path(key)
         try:
-            if self.fs.exists(path):
+            if self._call(self.fs.exists, path):
                 return PutOutcome.EXISTED
+            payload = bytes(data)
             try:
-                self.fs.pipe_file(path, bytes(data), mode="create")
+                self._call(self.fs.pipe_file, path, payload, mode="create")
             except FileExistsError:
-                return PutOutcome.EXISTED
+                return PutOutcome.EXISTED  # incl. our own earlier attempt that timed out: callers compare
             except TypeError:  # an fsspec backend without `mode`: best effort, see FORMAT.md
-                self.fs.pipe_file(path, bytes(data))
+                self._call(self.fs.pipe_file, path, payload)
+            if self.verify_after_write and self._call(self.fs.cat_file, path) != payload:
+                return PutOutcome.EXISTED  # another writer's object replaced ours: we lost the race
             return PutOutcome.CREATED
         except Exception as exc:
             raise self._wrap(exc, "writing", key) from None
 
     def get(self, key: str) -> bytes:
         try:
-            return self.fs.cat_file(self._path(key))
+            return self._call(self.fs.cat_file, self._path(key))
         except Exception as exc:
             raise self._wrap(exc, "reading", key) from None
 
@@ -121,7 +191,7 @@ class RegionIO:
     def size(self, key: str) -> int | None:
         """Size of ``key`` in bytes, or None when it does not exist."""
         try:
-            return int(self.fs.size(self._path(key)))
+            return int(self._call(self.fs.size, self._path(key)))
         except FileNotFoundError:
             return None
         except Exception as exc:
@@ -133,7 +203,8 @@ class RegionIO:
     def list(self, prefix: str) -> list[str]:
         """Names directly under ``prefix`` (files and folders), or [] when it does not exist."""
         try:
-            entries = self.fs.ls(self._path(prefix), detail=False)
+            self.fs.invalidate_cache(self._path(prefix))  # listings must see other writers' objects
+            entries = self._call(self.fs.ls, self._path(prefix), detail=False)
         except FileNotFoundError:
             return []
         except Exception as exc:
@@ -144,7 +215,8 @@ class RegionIO:
         """Every object key under ``prefix``, relative to the region root."""
         base = self._path(prefix).rstrip("/")
         try:
-            found = self.fs.find(base)
+            self.fs.invalidate_cache(base)
+            found = self._call(self.fs.find, base)
         except FileNotFoundError:
             return []
         except Exception as exc:
@@ -154,7 +226,7 @@ class RegionIO:
 
     def delete(self, key: str) -> None:
         try:
-            self.fs.rm_file(self._path(key))
+            self._call(self.fs.rm_file, self._path(key))
         except FileNotFoundError:
             pass
         except Exception as exc:
