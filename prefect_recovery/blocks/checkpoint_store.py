@@ -109,6 +109,13 @@ class CheckpointStore(Block):
         description="Tensors larger than this are split into chunks of this many bytes.",
     )
     io_threads: int = Field(default=4, ge=1, le=64, description="Parallel transfers per region.")
+    straggler_grace_seconds: float | None = Field(
+        default=30.0,
+        ge=0,
+        description="Once write_quorum regions hold a save's data, how long slower regions get before they are "
+        "left lagging (healed later by verify --repair); at least as long again as the quorum took. "
+        "Empty: always wait for every region.",
+    )
 
     _store: Store | None = PrivateAttr(default=None)
 
@@ -143,6 +150,7 @@ class CheckpointStore(Block):
                 hash_algorithm=self.hash_algorithm,
                 chunk_bytes=self.chunk_bytes,
                 io_threads=self.io_threads,
+                straggler_grace=self.straggler_grace_seconds,
             )
         return self._store
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata as importlib_metadata
@@ -106,6 +107,7 @@ class Store:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         io_threads: int = 4,
         placement: Literal["all", "primary"] = "all",
+        straggler_grace: float | None = 30.0,
     ):
         """
         Args:
@@ -117,6 +119,10 @@ class Store:
             placement: Recorded in each manifest. ``all``: every region should hold a copy
                 (verify reports missing ones). ``primary``: one region by design (the
                 Checkpointer's light tier), counted at quorum 1 and never reported missing.
+            straggler_grace: Once ``write_quorum`` regions hold every blob of a save, the others
+                get this many seconds more (at least as long again as the quorum took); a
+                region still writing then is recorded as lagging, left out of the manifest's
+                publication and healed later by ``verify --repair``. None: wait for every region.
         """
         if not regions:
             raise InvalidNameError("a store needs at least one region")
@@ -135,6 +141,7 @@ class Store:
         self.chunk_bytes = chunk_bytes
         self.io_threads = io_threads
         self.placement = placement
+        self.straggler_grace = straggler_grace
 
     def quorum_for(self, manifest: Manifest) -> int:
         """Copies a manifest needs to count as committed (1 for single-region placement)."""
@@ -252,21 +259,61 @@ class Store:
                 ThreadPoolExecutor(self.io_threads, thread_name_prefix=f"ckpt-put-{i}")
                 for i in range(len(self.regions))
             ]
+            stragglers: set[str] = set()
             try:
-                futures = [
-                    pool.submit(put, region, digest, data)
-                    for (_, data), digest in zip(slices, digests, strict=True)
-                    for region, pool in zip(self.regions, pools, strict=True)
-                ]
-                for future in futures:
-                    future.result()
+                by_region: dict[str, list[Future[None]]] = {region.name: [] for region in self.regions}
+                for (_, data), digest in zip(slices, digests, strict=True):
+                    for region, pool in zip(self.regions, pools, strict=True):
+                        by_region[region.name].append(pool.submit(put, region, digest, data))
+                stragglers = self._await_puts(by_region, causes, lock)
             finally:
-                for pool in pools:
-                    pool.shutdown(wait=True)
+                for region, pool in zip(self.regions, pools, strict=True):
+                    # A straggler's in-flight puts finish in the background (blobs are
+                    # content-addressed, so a late copy is still a right copy).
+                    pool.shutdown(wait=region.name not in stragglers, cancel_futures=region.name in stragglers)
             refs: list[list[ChunkRef]] = [[] for _ in entries]
             for (index, data), digest in zip(slices, digests, strict=True):
                 refs[index].append(ChunkRef(digest=digest.result(), size=len(data)))
         return causes, written[0], refs
+
+    def _await_puts(
+        self, by_region: dict[str, list[Future[None]]], causes: dict[str, str], lock: threading.Lock
+    ) -> set[str]:
+        """Wait for every region's puts, or, once the quorum is done, for ``straggler_grace`` more.
+
+        Returns the regions given up on (recorded in ``causes`` as lagging).
+        """
+        pending = {future for futures in by_region.values() for future in futures}
+        started = time.monotonic()
+        deadline: float | None = None
+        while pending:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, pending = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
+            for future in done:
+                future.result()  # put() records RegionErrors itself; anything else is a bug: raise
+            if not pending:
+                break
+            if deadline is None and self.straggler_grace is not None:
+                finished = [
+                    name
+                    for name, futures in by_region.items()
+                    if name not in causes and all(future.done() for future in futures)
+                ]
+                if len(finished) >= self.write_quorum:
+                    elapsed = time.monotonic() - started
+                    deadline = time.monotonic() + max(self.straggler_grace, elapsed)
+                continue
+            if deadline is not None and time.monotonic() >= deadline:
+                slow = {name for name, futures in by_region.items() if any(not f.done() for f in futures)}
+                with lock:
+                    for name in slow:
+                        causes.setdefault(
+                            name,
+                            f"still writing {time.monotonic() - started:.1f} s into the save, after the quorum "
+                            "was done: left lagging (heal it with `prefect-recovery verify --repair`)",
+                        )
+                return slow
+        return set()
 
     def _ensure_blob(self, region: RegionIO, digest: str, data: memoryview) -> bool:
         """Make ``region`` hold an intact copy of a blob; True when new bytes were written.
