@@ -119,7 +119,7 @@ class RegionIO:
         """``fn(*args, **kwargs)``, retried for transient errors within ``call_deadline``."""
         retrying = Retrying(
             retry=retry_if_exception(is_transient_io),
-            wait=wait_exponential_jitter(initial=0.2, max=5.0),
+            wait=wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.2),
             stop=stop_after_attempt(self.retry_attempts) | stop_after_delay(self.call_deadline),
             reraise=True,
         )

@@ -332,7 +332,13 @@ class Store:
             return True
         if hash_bytes(region.get(key), self.hash_algorithm) != digest:
             region.delete(key)
-            region.put_if_absent(key, data)
+            if (
+                region.put_if_absent(key, data) is not PutOutcome.CREATED
+                and hash_bytes(region.get(key), self.hash_algorithm) != digest
+            ):
+                raise RegionError(
+                    region.name, f"blob {digest} could not be stored intact: the object under its name does not match"
+                )
             return True
         return False
 
