@@ -794,23 +794,22 @@ def test_case09_stalled_region_is_left_lagging_after_the_grace(tmp_path, faults)
     assert _load(_store([rb]))[1] == state_for("v1")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product gap: reads have no preference for a fast region nor a per-call deadline; a stalled "
-    "region listed first blocks resolve()/load until it answers",
-)
 def test_case09_reads_prefer_a_fast_region(tmp_path, faults):
     """Done: v1 in a and b; then every read call on region b (first in order) blocks on an Event.
-    Pass: the restore still completes within 3 s from region a."""
+    Pass: with read_deadline=1 s the restore still completes within 3 s from region a (the
+    stalled region counts as unreachable, so quorum 2 is met by a's copy), and region b is then
+    tried last."""
     a, b = _dirs(tmp_path, "region-a", "region-b")
     rb, ra = _faulty(faults, b, a)
     _store([rb, ra], 2).commit("lin", plans(state_for("v1")))
     stall = threading.Event()
     faults.add(op=("ls", "cat_file", "size", "exists", "find"), path=f"{b}*", action="block", event=stall, delay=30)
     try:
-        finished, result = _in_thread(lambda: _load(_store([rb, ra], 2))[1], timeout=3)
+        reader = _store([rb, ra], 2, read_deadline=1.0)
+        finished, result = _in_thread(lambda: _load(reader)[1], timeout=3)
         assert finished, "restore blocked on the stalled region"
         assert result == state_for("v1")
+        assert [region.name for region in reader._read_order()] == [ra.name, rb.name]
     finally:
         stall.set()
 

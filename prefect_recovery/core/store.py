@@ -18,12 +18,12 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata as importlib_metadata
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import JsonValue
 
@@ -35,6 +35,7 @@ from .errors import (
     ManifestError,
     QuorumNotMetError,
     RegionError,
+    RegionUnavailableError,
 )
 from .layout import (
     blob_key,
@@ -48,9 +49,12 @@ from .layout import (
 from .manifest import Component, Entry, Manifest, ManifestBody, ShardInfo, decode_manifest
 from .models import CheckpointInfo
 from .publish import publish
-from .region import PutOutcome, RegionIO
+from .region import LocalRegionIO, PutOutcome, RegionIO
 
 DEFAULT_CHUNK_BYTES = 32 * 2**20
+# How long a region whose read stalled past read_deadline is tried last and not listed.
+SLOW_PENALTY = 300.0
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -108,6 +112,7 @@ class Store:
         io_threads: int = 4,
         placement: Literal["all", "primary"] = "all",
         straggler_grace: float | None = 30.0,
+        read_deadline: float | None = 30.0,
     ):
         """
         Args:
@@ -123,6 +128,10 @@ class Store:
                 get this many seconds more (at least as long again as the quorum took); a
                 region still writing then is recorded as lagging, left out of the manifest's
                 publication and healed later by ``verify --repair``. None: wait for every region.
+            read_deadline: A read call (listing, size, manifest or object-store blob read) that
+                has no answer after this many seconds counts as failed, and its region is
+                tried last (and not listed) for ``SLOW_PENALTY`` seconds; other regions serve
+                the read. None: wait as long as the region takes.
         """
         if not regions:
             raise InvalidNameError("a store needs at least one region")
@@ -142,6 +151,8 @@ class Store:
         self.io_threads = io_threads
         self.placement = placement
         self.straggler_grace = straggler_grace
+        self.read_deadline = read_deadline
+        self._slow_until: dict[str, float] = {}
 
     def quorum_for(self, manifest: Manifest) -> int:
         """Copies a manifest needs to count as committed (1 for single-region placement)."""
@@ -367,14 +378,67 @@ class Store:
         return built[published.number], published.holders, published.lagging
 
     # -- reading ------------------------------------------------------------------------
-    def lineages(self) -> list[str]:
-        found: set[str] = set()
-        for region in self.regions:
+    def _is_slow(self, region: RegionIO) -> bool:
+        return self._slow_until.get(region.name, 0.0) > time.monotonic()
+
+    def _read_order(self, prefer: Sequence[str] = ()) -> list[RegionIO]:
+        """``prefer`` first, then configuration order; regions that recently stalled last."""
+        order = [self._region(n) for n in prefer] + [r for r in self.regions if r.name not in prefer]
+        return sorted(order, key=self._is_slow)  # stable: keeps the order within each group
+
+    def _bounded(self, region: RegionIO, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(*args)``, but give up after ``read_deadline`` (the region is then marked slow).
+
+        The call runs in a daemon thread that is left behind if it hangs, so ``fn`` must not
+        write into memory the caller keeps using (reads return new bytes; see read_blob_into).
+        """
+        if self.read_deadline is None:
+            return fn(*args)
+        box: dict[str, Any] = {}
+        done = threading.Event()
+
+        def run() -> None:
             try:
-                found.update(region.list(lineages_prefix()))
-            except RegionError:
-                continue
-        return sorted(found)
+                box["value"] = fn(*args)
+            except BaseException as exc:  # handed to the caller
+                box["error"] = exc
+            finally:
+                done.set()
+
+        threading.Thread(target=run, daemon=True, name=f"ckpt-read-{region.name}"[:60]).start()
+        if not done.wait(self.read_deadline):
+            self._slow_until[region.name] = time.monotonic() + SLOW_PENALTY
+            raise RegionUnavailableError(
+                region.name, f"no answer within {self.read_deadline:g} s (stalled); reading from the other regions"
+            )
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def _list_all(self, prefix: str) -> tuple[dict[str, list[str]], dict[str, str]]:
+        """List ``prefix`` in every region in parallel: names by region, and the regions that failed."""
+        names: dict[str, list[str]] = {}
+        causes: dict[str, str] = {}
+
+        def one(region: RegionIO) -> None:
+            if self._is_slow(region):
+                causes[region.name] = "stalled recently; skipped"
+                return
+            try:
+                names[region.name] = self._bounded(region, region.list, prefix)
+            except RegionError as exc:
+                causes[region.name] = str(exc)
+
+        threads = [threading.Thread(target=one, args=(region,), daemon=True) for region in self.regions]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return names, causes
+
+    def lineages(self) -> list[str]:
+        listed, _causes = self._list_all(lineages_prefix())
+        return sorted({name for names in listed.values() for name in names})
 
     def reachable_regions(self) -> tuple[list[RegionIO], dict[str, str]]:
         reachable, causes = [], {}
@@ -388,18 +452,18 @@ class Store:
 
     def versions(self, lineage: str) -> dict[int, list[str]]:
         """Every version number any region lists for ``lineage``, with the regions listing it."""
+        return self._versions(lineage)[0]
+
+    def _versions(self, lineage: str) -> tuple[dict[int, list[str]], dict[str, str]]:
         check_lineage(lineage)
+        listed, unreachable = self._list_all(manifests_prefix(lineage))
         found: dict[int, list[str]] = {}
         for region in self.regions:
-            try:
-                names = region.list(manifests_prefix(lineage))
-            except RegionError:
-                continue
-            for name in names:
+            for name in listed.get(region.name, []):
                 version = version_from_manifest_name(name)
                 if version is not None:
                     found.setdefault(version, []).append(region.name)
-        return dict(sorted(found.items()))
+        return dict(sorted(found.items())), unreachable
 
     def manifest_copies(self, lineage: str, version: int, regions: Iterable[str] | None = None) -> ManifestCopies:
         copies = ManifestCopies(version)
@@ -408,7 +472,7 @@ class Store:
 
         def fetch(region: RegionIO) -> None:
             try:
-                data = region.get(key)
+                data = self._bounded(region, region.get, key)
             except RegionError as exc:
                 copies.invalid[region.name] = str(exc)
                 return
@@ -420,28 +484,39 @@ class Store:
             except ManifestError as exc:
                 copies.invalid[region.name] = str(exc)
 
-        with ThreadPoolExecutor(max(1, len(targets))) as pool:
-            list(pool.map(fetch, targets))
+        threads = [threading.Thread(target=fetch, args=(region,), daemon=True) for region in targets]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
         return copies
 
     def blob_present(self, digest: str, size: int) -> bool:
         key = blob_key(digest)
-        for region in self.regions:
+        for region in self._read_order():
             try:
-                if region.size(key) == size:
+                if self._bounded(region, region.size, key) == size:
                     return True
             except RegionError:
                 continue
         return False
 
-    def consistent_manifest(self, lineage: str, version: int) -> tuple[Manifest, list[str]] | None:
-        """The committed manifest of ``version`` and its holders, or None if not consistent."""
-        holders_listed = self.versions(lineage).get(version)
+    def consistent_manifest(
+        self, lineage: str, version: int, listing: tuple[dict[int, list[str]], dict[str, str]] | None = None
+    ) -> tuple[Manifest, list[str]] | None:
+        """The committed manifest of ``version`` and its holders, or None if not consistent.
+
+        A region that cannot be listed right now may hold the missing copies, so it lowers the
+        copies required (to at least one), as for journal events: a region outage must not hide
+        committed checkpoints from a restore.
+        """
+        listed, unreachable = listing if listing is not None else self._versions(lineage)
+        holders_listed = listed.get(version)
         if not holders_listed:
             return None
         copies = self.manifest_copies(lineage, version, holders_listed)
         manifest, holders = copies.best(self.region_names)
-        if manifest is None or len(holders) < self.quorum_for(manifest):
+        if manifest is None or len(holders) < max(1, self.quorum_for(manifest) - len(unreachable)):
             return None
         sizes = {c.digest: c.size for e in manifest.entries for c in e.chunks}
         if not all(self.blob_present(d, s) for d, s in sizes.items()):
@@ -451,9 +526,10 @@ class Store:
     def resolve(self, lineage: str, version: int | None = None) -> tuple[Manifest, list[str]]:
         """The manifest to load: ``version`` if given and consistent, else the latest consistent."""
         check_lineage(lineage)
-        listed = self.versions(lineage)
+        listing = self._versions(lineage)
+        listed = listing[0]
         if version is not None:
-            found = self.consistent_manifest(lineage, version) if version in listed else None
+            found = self.consistent_manifest(lineage, version, listing) if version in listed else None
             if found is None:
                 raise CheckpointNotFoundError(
                     f"lineage {lineage!r} has no consistent version {version} "
@@ -461,19 +537,21 @@ class Store:
                 )
             return found
         for candidate in sorted(listed, reverse=True):
-            found = self.consistent_manifest(lineage, candidate)
+            found = self.consistent_manifest(lineage, candidate, listing)
             if found is not None:
                 return found
         raise CheckpointNotFoundError(f"lineage {lineage!r} has no consistent checkpoint in {self.region_names}")
 
     def consistent_versions(self, lineage: str) -> list[int]:
-        return [v for v in self.versions(lineage) if self.consistent_manifest(lineage, v)]
+        listing = self._versions(lineage)
+        return [v for v in listing[0] if self.consistent_manifest(lineage, v, listing)]
 
     def list(self, lineage: str | None = None) -> list[CheckpointInfo]:
         infos = []
         for name in [lineage] if lineage else self.lineages():
-            for version in self.versions(name):
-                found = self.consistent_manifest(name, version)
+            listing = self._versions(name)
+            for version in listing[0]:
+                found = self.consistent_manifest(name, version, listing)
                 if found is None:
                     continue
                 manifest, holders = found
@@ -495,11 +573,16 @@ class Store:
     def read_blob_into(self, digest: str, buffer: memoryview, prefer: Sequence[str] = ()) -> str:
         """Fill ``buffer`` with an intact copy of blob ``digest``; return the region it came from."""
         key = blob_key(digest)
-        order = [self._region(n) for n in prefer] + [r for r in self.regions if r.name not in prefer]
         causes: dict[str, str] = {}
-        for region in order:
+        for region in self._read_order(prefer):
             try:
-                size = region.read_into(key, buffer)
+                if isinstance(region, LocalRegionIO):  # straight into the buffer
+                    size = region.read_into(key, buffer)
+                else:  # new bytes in a bounded call, copied here: a late answer never touches the buffer
+                    data = self._bounded(region, region.get, key)
+                    size = len(data)
+                    if size == len(buffer):
+                        buffer[:] = data
             except RegionError as exc:
                 causes[region.name] = str(exc)
                 continue
