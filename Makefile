@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT := false
 
-.PHONY: install install-dev chromium demo test lint format bench clean
+.PHONY: install install-dev chromium azurite demo test lint format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,15 +14,15 @@ $(BIN)/python:
 
 # Installs are stamped with the files that define them, so re-runs cost nothing.
 $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
-	$(PIP) install --quiet -c constraints.txt -e '.[s3,azure]'
+	$(PIP) install --quiet -c constraints.txt -e '.[s3,gcs,azure]'
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install --quiet -c constraints.txt -e '.[s3,azure,dev]'
+	$(PIP) install --quiet -c constraints.txt -e '.[s3,gcs,azure,dev]'
 	touch $@
 
 install: $(VENV)/.installed
-install-dev: $(VENV)/.installed-dev chromium
+install-dev: $(VENV)/.installed-dev chromium azurite
 
 # Debian's Chromium, which Playwright drives in the Prefect-UI test (tests/test_recover_ui.py; another binary:
 # PREFECT_RECOVERY_CHROMIUM). `playwright install` is not used: it downloads its own browser from the internet.
@@ -32,6 +32,20 @@ chromium:
 	  if [ "$$(id -u)" -eq 0 ]; then sudo=; elif command -v sudo >/dev/null 2>&1; then sudo=sudo; \
 	  else echo "chromium is missing: install it as root (apt-get install -y chromium)" >&2; exit 1; fi; \
 	  $$sudo apt-get update && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
+
+# Azurite, the Azure Blob emulator of tests/test_backends.py, from the npm registry into a git-ignored folder of
+# the repo (tests/helpers/emulators.py finds it there; another binary: AZURITE_BIN). The stamp names the version,
+# so re-runs cost nothing and a new version replaces the old install. moto and gcp-storage-emulator come with .[dev].
+AZURITE_VERSION := 3.37.0
+AZURITE_DIR := .cache/azurite
+$(AZURITE_DIR)/.installed-$(AZURITE_VERSION):
+	@command -v npm >/dev/null 2>&1 || { echo "npm is missing: install Node.js and npm (apt-get install -y nodejs npm)" >&2; exit 1; }
+	rm -rf $(AZURITE_DIR)
+	mkdir -p $(AZURITE_DIR)
+	npm install --prefix $(AZURITE_DIR) --no-save --no-audit --no-fund azurite@$(AZURITE_VERSION)
+	touch $@
+
+azurite: $(AZURITE_DIR)/.installed-$(AZURITE_VERSION)
 
 # The main job: the example pipeline run uninterrupted, then killed with SIGKILL part-way and
 # resumed; it fails unless the resumed result is bit-identical to the uninterrupted one.

@@ -47,6 +47,19 @@ class Region(BaseModel):
     name: str | None = Field(
         default=None, description="Display name in reports; defaults to the URL without credentials."
     )
+    credentials: str | None = Field(
+        default=None,
+        description="A saved credentials block, '<type>/<name>': aws-credentials, gcp-credentials or "
+        "azure-blob-storage-credentials (needs prefect-aws/-gcp/-azure). storage_options win over it.",
+    )
+
+    def fsspec_options(self) -> dict[str, Any]:
+        options = dict(self.storage_options.get_secret_value())
+        if self.credentials:
+            from .credentials import options_from_block
+
+            options = {**options_from_block(self.credentials), **options}
+        return options
 
 
 def _schema_extra(schema: dict[str, Any], model: type[Block]) -> None:
@@ -142,10 +155,7 @@ class CheckpointStore(Block):
         """The bytes-level store built from this configuration."""
         if self._store is None:
             self._store = Store(
-                [
-                    open_region(region.url, region.storage_options.get_secret_value(), region.name)
-                    for region in self.regions
-                ],
+                [open_region(region.url, region.fsspec_options(), region.name) for region in self.regions],
                 write_quorum=self.write_quorum,
                 hash_algorithm=self.hash_algorithm,
                 chunk_bytes=self.chunk_bytes,
