@@ -304,6 +304,15 @@ class Store:
                 future.result()  # put() records RegionErrors itself; anything else is a bug: raise
             if not pending:
                 break
+            with lock:
+                failed = set(causes)
+            if len(failed) > len(by_region) - self.write_quorum:
+                # The quorum can no longer be met: start no more puts, let the running ones end
+                # (commit then raises QuorumNotMetError).
+                for future in pending:
+                    future.cancel()
+                wait(pending)
+                return set()
             if deadline is None and self.straggler_grace is not None:
                 finished = [
                     name
@@ -318,6 +327,7 @@ class Store:
                 slow = {name for name, futures in by_region.items() if any(not f.done() for f in futures)}
                 with lock:
                     for name in slow:
+                        self._slow_until[name] = time.monotonic() + SLOW_PENALTY  # reads skip it too
                         causes.setdefault(
                             name,
                             f"still writing {time.monotonic() - started:.1f} s into the save, after the quorum "

@@ -4,8 +4,9 @@ Each context manager starts its emulator as a subprocess on 127.0.0.1 with a fre
 until it answers HTTP, creates a bucket (container) and yields an ``Emulator``: the region URL
 and the fsspec storage options to give ``open_region(url, storage_options)`` or a
 ``CheckpointStore`` region (``emulator.region(prefix)``). The process is stopped at the end.
-``unreachable_region(kind)`` gives a region of the same kind whose endpoint refuses
-connections, for "region down" tests.
+``running_emulators()`` starts several in parallel. For "region down" tests, ``refused_endpoint()``
+holds a port that refuses connections and ``unreachable_emulator(kind, endpoint)`` gives the
+storage options of a region of that kind behind it.
 
 Binaries: ``moto_server`` and ``gcp-storage-emulator`` next to the running Python (the dev extra);
 azurite from ``$AZURITE_BIN``, else ``.cache/azurite`` (installed by ``make install-dev``), else PATH.
