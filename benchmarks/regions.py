@@ -75,6 +75,7 @@ def main() -> None:
         root = Path(tmp)
         say("starting emulators...")
         emulators = {kind: stack.enter_context(emulator(kind, log_dir=root)) for kind in ("s3", "gcs", "azure")}
+
         def local(run: str) -> dict[str, Any]:
             path = root / f"local-{run}"
             path.mkdir()
