@@ -397,13 +397,14 @@ class Store:
         return sorted(order, key=self._is_slow)  # stable: keeps the order within each group
 
     def _bounded(self, region: RegionIO, fn: Callable[..., _T], *args: Any) -> _T:
-        """``fn(*args)``, but give up after ``read_deadline`` (the region is then marked slow).
+        """``fn(*args)`` on an object-store region, but give up after ``read_deadline`` (the
+        region is then marked slow). Local regions are called directly, like their blob reads.
 
         The call runs in a daemon thread that is left behind if it hangs, so ``fn`` must not
         write into memory the caller keeps using (reads return new bytes; see read_blob_into).
         """
-        if self.read_deadline is None:
-            return fn(*args)
+        if self.read_deadline is None or isinstance(region, LocalRegionIO):
+            return fn(*args)  # local calls stay on this thread: no thread per call on the hot path
         box: dict[str, Any] = {}
         done = threading.Event()
 

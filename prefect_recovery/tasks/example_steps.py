@@ -103,18 +103,6 @@ def finalize(
     return {"version": info.version, "step": info.step, "state_digest": final_digest(store, lineage, info.version)}
 
 
-def data_digest(data: dict[str, torch.Tensor]) -> str:
-    """Digest of a dataset's tensors (names, dtypes, shapes and bytes): its provenance record."""
-    from ..core.digest import hash_bytes
-    from ..training.encoding import tensor_bytes
-
-    parts = [
-        f"{name}:{tensor.dtype}:{list(tensor.shape)}:{hash_bytes(tensor_bytes(tensor.contiguous()))}"
-        for name, tensor in sorted(data.items())
-    ]
-    return hash_bytes("\n".join(parts).encode())
-
-
 def final_digest(store: CheckpointStore, lineage: str, version: int) -> str:
     manifest, _holders = store.core.resolve(lineage, version)
     return manifest.state_digest()

@@ -30,6 +30,7 @@ from pydantic import JsonValue
 from ..core.digest import hash_bytes
 from ..core.errors import LineageBusyError
 from ..core.journal import Claim, EventKind, Journal, JournalEvent, open_claims
+from ..core.layout import check_lineage
 from ..core.liveness import is_alive, process_identity
 from ..core.models import CheckpointInfo
 from ..core.store import Store
@@ -211,7 +212,7 @@ class PipelineRun:
         self.lineage = lineage
         self.steps_lineage = f"{lineage}{STEPS_SUFFIX}"
         self.journal = Journal(self.store, lineage)
-        Journal(self.store, self.steps_lineage)  # validates the derived name early
+        check_lineage(self.steps_lineage)  # the derived name must be valid too (lineage <= 122 chars)
         self.pipeline = pipeline
         self.parameters = parameters
         self.inputs = inputs or {}

@@ -184,14 +184,12 @@ def check_code(ctx: PreflightContext) -> CheckResult:
     recorded = ctx.run_started.data.get("code_digest") if ctx.run_started else None
     if recorded and ctx.pipeline_code and recorded != ctx.pipeline_code:
         warnings.append("the pipeline's code changed since the run")
-    changed = sorted(
-        {
-            str(event.data.get("step"))
-            for event in ctx.events
-            if event.kind == "step_completed"
-            and event.data.get("code") not in (None, STEP_CODE.get(str(event.data.get("step")), event.data.get("code")))
-        }
-    )
+    drifted: set[str] = set()
+    for event in ctx.events:
+        step, code = event.data.get("step"), event.data.get("code")
+        if event.kind == "step_completed" and code and step in STEP_CODE and STEP_CODE[step] != code:
+            drifted.add(step)
+    changed = sorted(drifted)
     if changed:
         warnings.append(f"steps whose code changed since they ran (they will run again): {changed}")
     return _result("code", [], warnings, "same code as the run")
