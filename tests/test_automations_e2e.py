@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from conftest import CLI, REPO
 from helpers.live_prefect import BIN, LiveServer, api, deployment_id, flow_runs, live_server, serving, wait_for
-from helpers.step_values import differing_leaves
+from helpers.step_values import differing_leaves, final_state
 
 from prefect_recovery import CheckpointStore
 from prefect_recovery.core.journal import Journal
@@ -133,14 +133,6 @@ def descends_from(pid: int, ancestor: int) -> bool:
         if pid == ancestor:
             return True
     return False
-
-
-def final_state(home: Path, lineage: str) -> tuple[Any, Any]:
-    store = CheckpointStore.default(home)
-    final = store.latest(lineage)
-    assert final is not None and final.metadata["trigger"] == "milestone:final", final
-    assert final.step == STEPS
-    return store.load(lineage=lineage, version=final.version), final
 
 
 # -- automatic recovery -------------------------------------------------------------------------------------------
@@ -252,8 +244,8 @@ def test_automatic_recovery_after_sigkill(live: Live) -> None:
         assert run_id in history.runs
 
         # every tensor and value of the final checkpoint equals the uninterrupted run's
-        reference_state, _ = final_state(home, REFERENCE)
-        state, info = final_state(home, LINEAGE)
+        reference_state, _ = final_state(home, REFERENCE, STEPS)
+        state, info = final_state(home, LINEAGE, STEPS)
         assert recovered["finished"]["final_version"] == info.version
         assert differing_leaves(reference_state, state) == []
         assert recovered["finished"]["final_digest"] == ref_result["final_digest"]

@@ -8,6 +8,7 @@ from array import array
 from pathlib import Path
 
 import pytest
+from helpers.tamper import flip_byte, reseal
 
 from prefect_recovery.core import (
     BlobUnavailableError,
@@ -71,17 +72,6 @@ def _manifest_files(root: Path) -> set[str]:
 
 def _only_in(manifest_new: Manifest, manifest_old: Manifest) -> list[str]:
     return sorted(set(manifest_new.blob_digests()) - set(manifest_old.blob_digests()))
-
-
-def _flip_byte(path: Path, offset: int = 0) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
-def _reseal(raw: dict) -> bytes:
-    body = {k: v for k, v in raw.items() if k not in ("manifest_digest", "signature")}
-    return canonical_json({**raw, "manifest_digest": hash_bytes(canonical_json(body))})
 
 
 # -- round trip, versions, dedup ------------------------------------------------------------
@@ -301,7 +291,7 @@ def test_corrupt_blob_falls_back_to_another_region_and_verify_repairs_it(tmp_pat
     digest = manifest.entries[0].chunks[1].digest
     key = blob_key(digest)
     original = (a / key).read_bytes()
-    _flip_byte(a / key, 10)
+    flip_byte(a / key, 10)
 
     assert _load(store, "lin")[1] == state  # region a is tried first; its copy is rejected
 
@@ -354,7 +344,7 @@ def test_blob_corrupt_in_every_region_raises_blob_unavailable(tmp_path):
     store, a, b, _, manifest = _two_region_checkpoint(tmp_path)
     digest = manifest.entries[0].chunks[2].digest
     for root in (a, b):
-        _flip_byte(root / blob_key(digest))
+        flip_byte(root / blob_key(digest))
 
     with pytest.raises(BlobUnavailableError) as info:
         _load(store, "lin")
@@ -530,7 +520,7 @@ def test_planted_manifest_with_escaping_entry_name_is_rejected_before_any_blob_i
     raw["entries"] = [
         {**raw["entries"][0], "name": name, "size": len(payload), "chunks": [{"digest": digest, "size": len(payload)}]}
     ]
-    planted = _reseal(raw)
+    planted = reseal(raw)
     for root in (a, b):
         (root / manifest_key("lin", 2)).write_bytes(planted)
         (root / blob_key(digest)).parent.mkdir(parents=True, exist_ok=True)

@@ -47,6 +47,7 @@ from helpers.faulty_fs import (
     state_for,
     timed_out,
 )
+from helpers.tamper import flip_byte, reseal
 
 from prefect_recovery.core import (
     CheckpointNotFoundError,
@@ -196,17 +197,6 @@ def _whole_objects(root: Path) -> dict[str, int]:
 def _manifests(root: Path, lineage: str = "lin") -> list[str]:
     where = root / "lineages" / lineage / "manifests"
     return sorted(p.name for p in where.iterdir() if re.fullmatch(r"\d{12}\.json", p.name)) if where.exists() else []
-
-
-def _flip_byte(path: Path, offset: int = 0) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0x01
-    path.write_bytes(bytes(data))
-
-
-def _reseal(raw: dict) -> bytes:
-    body = {k: v for k, v in raw.items() if k not in ("manifest_digest", "signature")}
-    return canonical_json({**raw, "manifest_digest": hash_bytes(canonical_json(body))})
 
 
 def _outside(tmp_path: Path, regions: list[Path]) -> dict[str, tuple[int, int]]:
@@ -554,7 +544,7 @@ def test_case05_bit_flip_in_a_blob_is_read_around_reported_and_repaired(tmp_path
     chunk = manifest.entries[0].chunks[1]
     key = blob_key(chunk.digest)
     original = (a / key).read_bytes()
-    _flip_byte(a / key, 100)
+    flip_byte(a / key, 100, mask=0x01)
 
     faults.reset_log()
     assert _load(store)[1] == state_for("v1")
@@ -578,16 +568,16 @@ def _damaged(good: bytes, how: str) -> bytes:
         return good[: len(good) // 2]
     if how == "format_version 2":
         raw["format_version"] = 2
-        return _reseal(raw)
+        return reseal(raw)
     if how == "entry size disagrees with its chunks":
         raw["entries"][0]["size"] += 1
-        return _reseal(raw)
+        return reseal(raw)
     raw["entries"][0]["chunks"][0]["size"] += 1
     raw["entries"][0]["size"] += 1
     if how == "sizes changed, digest stale":
         return canonical_json(raw)
     if how == "sizes changed and resealed":
-        return _reseal(raw)
+        return reseal(raw)
     raise AssertionError(how)
 
 
@@ -1048,8 +1038,8 @@ def test_case14_escaping_names_are_rejected_and_nothing_is_written_outside(tmp_p
     path_digest = {"name": "w", "size": 1, "chunks": [{"digest": "blake3:../../../x", "size": 1}]}
     bad_digest = dict(raw, version=3, entries=[entry | path_digest], tree={"bytes": "w"})
     for root in (a, b):
-        (root / manifest_key("lin", 2)).write_bytes(_reseal(raw))
-        (root / manifest_key("lin", 3)).write_bytes(_reseal(bad_digest))
+        (root / manifest_key("lin", 2)).write_bytes(reseal(raw))
+        (root / manifest_key("lin", 3)).write_bytes(reseal(bad_digest))
         (root / blob_key(digest)).parent.mkdir(parents=True, exist_ok=True)
         (root / blob_key(digest)).write_bytes(payload)
 
@@ -1123,7 +1113,7 @@ def test_case15_crafted_pickle_never_executes(tmp_path, faults):
     }
     for version, body in planted.items():
         for root in (a, b):
-            (root / manifest_key("lin", version)).write_bytes(_reseal(body))
+            (root / manifest_key("lin", version)).write_bytes(reseal(body))
     state, _ = load_state(store, lineage="lin", version=2)
     assert state["t"].dtype == torch.uint8 and bytes(state["t"].numpy()) == payload
     with pytest.raises(ManifestError, match="dtype 'object'"):

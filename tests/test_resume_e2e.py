@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 from conftest import CLI, REPO
-from helpers.step_values import differing_leaves
+from helpers.step_values import differing_leaves, final_state
 
 from prefect_recovery import CheckpointStore
 from prefect_recovery.core.journal import Journal
@@ -140,14 +140,6 @@ def blob_files(home: Path, region: str) -> set[str]:
     return found
 
 
-def final_state(home: Path, lineage: str) -> tuple[Any, Any]:
-    store = CheckpointStore.default(home)
-    final = store.latest(lineage)
-    assert final is not None and final.metadata["trigger"] == "milestone:final", final
-    assert final.step == STEPS
-    return store.load(lineage=lineage, version=final.version), final
-
-
 @dataclass
 class Reference:
     home: Path
@@ -162,7 +154,7 @@ def reference(api_url, tmp_path_factory) -> Reference:
     run = start_demo(home, "reference", api_url, tmp_path_factory.mktemp("reference-logs"))
     result = run.result()
     assert result["status"] == "completed" and result["resumed_from"] is None, result
-    state, _info = final_state(home, "reference")
+    state, _info = final_state(home, "reference", STEPS)
     # what the comparisons below cover: every component of the training state, plus the metrics
     assert {"model", "optimizer", "scheduler", "data", "rng", "determinism", "counters", "metrics"} <= set(state)
     assert state["counters"]["step"] == STEPS
@@ -180,7 +172,7 @@ def resume_and_compare(reference: Reference, home: Path, lineage: str, api_url: 
     assert result["status"] == "completed"
     assert result["lineage"] == lineage
     assert result["resumed_from"] == expected_resume
-    state, info = final_state(home, lineage)
+    state, info = final_state(home, lineage, STEPS)
     assert info.version == result["final_version"]
     assert differing_leaves(reference.state, state) == []
     assert result["final_digest"] == reference.result["final_digest"]
@@ -325,7 +317,7 @@ def test_python_rng_is_not_polluted_by_prefect_keepalive(reference, api_url, rec
             os.killpg(run.process.pid, signal.SIGCONT)
     result = run.result()
 
-    state, _info = final_state(recovery_home, lineage)
+    state, _info = final_state(recovery_home, lineage, STEPS)
     assert differing_leaves(reference.state, state) == []
     assert result["final_digest"] == reference.result["final_digest"]
 
@@ -350,8 +342,8 @@ def test_crash_test_command(api_url, recovery_home):
     assert report["resumed"]["resumed_from"] == report["killed_after"]
     if not report["identical"]:
         differ = differing_leaves(
-            final_state(recovery_home, report["reference"]["lineage"])[0],
-            final_state(recovery_home, report["resumed"]["lineage"])[0],
+            final_state(recovery_home, report["reference"]["lineage"], STEPS)[0],
+            final_state(recovery_home, report["resumed"]["lineage"], STEPS)[0],
         )
         assert differ, "crash-test says different, but every tensor and value is equal"
         pytest.fail(f"resumed run differs from the uninterrupted one at {differ[:20]}")

@@ -44,3 +44,14 @@ def differing_leaves(a: Any, b: Any) -> list[str]:
     return sorted(set(left) ^ set(right)) + [
         path for path in sorted(set(left) & set(right)) if not same(left[path], right[path])
     ]
+
+
+def final_state(home, lineage: str, steps: int) -> tuple[Any, Any]:
+    """State and info of a lineage's final checkpoint (milestone ``final`` at ``steps``) in the default store."""
+    from prefect_recovery import CheckpointStore
+
+    store = CheckpointStore.default(home)
+    final = store.latest(lineage)
+    assert final is not None and final.metadata["trigger"] == "milestone:final", final
+    assert final.step == steps
+    return store.load(lineage=lineage, version=final.version), final
