@@ -48,6 +48,7 @@ from .layout import (
 )
 from .manifest import Component, Entry, Manifest, ManifestBody, ShardInfo, decode_manifest
 from .models import CheckpointInfo
+from .observe import StoreEvent, StoreObserver, notify
 from .publish import publish
 from .region import LocalRegionIO, PutOutcome, RegionIO
 
@@ -113,6 +114,7 @@ class Store:
         placement: Literal["all", "primary"] = "all",
         straggler_grace: float | None = 30.0,
         read_deadline: float | None = 30.0,
+        observers: Sequence[StoreObserver] = (),
     ):
         """
         Args:
@@ -132,6 +134,8 @@ class Store:
                 has no answer after this many seconds counts as failed, and its region is
                 tried last (and not listed) for ``SLOW_PENALTY`` seconds; other regions serve
                 the read. None: wait as long as the region takes.
+            observers: Called with a ``StoreEvent`` after each commit, failed save and
+                restore (core/observe.py); telemetry hooks in here.
         """
         if not regions:
             raise InvalidNameError("a store needs at least one region")
@@ -152,7 +156,22 @@ class Store:
         self.placement = placement
         self.straggler_grace = straggler_grace
         self.read_deadline = read_deadline
+        self.observers = list(observers)
         self._slow_until: dict[str, float] = {}
+
+    def derive(self, regions: Sequence[RegionIO], *, write_quorum: int, placement: Literal["all", "primary"]) -> Store:
+        """A store over ``regions`` with this one's other settings (hashing, signing, observers)."""
+        return Store(
+            regions,
+            write_quorum=write_quorum,
+            hash_algorithm=self.hash_algorithm,
+            chunk_bytes=self.chunk_bytes,
+            io_threads=self.io_threads,
+            placement=placement,
+            straggler_grace=self.straggler_grace,
+            read_deadline=self.read_deadline,
+            observers=self.observers,
+        )
 
     def quorum_for(self, manifest: Manifest) -> int:
         """Copies a manifest needs to count as committed (1 for single-region placement)."""
@@ -177,6 +196,51 @@ class Store:
         metadata: dict[str, JsonValue] | None = None,
     ) -> CheckpointInfo:
         """Write ``entries`` as the next version of ``lineage`` and return what was committed."""
+        started = time.monotonic()
+        try:
+            info = self._commit(lineage, entries, step=step, tree=tree, components=components, metadata=metadata)
+        except Exception as exc:
+            failed = getattr(exc, "causes", None) or {}
+            notify(
+                self.observers,
+                StoreEvent(
+                    "save_failed",
+                    lineage,
+                    None,
+                    step,
+                    sum(plan.data.nbytes for plan in entries),
+                    time.monotonic() - started,
+                    {str(k): str(v) for k, v in dict(failed).items()},
+                    {"error": f"{type(exc).__name__}: {exc}"},
+                ),
+            )
+            raise
+        regions = {name: "ok" for name in info.regions} | info.lagging
+        notify(
+            self.observers,
+            StoreEvent(
+                "checkpoint_committed",
+                lineage,
+                info.version,
+                step,
+                info.total_bytes,
+                time.monotonic() - started,
+                regions,
+                dict(info.metadata),
+            ),
+        )
+        return info
+
+    def _commit(
+        self,
+        lineage: str,
+        entries: Sequence[EntryPlan],
+        *,
+        step: int | None,
+        tree: JsonValue,
+        components: Iterable[Component],
+        metadata: dict[str, JsonValue] | None,
+    ) -> CheckpointInfo:
         check_lineage(lineage)
         names = [check_entry_name(plan.name) for plan in entries]  # before a single byte is written
         if len(set(names)) != len(names):

@@ -130,14 +130,7 @@ class Checkpointer:
         self._last_save = {"light": clock(), "heavy": clock()}
         self._saver = AsyncSaver(self.schedule.max_in_flight, self.schedule.on_backpressure)
         self._staging = StagingBuffers(self.schedule.max_in_flight)
-        self._light_store = Store(
-            self.store.regions[:1],
-            write_quorum=1,
-            hash_algorithm=self.store.hash_algorithm,
-            chunk_bytes=self.store.chunk_bytes,
-            io_threads=self.store.io_threads,
-            placement="primary",
-        )
+        self._light_store = self.store.derive(self.store.regions[:1], write_quorum=1, placement="primary")
         self._preempted = threading.Event()
         self._previous_handler: Any = None
         isolate_background_rng_users()  # the RNG states we capture must only move with training

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -9,6 +10,7 @@ from pydantic import JsonValue
 
 from ..core.manifest import Manifest
 from ..core.models import CheckpointInfo
+from ..core.observe import StoreEvent, notify
 from ..core.store import Store
 from .encoding import (
     Key,
@@ -55,6 +57,7 @@ def load_state(
     are changed in place, and are left partly written if the load fails (no intact copy of a
     blob in any region); the returned state holds them.
     """
+    started = time.monotonic()
     manifest, holders = store.resolve(lineage, version)
     keys = list(keys) if keys is not None else None
     values: dict[str, Any] = {}
@@ -68,4 +71,15 @@ def load_state(
         values[entry.name] = value
         targets.append((entry, view))
     store.read_entries_into(targets, prefer=holders)
+    event = StoreEvent(
+        "checkpoint_restored",
+        lineage,
+        manifest.version,
+        manifest.step,
+        sum(entry.size for entry, _view in targets),
+        time.monotonic() - started,
+        {name: "ok" for name in holders},
+        dict(manifest.metadata),
+    )
+    notify(store.observers, event)
     return decode_tree(manifest.tree, values, keys=keys), manifest
