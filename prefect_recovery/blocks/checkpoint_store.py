@@ -22,6 +22,8 @@ from prefect.types import SecretDict
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, PrivateAttr, field_validator
 
 from ..core import CheckpointInfo, Store, VerifyReport, open_region, verify_store
+from ..core.errors import SigningKeyError
+from ..core.signing import Keyring, ManifestKey, SignatureAlgorithm, load_key
 from ..core.store import DEFAULT_CHUNK_BYTES
 from ..training.state_io import load_state, save_state
 
@@ -129,6 +131,26 @@ class CheckpointStore(Block):
         "left lagging (healed later by verify --repair); at least as long again as the quorum took. "
         "Empty: always wait for every region.",
     )
+    signing_key: str | None = Field(
+        default=None,
+        description="Name of a Prefect Secret block holding the key that signs every new manifest (its name is "
+        "the key id). Empty: manifests are not signed.",
+    )
+    signing_algorithm: SignatureAlgorithm = Field(
+        default="hmac-sha256",
+        description="hmac-sha256 (the Secret holds 32+ random bytes) or ed25519 (the Secret holds a PEM private "
+        "key; `prefect-recovery keygen` makes one).",
+    )
+    verification_keys: builtins.list[str] = Field(
+        default_factory=list,
+        description="Names of Secret blocks with older keys (rotated out) or other writers' keys whose "
+        "signatures are still accepted; for ed25519 a public key PEM is enough.",
+    )
+    accept_unsigned: bool = Field(
+        default=False,
+        description="With signing on, still accept unsigned manifests (while migrating a store written before "
+        "signing was turned on).",
+    )
 
     _store: Store | None = PrivateAttr(default=None)
 
@@ -161,8 +183,29 @@ class CheckpointStore(Block):
                 chunk_bytes=self.chunk_bytes,
                 io_threads=self.io_threads,
                 straggler_grace=self.straggler_grace_seconds,
+                keyring=self.keyring(),
             )
         return self._store
+
+    def keyring(self) -> Keyring | None:
+        """The signing keyring from the Secret blocks named by ``signing_key`` and ``verification_keys``."""
+        if self.signing_key is None and not self.verification_keys:
+            return None
+        from prefect.blocks.system import Secret
+
+        def key(name: str) -> ManifestKey:
+            try:
+                material = Secret.load(name).get()
+            except ValueError as exc:
+                raise SigningKeyError(
+                    f"signing key Secret block {name!r} cannot be loaded ({exc}); create it with "
+                    f"`Secret(value=...).save({name!r})` or fix the store's signing_key/verification_keys"
+                ) from None
+            return load_key(name, self.signing_algorithm, str(material))
+
+        signer = key(self.signing_key) if self.signing_key else None
+        verifiers = [key(name) for name in self.verification_keys if name != self.signing_key]
+        return Keyring(signer, verifiers, accept_unsigned=self.accept_unsigned)
 
     def save(  # type: ignore[override]
         self,

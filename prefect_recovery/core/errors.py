@@ -25,6 +25,14 @@ class ManifestError(RecordError):
     """A manifest cannot be trusted: unreadable, malformed, tampered or of an unknown format."""
 
 
+class ManifestSignatureError(ManifestError):
+    """A manifest's signature is missing, made with an unknown key, or does not match its content."""
+
+
+class SigningKeyError(CheckpointError, ValueError):
+    """A signing or verification key is malformed, too short or of the wrong kind."""
+
+
 class JournalError(RecordError):
     """A journal event cannot be trusted or written: malformed, tampered, misplaced or damaged."""
 

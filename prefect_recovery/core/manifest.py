@@ -16,9 +16,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
 from .digest import HashAlgorithm, check_digest, hash_bytes
-from .errors import ManifestError
+from .errors import ManifestError, ManifestSignatureError
 from .layout import check_entry_name, check_lineage
 from .records import parse_record
+from .signing import Keyring
 
 FORMAT_NAME = "prefect-recovery/manifest"
 FORMAT_VERSION = 1
@@ -92,7 +93,7 @@ class Component(_Strict):
 
 
 class Signature(_Strict):
-    """Reserved for signed manifests: algorithm, key id and signature value."""
+    """A manifest's signature over its canonical body (core/signing.py): algorithm, key id, value (base64)."""
 
     algorithm: str
     key_id: str
@@ -154,10 +155,12 @@ class Manifest(ManifestBody):
     signature: Signature | None = None
 
     @classmethod
-    def build(cls, body: ManifestBody) -> Manifest:
+    def build(cls, body: ManifestBody, keyring: Keyring | None = None) -> Manifest:
+        """The manifest of ``body``: its self digest and, with a signing key, its signature."""
         payload = body.model_dump(mode="json")
-        digest = hash_bytes(canonical_json(payload), body.hash_algorithm)
-        return cls(**payload, manifest_digest=digest)
+        canonical = canonical_json(payload)
+        signature = keyring.sign(canonical) if keyring is not None else None
+        return cls(**payload, manifest_digest=hash_bytes(canonical, body.hash_algorithm), signature=signature)
 
     def body_payload(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude={"manifest_digest", "signature"})
@@ -173,11 +176,19 @@ def decode_manifest(
     expect_version: int | None = None,
     region: str | None = None,
     key: str | None = None,
+    keyring: Keyring | None = None,
 ) -> Manifest:
-    """Parse and check untrusted manifest bytes; raise ManifestError on any doubt."""
+    """Parse and check untrusted manifest bytes; raise ManifestError on any doubt.
+
+    With a ``keyring`` the signature is checked too (``ManifestSignatureError``), before the
+    caller can read any blob the manifest names.
+    """
 
     def fail(message: str) -> ManifestError:
         return ManifestError(message, region=region, key=key)
+
+    def bad_signature(message: str) -> ManifestSignatureError:
+        return ManifestSignatureError(message, region=region, key=key)
 
     manifest = parse_record(
         data,
@@ -188,7 +199,8 @@ def decode_manifest(
         max_bytes=MAX_MANIFEST_BYTES,
         fail=fail,
     )
-    expected = hash_bytes(canonical_json(manifest.body_payload()), manifest.hash_algorithm)
+    canonical = canonical_json(manifest.body_payload())
+    expected = hash_bytes(canonical, manifest.hash_algorithm)
     if expected != manifest.manifest_digest:
         raise fail(
             "manifest content does not match its manifest_digest (bit rot or tampering); "
@@ -200,4 +212,6 @@ def decode_manifest(
         raise fail(f"manifest says version {manifest.version}, found as version {expect_version}")
     if sys.byteorder != manifest.byte_order:
         raise fail(f"manifest holds {manifest.byte_order}-endian tensors; this host is {sys.byteorder}")
+    if keyring is not None:
+        keyring.check(canonical, manifest.signature, fail=bad_signature)
     return manifest

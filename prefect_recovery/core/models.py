@@ -24,7 +24,7 @@ class CheckpointInfo(BaseModel):
     metadata: dict[str, JsonValue] = Field(default_factory=dict)
 
 
-ProblemKind = Literal["missing", "corrupt", "unreadable manifest", "unreachable region"]
+ProblemKind = Literal["missing", "corrupt", "unreadable manifest", "bad signature", "unreachable region"]
 
 
 class Problem(BaseModel):
@@ -37,14 +37,35 @@ class Problem(BaseModel):
     repaired: bool = False
 
 
+class CheckpointAudit(BaseModel):
+    """One committed version as the scrub found it: a row of the audit report."""
+
+    lineage: str
+    version: int
+    step: int | None
+    created_at: str
+    trigger: str | None = None
+    tier: str | None = None
+    bytes: int
+    signature: str = Field(description="'verified (key K)', 'unsigned', 'signed, not checked' or 'bad signature'.")
+    regions: dict[str, str] = Field(
+        description="Region -> 'ok', 'repaired', 'missing', 'corrupt', 'bad signature' or 'unreachable'."
+    )
+    copies: int = Field(description="Regions holding an intact copy after the scrub (and repair).")
+    under_replicated: bool = Field(description="Fewer intact copies than the regions it should be in.")
+
+
 class VerifyReport(BaseModel):
     healthy: bool
     regions: list[str]
     lineages: int
     versions: int
     blobs: int
+    blobs_read: int = Field(default=0, description="Blobs read and re-hashed (the read_data sample).")
     bytes_checked: int
+    signing: str = Field(default="off", description="Whether manifests are signed and checked.")
     problems: list[Problem]
+    checkpoints: list[CheckpointAudit] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
 
     @property

@@ -33,6 +33,7 @@ from .errors import (
     CheckpointNotFoundError,
     InvalidNameError,
     ManifestError,
+    ManifestSignatureError,
     QuorumNotMetError,
     RegionError,
     RegionUnavailableError,
@@ -51,6 +52,7 @@ from .models import CheckpointInfo
 from .observe import StoreEvent, StoreObserver, notify
 from .publish import publish
 from .region import LocalRegionIO, PutOutcome, RegionIO
+from .signing import Keyring
 
 DEFAULT_CHUNK_BYTES = 32 * 2**20
 # How long a region whose read stalled past read_deadline is tried last and not listed.
@@ -79,6 +81,8 @@ class ManifestCopies:
     valid: dict[str, Manifest] = field(default_factory=dict)
     invalid: dict[str, str] = field(default_factory=dict)
     raw: dict[str, bytes] = field(default_factory=dict)
+    # Copies that parse but whose signature fails (tampered, unsigned, unknown key).
+    unsigned_or_forged: dict[str, ManifestSignatureError] = field(default_factory=dict)
 
     def best(self, region_order: Sequence[str]) -> tuple[Manifest | None, list[str]]:
         """The manifest held by most regions (ties: earliest region) and who holds it."""
@@ -115,6 +119,7 @@ class Store:
         straggler_grace: float | None = 30.0,
         read_deadline: float | None = 30.0,
         observers: Sequence[StoreObserver] = (),
+        keyring: Keyring | None = None,
     ):
         """
         Args:
@@ -134,6 +139,9 @@ class Store:
                 has no answer after this many seconds counts as failed, and its region is
                 tried last (and not listed) for ``SLOW_PENALTY`` seconds; other regions serve
                 the read. None: wait as long as the region takes.
+            keyring: Signs the manifests this store commits and checks every manifest's
+                signature before any blob it names is read (core/signing.py). None: manifests
+                are not signed, and signatures found are not checked.
             observers: Called with a ``StoreEvent`` after each commit, failed save and
                 restore (core/observe.py); telemetry hooks in here.
         """
@@ -157,6 +165,7 @@ class Store:
         self.straggler_grace = straggler_grace
         self.read_deadline = read_deadline
         self.observers = list(observers)
+        self.keyring = keyring
         self._slow_until: dict[str, float] = {}
 
     def derive(self, regions: Sequence[RegionIO], *, write_quorum: int, placement: Literal["all", "primary"]) -> Store:
@@ -171,6 +180,7 @@ class Store:
             straggler_grace=self.straggler_grace,
             read_deadline=self.read_deadline,
             observers=self.observers,
+            keyring=self.keyring,
         )
 
     def quorum_for(self, manifest: Manifest) -> int:
@@ -437,7 +447,8 @@ class Store:
 
         def encode(version: int) -> bytes:
             created_at = datetime.now(UTC).isoformat(timespec="microseconds")
-            built[version] = Manifest.build(ManifestBody(version=version, created_at=created_at, **body_fields))
+            body = ManifestBody(version=version, created_at=created_at, **body_fields)
+            built[version] = Manifest.build(body, self.keyring)
             return built[version].encode()
 
         published = publish(
@@ -554,8 +565,16 @@ class Store:
             copies.raw[region.name] = data
             try:
                 copies.valid[region.name] = decode_manifest(
-                    data, expect_lineage=lineage, expect_version=version, region=region.name, key=key
+                    data,
+                    expect_lineage=lineage,
+                    expect_version=version,
+                    region=region.name,
+                    key=key,
+                    keyring=self.keyring,
                 )
+            except ManifestSignatureError as exc:
+                copies.invalid[region.name] = str(exc)
+                copies.unsigned_or_forged[region.name] = exc
             except ManifestError as exc:
                 copies.invalid[region.name] = str(exc)
 
@@ -585,11 +604,20 @@ class Store:
         copies required (to at least one), as for journal events: a region outage must not hide
         committed checkpoints from a restore.
         """
+        return self._consistent(lineage, version, listing)[0]
+
+    def _consistent(
+        self, lineage: str, version: int, listing: tuple[dict[int, list[str]], dict[str, str]] | None = None
+    ) -> tuple[tuple[Manifest, list[str]] | None, ManifestCopies | None]:
         listed, unreachable = listing if listing is not None else self._versions(lineage)
         holders_listed = listed.get(version)
         if not holders_listed:
-            return None
+            return None, None
         copies = self.manifest_copies(lineage, version, holders_listed)
+        found = self._committed(copies, unreachable)
+        return found, copies
+
+    def _committed(self, copies: ManifestCopies, unreachable: dict[str, str]) -> tuple[Manifest, list[str]] | None:
         manifest, holders = copies.best(self.region_names)
         if manifest is None or len(holders) < max(1, self.quorum_for(manifest) - len(unreachable)):
             return None
@@ -599,22 +627,34 @@ class Store:
         return manifest, holders
 
     def resolve(self, lineage: str, version: int | None = None) -> tuple[Manifest, list[str]]:
-        """The manifest to load: ``version`` if given and consistent, else the latest consistent."""
+        """The manifest to load: ``version`` if given and consistent, else the latest consistent.
+
+        A version that is not consistent because copies fail their signature check is not
+        skipped in silence: that is tampering (or a missing key), so the load stops with a
+        ``ManifestSignatureError`` instead of quietly falling back to an older version.
+        """
         check_lineage(lineage)
         listing = self._versions(lineage)
         listed = listing[0]
-        if version is not None:
-            found = self.consistent_manifest(lineage, version, listing) if version in listed else None
-            if found is None:
-                raise CheckpointNotFoundError(
-                    f"lineage {lineage!r} has no consistent version {version} "
-                    f"(consistent versions: {self.consistent_versions(lineage) or 'none'})"
-                )
-            return found
-        for candidate in sorted(listed, reverse=True):
-            found = self.consistent_manifest(lineage, candidate, listing)
+        candidates = [version] if version is not None else sorted(listed, reverse=True)
+        for candidate in candidates:
+            if candidate not in listed:
+                break
+            found, copies = self._consistent(lineage, candidate, listing)
             if found is not None:
                 return found
+            if copies is not None and copies.unsigned_or_forged:
+                error = next(iter(copies.unsigned_or_forged.values()))
+                raise ManifestSignatureError(
+                    f"lineage {lineage!r} version {candidate} does not verify: {error}. Run the audit with "
+                    "repair (`prefect-recovery audit`) to restore a verified copy, or load an earlier version "
+                    "explicitly"
+                )
+        if version is not None:
+            raise CheckpointNotFoundError(
+                f"lineage {lineage!r} has no consistent version {version} "
+                f"(consistent versions: {self.consistent_versions(lineage) or 'none'})"
+            )
         raise CheckpointNotFoundError(f"lineage {lineage!r} has no consistent checkpoint in {self.region_names}")
 
     def consistent_versions(self, lineage: str) -> list[int]:

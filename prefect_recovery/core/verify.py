@@ -1,22 +1,64 @@
-"""Scrub a store: every manifest parsed, every blob re-hashed in every region; optional repair.
+"""Scrub a store (FORMAT.md, "Verify and repair"): every manifest parsed and its signature
+checked in every region, every blob's presence checked, a ``read_data`` fraction of the blobs
+read and re-hashed (like ``restic check --read-data-subset``); optional repair.
 
-Repair only ever copies from a copy that was just verified, and is idempotent: a second run
+Repair only ever copies from a copy that was just verified (a manifest that parsed and whose
+signature checked, a blob whose bytes hashed to its name), and is idempotent: a second run
 finds nothing to do. Only committed (consistent) versions are replicated; a manifest below
 quorum is a save that never committed, reported as a note and left for garbage collection.
 """
 
 from __future__ import annotations
 
+import math
+import random
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from .digest import hash_bytes
-from .errors import RegionError
+from .errors import InvalidNameError, ObjectNotFoundError, RegionError
 from .layout import blob_key, manifest_key
-from .models import Problem, VerifyReport
+from .manifest import Manifest
+from .models import CheckpointAudit, Problem, VerifyReport
+from .region import RegionIO
 from .store import Store
 
 
-def verify_store(store: Store, *, repair: bool = False, lineage: str | None = None) -> VerifyReport:
+def _signature_status(store: Store, manifest: Manifest) -> str:
+    if store.keyring is not None:
+        return f"verified (key {manifest.signature.key_id})" if manifest.signature else "unsigned (accepted)"
+    return "signed, not checked (no key configured)" if manifest.signature else "unsigned"
+
+
+def _signing_status(store: Store) -> str:
+    keyring = store.keyring
+    if keyring is None:
+        return "off: manifests are not signed and signatures are not checked"
+    signer = f"signs with {keyring.signing_key.key_id!r}" if keyring.signing_key else "does not sign"
+    unsigned = "accepts unsigned manifests" if keyring.accept_unsigned else "rejects unsigned manifests"
+    return f"on: {signer}, verifies keys {sorted(keyring.keys)}, {unsigned}"
+
+
+def verify_store(
+    store: Store,
+    *,
+    repair: bool = False,
+    lineage: str | None = None,
+    read_data: float = 1.0,
+    seed: int | None = None,
+) -> VerifyReport:
+    """Scrub ``store`` (one ``lineage`` or all) and return what was found and repaired.
+
+    Args:
+        repair: Re-copy missing, corrupt or forged copies from a verified healthy copy.
+        lineage: Only this lineage (default: all).
+        read_data: Fraction of the blobs read and re-hashed in every region that should hold
+            them; the others are only checked for presence and size. 1.0 reads everything.
+        seed: Seed of the sample (default: a new one per run, so successive audits cover
+            different blobs).
+    """
+    if not 0.0 <= read_data <= 1.0:
+        raise InvalidNameError(f"read_data is a fraction between 0 and 1, got {read_data}")
     problems: list[Problem] = []
     notes: list[str] = []
     reachable, down = store.reachable_regions()
@@ -28,6 +70,8 @@ def verify_store(store: Store, *, repair: bool = False, lineage: str | None = No
     # Regions each blob must be in: every reachable one, unless only single-region
     # (placement "primary") manifests name it, which need it where they are.
     blob_regions: dict[str, set[str]] = {}
+    blob_rows: dict[str, list[CheckpointAudit]] = {}
+    rows: list[CheckpointAudit] = []
     versions = 0
     lineages = [lineage] if lineage else store.lineages()
     for name in lineages:
@@ -36,10 +80,18 @@ def verify_store(store: Store, *, repair: bool = False, lineage: str | None = No
             key = manifest_key(name, version)
             copies = store.manifest_copies(name, version, up)
             manifest, holders = copies.best(store.region_names)
-            committed = manifest is not None and len(holders) >= store.quorum_for(manifest)
+            forged = copies.unsigned_or_forged
             for region, cause in copies.invalid.items():
-                if region in copies.raw:  # present but unusable
+                if region in copies.raw and region not in forged:  # present but unusable
                     problems.append(Problem(region=region, object=key, kind="unreadable manifest", detail=cause))
+            for region, error in forged.items():
+                problems.append(Problem(region=region, object=key, kind="bad signature", detail=str(error)))
+            if manifest is None and forged:
+                for problem in problems:
+                    if problem.object == key and problem.kind == "bad signature":
+                        problem.detail += "; no copy in any region verifies, so nothing to repair from"
+                continue
+            committed = manifest is not None and len(holders) >= max(1, store.quorum_for(manifest) - len(down))
             if not committed:
                 held = ", ".join(holders) or "no region"
                 notes.append(
@@ -47,65 +99,127 @@ def verify_store(store: Store, *, repair: bool = False, lineage: str | None = No
                     f"{store.write_quorum}); not a checkpoint, left for garbage collection"
                 )
                 continue
-            expected = set(up) if manifest.placement == "all" else set(holders)
+            assert manifest is not None
+            expected = set(store.region_names) if manifest.placement == "all" else set(holders)
+            row = CheckpointAudit(
+                lineage=name,
+                version=version,
+                step=manifest.step,
+                created_at=manifest.created_at,
+                trigger=str(manifest.metadata.get("trigger")) if "trigger" in manifest.metadata else None,
+                tier=str(manifest.metadata.get("tier")) if "tier" in manifest.metadata else None,
+                bytes=manifest.total_bytes,
+                signature=_signature_status(store, manifest),
+                regions={},
+                copies=0,
+                under_replicated=False,
+            )
+            rows.append(row)
             for chunk_entry in manifest.entries:
                 for chunk in chunk_entry.chunks:
                     blobs[chunk.digest] = chunk.size
-                    blob_regions.setdefault(chunk.digest, set()).update(expected)
+                    blob_regions.setdefault(chunk.digest, set()).update(expected & set(up))
+                    if not blob_rows.get(chunk.digest) or blob_rows[chunk.digest][-1] is not row:
+                        blob_rows.setdefault(chunk.digest, []).append(row)
             good = copies.raw[holders[0]]
-            for region in up:
-                if region in holders or region not in expected:
+            for region in store.region_names:
+                if region in down:
+                    row.regions[region] = "unreachable"
+                    continue
+                if region in holders:
+                    row.regions[region] = "ok"
+                    continue
+                if region not in expected:
+                    row.regions[region] = "-"
                     continue
                 bad = region in copies.raw
-                problem = Problem(
-                    region=region,
-                    object=key,
-                    kind="unreadable manifest" if bad else "missing",
-                    detail=copies.invalid.get(region, "manifest missing (region lagged this save)"),
-                )
+                status = "bad signature" if region in forged else "corrupt" if bad else "missing"
+                row.regions[region] = status
                 if not bad:
-                    problems.append(problem)
+                    detail = copies.invalid.get(region, "manifest missing (region lagged this save)")
+                    problems.append(Problem(region=region, object=key, kind="missing", detail=detail))
                 if repair:
                     target = store._region(region)
                     try:
                         if bad:
                             target.delete(key)
                         target.put_if_absent(key, good)
-                        for entry in problems:
-                            if entry.region == region and entry.object == key:
-                                entry.repaired = True
                     except RegionError as exc:
-                        problem.detail += f"; repair failed: {exc}"
+                        for problem in problems:
+                            if problem.region == region and problem.object == key:
+                                problem.detail += f"; repair failed: {exc}"
+                        continue
+                    row.regions[region] = "repaired"
+                    for problem in problems:
+                        if problem.region == region and problem.object == key:
+                            problem.repaired = True
 
+    ordered = sorted(blobs)
+    sample_size = math.ceil(read_data * len(ordered))
+    to_read = set(random.Random(seed).sample(ordered, sample_size))
     bytes_checked = [0]
+    lock = threading.Lock()
+
+    def read_verified(region: RegionIO, digest: str) -> bytes | None:
+        """The blob's bytes from ``region`` if they hash to its name."""
+        data = region.get(blob_key(digest))
+        with lock:
+            bytes_checked[0] += len(data)
+        if len(data) == blobs[digest] and hash_bytes(data, digest.split(":", 1)[0]) == digest:  # type: ignore[arg-type]
+            return data
+        return None
 
     def scrub(digest: str) -> list[Problem]:
         size = blobs[digest]
         key = blob_key(digest)
         found: list[Problem] = []
         healthy: bytes | None = None
+        intact: list[RegionIO] = []
         for region in reachable:
             if region.name not in blob_regions[digest]:
                 continue
             try:
-                data = region.get(key)
+                if digest in to_read:
+                    data = read_verified(region, digest)
+                    if data is None:
+                        found.append(
+                            Problem(
+                                region=region.name,
+                                object=key,
+                                kind="corrupt",
+                                detail="its bytes do not hash to its name",
+                            )
+                        )
+                        continue
+                    healthy = healthy or data
+                else:
+                    present = region.size(key)
+                    if present is None:
+                        raise ObjectNotFoundError(region.name, f"{key} does not exist")
+                    if present != size:
+                        found.append(
+                            Problem(
+                                region=region.name,
+                                object=key,
+                                kind="corrupt",
+                                detail=f"{present} bytes, its manifest says {size}",
+                            )
+                        )
+                        continue
             except RegionError as exc:
-                kind = "missing" if "does not exist" in str(exc) else "corrupt"
+                kind = "missing" if isinstance(exc, ObjectNotFoundError) or "does not exist" in str(exc) else "corrupt"
                 found.append(Problem(region=region.name, object=key, kind=kind, detail=str(exc)))
                 continue
-            bytes_checked[0] += len(data)
-            if len(data) != size or hash_bytes(data, digest.split(":", 1)[0]) != digest:  # type: ignore[arg-type]
-                found.append(
-                    Problem(
-                        region=region.name,
-                        object=key,
-                        kind="corrupt",
-                        detail=f"{len(data)} bytes whose digest does not match the name",
-                    )
-                )
-            elif healthy is None:
-                healthy = data
+            intact.append(region)
         if repair and found:
+            # Never repair from an unverified copy: a size-checked one is read and hashed first.
+            for source in intact:
+                if healthy is not None:
+                    break
+                try:
+                    healthy = read_verified(source, digest)
+                except RegionError:
+                    continue
             for problem in found:
                 if healthy is None:
                     problem.detail += "; no intact copy in any region to repair from"
@@ -120,8 +234,21 @@ def verify_store(store: Store, *, repair: bool = False, lineage: str | None = No
         return found
 
     with ThreadPoolExecutor(store.io_threads) as pool:
-        for found in pool.map(scrub, sorted(blobs)):
+        for digest, found in zip(ordered, pool.map(scrub, ordered), strict=True):
             problems.extend(found)
+            for problem in found:
+                for row in blob_rows[digest]:
+                    current = row.regions.get(problem.region)
+                    if problem.repaired:
+                        if current == "ok":
+                            row.regions[problem.region] = "repaired"
+                    elif current in ("ok", "repaired"):
+                        row.regions[problem.region] = problem.kind
+
+    for row in rows:
+        row.copies = sum(status in ("ok", "repaired") for status in row.regions.values())
+        should = sum(status != "-" for status in row.regions.values())
+        row.under_replicated = row.copies < should
 
     return VerifyReport(
         healthy=not any(not p.repaired for p in problems),
@@ -129,7 +256,10 @@ def verify_store(store: Store, *, repair: bool = False, lineage: str | None = No
         lineages=len(lineages),
         versions=versions,
         blobs=len(blobs),
+        blobs_read=len(to_read),
         bytes_checked=bytes_checked[0],
+        signing=_signing_status(store),
         problems=problems,
+        checkpoints=rows,
         notes=notes,
     )
