@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import enum
 import errno
+import math
 import os
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -224,6 +226,34 @@ class RegionIO:
         root = self._path("").rstrip("/")
         return sorted(path[len(root) + 1 :] if root else path for path in found)
 
+    def list_info(self, prefix: str) -> dict[str, tuple[int, float]]:
+        """Every object under ``prefix`` (or the object ``prefix`` itself): key relative to the
+        region -> (size in bytes, modification time as POSIX seconds).
+
+        The time is the backend's own (S3 ``LastModified``, GCS ``updated``, Azure
+        ``last_modified``); ``math.inf`` when the backend reports none, so an object of unknown
+        age never looks old. Garbage collection ages unreferenced blobs by it.
+        """
+        base = self._path(prefix).rstrip("/")
+        try:
+            self.fs.invalidate_cache(base)
+            found = self._call(self.fs.find, base, detail=True)
+            if not isinstance(found, dict):  # adlfs answers a list of names for a single object
+                found = {path: self._call(self.fs.info, path) for path in found}
+        except FileNotFoundError:
+            return {}
+        except Exception as exc:
+            raise self._wrap(exc, "listing", prefix) from None
+        root = self._path("").rstrip("/")
+        listed: dict[str, tuple[int, float]] = {}
+        for path, info in found.items():
+            if info.get("type", "file") != "file":
+                continue
+            path = str(path).rstrip("/")
+            key = path[len(root) + 1 :] if root else path
+            listed[key] = (int(info.get("size") or 0), _modified_of(info))
+        return listed
+
     def delete(self, key: str) -> None:
         try:
             self._call(self.fs.rm_file, self._path(key))
@@ -358,6 +388,30 @@ class LocalRegionIO(RegionIO):
                 keys.append(str(Path(dirpath, file).relative_to(self.root)).replace(os.sep, "/"))
         return sorted(keys)
 
+    def list_info(self, prefix: str) -> dict[str, tuple[int, float]]:
+        base = self._local(prefix) if prefix else self.root
+        if not self.root.is_dir():
+            raise RegionUnavailableError(self.name, f"directory {self.root} does not exist")
+        try:
+            if base.is_file():
+                st = base.stat()
+                return {prefix.rstrip("/"): (st.st_size, st.st_mtime)}
+            listed: dict[str, tuple[int, float]] = {}
+            for dirpath, _dirs, files in os.walk(base):
+                for file in files:
+                    path = Path(dirpath, file)
+                    try:
+                        st = path.stat()
+                    except FileNotFoundError:  # deleted while we walked
+                        continue
+                    key = str(path.relative_to(self.root)).replace(os.sep, "/")
+                    listed[key] = (st.st_size, st.st_mtime)
+            return listed
+        except FileNotFoundError:
+            return {}
+        except Exception as exc:
+            raise self._wrap(exc, "listing", prefix) from None
+
     def temp_files(self) -> list[str]:
         """Leftover temp files of interrupted writes (never referenced by anything)."""
         return [key for key in self.walk("") if key.rsplit("/", 1)[-1].startswith(".tmp-")]
@@ -369,6 +423,28 @@ class LocalRegionIO(RegionIO):
             pass
         except Exception as exc:
             raise self._wrap(exc, "deleting", key) from None
+
+
+# Modification-time fields of fsspec ``info`` dicts, by backend: local and gcsfs ``mtime``,
+# s3fs ``LastModified``, adlfs ``last_modified``, GCS JSON ``updated``; creation times last.
+_TIME_FIELDS = ("mtime", "LastModified", "last_modified", "updated", "timeCreated", "creation_time", "created")
+
+
+def _modified_of(info: dict[str, Any]) -> float:
+    """POSIX seconds of an fsspec ``info`` dict's modification time; ``math.inf`` when unknown."""
+    for field_name in _TIME_FIELDS:
+        value = info.get(field_name)
+        if isinstance(value, datetime):
+            return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        if isinstance(value, str) and value:
+            try:
+                parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                continue
+            return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+    return math.inf
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,0 +1,322 @@
+"""Garbage collection: mark-and-sweep of the blobs no manifest names (FORMAT.md, "Retention and
+garbage collection").
+
+*Mark*: every blob named by any manifest present in any region, committed or not, signed or
+not (a below-quorum manifest may be a publish in progress; a manifest whose signature does not
+check still names blobs a repair may need). A manifest file that cannot be parsed makes the
+whole run refuse to sweep: nobody knows what it references. So does an unreachable region: its
+manifests may name blobs held elsewhere.
+
+*Sweep*, per region: blobs (``blobs/...``) named by no manifest and last modified more than
+``grace`` ago; leftover ``.tmp-*`` files of local regions and ``preflight/`` probe objects older
+than ``grace``. The blobs of a save in progress (written, manifest not yet) are younger than
+``grace`` and are never candidates. Right before deleting, the blobs are listed and the
+manifests marked again, and whatever changed or became referenced is spared; after deleting,
+the manifests are marked once more and any deleted blob that a manifest now names is reported.
+
+Remaining race (documented in FORMAT.md): a save that finds an *old* unreferenced blob already
+in place does not write it again (deduplication), so it does not refresh its age; if that save
+commits its manifest between GC's last mark and its delete, the new version names a deleted
+blob. It is not consistent then (reads never use it and fall back to an older version), the
+post-sweep mark reports it, and ``verify`` finds it.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from pydantic import BaseModel, Field
+
+from .digest import check_digest
+from .errors import InvalidNameError, ManifestError, ObjectNotFoundError, RegionError
+from .layout import blob_key, check_lineage, lineages_prefix, manifest_key, manifests_prefix, version_from_manifest_name
+from .manifest import decode_manifest
+from .region import LocalRegionIO, RegionIO
+from .store import Store
+
+# Shorter than this, a save still uploading its blobs may lose them: refused.
+MIN_GRACE = timedelta(minutes=1)
+PREFLIGHT_PREFIX = "preflight"  # tasks/preflight.py writes preflight/<random>
+TEMP_PREFIX = ".tmp-"
+
+
+class GcReport(BaseModel):
+    """What one garbage collection found and deleted (or, in a dry run, would delete)."""
+
+    swept: bool = Field(description="Whether the sweep ran and deleted (False: refused, or a dry run).")
+    dry_run: bool = Field(description="Nothing is deleted; the counts say what would be.")
+    now: datetime = Field(description="The time ages were measured against.")
+    grace_seconds: float = Field(description="Unreferenced objects younger than this were kept.")
+    regions: list[str] = Field(description="Regions of the store, in order.")
+    manifests_read: int = Field(default=0, description="Manifest copies parsed in the mark phase, all regions.")
+    blobs_referenced: int = Field(default=0, description="Distinct blobs named by at least one manifest.")
+    blobs_deleted: dict[str, int] = Field(default_factory=dict, description="Unreferenced blobs deleted, by region.")
+    bytes_freed: dict[str, int] = Field(default_factory=dict, description="Bytes of the objects deleted, by region.")
+    deleted: dict[str, list[str]] = Field(default_factory=dict, description="Keys deleted, by region.")
+    temp_files_deleted: dict[str, int] = Field(
+        default_factory=dict, description="Stale .tmp-* files of interrupted local writes deleted, by region."
+    )
+    probes_deleted: dict[str, int] = Field(
+        default_factory=dict, description="Stale preflight/ probe objects deleted, by region."
+    )
+    kept_young: int = Field(
+        default=0, description="Unreferenced blobs, temp files and probes kept because they are younger than grace."
+    )
+    rescued: int = Field(
+        default=0, description="Candidates spared because the re-mark before deleting found them referenced or new."
+    )
+    unknown_objects: int = Field(
+        default=0, description="Objects under blobs/ whose name is not a digest; never deleted."
+    )
+    lost_after_sweep: list[str] = Field(
+        default_factory=list,
+        description="Deleted blobs that a manifest committed during the sweep names (see the notes).",
+    )
+    refusals: list[str] = Field(default_factory=list, description="Why nothing was swept, and what to do.")
+    notes: list[str] = Field(default_factory=list, description="Other things a person should know.")
+
+    @property
+    def total_bytes_freed(self) -> int:
+        return sum(self.bytes_freed.values())
+
+    @property
+    def total_blobs_deleted(self) -> int:
+        return sum(self.blobs_deleted.values())
+
+
+@dataclass
+class _Marks:
+    referenced: set[str] = field(default_factory=set)
+    manifests: int = 0
+    unreadable: list[str] = field(default_factory=list)
+    unreachable: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Candidate:
+    key: str
+    size: int
+    mtime: float
+    digest: str | None  # None for temp files and probes
+    kind: str  # "blob", "temp" or "probe"
+
+
+def _mark(store: Store) -> _Marks:
+    """Every blob any manifest file in any region names; what could not be read."""
+    marks = _Marks()
+    lock = threading.Lock()
+    jobs: list[tuple[RegionIO, str, int, str]] = []
+    for region in store.regions:
+        try:
+            for lineage in region.list(lineages_prefix()):
+                try:
+                    check_lineage(lineage)
+                except InvalidNameError:
+                    marks.notes.append(f"{region.name}: lineages/{lineage} is not a lineage name; ignored")
+                    continue
+                for name in region.list(manifests_prefix(lineage)):
+                    version = version_from_manifest_name(name)
+                    if version is not None:
+                        jobs.append((region, lineage, version, manifest_key(lineage, version)))
+        except RegionError as exc:
+            marks.unreachable[region.name] = str(exc)
+
+    def read(job: tuple[RegionIO, str, int, str]) -> None:
+        region, lineage, version, key = job
+        try:
+            data = region.get(key)
+        except ObjectNotFoundError:
+            return  # deleted since it was listed (retention)
+        except RegionError as exc:
+            with lock:
+                marks.unreachable.setdefault(region.name, str(exc))
+            return
+        try:
+            # No keyring: a manifest's blobs count whatever its signature says.
+            manifest = decode_manifest(
+                data, expect_lineage=lineage, expect_version=version, region=region.name, key=key
+            )
+        except ManifestError as exc:
+            with lock:
+                marks.unreadable.append(str(exc))
+            return
+        with lock:
+            marks.manifests += 1
+            marks.referenced.update(manifest.blob_digests())
+
+    if jobs:
+        workers = max(1, min(len(jobs), store.io_threads * len(store.regions)))
+        with ThreadPoolExecutor(workers, thread_name_prefix="gc-mark") as pool:
+            list(pool.map(read, jobs))
+    return marks
+
+
+def _digest_of(key: str) -> str | None:
+    """The digest a ``blobs/<algo>/<hh>/<hex>`` key names, or None for any other name."""
+    parts = key.split("/")
+    if len(parts) != 4 or parts[0] != "blobs":
+        return None
+    try:
+        digest = check_digest(f"{parts[1]}:{parts[3]}")
+    except (InvalidNameError, ValueError):
+        return None
+    return digest if blob_key(digest) == key else None
+
+
+def _refusals(marks: _Marks, when: str) -> list[str]:
+    refusals = []
+    for name, cause in marks.unreachable.items():
+        refusals.append(
+            f"{when}: region {name} could not be read ({cause}); its manifests may name blobs kept in other "
+            "regions, so nothing was swept. Bring the region back (or remove it from the store) and run GC again."
+        )
+    if marks.unreadable:
+        shown = "; ".join(marks.unreadable[:5]) + (
+            f" (+{len(marks.unreadable) - 5} more)" if len(marks.unreadable) > 5 else ""
+        )
+        refusals.append(
+            f"{when}: {len(marks.unreadable)} manifest file(s) cannot be parsed, so what they reference is "
+            f"unknown and nothing was swept ({shown}). Run `prefect-recovery verify --repair` to restore them "
+            "from a healthy region, or delete a manifest that is beyond repair, then run GC again."
+        )
+    return refusals
+
+
+def _inventory(region: RegionIO, cutoff: float, referenced: set[str], report: GcReport) -> list[_Candidate]:
+    """Objects of ``region`` that may be deleted: unreferenced old blobs, stale temp files and probes."""
+    candidates: list[_Candidate] = []
+    for key, (size, mtime) in sorted(region.list_info("blobs").items()):
+        digest = _digest_of(key)
+        if digest is None:
+            if not key.rsplit("/", 1)[-1].startswith(TEMP_PREFIX):
+                report.unknown_objects += 1
+            continue
+        if digest in referenced:
+            continue
+        if mtime < cutoff:
+            candidates.append(_Candidate(key, size, mtime, digest, "blob"))
+        else:
+            report.kept_young += 1
+    extras: list[tuple[str, str]] = [(key, "probe") for key in region.list_info(PREFLIGHT_PREFIX)]
+    if isinstance(region, LocalRegionIO):
+        extras += [(key, "temp") for key in region.temp_files()]
+    for key, kind in extras:
+        info = region.list_info(key).get(key)
+        if info is None:
+            continue  # gone meanwhile
+        if info[1] < cutoff:
+            candidates.append(_Candidate(key, info[0], info[1], None, kind))
+        else:
+            report.kept_young += 1
+    return candidates
+
+
+def collect_garbage(
+    store: Store,
+    *,
+    grace: timedelta = timedelta(hours=1),
+    now: datetime | None = None,
+    dry_run: bool = False,
+) -> GcReport:
+    """Delete, in every region, the blobs no manifest names that are older than ``grace``.
+
+    Args:
+        store: The store to clean.
+        grace: Unreferenced objects younger than this are kept: the blobs of a save still
+            writing (its manifest comes last) must survive. Longer than the longest save;
+            below ``MIN_GRACE`` is refused (ValueError).
+        now: The time ages are measured against (default: now). Object times come from each
+            backend's clock, so clock skew between this host and a region eats into ``grace``.
+        dry_run: Report what would be deleted, delete nothing.
+    """
+    if grace < MIN_GRACE:
+        raise ValueError(
+            f"grace {grace} is shorter than {MIN_GRACE}: the blobs of a save still uploading would be deleted. "
+            "Use a grace longer than your longest save (default 1 hour)."
+        )
+    now = now or datetime.now(UTC)
+    cutoff = (now - grace).timestamp()
+    report = GcReport(
+        swept=False, dry_run=dry_run, now=now, grace_seconds=grace.total_seconds(), regions=store.region_names
+    )
+    _reachable, down = store.reachable_regions()
+    if down:
+        report.refusals = _refusals(_Marks(unreachable=down), "before marking")
+        return report
+
+    marks = _mark(store)
+    report.manifests_read = marks.manifests
+    report.blobs_referenced = len(marks.referenced)
+    report.notes.extend(marks.notes)
+    report.refusals = _refusals(marks, "mark")
+    if report.refusals:
+        return report
+
+    candidates: dict[str, list[_Candidate]] = {}
+    for region in store.regions:
+        try:
+            candidates[region.name] = _inventory(region, cutoff, marks.referenced, report)
+        except RegionError as exc:
+            report.refusals = _refusals(_Marks(unreachable={region.name: str(exc)}), "listing objects")
+            return report
+
+    # Re-list and re-mark right before deleting: spare what a save just wrote or committed.
+    for region in store.regions:
+        if not candidates[region.name]:
+            continue
+        try:
+            current = region.list_info("blobs")
+        except RegionError as exc:
+            report.refusals = _refusals(_Marks(unreachable={region.name: str(exc)}), "re-listing objects")
+            return report
+        kept = []
+        for candidate in candidates[region.name]:
+            if candidate.kind == "blob" and current.get(candidate.key) != (candidate.size, candidate.mtime):
+                report.rescued += 1  # rewritten or gone since the inventory
+            else:
+                kept.append(candidate)
+        candidates[region.name] = kept
+    if any(candidates.values()):
+        again = _mark(store)
+        report.refusals = _refusals(again, "re-mark")
+        if report.refusals:
+            return report
+        report.blobs_referenced = len(again.referenced | marks.referenced)
+        for name, found in candidates.items():
+            spared = [c for c in found if c.digest is not None and c.digest in again.referenced]
+            report.rescued += len(spared)
+            candidates[name] = [c for c in found if c not in spared]
+
+    removed: set[str] = set()
+    for region in store.regions:
+        for candidate in candidates[region.name]:
+            if not dry_run:
+                try:
+                    region.delete(candidate.key)
+                except RegionError as exc:
+                    report.notes.append(f"{region.name}: deleting {candidate.key} failed ({exc}); GC will retry it")
+                    continue
+            counter = {"blob": report.blobs_deleted, "temp": report.temp_files_deleted, "probe": report.probes_deleted}
+            counter[candidate.kind][region.name] = counter[candidate.kind].get(region.name, 0) + 1
+            report.bytes_freed[region.name] = report.bytes_freed.get(region.name, 0) + candidate.size
+            report.deleted.setdefault(region.name, []).append(candidate.key)
+            if candidate.digest is not None:
+                removed.add(candidate.digest)
+    report.swept = not dry_run
+
+    if removed and not dry_run:
+        after = _mark(store)
+        report.lost_after_sweep = sorted(removed & after.referenced)
+        if report.lost_after_sweep:
+            report.notes.append(
+                f"{len(report.lost_after_sweep)} deleted blob(s) are named by a manifest committed during the sweep "
+                "(a save that reused an old unreferenced blob): that version is not consistent and reads fall back "
+                "to an older one. Run `prefect-recovery verify` and save again."
+            )
+    if grace < timedelta(minutes=10):
+        report.notes.append(f"grace {grace} is short: a save that takes longer than that may lose its blobs")
+    return report
