@@ -338,6 +338,34 @@ def recover_command(
     console.print(f"final state digest {result['final_digest']}")
 
 
+@app.command("replay-check")
+def replay_check_command(
+    lineage: Annotated[str, typer.Option("--lineage", help="Lineage whose training to replay.")],
+    from_version: Annotated[int, typer.Option("--from", help="Checkpoint version to start from.")],
+    to_version: Annotated[int, typer.Option("--to", help="Later version whose stored state the replay must equal.")],
+    region: RegionOpt = None,
+    store: StoreOpt = None,
+    quorum: QuorumOpt = 1,
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-run training from --from to --to's step and compare tensor by tensor. Exit 0 deterministic, 1 not."""
+    from .flows.replay import describe, replay_check
+
+    try:
+        report = replay_check(open_store(region, store, quorum), lineage, from_version, to_version)
+    except CheckpointError as exc:
+        _fail(str(exc), as_json)
+    if as_json:
+        _emit(report.model_dump(mode="json"))
+    else:
+        console.print(("[green]" if report.deterministic else "[red]") + describe(report) + "[/]", soft_wrap=True)
+        for name in report.differing[1:10]:
+            console.print(f"  also differs: {name}", soft_wrap=True)
+        for note in report.notes:
+            console.print(f"note: {note}", soft_wrap=True)
+    raise typer.Exit(0 if report.deterministic else 1)
+
+
 @app.command("serve")
 def serve_command(
     limit: Annotated[int | None, typer.Option("--limit", help="At most this many concurrent runs.")] = None,

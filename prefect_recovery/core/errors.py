@@ -109,3 +109,8 @@ class PreflightError(RecoveryError):
     def __init__(self, message: str, results: list[dict[str, str]] | None = None):
         super().__init__(message)
         self.results = results or []
+
+
+class ReplayError(RecoveryError):
+    """A replay check cannot run: bad versions, a light-tier or final checkpoint, or a pipeline
+    that is not registered here or has no replay hook; the message says what to use instead."""

@@ -7,7 +7,7 @@ consistent checkpoint. A finished lineage is reported, not run again.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, get_run_logger
 
@@ -16,8 +16,12 @@ from ..core.journal import Journal
 from ..tasks.example_steps import FINAL_MILESTONE, evaluate, final_digest, finalize, prepare_data, train
 from ..tasks.pipeline_run import PipelineRun, file_input
 from ..tasks.step import code_digest
+from ..training import example
 from ..training.schedule import CheckpointSchedule
 from .registry import register_pipeline
+
+if TYPE_CHECKING:
+    from .replay import ReplaySegment
 
 DEFAULT_STEPS = 1000
 
@@ -49,7 +53,27 @@ def finished_result(store: CheckpointStore, lineage: str, status: dict[str, Any]
     }
 
 
-@register_pipeline
+def replay_training(segment: ReplaySegment) -> dict[str, Any]:
+    """Replay hook (``prefect-recovery replay-check``): the training state at ``segment.to_step``,
+    re-run from checkpoint ``segment.from_version`` on the data the run's ``prepare-data`` step
+    produced, with the run's recorded steps and seed. Saves nothing."""
+    parameters = segment.parameters
+    data = segment.step_result("prepare-data")
+    if data is None:  # no stored step result: make the data again from the parameters
+        path = parameters.get("data_path")
+        data = example.load_data(path) if path else example.make_data(int(parameters["seed"]))
+    return example.replay_segment(
+        segment.store,
+        segment.lineage,
+        data,
+        from_version=segment.from_version,
+        to_step=segment.to_step,
+        steps=int(parameters["steps"]),
+        seed=int(parameters["seed"]),
+    )
+
+
+@register_pipeline(replay=replay_training)
 @flow(name="example-pipeline", log_prints=True)
 def example_pipeline(
     lineage: str = "demo",

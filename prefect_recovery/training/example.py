@@ -78,6 +78,57 @@ def configure_threads() -> None:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def _workload(
+    data: dict[str, torch.Tensor], *, steps: int, seed: int
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any, StatefulDataLoader]:
+    """Model, optimizer, LR scheduler and data loader, built the same way for training and replay."""
+    configure_threads()
+    torch.manual_seed(seed)  # model init; overwritten by a restore
+    model = build_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
+    dataset = TensorDataset(data["x_train"], data["y_train"])
+    sampler = ResumableRandomSampler(len(dataset), seed=seed, batch_size=BATCH)
+    # Whole batches, no collation. The loader's own generator keeps the global torch RNG (which
+    # dropout uses, and checkpoints capture) from being advanced by each iter(loader) call.
+    loader = StatefulDataLoader(
+        dataset, batch_size=None, sampler=sampler, generator=torch.Generator().manual_seed(seed)
+    )
+    return model, optimizer, scheduler, loader
+
+
+def _train_until(
+    ckpt: Checkpointer,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    loader: StatefulDataLoader,
+    until: int,
+    on_step: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """The training loop, from the checkpointer's step up to ``until`` completed steps; the last loss."""
+    batches = iter(loader)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    while ckpt.step_count < until:
+        try:
+            x, y = next(batches)
+        except StopIteration:
+            ckpt.epoch += 1
+            ckpt.milestone("epoch_end")
+            batches = iter(loader)
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        ckpt.step()
+        if on_step is not None:
+            on_step(ckpt.step_count)
+    return loss
+
+
 def train(
     store: Any,
     lineage: str,
@@ -91,18 +142,7 @@ def train(
     resume_version: int | None = None,
 ) -> dict[str, Any]:
     """Train to ``steps`` steps, resuming from the lineage's latest checkpoint (or ``resume_version``)."""
-    configure_threads()
-    torch.manual_seed(seed)  # model init; overwritten by a restore
-    model = build_model()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
-    dataset = TensorDataset(data["x_train"], data["y_train"])
-    sampler = ResumableRandomSampler(len(dataset), seed=seed, batch_size=BATCH)
-    # Whole batches, no collation. The loader's own generator keeps the global torch RNG (which
-    # dropout uses, and checkpoints capture) from being advanced by each iter(loader) call.
-    loader = StatefulDataLoader(
-        dataset, batch_size=None, sampler=sampler, generator=torch.Generator().manual_seed(seed)
-    )
+    model, optimizer, scheduler, loader = _workload(data, steps=steps, seed=seed)
     with Checkpointer(
         store,
         lineage,
@@ -117,25 +157,7 @@ def train(
         resume_version=resume_version,
     ) as ckpt:
         start_step = ckpt.step_count
-        batches = iter(loader)
-        model.train()
-        loss = torch.tensor(float("nan"))
-        while ckpt.step_count < steps:
-            try:
-                x, y = next(batches)
-            except StopIteration:
-                ckpt.epoch += 1
-                ckpt.milestone("epoch_end")
-                batches = iter(loader)
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            ckpt.step()
-            if on_step is not None:
-                on_step(ckpt.step_count)
+        loss = _train_until(ckpt, model, optimizer, scheduler, loader, steps, on_step)
         if start_step < steps:
             ckpt.milestone("train_end")
         ckpt.flush()
@@ -147,6 +169,40 @@ def train(
             "resumed_from": ckpt.resumed_from,
             "last_loss": float(loss.detach()),
         }
+
+
+def replay_segment(
+    store: Any,
+    lineage: str,
+    data: dict[str, torch.Tensor],
+    *,
+    from_version: int,
+    to_step: int,
+    steps: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Restore ``from_version`` of ``lineage``, train on to ``to_step`` exactly as ``train`` does,
+    and return the state a heavy checkpoint at ``to_step`` holds (``Checkpointer.capture``).
+
+    Nothing is saved: the checkpointer's schedule has no triggers, so the lineage is only read.
+    """
+    model, optimizer, scheduler, loader = _workload(data, steps=steps, seed=seed)
+    with Checkpointer(
+        store,
+        lineage,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        data=loader,
+        schedule=CheckpointSchedule(triggers=[], asynchronous=False),
+        seed=seed,
+        handle_sigterm=False,
+        resume_version=from_version,
+    ) as ckpt:
+        if ckpt.step_count > to_step:
+            raise ValueError(f"{lineage} v{from_version} is at step {ckpt.step_count}, past step {to_step}")
+        _train_until(ckpt, model, optimizer, scheduler, loader, to_step)
+        return ckpt.capture("heavy")
 
 
 @torch.no_grad()
