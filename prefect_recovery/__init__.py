@@ -27,6 +27,8 @@ _EXPORTS = {
     "QuorumNotMetError": "prefect_recovery.core",
     "RegionUnavailableError": "prefect_recovery.core",
     "VerifyReport": "prefect_recovery.core",
+    "RetentionPolicy": "prefect_recovery.core",
+    "ManifestSignatureError": "prefect_recovery.core",
 }
 
 __all__ = [
@@ -39,10 +41,12 @@ __all__ = [
     "Checkpointer",
     "EveryNSteps",
     "ManifestError",
+    "ManifestSignatureError",
     "Milestones",
     "QuorumNotMetError",
     "Region",
     "RegionUnavailableError",
+    "RetentionPolicy",
     "Timebox",
     "VerifyReport",
 ]
@@ -55,8 +59,10 @@ if TYPE_CHECKING:  # pragma: no cover
         CheckpointInfo,
         CheckpointNotFoundError,
         ManifestError,
+        ManifestSignatureError,
         QuorumNotMetError,
         RegionUnavailableError,
+        RetentionPolicy,
         VerifyReport,
     )
     from .training.checkpointer import Checkpointer

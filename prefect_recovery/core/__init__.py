@@ -1,11 +1,13 @@
 """Bytes-only core: format, regions, commit protocol, verify. Imports neither Prefect nor torch."""
 
+from .audit import AuditReport, audit_store
 from .errors import (
     BlobUnavailableError,
     CheckpointError,
     CheckpointNotFoundError,
     InvalidNameError,
     ManifestError,
+    ManifestSignatureError,
     ObjectNotFoundError,
     QuorumNotMetError,
     RegionError,
@@ -13,40 +15,55 @@ from .errors import (
     StorageFullError,
     VersionConflictError,
 )
+from .gc import GcReport, collect_garbage
 from .journal import Journal, JournalError, JournalEvent, LineageHistory, replay
 from .manifest import Entry, Manifest, decode_manifest
 from .models import CheckpointInfo, Problem, VerifyReport
 from .region import LocalRegionIO, RegionIO, open_region
+from .retention import RetentionPlan, RetentionPolicy, apply_retention, plan_retention
+from .signing import Keyring, ed25519_key, hmac_key
 from .store import EntryPlan, Store
 from .verify import verify_store
 
 __all__ = [
+    "AuditReport",
     "BlobUnavailableError",
     "CheckpointError",
     "CheckpointInfo",
     "CheckpointNotFoundError",
     "Entry",
     "EntryPlan",
+    "GcReport",
     "InvalidNameError",
     "Journal",
     "JournalError",
     "JournalEvent",
+    "Keyring",
     "LineageHistory",
     "LocalRegionIO",
     "Manifest",
     "ManifestError",
+    "ManifestSignatureError",
     "ObjectNotFoundError",
     "Problem",
     "QuorumNotMetError",
     "RegionError",
     "RegionIO",
     "RegionUnavailableError",
+    "RetentionPlan",
+    "RetentionPolicy",
     "StorageFullError",
     "Store",
     "VerifyReport",
     "VersionConflictError",
+    "apply_retention",
+    "audit_store",
+    "collect_garbage",
     "decode_manifest",
+    "ed25519_key",
+    "hmac_key",
     "open_region",
+    "plan_retention",
     "replay",
     "verify_store",
 ]

@@ -24,6 +24,7 @@ post-sweep mark reports it, and ``verify`` finds it.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -105,8 +106,9 @@ class _Candidate:
     kind: str  # "blob", "temp" or "probe"
 
 
-def _mark(store: Store) -> _Marks:
-    """Every blob any manifest file in any region names; what could not be read."""
+def _mark(store: Store, ignore: frozenset[tuple[str, int]] = frozenset()) -> _Marks:
+    """Every blob any manifest file in any region names (but the ``ignore``d (lineage, version)
+    pairs: a dry run's retention deletions); what could not be read."""
     marks = _Marks()
     lock = threading.Lock()
     jobs: list[tuple[RegionIO, str, int, str]] = []
@@ -120,7 +122,7 @@ def _mark(store: Store) -> _Marks:
                     continue
                 for name in region.list(manifests_prefix(lineage)):
                     version = version_from_manifest_name(name)
-                    if version is not None:
+                    if version is not None and (lineage, version) not in ignore:
                         jobs.append((region, lineage, version, manifest_key(lineage, version)))
         except RegionError as exc:
             marks.unreachable[region.name] = str(exc)
@@ -221,6 +223,7 @@ def collect_garbage(
     grace: timedelta = timedelta(hours=1),
     now: datetime | None = None,
     dry_run: bool = False,
+    assume_deleted: Iterable[tuple[str, int]] = (),
 ) -> GcReport:
     """Delete, in every region, the blobs no manifest names that are older than ``grace``.
 
@@ -232,6 +235,8 @@ def collect_garbage(
         now: The time ages are measured against (default: now). Object times come from each
             backend's clock, so clock skew between this host and a region eats into ``grace``.
         dry_run: Report what would be deleted, delete nothing.
+        assume_deleted: (lineage, version) pairs whose manifests count as gone (dry run only:
+            what retention would delete), so the report says what GC would free after it.
     """
     if grace < MIN_GRACE:
         raise ValueError(
@@ -248,7 +253,10 @@ def collect_garbage(
         report.refusals = _refusals(_Marks(unreachable=down), "before marking")
         return report
 
-    marks = _mark(store)
+    if assume_deleted and not dry_run:
+        raise ValueError("assume_deleted is for dry runs: delete the manifests (apply_retention) instead")
+    ignore = frozenset(assume_deleted)
+    marks = _mark(store, ignore)
     report.manifests_read = marks.manifests
     report.blobs_referenced = len(marks.referenced)
     report.notes.extend(marks.notes)
@@ -281,7 +289,7 @@ def collect_garbage(
                 kept.append(candidate)
         candidates[region.name] = kept
     if any(candidates.values()):
-        again = _mark(store)
+        again = _mark(store, ignore)
         report.refusals = _refusals(again, "re-mark")
         if report.refusals:
             return report

@@ -35,6 +35,10 @@ class Problem(BaseModel):
     kind: ProblemKind
     detail: str
     repaired: bool = False
+    lineage: str | None = Field(
+        default=None, description="The checkpoint it affects (for a blob, the first one naming it)."
+    )
+    version: int | None = None
 
 
 class CheckpointAudit(BaseModel):

@@ -83,9 +83,27 @@ def verify_store(
             forged = copies.unsigned_or_forged
             for region, cause in copies.invalid.items():
                 if region in copies.raw and region not in forged:  # present but unusable
-                    problems.append(Problem(region=region, object=key, kind="unreadable manifest", detail=cause))
+                    problems.append(
+                        Problem(
+                            region=region,
+                            object=key,
+                            kind="unreadable manifest",
+                            detail=cause,
+                            lineage=name,
+                            version=version,
+                        )
+                    )
             for region, error in forged.items():
-                problems.append(Problem(region=region, object=key, kind="bad signature", detail=str(error)))
+                problems.append(
+                    Problem(
+                        region=region,
+                        object=key,
+                        kind="bad signature",
+                        detail=str(error),
+                        lineage=name,
+                        version=version,
+                    )
+                )
             if manifest is None and forged:
                 for problem in problems:
                     if problem.object == key and problem.kind == "bad signature":
@@ -137,7 +155,9 @@ def verify_store(
                 row.regions[region] = status
                 if not bad:
                     detail = copies.invalid.get(region, "manifest missing (region lagged this save)")
-                    problems.append(Problem(region=region, object=key, kind="missing", detail=detail))
+                    problems.append(
+                        Problem(region=region, object=key, kind="missing", detail=detail, lineage=name, version=version)
+                    )
                 if repair:
                     target = store._region(region)
                     try:
@@ -237,6 +257,7 @@ def verify_store(
         for digest, found in zip(ordered, pool.map(scrub, ordered), strict=True):
             problems.extend(found)
             for problem in found:
+                problem.lineage, problem.version = blob_rows[digest][0].lineage, blob_rows[digest][0].version
                 for row in blob_rows[digest]:
                     current = row.regions.get(problem.region)
                     if problem.repaired:
