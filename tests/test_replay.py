@@ -243,19 +243,29 @@ def payload(result: subprocess.CompletedProcess[str]) -> Any:
         pytest.fail(f"not JSON (rc={result.returncode}):\nstdout: {result.stdout}\nstderr: {result.stderr}")
 
 
-def test_cli_exit_codes_and_json(home):
+def in_process(home: Path, monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[int, str]:
+    """The same command through typer's runner in this process (spares a process start)."""
+    from typer.testing import CliRunner
+
+    from prefect_recovery.cli import app
+
+    monkeypatch.setenv(HOME_ENV, str(home))
+    result = CliRunner().invoke(app, ["replay-check", *args])
+    return result.exit_code, result.stdout
+
+
+def test_cli_exit_codes_and_json(home, monkeypatch):
     heavy, noisy = by_step(home, EXAMPLE), by_step(home, NOISY)
 
     with Unchanged(home, EXAMPLE, NOISY):
-        same = cli(home, "--lineage", EXAMPLE, "--from", str(heavy[10]), "--to", str(heavy[20]), "--json")
+        # as a user runs it: a new process that finds the noisy pipeline through PREFECT_RECOVERY_PIPELINES
         differs = cli(home, "--lineage", NOISY, "--from", str(noisy[4]), "--to", str(noisy[12]), "--json")
-        human = cli(home, "--lineage", NOISY, "--from", str(noisy[4]), "--to", str(noisy[8]))
         bad = cli(home, "--lineage", EXAMPLE, "--from", str(heavy[20]), "--to", str(heavy[10]), "--json")
-
-    assert same.returncode == 0, same.stderr
-    report = payload(same)
-    assert report["deterministic"] is True and report["first_difference"] is None
-    assert (report["from_step"], report["to_step"], report["entries_differing"]) == (10, 20, 0)
+        same_code, same_out = in_process(
+            home, monkeypatch, "--lineage", EXAMPLE, "--from", str(heavy[10]), "--to", str(heavy[20]), "--json"
+        )
+        human_code, human_out = in_process(home, monkeypatch, "--lineage", NOISY, "--from", str(noisy[4]), "--to",
+                                           str(noisy[8]))  # fmt: skip
 
     assert differs.returncode == 1, differs.stderr
     report = payload(differs)
@@ -263,11 +273,16 @@ def test_cli_exit_codes_and_json(home):
     first = report["first_difference"]
     assert (first["name"], first["dtype"], first["shape"], first["elements_differing"]) == ("model/noise", "float32",
                                                                                              [3], 3)  # fmt: skip
-    assert first["max_abs_diff"] > 0
-
-    assert human.returncode == 1, human.stderr
-    assert "NOT deterministic" in human.stdout and "model/noise" in human.stdout, human.stdout
-    assert "Traceback" not in human.stdout + human.stderr
+    assert first["max_abs_diff"] > 0 and report["differing"] == ["model/noise"]
 
     assert bad.returncode == 2, bad.stdout + bad.stderr
     assert set(payload(bad)) == {"error"} and "must be an earlier version" in payload(bad)["error"]
+    assert "Traceback" not in bad.stdout + bad.stderr
+
+    assert same_code == 0, same_out
+    report = json.loads(same_out)
+    assert report["deterministic"] is True and report["first_difference"] is None
+    assert (report["from_step"], report["to_step"], report["entries_differing"]) == (10, 20, 0)
+
+    assert human_code == 1, human_out
+    assert "NOT deterministic" in human_out and "model/noise" in human_out, human_out
