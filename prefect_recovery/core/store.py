@@ -37,6 +37,7 @@ from .errors import (
     QuorumNotMetError,
     RegionError,
     RegionUnavailableError,
+    SigningKeyError,
 )
 from .layout import (
     blob_key,
@@ -83,6 +84,17 @@ class ManifestCopies:
     raw: dict[str, bytes] = field(default_factory=dict)
     # Copies that parse but whose signature fails (tampered, unsigned, unknown key).
     unsigned_or_forged: dict[str, ManifestSignatureError] = field(default_factory=dict)
+
+    @property
+    def damaged(self) -> list[str]:
+        """Regions whose copy exists but fails its checks (corrupt, misplaced, forged)."""
+        return [region for region in self.raw if region not in self.valid]
+
+    def committed(self, manifest: Manifest | None, holders: list[str], quorum: int) -> bool:
+        """Whether ``manifest`` was committed: its verified holders, plus the regions whose copy
+        exists but was damaged after the write, reach ``quorum`` (a damaged copy still proves a
+        write happened there; the verified copy is what is read)."""
+        return manifest is not None and bool(holders) and len(holders) + len(self.damaged) >= quorum
 
     def best(self, region_order: Sequence[str]) -> tuple[Manifest | None, list[str]]:
         """The manifest held by most regions (ties: earliest region) and who holds it."""
@@ -252,6 +264,12 @@ class Store:
         metadata: dict[str, JsonValue] | None,
     ) -> CheckpointInfo:
         check_lineage(lineage)
+        keyring = self.keyring
+        if keyring is not None and keyring.signing_key is None and not keyring.accept_unsigned:
+            raise SigningKeyError(
+                f"save of lineage {lineage!r} refused: this store checks signatures but has no signing key, so "
+                "every reader would reject what it writes; set the store's signing key (or accept_unsigned)"
+            )
         names = [check_entry_name(plan.name) for plan in entries]  # before a single byte is written
         if len(set(names)) != len(names):
             duplicates = sorted({name for name in names if names.count(name) > 1})
@@ -619,7 +637,9 @@ class Store:
 
     def _committed(self, copies: ManifestCopies, unreachable: dict[str, str]) -> tuple[Manifest, list[str]] | None:
         manifest, holders = copies.best(self.region_names)
-        if manifest is None or len(holders) < max(1, self.quorum_for(manifest) - len(unreachable)):
+        if manifest is None or not copies.committed(
+            manifest, holders, max(1, self.quorum_for(manifest) - len(unreachable))
+        ):
             return None
         sizes = {c.digest: c.size for e in manifest.entries for c in e.chunks}
         if not all(self.blob_present(d, s) for d, s in sizes.items()):
@@ -629,9 +649,10 @@ class Store:
     def resolve(self, lineage: str, version: int | None = None) -> tuple[Manifest, list[str]]:
         """The manifest to load: ``version`` if given and consistent, else the latest consistent.
 
-        A version that is not consistent because copies fail their signature check is not
-        skipped in silence: that is tampering (or a missing key), so the load stops with a
-        ``ManifestSignatureError`` instead of quietly falling back to an older version.
+        A version whose manifest exists but no copy of it passes its checks (damaged, misplaced,
+        forged, signed with an unknown key) is not skipped in silence: editing one byte must not
+        roll a lineage back. The load stops with a ``ManifestError`` (``ManifestSignatureError``
+        for signature failures) instead of quietly falling back to an older version.
         """
         check_lineage(lineage)
         listing = self._versions(lineage)
@@ -643,12 +664,13 @@ class Store:
             found, copies = self._consistent(lineage, candidate, listing)
             if found is not None:
                 return found
-            if copies is not None and copies.unsigned_or_forged:
-                error = next(iter(copies.unsigned_or_forged.values()))
-                raise ManifestSignatureError(
-                    f"lineage {lineage!r} version {candidate} does not verify: {error}. Run the audit with "
-                    "repair (`prefect-recovery audit`) to restore a verified copy, or load an earlier version "
-                    "explicitly"
+            if copies is not None and copies.damaged and not copies.valid:
+                forged = list(copies.unsigned_or_forged.values())
+                causes = "; ".join(copies.invalid[region] for region in copies.damaged)
+                error = ManifestSignatureError if forged else ManifestError
+                raise error(
+                    f"lineage {lineage!r} version {candidate} cannot be trusted in any region: {causes}. "
+                    "Load an earlier version explicitly to go on without it"
                 )
         if version is not None:
             raise CheckpointNotFoundError(

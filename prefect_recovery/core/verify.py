@@ -109,7 +109,9 @@ def verify_store(
                     if problem.object == key and problem.kind == "bad signature":
                         problem.detail += "; no copy in any region verifies, so nothing to repair from"
                 continue
-            committed = manifest is not None and len(holders) >= max(1, store.quorum_for(manifest) - len(down))
+            committed = manifest is not None and copies.committed(
+                manifest, holders, max(1, store.quorum_for(manifest) - len(down))
+            )
             if not committed:
                 held = ", ".join(holders) or "no region"
                 notes.append(
