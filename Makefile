@@ -14,11 +14,11 @@ $(BIN)/python:
 
 # Installs are stamped with the files that define them, so re-runs cost nothing.
 $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
-	$(PIP) install --quiet -c constraints.txt -e '.[s3,gcs,azure]'
+	$(PIP) install --quiet -c constraints.txt -e '.[s3,gcs,azure,plot]'
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install --quiet -c constraints.txt -e '.[s3,gcs,azure,dev]'
+	$(PIP) install --quiet -c constraints.txt -e '.[s3,gcs,azure,plot,dev]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -88,14 +88,28 @@ def ls(
     store: StoreOpt = None,
     quorum: QuorumOpt = 1,
     as_json: JsonOpt = False,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Also draw the lineage's timeline into this PNG (needs --lineage).")
+    ] = None,
 ) -> None:
     """List consistent checkpoints (committed in at least write_quorum regions)."""
+    if plot is not None and not lineage:
+        _fail("--plot draws one lineage's timeline: give --lineage too", as_json)
     try:
         opened = open_store(region, store, quorum)
         reachable, down = opened.core.reachable_regions()
         if not reachable:
             raise CheckpointError("no region is reachable: " + "; ".join(down.values()))
         infos = opened.list(lineage)
+        if plot is not None:
+            from .telemetry.plot import PlotUnavailableError, plot_timeline
+
+            try:
+                written = plot_timeline(opened, lineage, plot)
+            except PlotUnavailableError as exc:
+                _fail(str(exc), as_json)
+            # stderr under --json, so stdout stays one JSON document
+            (err_console if as_json else console).print(f"timeline of {lineage} written to {written}")
     except CheckpointError as exc:
         _fail(str(exc), as_json)
     for cause in down.values():

@@ -27,6 +27,7 @@ from ..core.manifest import Manifest
 from ..tasks.pipeline_run import RecoveryPlan, claim_lineage, current_run_id, recovery_plan
 from ..tasks.preflight import CheckResult, PreflightContext, as_rows, run_checks
 from ..tasks.step import STEP_CODE, code_digest
+from ..telemetry import emit_recovery_finished, emit_recovery_started
 from .example_pipeline import finished_result, lineage_status
 from .registry import resolve_pipeline
 
@@ -161,6 +162,8 @@ def recover(
         },
         exclude=set(),
     )
+    emit_recovery_started(lineage, run_id=run_id, checkpoint=resumed_from, failed_step=where, from_step=from_step,
+                          preflight=preflight, regions=store.core.region_names)  # fmt: skip
     try:
         if manifest is not None:
             verify_checkpoint(store, lineage, manifest.version)
@@ -182,6 +185,7 @@ def recover(
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"[:2000]
         journal.append("recovery_finished", run_id=run_id, data={"status": "failed", "error": error})
+        emit_recovery_finished(lineage, None, False, run_id=run_id, resumed_from=resumed_from, error=error)
         raise
     reused = [
         str(event.data.get("step"))
@@ -198,6 +202,8 @@ def recover(
             "reused_steps": reused,
         },
     )
+    emit_recovery_finished(lineage, result.get("final_version"), True, run_id=run_id, resumed_from=resumed_from,
+                           final_digest=result.get("final_digest"), reused_steps=reused)  # fmt: skip
     summary = {
         "lineage": lineage,
         "status": "recovered",
