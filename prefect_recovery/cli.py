@@ -158,6 +158,7 @@ def verify(
             f"{status}: {report.lineages} lineages, {report.versions} versions, {report.blobs} blobs, "
             f"{_human_bytes(report.bytes_checked)} re-hashed in {len(report.regions)} regions"
         )
+        console.print(f"signing: {report.signing}")
         if report.problems:
             table = Table(title="problems")
             for column in ("region", "object", "kind", "repaired", "detail"):
@@ -174,6 +175,97 @@ def verify(
         for note in report.notes:
             console.print(f"note: {note}")
     raise typer.Exit(0 if report.healthy else 1)
+
+
+@app.command("audit")
+def audit_command(
+    read_data: Annotated[
+        float, typer.Option("--read-data", min=0.0, max=1.0, help="Fraction of blobs read and re-hashed (0-1).")
+    ] = 1.0,
+    repair: Annotated[bool, typer.Option("--repair/--no-repair", help="Heal copies from verified ones.")] = True,
+    retention: Annotated[
+        bool, typer.Option("--retention/--no-retention", help="Apply the store's retention policy and collect garbage.")
+    ] = True,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what retention and GC would delete.")] = False,
+    lineage: Annotated[str | None, typer.Option("--lineage", help="Only this lineage (no GC).")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the read-data sample.")] = None,
+    region: RegionOpt = None,
+    store: StoreOpt = None,
+    quorum: QuorumOpt = 1,
+    as_json: JsonOpt = False,
+) -> None:
+    """Scrub, repair and prune the store (the audit flow's work, without Prefect). Exit 0 when healthy."""
+    from datetime import timedelta
+
+    from .core.audit import audit_store
+
+    try:
+        block = open_store(region, store, quorum)
+        report = audit_store(
+            block.core,
+            policy=block.retention,
+            read_data=read_data,
+            repair=repair,
+            apply_retention_policy=retention,
+            gc_grace=timedelta(seconds=block.gc_grace_seconds),
+            lineage=lineage,
+            dry_run=dry_run,
+            seed=seed,
+        )
+    except CheckpointError as exc:
+        _fail(str(exc), as_json)
+    if as_json:
+        _emit({**report.model_dump(mode="json"), "rows": report.rows(), "healthy": report.healthy})
+    else:
+        rows = report.rows()
+        if rows:
+            table = Table(title="checkpoints")
+            for column in rows[0]:
+                table.add_column(column)
+            for row in rows:
+                table.add_row(*("-" if value is None else str(value) for value in row.values()))
+            console.print(table)
+        console.print(report.markdown())
+    raise typer.Exit(0 if report.healthy else 1)
+
+
+@app.command("keygen")
+def keygen_command(
+    name: Annotated[str, typer.Argument(help="Secret block name; it becomes the key id in every signature.")],
+    algorithm: Annotated[
+        str, typer.Option("--algorithm", help="hmac-sha256 or ed25519.", case_sensitive=False)
+    ] = "ed25519",
+    public_name: Annotated[
+        str | None, typer.Option("--public", help="ed25519: also save the public key under this Secret block name.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing Secret block.")] = False,
+) -> None:
+    """Make a signing key and save it as a Prefect Secret block (set the store's signing_key to NAME)."""
+    import secrets
+
+    from prefect.blocks.system import Secret
+
+    from .core.signing import check_key_id, new_ed25519_key_pem
+
+    try:
+        check_key_id(name)
+        if algorithm == "hmac-sha256":
+            Secret(value=secrets.token_hex(32)).save(name, overwrite=overwrite)
+        elif algorithm == "ed25519":
+            private_pem, public_pem = new_ed25519_key_pem()
+            Secret(value=private_pem).save(name, overwrite=overwrite)
+            if public_name:
+                # Readers verify signatures made as NAME, so the public key carries that key id.
+                Secret(value={"key_id": name, "key": public_pem}).save(public_name, overwrite=overwrite)
+        else:
+            _fail(f"unknown algorithm {algorithm!r}: use hmac-sha256 or ed25519", False)
+    except (CheckpointError, ValueError) as exc:
+        _fail(str(exc), False)
+    console.print(
+        f"saved {algorithm} key as Secret block {name!r}"
+        + (f" (public key: {public_name!r})" if public_name else "")
+        + f'; sign with CheckpointStore(..., signing_key="{name}", signing_algorithm="{algorithm}")'
+    )
 
 
 @app.command("export")

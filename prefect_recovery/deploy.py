@@ -49,7 +49,9 @@ def build_deployments() -> list[Any]:
         audit.to_deployment(
             name="audit-daily",
             entrypoint_type=module,
-            description="Verify every checkpoint in the store (verify-only audit).",
+            description="Scrub every checkpoint in every region (signatures, presence, a re-hashed sample), "
+            "repair from verified copies, apply the retention policy, collect garbage; publish the report.",
+            parameters={"read_data": 0.1, "repair": True, "apply_retention": True},
             cron=AUDIT_CRON,
             tags=["prefect-recovery"],
         ),

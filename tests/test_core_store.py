@@ -529,7 +529,7 @@ def test_planted_manifest_with_escaping_entry_name_is_rejected_before_any_blob_i
 
     regions = [_Recording(str(a)), _Recording(str(b))]
     store = Store(regions, write_quorum=2, chunk_bytes=CHUNK)
-    with pytest.raises(CheckpointNotFoundError):
+    with pytest.raises(CheckpointNotFoundError, match="entry name"):  # the damage is named
         store.resolve("lin", 2)
     touched = [key for region in regions for key in region.touched]
     assert manifest_key("lin", 2) in touched

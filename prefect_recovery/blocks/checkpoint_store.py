@@ -23,8 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, PrivateAttr, field
 
 from ..core import CheckpointInfo, Store, VerifyReport, open_region, verify_store
 from ..core.errors import SigningKeyError
+from ..core.retention import RetentionPolicy
 from ..core.signing import Keyring, ManifestKey, SignatureAlgorithm, load_key
 from ..core.store import DEFAULT_CHUNK_BYTES
+from ..telemetry import default_observers
 from ..training.state_io import load_state, save_state
 
 HOME_ENV = "PREFECT_RECOVERY_HOME"
@@ -144,7 +146,19 @@ class CheckpointStore(Block):
     verification_keys: builtins.list[str] = Field(
         default_factory=list,
         description="Names of Secret blocks with older keys (rotated out) or other writers' keys whose "
-        "signatures are still accepted; for ed25519 a public key PEM is enough.",
+        "signatures are still accepted; for ed25519 a public key PEM is enough. A Secret holding "
+        '{"key_id": ..., "key": ...} names its key id itself (`prefect-recovery keygen --public` saves one).',
+    )
+    retention: RetentionPolicy | None = Field(
+        default=None,
+        description="Which versions the audit keeps (keep_last, keep_every_steps, keep_milestones, keep_within). "
+        "Empty: the audit deletes no version.",
+    )
+    gc_grace_seconds: float = Field(
+        default=3600.0,
+        ge=60,
+        description="Garbage collection keeps unreferenced blobs younger than this, so a save still uploading "
+        "never loses its data; longer than your longest save.",
     )
     accept_unsigned: bool = Field(
         default=False,
@@ -184,6 +198,7 @@ class CheckpointStore(Block):
                 io_threads=self.io_threads,
                 straggler_grace=self.straggler_grace_seconds,
                 keyring=self.keyring(),
+                observers=default_observers(),
             )
         return self._store
 
@@ -201,6 +216,13 @@ class CheckpointStore(Block):
                     f"signing key Secret block {name!r} cannot be loaded ({exc}); create it with "
                     f"`Secret(value=...).save({name!r})` or fix the store's signing_key/verification_keys"
                 ) from None
+            if isinstance(material, dict):  # {"key_id": ..., "key": ...}: a key saved under another name
+                try:
+                    return load_key(str(material["key_id"]), self.signing_algorithm, str(material["key"]))
+                except KeyError:
+                    raise SigningKeyError(
+                        f"Secret block {name!r} holds a JSON object without 'key_id' and 'key'"
+                    ) from None
             return load_key(name, self.signing_algorithm, str(material))
 
         signer = key(self.signing_key) if self.signing_key else None

@@ -14,6 +14,7 @@ blob is re-hashed on read, with fallback to the next region.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -106,6 +107,9 @@ class ManifestCopies:
             return None, []
         holders = max(groups.values(), key=len)  # max keeps the first of equal lengths
         return self.valid[holders[0]], holders
+
+
+logger = logging.getLogger("prefect_recovery.store")
 
 
 def _writer_info() -> dict[str, JsonValue]:
@@ -650,9 +654,12 @@ class Store:
         """The manifest to load: ``version`` if given and consistent, else the latest consistent.
 
         A version whose manifest exists but no copy of it passes its checks (damaged, misplaced,
-        forged, signed with an unknown key) is not skipped in silence: editing one byte must not
-        roll a lineage back. The load stops with a ``ManifestError`` (``ManifestSignatureError``
-        for signature failures) instead of quietly falling back to an older version.
+        forged, signed with an unknown key): on a signing store that may be tampering, and
+        editing one byte must not roll a lineage back, so the load stops with a
+        ``ManifestError`` (``ManifestSignatureError`` for signature failures). Without signing,
+        "latest" is the latest consistent version (DESIGN.md invariant 3): the damaged version
+        is skipped with a warning, and asked for by number it is ``CheckpointNotFoundError``
+        naming the damage.
         """
         check_lineage(lineage)
         listing = self._versions(lineage)
@@ -665,9 +672,18 @@ class Store:
             if found is not None:
                 return found
             if copies is not None and copies.damaged and not copies.valid:
-                forged = list(copies.unsigned_or_forged.values())
                 causes = "; ".join(copies.invalid[region] for region in copies.damaged)
-                error = ManifestSignatureError if forged else ManifestError
+                if self.keyring is None and version is None:
+                    logger.warning(
+                        "lineage %r: skipping version %s, damaged in every region: %s", lineage, candidate, causes
+                    )
+                    continue
+                if self.keyring is None:
+                    raise CheckpointNotFoundError(
+                        f"lineage {lineage!r} has no consistent version {version}: its manifest is damaged in every "
+                        f"region ({causes}); load an earlier version"
+                    )
+                error = ManifestSignatureError if copies.unsigned_or_forged else ManifestError
                 raise error(
                     f"lineage {lineage!r} version {candidate} cannot be trusted in any region: {causes}. "
                     "Load an earlier version explicitly to go on without it"

@@ -1,63 +1,157 @@
-"""The ``audit`` flow, verify-only for now: scrub every region and report.
+"""The ``audit`` flow: scrub, repair, retention and garbage collection, with a report.
 
-Reads every manifest and every blob in every region and checks digests (``verify``); with
-``repair`` it re-copies damaged or missing copies from a verified healthy one. Publishes a
-table artifact (one row per problem) and fails the run when problems remain, so a scheduled
-audit that finds damage shows red in the UI and can drive an automation.
+Runs ``core.audit.audit_store`` (scrub every manifest and its signature in every region, check
+every blob's presence, re-hash a ``read_data`` fraction, repair from verified copies, then apply
+the store's ``RetentionPolicy`` and collect unreferenced blobs older than the grace period),
+optionally replays one checkpoint segment to check determinism, and publishes:
+
+* ``audit-checkpoints``: a table artifact, one row per checkpoint (lineage, version, step,
+  trigger, size, signature, per-region status, retention decision);
+* ``audit-summary``: a markdown artifact with the totals, the unrepaired problems and the
+  timeline picture of the most recently written lineages;
+* a ``prefect-recovery.audit.problem`` event per problem found, for automations.
+
+The run fails when problems remain unrepaired (or a sampled replay is not deterministic), so
+a scheduled audit that finds damage shows red in the UI and can drive an automation.
 """
 
 from __future__ import annotations
 
+import base64
+import random
+import tempfile
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from ..blocks import CheckpointStore
-from ..core.errors import RecoveryError
+from ..core.audit import AuditReport, audit_store
+from ..core.errors import CheckpointError, RecoveryError
+from ..core.retention import STEPS_SUFFIX
+from ..telemetry.events import emit_audit_problem
+
+PLOTTED_LINEAGES = 3
+
+
+def timeline_images(store: CheckpointStore, report: AuditReport) -> tuple[dict[str, str], list[str]]:
+    """Timeline pictures (as data URLs) of the most recently written lineages, and why any is missing."""
+    try:
+        from ..telemetry.plot import plot_timeline
+    except ImportError as exc:  # pragma: no cover - the plot extra is installed by default
+        return {}, [f"no timeline pictures: {exc}"]
+    latest: dict[str, str] = {}
+    for row in report.scrub.checkpoints:
+        base = row.lineage.removesuffix(".light")
+        if not base.endswith(STEPS_SUFFIX):
+            latest[base] = max(latest.get(base, ""), row.created_at)
+    images: dict[str, str] = {}
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for lineage in sorted(latest, key=latest.__getitem__, reverse=True)[:PLOTTED_LINEAGES]:
+            path = Path(scratch) / "timeline.png"
+            try:
+                plot_timeline(store, lineage, path)
+            except (CheckpointError, RuntimeError, ImportError) as exc:
+                notes.append(f"no timeline picture of {lineage}: {exc}")
+                continue
+            images[f"Timeline of {lineage}"] = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    return images, notes
+
+
+def replay_sample(store: CheckpointStore, report: AuditReport, seed: int | None) -> dict[str, Any] | None:
+    """Replay one randomly chosen checkpoint segment; None when no lineage has one to replay."""
+    from .replay import replay_check, sample_segment
+
+    rng = random.Random(seed)
+    lineages = sorted({row.lineage for row in report.scrub.checkpoints if row.tier != "light"})
+    rng.shuffle(lineages)
+    for lineage in lineages:
+        segment = sample_segment(store, lineage, rng)
+        if segment is not None:
+            result = replay_check(store, lineage, *segment)
+            return {"lineage": lineage, **result.model_dump(mode="json")}
+    return None
 
 
 @flow(name="audit", log_prints=True)
-def audit(store_block: str | None = None, repair: bool = False, lineage: str | None = None) -> dict[str, Any]:
-    """Verify every checkpoint in the store (and optionally repair); publish a report.
+def audit(
+    store_block: str | None = None,
+    read_data: float = 1.0,
+    repair: bool = True,
+    apply_retention: bool = True,
+    lineage: str | None = None,
+    dry_run: bool = False,
+    replay: bool = False,
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """Scrub, repair and prune the checkpoint store, and publish the report.
 
     Args:
         store_block: Name of a saved CheckpointStore block; default the embedded local store.
-        repair: Re-copy damaged or missing copies from a verified healthy copy.
-        lineage: Only this lineage (default: all).
+        read_data: Fraction (0-1) of the blobs read and re-hashed; every blob's presence is
+            checked whatever the fraction.
+        repair: Re-copy missing, corrupt or forged copies from a verified healthy copy.
+        apply_retention: Apply the store's retention policy and collect garbage (only after a
+            healthy scrub).
+        lineage: Only this lineage (default: all; garbage collection needs all).
+        dry_run: Report what retention and garbage collection would delete; delete nothing.
+        replay: Also replay one randomly chosen checkpoint segment and check it is deterministic.
+        seed: Seed of the random choices (read_data sample, replay segment).
     """
+    logger = get_run_logger()
     store = CheckpointStore.load(store_block) if store_block else CheckpointStore.default()
-    report = store.verify(repair=repair, lineage=lineage)
-    rows = [problem.model_dump() for problem in report.problems]
+    report = audit_store(
+        store.core,
+        policy=store.retention,
+        read_data=read_data,
+        repair=repair,
+        apply_retention_policy=apply_retention,
+        gc_grace=timedelta(seconds=store.gc_grace_seconds),
+        lineage=lineage,
+        dry_run=dry_run,
+        seed=seed,
+    )
+    if replay:
+        try:
+            report.replay = replay_sample(store, report, seed)
+        except CheckpointError as exc:
+            report.notes.append(f"replay check not run: {exc}")
+        if report.replay is None:
+            report.notes.append("replay check: no lineage has two heavy checkpoints to replay between")
+    for problem in report.scrub.problems:
+        emit_audit_problem(problem.lineage, problem.version, problem.region, problem.kind, problem.detail)
+
+    images, image_notes = timeline_images(store, report)
+    report.notes.extend(image_notes)
     create_table_artifact(
-        table=rows or [{"region": "-", "object": "-", "kind": "none", "detail": "no problems", "repaired": False}],
-        key="audit-problems",
-        description="Problems the audit found (repaired=true when repair fixed it)",
+        table=report.rows() or [{"lineage": "-", "version": "-", "note": "the store holds no checkpoint"}],
+        key="audit-checkpoints",
+        description="One row per checkpoint: per-region status, signature and retention decision",
     )
-    create_markdown_artifact(
-        key="audit-summary",
-        markdown=(
-            f"# Checkpoint audit\n\n* regions: {', '.join(report.regions)}\n* lineages: {report.lineages}, "
-            f"versions: {report.versions}, blobs: {report.blobs}, bytes checked: {report.bytes_checked:,}\n"
-            f"* problems: {len(report.problems)} ({len(report.unrepaired)} unrepaired)\n"
-            f"* healthy: {'yes' if report.healthy else 'NO'}\n"
-        ),
+    create_markdown_artifact(key="audit-summary", markdown=report.markdown(images), description="Checkpoint audit")
+    unrepaired = report.scrub.unrepaired
+    logger.info(
+        "audit: %s versions, %s blobs (%s re-hashed), %s problems (%s unrepaired)%s%s",
+        report.scrub.versions,
+        report.scrub.blobs,
+        report.scrub.blobs_read,
+        len(report.scrub.problems),
+        len(unrepaired),
+        f", retention deleted {sum(bool(d.deleted) for d in report.deletions)} versions" if report.deletions else "",
+        f", GC freed {report.gc.total_bytes_freed} bytes" if report.gc and not dry_run else "",
     )
-    summary = report.model_dump(mode="json")
-    get_run_logger().info(
-        "audit: %s versions, %s blobs, %s problems (%s unrepaired)",
-        report.versions,
-        report.blobs,
-        len(report.problems),
-        len(report.unrepaired),
-    )
-    if report.unrepaired:
+    if unrepaired:
         raise RecoveryError(
-            f"audit found {len(report.unrepaired)} unrepaired problem(s): "
-            + "; ".join(f"{p.region} {p.object}: {p.kind}" for p in report.unrepaired[:5])
-            + ". Run the audit with repair=true, or `prefect-recovery verify --repair`."
+            f"audit found {len(unrepaired)} unrepaired problem(s): "
+            + "; ".join(f"{p.region} {p.object}: {p.kind}" for p in unrepaired[:5])
+            + ". Run the audit with repair=true, or `prefect-recovery audit`."
         )
-    return summary
+    if not report.healthy:
+        raise RecoveryError(f"audit replay check found a non-deterministic segment: {report.replay}")
+    return report.model_dump(mode="json")
 
 
-__all__ = ["audit"]
+__all__ = ["audit", "replay_sample", "timeline_images"]
