@@ -12,6 +12,7 @@ committed, and a deletion that still loses the race is reported.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import threading
@@ -22,13 +23,16 @@ from pathlib import Path
 
 import pytest
 from helpers.emulators import Emulator, running_emulators, unique
+from helpers.tamper import reseal
 
-from prefect_recovery.core import EntryPlan, LocalRegionIO, RegionIO, Store, open_region
+from prefect_recovery.core import EntryPlan, Keyring, LocalRegionIO, RegionIO, Store, hmac_key, open_region
 from prefect_recovery.core.digest import hash_bytes
-from prefect_recovery.core.errors import CheckpointNotFoundError
-from prefect_recovery.core.gc import MIN_GRACE, collect_garbage
-from prefect_recovery.core.layout import blob_key
+from prefect_recovery.core.errors import CheckpointNotFoundError, QuorumNotMetError, RegionUnavailableError
+from prefect_recovery.core.gc import MIN_GRACE, _check_stale, collect_garbage
+from prefect_recovery.core.layout import blob_key, manifest_key
+from prefect_recovery.core.manifest import decode_manifest
 from prefect_recovery.core.retention import RetentionPolicy, apply_retention, plan_retention
+from prefect_recovery.core.verify import verify_store
 
 CHUNK = 1024
 HOUR = 3600.0
@@ -395,3 +399,262 @@ def test_a_save_reusing_an_old_unreferenced_blob(tmp_path, when):
 def hash_bytes_of(key: str) -> str:
     _blobs, algo, _hh, hexdigest = key.split("/")
     return f"{algo}:{hexdigest}"
+
+
+# -- stale uncommitted manifests ---------------------------------------------------------------------------------
+class Crashable(LocalRegionIO):
+    """A real local region whose manifest writes (``refuse_manifests``) or manifest deletions
+    (``keep_manifests``) fail like a lost connection. Both together on two regions replay a save
+    whose process died after the arbiter region took its manifest: the other region never got
+    it, and the withdrawal of the arbiter's copy never happened."""
+
+    def __init__(self, url: str):
+        super().__init__(url)
+        self.refuse_manifests = False
+        self.keep_manifests = False
+
+    def put_if_absent(self, key, data):
+        if self.refuse_manifests and "/manifests/" in key:
+            raise RegionUnavailableError(self.name, f"writing {key}: connection reset")
+        return super().put_if_absent(key, data)
+
+    def delete(self, key):
+        if self.keep_manifests and "/manifests/" in key:
+            raise RegionUnavailableError(self.name, f"deleting {key}: connection reset")
+        super().delete(key)
+
+
+def crashable_store(tmp_path: Path, keyring: Keyring | None = None) -> tuple[Store, Crashable, Crashable]:
+    a, b = (Crashable(str(tmp_path / name)) for name in ("a", "b"))
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir(exist_ok=True)
+    store = Store([a, b], write_quorum=2, chunk_bytes=CHUNK, straggler_grace=None, keyring=keyring)
+    return store, a, b
+
+
+def crash_save(store: Store, lineage: str, i: int) -> int:
+    """A save of ``entries_for(lineage, i)`` that dies after the arbiter (first region) took its
+    manifest: every blob is in every region, the manifest only in the arbiter. Its version."""
+    arbiter, *others = store.regions
+    before = set(store.versions(lineage))
+    arbiter.keep_manifests = True
+    for region in others:
+        region.refuse_manifests = True
+    try:
+        with pytest.raises(QuorumNotMetError):
+            commit(store, lineage, i)
+    finally:
+        arbiter.keep_manifests = False
+        for region in others:
+            region.refuse_manifests = False
+    (version,) = set(store.versions(lineage)) - before
+    assert store.versions(lineage)[version] == [arbiter.name]
+    return version
+
+
+def manifest_blobs(root: Path, lineage: str, version: int) -> set[str]:
+    """The blob keys the manifest file of ``version`` in region ``root`` names (committed or not)."""
+    data = (root / manifest_key(lineage, version)).read_bytes()
+    return {blob_key(d) for d in decode_manifest(data).blob_digests()}
+
+
+def files_under(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_gc_collects_the_manifest_of_a_crashed_save_and_its_blobs(tmp_path):
+    """A save crashed after the arbiter took its manifest (quorum 2): v2 is in region a only, its
+    blobs in both. Once a newer version is committed and grace has passed, GC deletes v2's
+    manifest and, in the same run, the blobs only v2 named; a dry run first says exactly that
+    and deletes nothing. Every committed version still loads bit-identically."""
+    store, a, b = crashable_store(tmp_path)
+    assert commit(store, "run", 1) == 1
+    crashed = crash_save(store, "run", 2)
+    assert crashed == 2 and commit(store, "run", 3) == 3
+    note = [n for n in verify_store(store).notes if "run v2" in n]
+    assert note and "left for garbage collection" in note[0]
+    only_v2 = manifest_blobs(tmp_path / "a", "run", 2) - blob_keys_of(store, "run", 1) - blob_keys_of(store, "run", 3)
+    assert only_v2 and all((tmp_path / root / key).exists() for root in ("a", "b") for key in only_v2)
+    key = manifest_key("run", 2)
+    age(tmp_path, 2 * HOUR)
+
+    before = (files_under(tmp_path / "a"), files_under(tmp_path / "b"))
+    dry = collect_garbage(store, dry_run=True)
+    assert (files_under(tmp_path / "a"), files_under(tmp_path / "b")) == before
+    assert dry.dry_run and not dry.swept and not dry.refusals, dry
+    assert dry.stale_manifests_deleted == {a.name: [key]} and dry.uncommitted_kept == {}
+    assert set(dry.deleted[a.name]) == {key} | only_v2 and set(dry.deleted[b.name]) == only_v2
+
+    report = collect_garbage(store)
+    assert report.swept and not report.refusals, report
+    assert report.stale_manifests_deleted == {a.name: [key]} and report.uncommitted_kept == {}
+    assert set(report.deleted[a.name]) == {key} | only_v2 and set(report.deleted[b.name]) == only_v2
+    assert report.blobs_deleted == {a.name: len(only_v2), b.name: len(only_v2)}
+    assert report.bytes_freed == dry.bytes_freed
+    assert report.lost_after_sweep == [] and report.rescued == 0
+    assert not (tmp_path / "a" / key).exists()
+    for root in ("a", "b"):
+        assert not blobs_on_disk(tmp_path / root) & only_v2
+    assert store.versions("run") == {1: [a.name, b.name], 3: [a.name, b.name]}
+    for v in (1, 3):
+        assert load(store, "run", v) == entries_for("run", v)
+    assert verify_store(store).notes == []
+
+    again = collect_garbage(store)
+    assert again.swept and again.deleted == {} and again.stale_manifests_deleted == {}
+    assert commit(store, "run", 4) == 4 and load(store, "run") == entries_for("run", 4)
+
+
+def test_gc_finishes_a_half_failed_retention_deletion(tmp_path):
+    """Retention deleted v1 and v2 in region a but not in b (connection lost): below quorum,
+    they are no checkpoints. GC deletes the copies left in b and the blobs only they named."""
+    store, a, b = crashable_store(tmp_path)
+    for i in range(1, 5):
+        commit(store, "run", i)
+    keys = {v: blob_keys_of(store, "run", v) for v in range(1, 5)}
+    b.keep_manifests = True
+    results = apply_retention(store, plan_retention(store, RetentionPolicy(keep_last=2, keep_milestones=False)))
+    b.keep_manifests = False
+    assert [(r.version, r.deleted, list(r.failed)) for r in results] == [
+        (1, [a.name], [b.name]),
+        (2, [a.name], [b.name]),
+    ]
+    age(tmp_path, 2 * HOUR)
+
+    report = collect_garbage(store)
+    assert report.swept and report.stale_manifests_deleted == {b.name: [manifest_key("run", 1), manifest_key("run", 2)]}
+    freed = (keys[1] | keys[2]) - (keys[3] | keys[4])
+    assert freed and set(report.deleted[a.name]) == freed
+    assert set(report.deleted[b.name]) == freed | {manifest_key("run", v) for v in (1, 2)}
+    assert list(store.versions("run")) == [3, 4]
+    for v in (3, 4):
+        assert load(store, "run", v) == entries_for("run", v)
+
+
+def test_gc_keeps_a_young_uncommitted_manifest(tmp_path):
+    """A save crashed minutes ago (its manifest younger than grace): kept with its blobs, even
+    with a newer committed version; two hours later it goes."""
+    store, a, _b = crashable_store(tmp_path)
+    commit(store, "run", 1)
+    age(tmp_path, 2 * HOUR)
+    crash_save(store, "run", 2)
+    commit(store, "run", 3)
+    only_v2 = manifest_blobs(tmp_path / "a", "run", 2) - blob_keys_of(store, "run", 3)
+
+    report = collect_garbage(store)
+    assert report.swept and report.deleted == {} and report.stale_manifests_deleted == {}
+    assert list(report.uncommitted_kept) == ["run v2"] and "younger than grace" in report.uncommitted_kept["run v2"]
+    assert (tmp_path / "a" / manifest_key("run", 2)).exists() and only_v2 <= blobs_on_disk(tmp_path / "b")
+
+    later = collect_garbage(store, now=datetime.now(UTC) + timedelta(hours=2))
+    assert later.stale_manifests_deleted == {a.name: [manifest_key("run", 2)]}
+    assert not only_v2 & blobs_on_disk(tmp_path / "b")
+    for v in (1, 3):
+        assert load(store, "run", v) == entries_for("run", v)
+
+
+def test_gc_keeps_the_highest_version_and_one_without_a_newer_consistent_version(tmp_path):
+    """Two saves in a row crashed (v2, v3 in region a only), old: v3 is the highest version (its
+    number must stay listed) and v2 has no consistent version above it; both stay, with their
+    blobs, and the next save takes v4. Once v4 is committed (and old), both go."""
+    store, a, _b = crashable_store(tmp_path)
+    commit(store, "run", 1)
+    crash_save(store, "run", 2)
+    crash_save(store, "run", 3)
+    uncommitted = manifest_blobs(tmp_path / "a", "run", 2) | manifest_blobs(tmp_path / "a", "run", 3)
+    age(tmp_path, 2 * HOUR)
+
+    report = collect_garbage(store)
+    assert report.swept and report.deleted == {}, report
+    assert "highest version" in report.uncommitted_kept["run v3"]
+    assert "no higher version of its lineage is consistent" in report.uncommitted_kept["run v2"]
+    assert uncommitted <= blobs_on_disk(tmp_path / "a") and uncommitted <= blobs_on_disk(tmp_path / "b")
+
+    assert commit(store, "run", 4) == 4  # no number reused
+    age(tmp_path, 2 * HOUR)
+    report = collect_garbage(store)
+    assert report.stale_manifests_deleted == {a.name: [manifest_key("run", 2), manifest_key("run", 3)]}
+    assert report.uncommitted_kept == {}
+    assert list(store.versions("run")) == [1, 4]
+    for v in (1, 4):
+        assert load(store, "run", v) == entries_for("run", v)
+
+
+def test_gc_counts_a_damaged_copy_toward_the_quorum(tmp_path):
+    """Signed store, quorum 2. v1's copy in region b was forged after the commit (resealed, so it
+    parses but its signature fails): it still counts toward the quorum, v1 is committed, and its
+    repair is the audit's job; GC keeps it. v2's copy in b is *gone* instead: one copy cannot be
+    told from a crashed save (README, known limitations), so once v3 is consistent GC deletes v2."""
+    store, a, _b = crashable_store(tmp_path, Keyring(hmac_key("k1", "0123456789abcdef" * 4)))
+    for i in range(1, 4):
+        commit(store, "run", i)
+    forged = tmp_path / "b" / manifest_key("run", 1)
+    raw = json.loads(forged.read_bytes())
+    raw["metadata"]["approved_by"] = "mallory"
+    forged.write_bytes(reseal(raw))
+    (tmp_path / "b" / manifest_key("run", 2)).unlink()
+    age(tmp_path, 2 * HOUR)
+
+    report = collect_garbage(store)
+    assert report.swept and not report.refusals, report
+    assert report.stale_manifests_deleted == {a.name: [manifest_key("run", 2)]}
+    assert report.uncommitted_kept == {}
+    assert forged.exists() and (tmp_path / "a" / manifest_key("run", 1)).exists()
+    # GC reads again only versions listed by fewer regions than the quorum, which already spares
+    # v1; the store's rule, applied to its copies, keeps it too (one verified + one damaged).
+    cutoff = (datetime.now(UTC) - timedelta(hours=1)).timestamp()
+    assert _check_stale(store, "run", 1, {1: {a.name, _b.name}, 3: {a.name, _b.name}}, cutoff, {}) == (None, None)
+    for v in (1, 3):
+        assert load(store, "run", v) == entries_for("run", v)
+    assert list(store.versions("run")) == [1, 3]
+
+
+def test_gc_keeps_single_region_placement_manifests(tmp_path):
+    """The light tier writes placement "primary" manifests to one region at quorum 1: in a store
+    of write_quorum 2 they are committed all the same, and GC keeps every one."""
+    store, a, _b = crashable_store(tmp_path)
+    light = store.derive([a], write_quorum=1, placement="primary")
+    for i in range(1, 4):
+        commit(light, "run.light", i)
+    commit(store, "run", 1)
+    age(tmp_path, 2 * HOUR)
+    report = collect_garbage(store)
+    assert report.swept and report.deleted == {} and report.uncommitted_kept == {}, report
+    for v in (1, 2, 3):
+        assert load(store, "run.light", v) == entries_for("run.light", v)
+
+
+class LateCopy(Crashable):
+    """Lists its manifests normally until the n-th listing of ``lineage``'s manifests, which
+    first writes ``copy`` into this region (as if a replica of it landed right then)."""
+
+    def __init__(self, url: str, n: int, copy: tuple[str, bytes]):
+        super().__init__(url)
+        self.n, self.copy, self.calls = n, copy, 0
+
+    def list(self, prefix):
+        if prefix == "lineages/run/manifests":
+            self.calls += 1
+            if self.calls == self.n:
+                super().put_if_absent(*self.copy)
+        return super().list(prefix)
+
+
+def test_the_re_check_before_deleting_spares_a_manifest_that_changed(tmp_path):
+    """Between finding v2 stale and deleting it, a copy of it appears in region b (GC's second
+    listing of the lineage, the re-check's own): the re-check sees the version committed now and
+    leaves it, and its blobs, alone."""
+    store, a, _b = crashable_store(tmp_path)
+    commit(store, "run", 1)
+    crash_save(store, "run", 2)
+    commit(store, "run", 3)
+    age(tmp_path, 2 * HOUR)
+    key = manifest_key("run", 2)
+    late = LateCopy(str(tmp_path / "b"), 2, (key, (tmp_path / "a" / key).read_bytes()))
+    gc_store = Store([a, late], write_quorum=2, chunk_bytes=CHUNK, straggler_grace=None)
+
+    report = collect_garbage(gc_store)
+    assert report.swept and report.deleted == {} and report.stale_manifests_deleted == {}, report
+    assert "spared by the re-check" in report.uncommitted_kept["run v2"]
+    for v in (1, 2, 3):
+        assert load(gc_store, "run", v) == entries_for("run", v)

@@ -1,11 +1,27 @@
-"""Garbage collection: mark-and-sweep of the blobs no manifest names (FORMAT.md, "Retention and
-garbage collection").
+"""Garbage collection: mark-and-sweep of the blobs no manifest names, and of the manifests of
+saves that never committed (FORMAT.md, "Retention and garbage collection").
 
 *Mark*: every blob named by any manifest present in any region, committed or not, signed or
 not (a below-quorum manifest may be a publish in progress; a manifest whose signature does not
 check still names blobs a repair may need). A manifest file that cannot be parsed makes the
 whole run refuse to sweep: nobody knows what it references. So does an unreachable region: its
 manifests may name blobs held elsewhere.
+
+*Stale uncommitted manifests*: a version held by fewer regions than its quorum (a save that
+crashed after the arbiter took its manifest, or a retention deletion that failed half-way) is
+never a checkpoint and nobody else removes it. It is collected when, with every region
+reachable: every copy of it could be read; no manifest of it is committed by the store's own
+rule (``ManifestCopies.committed``: placement ``primary`` needs one copy, and a copy that exists
+but fails its checks still counts toward the quorum, since repairing it is the audit's job); it
+is not the highest version number listed in its lineage (numbers are never reused); a higher
+version of its lineage is consistent (publication numbers only go up, so its publication is
+over); and every copy is older than ``grace``. Right before deleting, all of it is checked
+again, and a copy that changed (bytes, size or time) or appeared spares the version.
+
+The blobs only such manifests named are collected in the same run: the marks that choose blob
+candidates leave out the versions whose every copy was deleted (in a dry run: would be), and the
+re-mark before deleting blobs reads the manifests as they are then, so a stale manifest that was
+spared, or whose deletion failed, keeps its blobs.
 
 *Sweep*, per region: blobs (``blobs/...``) named by no manifest and last modified more than
 ``grace`` ago; leftover ``.tmp-*`` files of local regions and ``preflight/`` probe objects older
@@ -36,7 +52,7 @@ from .errors import InvalidNameError, ManifestError, ObjectNotFoundError, Region
 from .layout import blob_key, check_lineage, lineages_prefix, manifest_key, manifests_prefix, version_from_manifest_name
 from .manifest import decode_manifest
 from .region import LocalRegionIO, RegionIO
-from .store import Store
+from .store import ManifestCopies, Store
 
 # Shorter than this, a save still uploading its blobs may lose them: refused.
 MIN_GRACE = timedelta(minutes=1)
@@ -56,7 +72,18 @@ class GcReport(BaseModel):
     blobs_referenced: int = Field(default=0, description="Distinct blobs named by at least one manifest.")
     blobs_deleted: dict[str, int] = Field(default_factory=dict, description="Unreferenced blobs deleted, by region.")
     bytes_freed: dict[str, int] = Field(default_factory=dict, description="Bytes of the objects deleted, by region.")
-    deleted: dict[str, list[str]] = Field(default_factory=dict, description="Keys deleted, by region.")
+    deleted: dict[str, list[str]] = Field(
+        default_factory=dict, description="Keys deleted (blobs, stale manifests, temp files, probes), by region."
+    )
+    stale_manifests_deleted: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Manifest copies of versions that never reached their quorum (crashed saves, half-failed "
+        "retention deletions), older than grace and below a newer consistent version, deleted, by region.",
+    )
+    uncommitted_kept: dict[str, str] = Field(
+        default_factory=dict,
+        description="Below-quorum versions ('<lineage> v<version>') left in place this run, with the reason.",
+    )
     temp_files_deleted: dict[str, int] = Field(
         default_factory=dict, description="Stale .tmp-* files of interrupted local writes deleted, by region."
     )
@@ -88,6 +115,9 @@ class GcReport(BaseModel):
         return sum(self.blobs_deleted.values())
 
 
+Version = tuple[str, int]  # (lineage, version)
+
+
 @dataclass
 class _Marks:
     referenced: set[str] = field(default_factory=set)
@@ -95,6 +125,30 @@ class _Marks:
     unreadable: list[str] = field(default_factory=list)
     unreachable: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # Blobs named by each version (all its copies read), and the regions listing each version
+    # (the ignored ones included).
+    names: dict[Version, set[str]] = field(default_factory=dict)
+    listed: dict[Version, set[str]] = field(default_factory=dict)
+    placements: dict[Version, set[str]] = field(default_factory=dict)
+
+    def referenced_without(self, gone: Iterable[Version]) -> set[str]:
+        """The blobs named by the versions read, but ``gone``."""
+        skip = set(gone)
+        return set().union(*(names for version, names in self.names.items() if version not in skip))
+
+
+@dataclass
+class _StaleManifest:
+    """A version below quorum that GC may delete, as it was found."""
+
+    lineage: str
+    version: int
+    key: str
+    copies: dict[str, tuple[bytes, int, float]]  # region -> (bytes, size, mtime)
+
+    @property
+    def label(self) -> str:
+        return f"{self.lineage} v{self.version}"
 
 
 @dataclass
@@ -122,7 +176,10 @@ def _mark(store: Store, ignore: frozenset[tuple[str, int]] = frozenset()) -> _Ma
                     continue
                 for name in region.list(manifests_prefix(lineage)):
                     version = version_from_manifest_name(name)
-                    if version is not None and (lineage, version) not in ignore:
+                    if version is None:
+                        continue
+                    marks.listed.setdefault((lineage, version), set()).add(region.name)
+                    if (lineage, version) not in ignore:
                         jobs.append((region, lineage, version, manifest_key(lineage, version)))
         except RegionError as exc:
             marks.unreachable[region.name] = str(exc)
@@ -149,6 +206,8 @@ def _mark(store: Store, ignore: frozenset[tuple[str, int]] = frozenset()) -> _Ma
         with lock:
             marks.manifests += 1
             marks.referenced.update(manifest.blob_digests())
+            marks.names.setdefault((lineage, version), set()).update(manifest.blob_digests())
+            marks.placements.setdefault((lineage, version), set()).add(manifest.placement)
 
     if jobs:
         workers = max(1, min(len(jobs), store.io_threads * len(store.regions)))
@@ -217,6 +276,144 @@ def _inventory(region: RegionIO, cutoff: float, referenced: set[str], report: Gc
     return candidates
 
 
+# -- stale uncommitted manifests ------------------------------------------------------------------
+def _listing(store: Store, lineage: str) -> dict[int, set[str]]:
+    """Every version any region lists for ``lineage``, with the regions listing it (RegionError
+    when a region cannot be listed)."""
+    found: dict[int, set[str]] = {}
+    for region in store.regions:
+        for name in region.list(manifests_prefix(lineage)):
+            version = version_from_manifest_name(name)
+            if version is not None:
+                found.setdefault(version, set()).add(region.name)
+    return found
+
+
+def _committed(store: Store, copies: ManifestCopies) -> bool:
+    """Whether any manifest among ``copies`` is committed by the store's rule (its verified
+    holders plus the damaged copies reach its quorum; ``primary`` placement: one copy)."""
+    groups: dict[str, list[str]] = {}
+    for name in store.region_names:
+        if name in copies.valid:
+            groups.setdefault(copies.valid[name].manifest_digest, []).append(name)
+    return any(
+        copies.committed(copies.valid[holders[0]], holders, store.quorum_for(copies.valid[holders[0]]))
+        for holders in groups.values()
+    )
+
+
+def _consistent(store: Store, lineage: str, version: int, listing: dict[int, set[str]], seen: dict[int, bool]) -> bool:
+    """Whether ``version`` is consistent, every region counted (no region may be missing)."""
+    if version not in seen:
+        order = store.region_names
+        listed = {v: sorted(names, key=order.index) for v, names in listing.items()}
+        seen[version] = store.consistent_manifest(lineage, version, (listed, {})) is not None
+    return seen[version]
+
+
+def _check_stale(
+    store: Store, lineage: str, version: int, listing: dict[int, set[str]], cutoff: float, seen: dict[int, bool]
+) -> tuple[_StaleManifest | None, str | None]:
+    """``(stale, None)`` when every rule lets GC delete ``version``'s manifest copies; ``(None,
+    why)`` when it is uncommitted but stays; ``(None, None)`` when it is committed (or gone):
+    not GC's business. Raises RegionError when a region cannot answer."""
+    key = manifest_key(lineage, version)
+    copies = store.manifest_copies(lineage, version)
+    if not copies.raw and not listing.get(version):
+        return None, None
+    unread = sorted(listing.get(version, set()) - set(copies.raw))
+    if unread:
+        causes = "; ".join(f"{name}: {copies.invalid.get(name, 'not found')}" for name in unread)
+        return None, f"a listed copy could not be read ({causes})"
+    if not copies.valid:
+        return None, (
+            "no copy passes its checks (damaged or forged wherever it is held): the audit reports it, GC never "
+            "deletes it"
+        )
+    if _committed(store, copies):
+        return None, None
+    if version >= max(listing, default=version):
+        return None, "the highest version of its lineage: its number stays listed, so it is never reused"
+    regions = {region.name: region for region in store.regions}
+    found: dict[str, tuple[bytes, int, float]] = {}
+    for name, data in sorted(copies.raw.items()):
+        info = regions[name].list_info(key).get(key)
+        if info is None or info[0] != len(data):
+            return None, f"its copy in {name} changed while it was checked"
+        if info[1] >= cutoff:
+            return None, f"its copy in {name} is younger than grace (a publication may still be under way)"
+        found[name] = (data, info[0], info[1])
+    newer = sorted((v for v in listing if v > version), reverse=True)
+    if not any(_consistent(store, lineage, v, listing, seen) for v in newer):
+        return None, "no higher version of its lineage is consistent, so its publication may not be over"
+    return _StaleManifest(lineage, version, key, found), None
+
+
+def _find_stale(store: Store, marks: _Marks, cutoff: float, report: GcReport) -> list[_StaleManifest]:
+    """The below-quorum versions GC may delete; the others below quorum go to ``uncommitted_kept``.
+
+    Only versions listed by fewer regions than ``write_quorum`` are read again (a version held in
+    more regions by different manifests, possible only after a partition, is left alone), and not
+    those whose every copy says placement ``primary`` (committed with one copy)."""
+    by_lineage: dict[str, dict[int, set[str]]] = {}
+    for (lineage, version), names in marks.listed.items():
+        by_lineage.setdefault(lineage, {})[version] = names
+    found: list[_StaleManifest] = []
+    for lineage, listing in sorted(by_lineage.items()):
+        seen: dict[int, bool] = {}
+        for version in sorted(listing):
+            pair = (lineage, version)
+            if (
+                len(listing[version]) >= store.write_quorum
+                or pair not in marks.names  # an assumed deletion, or gone since it was listed
+                or marks.placements.get(pair) == {"primary"}
+            ):
+                continue
+            try:
+                stale, why = _check_stale(store, lineage, version, listing, cutoff, seen)
+            except RegionError as exc:
+                stale, why = None, f"could not be checked ({exc})"
+            if why is not None:
+                report.uncommitted_kept[f"{lineage} v{version}"] = why
+            if stale is not None:
+                found.append(stale)
+    return found
+
+
+def _sweep_stale(
+    store: Store, found: list[_StaleManifest], cutoff: float, dry_run: bool, report: GcReport
+) -> set[Version]:
+    """Check each stale manifest again, then delete its copies; the versions now gone everywhere
+    (in a dry run: that would be)."""
+    regions = {region.name: region for region in store.regions}
+    gone: set[Version] = set()
+    for stale in found:
+        try:
+            again, why = _check_stale(store, stale.lineage, stale.version, _listing(store, stale.lineage), cutoff, {})
+        except RegionError as exc:
+            again, why = None, f"could not be checked again ({exc})"
+        if again is None or again.copies != stale.copies:
+            report.uncommitted_kept[stale.label] = "spared by the re-check before deleting: " + (
+                why or "it changed since it was found"
+            )
+            continue
+        complete = True
+        for name, (_data, size, _mtime) in stale.copies.items():
+            if not dry_run:
+                try:
+                    regions[name].delete(stale.key)
+                except RegionError as exc:
+                    report.notes.append(f"{name}: deleting stale manifest {stale.key} failed ({exc}); GC will retry it")
+                    complete = False
+                    continue
+            report.stale_manifests_deleted.setdefault(name, []).append(stale.key)
+            report.deleted.setdefault(name, []).append(stale.key)
+            report.bytes_freed[name] = report.bytes_freed.get(name, 0) + size
+        if complete:
+            gone.add((stale.lineage, stale.version))
+    return gone
+
+
 def collect_garbage(
     store: Store,
     *,
@@ -225,7 +422,9 @@ def collect_garbage(
     dry_run: bool = False,
     assume_deleted: Iterable[tuple[str, int]] = (),
 ) -> GcReport:
-    """Delete, in every region, the blobs no manifest names that are older than ``grace``.
+    """Delete, in every region, the blobs no manifest names that are older than ``grace``, and
+    the manifests of versions that never reached their quorum (stale uncommitted manifests: older
+    than ``grace``, below a newer consistent version of their lineage, not the highest version).
 
     Args:
         store: The store to clean.
@@ -264,10 +463,15 @@ def collect_garbage(
     if report.refusals:
         return report
 
+    # Stale uncommitted manifests first; the blobs only they named are then unreferenced.
+    gone = _sweep_stale(store, _find_stale(store, marks, cutoff, report), cutoff, dry_run, report)
+    referenced = marks.referenced_without(gone)
+    report.blobs_referenced = len(referenced)
+
     candidates: dict[str, list[_Candidate]] = {}
     for region in store.regions:
         try:
-            candidates[region.name] = _inventory(region, cutoff, marks.referenced, report)
+            candidates[region.name] = _inventory(region, cutoff, referenced, report)
         except RegionError as exc:
             report.refusals = _refusals(_Marks(unreachable={region.name: str(exc)}), "listing objects")
             return report
@@ -289,11 +493,12 @@ def collect_garbage(
                 kept.append(candidate)
         candidates[region.name] = kept
     if any(candidates.values()):
-        again = _mark(store, ignore)
+        # A dry run left the stale manifests in place: the re-mark must not count them either.
+        again = _mark(store, ignore | gone if dry_run else ignore)
         report.refusals = _refusals(again, "re-mark")
         if report.refusals:
             return report
-        report.blobs_referenced = len(again.referenced | marks.referenced)
+        report.blobs_referenced = len(again.referenced | referenced)
         for name, found in candidates.items():
             spared = [c for c in found if c.digest is not None and c.digest in again.referenced]
             report.rescued += len(spared)
