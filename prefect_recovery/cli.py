@@ -24,6 +24,7 @@ from rich.table import Table
 
 from .blocks import CheckpointStore
 from .core import CheckpointError
+from .core.audit import human_bytes
 
 app = typer.Typer(
     name="prefect-recovery",
@@ -70,15 +71,6 @@ def open_store(regions: list[str] | None, store: str | None, quorum: int = 1) ->
 
 def _emit(payload: Any) -> None:
     print(json.dumps(payload, indent=2, sort_keys=True, default=str))
-
-
-def _human_bytes(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{size} B"
 
 
 @app.command("ls")
@@ -129,7 +121,7 @@ def ls(
             str(info.version),
             "" if info.step is None else str(info.step),
             info.created_at[:19].replace("T", " "),
-            _human_bytes(info.total_bytes),
+            human_bytes(info.total_bytes),
             str(len(info.regions)),
             ", ".join(info.lagging) or "-",
         )
@@ -156,7 +148,7 @@ def verify(
         status = "[green]healthy[/]" if report.healthy else "[red]problems remain[/]"
         console.print(
             f"{status}: {report.lineages} lineages, {report.versions} versions, {report.blobs} blobs, "
-            f"{_human_bytes(report.bytes_checked)} re-hashed in {len(report.regions)} regions"
+            f"{human_bytes(report.bytes_checked)} re-hashed in {len(report.regions)} regions"
         )
         console.print(f"signing: {report.signing}")
         if report.problems:
@@ -195,19 +187,11 @@ def audit_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Scrub, repair and prune the store (the audit flow's work, without Prefect). Exit 0 when healthy."""
-    from datetime import timedelta
-
-    from .core.audit import audit_store
-
     try:
-        block = open_store(region, store, quorum)
-        report = audit_store(
-            block.core,
-            policy=block.retention,
+        report = open_store(region, store, quorum).audit(
             read_data=read_data,
             repair=repair,
-            apply_retention_policy=retention,
-            gc_grace=timedelta(seconds=block.gc_grace_seconds),
+            apply_retention=retention,
             lineage=lineage,
             dry_run=dry_run,
             seed=seed,

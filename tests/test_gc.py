@@ -25,7 +25,7 @@ import pytest
 from helpers.emulators import Emulator, running_emulators, unique
 from helpers.tamper import reseal
 
-from prefect_recovery.core import EntryPlan, Keyring, LocalRegionIO, RegionIO, Store, hmac_key, open_region
+from prefect_recovery.core import EntryPlan, Journal, Keyring, LocalRegionIO, RegionIO, Store, hmac_key, open_region
 from prefect_recovery.core.digest import hash_bytes
 from prefect_recovery.core.errors import CheckpointNotFoundError, QuorumNotMetError, RegionUnavailableError
 from prefect_recovery.core.gc import MIN_GRACE, _check_stale, collect_garbage
@@ -603,10 +603,37 @@ def test_gc_counts_a_damaged_copy_toward_the_quorum(tmp_path):
     # GC reads again only versions listed by fewer regions than the quorum, which already spares
     # v1; the store's rule, applied to its copies, keeps it too (one verified + one damaged).
     cutoff = (datetime.now(UTC) - timedelta(hours=1)).timestamp()
-    assert _check_stale(store, "run", 1, {1: {a.name, _b.name}, 3: {a.name, _b.name}}, cutoff, {}) == (None, None)
+    listing = {1: {a.name, _b.name}, 3: {a.name, _b.name}}
+    assert _check_stale(store, "run", 1, listing, cutoff, {}, set()) == (None, None)
     for v in (1, 3):
         assert load(store, "run", v) == entries_for("run", v)
     assert list(store.versions("run")) == [1, 3]
+
+
+def test_gc_keeps_a_journaled_checkpoint_that_lost_copies_but_collects_a_crashed_save(tmp_path):
+    """A pipeline lineage's journal records each committed version (``checkpoint_committed``). v2 was committed
+    and later lost its copy in region b (below quorum now, like a crashed save): the journal says it committed,
+    so GC keeps it, with the reason. v3 crashed before its commit (never journaled): GC collects it."""
+    store, a, _b = crashable_store(tmp_path)
+    journal = Journal(store, "run")
+    for i in (1, 2):
+        version = commit(store, "run", i)
+        journal.append("checkpoint_committed", run_id="run-1", data={"version": version, "step": i})
+    crashed = crash_save(store, "run", 3)
+    version = commit(store, "run", 4)
+    journal.append("checkpoint_committed", run_id="run-1", data={"version": version, "step": 4})
+    (tmp_path / "b" / manifest_key("run", 2)).unlink()  # a copy lost after the commit
+    age(tmp_path, 2 * HOUR)
+
+    report = collect_garbage(store)
+    assert report.swept and not report.refusals, report
+    assert report.stale_manifests_deleted == {a.name: [manifest_key("run", crashed)]}
+    assert "journal records it as committed" in report.uncommitted_kept["run v2"], report.uncommitted_kept
+    assert (tmp_path / "a" / manifest_key("run", 2)).exists()
+    # what the journaled checkpoint names is all still there: copying its manifest back restores it
+    (tmp_path / "b" / manifest_key("run", 2)).write_bytes((tmp_path / "a" / manifest_key("run", 2)).read_bytes())
+    for v in (1, 2, 4):
+        assert load(store, "run", v) == entries_for("run", v)
 
 
 def test_gc_keeps_single_region_placement_manifests(tmp_path):

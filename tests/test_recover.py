@@ -34,7 +34,9 @@ import pytest
 import torch
 from conftest import CLI, REPO
 from helpers import recover_pipeline
+from helpers.prefect_events import read_lineage_events
 from helpers.recover_pipeline import BLOCK_ENV, HOLD_ENV, MODULE, PIPELINE, TRACE_ENV, save_numbers
+from helpers.snapshot import snapshot
 from helpers.step_values import differing_leaves
 
 from prefect_recovery import CheckpointStore
@@ -258,6 +260,12 @@ def test_recover_reruns_only_the_killed_step_and_the_ones_after(env, crashed, ex
     assert result["final_digest"] == expected_digest
     assert {row["status"] for row in result["preflight"]} <= {"pass", "warn"}
     assert check_row(result, "lineage lock")["status"] == "pass"
+    # The recovery told the Prefect server, for automations: started, then finished with outcome ok.
+    sent = read_lineage_events(crashed, {"prefect-recovery.recovery.started", "prefect-recovery.recovery.finished"})
+    finished = sent["prefect-recovery.recovery.finished"]
+    assert finished.resource["prefect-recovery.outcome"] == "ok"
+    assert finished.payload["lineage"] == crashed and finished.payload["reused_steps"] == ["load", "transform"]
+    assert sent["prefect-recovery.recovery.started"].payload["failed_step"] == "fit"
 
     after = events(crashed)
     assert after[: len(before)] == before, "the recovery rewrote history"
@@ -286,15 +294,6 @@ def test_recover_reruns_only_the_killed_step_and_the_ones_after(env, crashed, ex
     # and without --lineage there is nothing left to pick
     code, payload, _proc = env.run_cli("recover")
     assert code == 1 and "no unfinished lineage" in payload["error"]
-
-
-def snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    found = {}
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            stat = os.stat(os.path.join(dirpath, name))
-            found[os.path.join(dirpath, name)] = (stat.st_size, stat.st_mtime_ns)
-    return found
 
 
 # -- preflight: each check stops a strict recovery for its own reason ------------------------------------------------

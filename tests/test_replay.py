@@ -20,11 +20,13 @@ import pytest
 import torch
 from conftest import CLI, REPO
 from helpers import replay_pipeline
+from helpers.snapshot import snapshot
 
 from prefect_recovery import CheckpointStore
 from prefect_recovery.blocks.checkpoint_store import HOME_ENV
-from prefect_recovery.core.errors import ReplayError
+from prefect_recovery.core.errors import RecoveryError, ReplayError
 from prefect_recovery.core.journal import Journal
+from prefect_recovery.flows.audit import audit
 from prefect_recovery.flows.example_pipeline import example_pipeline
 from prefect_recovery.flows.registry import PIPELINES, REPLAY_HOOKS
 from prefect_recovery.flows.replay import replay_check, replay_check_flow, sample_segment
@@ -65,15 +67,6 @@ def by_step(home: Path, lineage: str, trigger: str = "every_n_steps") -> dict[in
         for info in store_of(home).list(lineage)
         if info.metadata.get("tier") == "heavy" and info.metadata.get("trigger") == trigger
     }
-
-
-def snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    found = {}
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            stat = os.stat(os.path.join(dirpath, name))
-            found[os.path.join(dirpath, name)] = (stat.st_size, stat.st_mtime_ns)
-    return found
 
 
 class Unchanged:
@@ -223,6 +216,24 @@ def test_replay_check_flow_reports_and_fails_on_a_difference(home, monkeypatch):
         replay_check_flow(lineage=NOISY, from_version=noisy[8], to_version=noisy[12])
     kept = replay_check_flow(lineage=NOISY, from_version=noisy[8], to_version=noisy[12], fail_on_difference=False)
     assert kept["deterministic"] is False and kept["first_difference"]["name"] == "model/noise"
+
+
+def test_the_audit_samples_one_segment_and_fails_on_a_non_deterministic_one(home, monkeypatch):
+    """``audit(replay=True)``: one randomly chosen segment per run is replayed and reported; a lineage that
+    cannot be replayed (no hook) is noted and skipped; a non-deterministic segment fails the audit run."""
+    monkeypatch.setenv(HOME_ENV, str(home))
+    with Unchanged(home, EXAMPLE):
+        report = audit(lineage=EXAMPLE, replay=True, apply_retention=False, seed=5)
+    replay = report["replay"]
+    assert replay["lineage"] == EXAMPLE and replay["deterministic"] is True
+    assert replay["from_version"] < replay["to_version"] and replay["steps_replayed"] > 0, replay
+
+    hookless = audit(lineage=HOOKLESS, replay=True, apply_retention=False)
+    assert hookless["replay"] is None
+    assert any(f"replay check of {HOOKLESS} not possible" in note for note in hookless["notes"]), hookless["notes"]
+
+    with pytest.raises(RecoveryError, match=r"non-deterministic segment.*model/noise"):
+        audit(lineage=NOISY, replay=True, apply_retention=False)
 
 
 # -- the command line -------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 import builtins
 import os
 from collections.abc import Iterable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -22,6 +23,7 @@ from prefect.types import SecretDict
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, PrivateAttr, field_validator
 
 from ..core import CheckpointInfo, Store, VerifyReport, open_region, verify_store
+from ..core.audit import AuditReport, audit_store
 from ..core.errors import SigningKeyError
 from ..core.retention import RetentionPolicy
 from ..core.signing import Keyring, ManifestKey, SignatureAlgorithm, load_key
@@ -308,6 +310,31 @@ class CheckpointStore(Block):
         """The latest consistent checkpoint of ``lineage``, or None."""
         found = self.core.list(lineage)
         return found[-1] if found else None
+
+    def audit(
+        self,
+        *,
+        read_data: float = 1.0,
+        repair: bool = True,
+        apply_retention: bool = True,
+        lineage: str | None = None,
+        dry_run: bool = False,
+        seed: int | None = None,
+    ) -> AuditReport:
+        """Scrub (signatures, presence, a ``read_data`` fraction re-hashed), repair, then apply
+        this store's ``retention`` and collect garbage older than ``gc_grace_seconds``
+        (``core.audit.audit_store``)."""
+        return audit_store(
+            self.core,
+            policy=self.retention,
+            read_data=read_data,
+            repair=repair,
+            apply_retention_policy=apply_retention,
+            gc_grace=timedelta(seconds=self.gc_grace_seconds),
+            lineage=lineage,
+            dry_run=dry_run,
+            seed=seed,
+        )
 
     def verify(self, repair: bool = False, lineage: str | None = None) -> VerifyReport:
         """Re-hash every manifest and blob in every region; ``repair`` heals from good copies."""

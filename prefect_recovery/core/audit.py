@@ -62,7 +62,7 @@ class AuditReport(BaseModel):
                     "step": row.step,
                     "trigger": row.trigger or "-",
                     "tier": row.tier or "-",
-                    "size": _size(row.bytes),
+                    "size": human_bytes(row.bytes),
                     "signature": row.signature,
                     **{f"region {name}": status for name, status in row.regions.items()},
                     "copies": row.copies,
@@ -83,7 +83,7 @@ class AuditReport(BaseModel):
             "",
             f"* regions: {', '.join(scrub.regions)}",
             f"* lineages: {scrub.lineages}, versions: {scrub.versions}, blobs: {scrub.blobs} "
-            f"({scrub.blobs_read} read and re-hashed, {_size(scrub.bytes_checked)})",
+            f"({scrub.blobs_read} read and re-hashed, {human_bytes(scrub.bytes_checked)})",
             f"* signing: {scrub.signing}",
             f"* problems: {len(scrub.problems)} found, {len(scrub.unrepaired)} unrepaired",
             f"* under-replicated checkpoints: {sum(row.under_replicated for row in scrub.checkpoints)}",
@@ -98,9 +98,11 @@ class AuditReport(BaseModel):
                 lines.append(f"* garbage collection refused: {'; '.join(self.gc.refusals)}")
             else:
                 verb = "would free" if self.dry_run else "freed"
+                stale = sum(len(keys) for keys in self.gc.stale_manifests_deleted.values())
+                crashed = f" and {stale} manifest copies of crashed saves" if stale else ""
                 lines.append(
-                    f"* garbage collection: {self.gc.total_blobs_deleted} unreferenced blobs, "
-                    f"{verb} {_size(self.gc.total_bytes_freed)}, {self.gc.kept_young} kept (younger than grace)"
+                    f"* garbage collection: {self.gc.total_blobs_deleted} unreferenced blobs{crashed}, "
+                    f"{verb} {human_bytes(self.gc.total_bytes_freed)}, {self.gc.kept_young} kept (younger than grace)"
                 )
         if self.replay is not None:
             replay = self.replay
@@ -109,6 +111,11 @@ class AuditReport(BaseModel):
                 f"* replay check {replay.get('lineage')} v{replay.get('from_version')}→"
                 f"v{replay.get('to_version')}: {verdict}"
             )
+        repaired = [p for p in scrub.problems if p.repaired]
+        if repaired:
+            lines += ["", "## Repaired", "", "| region | object | was | checkpoint |", "|---|---|---|---|"]
+            for p in repaired[:50]:
+                lines.append(f"| {p.region} | `{p.object}` | {p.kind} | {p.lineage or '-'} v{p.version or '-'} |")
         if scrub.unrepaired:
             lines += ["", "## Unrepaired problems", "", "| region | object | kind | detail |", "|---|---|---|---|"]
             lines += [f"| {p.region} | `{p.object}` | {p.kind} | {p.detail} |" for p in scrub.unrepaired[:50]]
@@ -120,7 +127,8 @@ class AuditReport(BaseModel):
         return "\n".join(lines) + "\n"
 
 
-def _size(count: int) -> str:
+def human_bytes(count: int) -> str:
+    """``1536`` -> ``'1.5 KiB'``."""
     value = float(count)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if value < 1024 or unit == "TiB":
@@ -187,4 +195,4 @@ def audit_store(
     return report
 
 
-__all__ = ["AuditReport", "audit_store"]
+__all__ = ["AuditReport", "audit_store", "human_bytes"]

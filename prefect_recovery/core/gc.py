@@ -48,7 +48,8 @@ from datetime import UTC, datetime, timedelta
 from pydantic import BaseModel, Field
 
 from .digest import check_digest
-from .errors import InvalidNameError, ManifestError, ObjectNotFoundError, RegionError
+from .errors import InvalidNameError, JournalError, ManifestError, ObjectNotFoundError, RegionError
+from .journal import Journal
 from .layout import blob_key, check_lineage, lineages_prefix, manifest_key, manifests_prefix, version_from_manifest_name
 from .manifest import decode_manifest
 from .region import LocalRegionIO, RegionIO
@@ -312,7 +313,13 @@ def _consistent(store: Store, lineage: str, version: int, listing: dict[int, set
 
 
 def _check_stale(
-    store: Store, lineage: str, version: int, listing: dict[int, set[str]], cutoff: float, seen: dict[int, bool]
+    store: Store,
+    lineage: str,
+    version: int,
+    listing: dict[int, set[str]],
+    cutoff: float,
+    seen: dict[int, bool],
+    journaled: set[int],
 ) -> tuple[_StaleManifest | None, str | None]:
     """``(stale, None)`` when every rule lets GC delete ``version``'s manifest copies; ``(None,
     why)`` when it is uncommitted but stays; ``(None, None)`` when it is committed (or gone):
@@ -346,7 +353,26 @@ def _check_stale(
     newer = sorted((v for v in listing if v > version), reverse=True)
     if not any(_consistent(store, lineage, v, listing, seen) for v in newer):
         return None, "no higher version of its lineage is consistent, so its publication may not be over"
+    if version in journaled:
+        return None, (
+            "the lineage's journal records it as committed: a checkpoint that lost manifest copies, not a crashed "
+            "save; GC never deletes it (copy a remaining manifest to the other regions by hand to restore it)"
+        )
     return _StaleManifest(lineage, version, key, found), None
+
+
+def _journaled_commits(store: Store, lineage: str) -> set[int] | None:
+    """Versions the lineage's journal records as committed (``checkpoint_committed``); None when
+    the journal cannot be read (then nothing of the lineage is collected)."""
+    try:
+        events = Journal(store, lineage).events()
+    except (JournalError, RegionError):
+        return None
+    return {
+        event.data["version"]
+        for event in events
+        if event.kind == "checkpoint_committed" and isinstance(event.data.get("version"), int)
+    }
 
 
 def _find_stale(store: Store, marks: _Marks, cutoff: float, report: GcReport) -> list[_StaleManifest]:
@@ -361,6 +387,7 @@ def _find_stale(store: Store, marks: _Marks, cutoff: float, report: GcReport) ->
     found: list[_StaleManifest] = []
     for lineage, listing in sorted(by_lineage.items()):
         seen: dict[int, bool] = {}
+        journaled: set[int] | None = None  # read once per lineage, when a version needs it
         for version in sorted(listing):
             pair = (lineage, version)
             if (
@@ -369,8 +396,13 @@ def _find_stale(store: Store, marks: _Marks, cutoff: float, report: GcReport) ->
                 or marks.placements.get(pair) == {"primary"}
             ):
                 continue
+            if journaled is None:
+                journaled = _journaled_commits(store, lineage)
+            if journaled is None:
+                report.uncommitted_kept[f"{lineage} v{version}"] = "its lineage's journal cannot be read"
+                continue
             try:
-                stale, why = _check_stale(store, lineage, version, listing, cutoff, seen)
+                stale, why = _check_stale(store, lineage, version, listing, cutoff, seen, journaled)
             except RegionError as exc:
                 stale, why = None, f"could not be checked ({exc})"
             if why is not None:
@@ -388,8 +420,13 @@ def _sweep_stale(
     regions = {region.name: region for region in store.regions}
     gone: set[Version] = set()
     for stale in found:
+        journaled = _journaled_commits(store, stale.lineage)
         try:
-            again, why = _check_stale(store, stale.lineage, stale.version, _listing(store, stale.lineage), cutoff, {})
+            if journaled is None:
+                again, why = None, "its lineage's journal cannot be read"
+            else:
+                listing = _listing(store, stale.lineage)
+                again, why = _check_stale(store, stale.lineage, stale.version, listing, cutoff, {}, journaled)
         except RegionError as exc:
             again, why = None, f"could not be checked again ({exc})"
         if again is None or again.copies != stale.copies:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import random
 import tempfile
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +27,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from ..blocks import CheckpointStore
-from ..core.audit import AuditReport, audit_store
-from ..core.errors import CheckpointError, RecoveryError
+from ..core.audit import AuditReport
+from ..core.errors import CheckpointError, RecoveryError, ReplayError
 from ..core.retention import STEPS_SUFFIX
 from ..telemetry.events import emit_audit_problem
 
@@ -62,7 +61,11 @@ def timeline_images(store: CheckpointStore, report: AuditReport) -> tuple[dict[s
 
 
 def replay_sample(store: CheckpointStore, report: AuditReport, seed: int | None) -> dict[str, Any] | None:
-    """Replay one randomly chosen checkpoint segment; None when no lineage has one to replay."""
+    """Replay one randomly chosen checkpoint segment; None when no lineage has one to replay.
+
+    Lineages that cannot be replayed here (their pipeline is not registered, or has no replay
+    hook) are noted in the report and the next one is tried.
+    """
     from .replay import replay_check, sample_segment
 
     rng = random.Random(seed)
@@ -70,9 +73,14 @@ def replay_sample(store: CheckpointStore, report: AuditReport, seed: int | None)
     rng.shuffle(lineages)
     for lineage in lineages:
         segment = sample_segment(store, lineage, rng)
-        if segment is not None:
+        if segment is None:
+            continue
+        try:
             result = replay_check(store, lineage, *segment)
-            return {"lineage": lineage, **result.model_dump(mode="json")}
+        except ReplayError as exc:
+            report.notes.append(f"replay check of {lineage} not possible: {exc}")
+            continue
+        return {"lineage": lineage, **result.model_dump(mode="json")}
     return None
 
 
@@ -103,13 +111,10 @@ def audit(
     """
     logger = get_run_logger()
     store = CheckpointStore.load(store_block) if store_block else CheckpointStore.default()
-    report = audit_store(
-        store.core,
-        policy=store.retention,
+    report = store.audit(
         read_data=read_data,
         repair=repair,
-        apply_retention_policy=apply_retention,
-        gc_grace=timedelta(seconds=store.gc_grace_seconds),
+        apply_retention=apply_retention,
         lineage=lineage,
         dry_run=dry_run,
         seed=seed,
@@ -131,7 +136,7 @@ def audit(
         key="audit-checkpoints",
         description="One row per checkpoint: per-region status, signature and retention decision",
     )
-    create_markdown_artifact(key="audit-summary", markdown=report.markdown(images), description="Checkpoint audit")
+    create_markdown_artifact(key="audit-summary", markdown=report.markdown(images))
     unrepaired = report.scrub.unrepaired
     logger.info(
         "audit: %s versions, %s blobs (%s re-hashed), %s problems (%s unrepaired)%s%s",
