@@ -14,15 +14,14 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
 import torch
 from conftest import REPO
-from helpers.live_prefect import api, deployment_id, flow_runs, live_server, serving, wait_for
+from helpers.live_prefect import Stack, deployment_id, flow_runs, live_stack, wait_completed, wait_for
 from helpers.tamper import flip_byte
-from test_recover_ui import CHROMIUM, CHROMIUM_ARGS, RUN_TIMEOUT, Stack, run_logs
+from helpers.ui import ui_page
 
 from prefect_recovery import CheckpointStore
 from prefect_recovery.blocks.checkpoint_store import Region
@@ -36,30 +35,14 @@ BLOCK = "audit-ui-store"
 REGIONS = ("eu-west", "us-east")
 DAMAGED = "us-east"
 SCREENSHOT = REPO / "docs" / "img" / "audit-report.png"
+RUN_TIMEOUT = 300
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("audit-ui")
-    home = tmp / "recovery-home"
-    with live_server(tmp) as server:
-        env = server.env(PREFECT_RECOVERY_HOME=str(home))
-        with serving(server, tmp, env):
-            yield Stack(server, env, home, tmp, tmp / "serve.log")
-
-
-@contextmanager
-def ui_page() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.set_default_timeout(60_000)  # two slow cores: the first render of the UI takes seconds
-            yield page
-        finally:
-            browser.close()
+    """One server and ``serve`` for the module: starting them takes tens of seconds."""
+    with live_stack(tmp_path_factory.mktemp("audit-ui")) as stack:
+        yield stack
 
 
 def store_with_a_damaged_copy(stack: Stack) -> tuple[CheckpointStore, dict[int, dict[str, torch.Tensor]], str]:
@@ -134,19 +117,6 @@ def submit_audit_from_ui(stack: Stack, page: Any) -> None:
     expect(page).to_have_url(f"{stack.server.url}/deployments/deployment/{audit_id}?tab=Runs")
 
 
-def wait_completed(stack: Stack, run_id: str) -> dict:
-    def finished() -> dict | None:
-        run: dict = api(stack.server, "GET", f"/flow_runs/{run_id}")  # type: ignore[assignment]
-        if run["state_type"] in ("FAILED", "CRASHED", "CANCELLED"):
-            pytest.fail(f"audit run ended {run['state_name']}\n{run_logs(stack, run_id)}")
-        return run if run["state_type"] == "COMPLETED" else None
-
-    try:
-        return wait_for(finished, RUN_TIMEOUT, "the audit run to complete", interval=2)
-    except TimeoutError as exc:
-        pytest.fail(f"{exc}\n{run_logs(stack, run_id)}")
-
-
 def open_artifact(page: Any, run_url: str, key: str) -> None:
     """The run's page -> Artifacts tab -> the card of ``key`` -> the artifact's page."""
     from playwright.sync_api import expect
@@ -174,7 +144,7 @@ def test_the_audit_report_of_a_custom_run_from_the_ui(stack: Stack) -> None:
         run_id = runs[0]["id"]
         parameters = runs[0]["parameters"]
         assert (parameters["store_block"], parameters["read_data"], parameters["repair"]) == (BLOCK, 1, True)
-        wait_completed(stack, run_id)
+        wait_completed(stack, run_id, "audit run", RUN_TIMEOUT)
         run_url = f"{stack.server.url}/runs/flow-run/{run_id}"
 
         # the table: one row per checkpoint, a column per named region, the flipped copy repaired

@@ -14,14 +14,13 @@ import os
 import signal
 import subprocess
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import CLI, REPO
-from helpers.live_prefect import LiveServer, api, deployment_id, flow_runs, live_server, serving, wait_for
+from helpers.live_prefect import Stack, deployment_id, flow_runs, live_stack, wait_completed, wait_for
 from helpers.step_values import differing_leaves
+from helpers.ui import ui_page
 
 from prefect_recovery import CheckpointStore
 
@@ -29,36 +28,14 @@ pytestmark = pytest.mark.slow
 
 STEPS, SEED = 150, 7  # heavy checkpoints at steps 50, 100, 150, then milestone:train_end and milestone:final
 RUN_TIMEOUT = 300
-# Debian's Chromium (`make install-dev` installs it); Playwright's own browser download does not work offline.
-CHROMIUM = os.environ.get("PREFECT_RECOVERY_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 SCREENSHOT = REPO / "docs" / "img" / "recover-custom-run.png"
-
-
-@dataclass
-class Stack:
-    server: LiveServer
-    env: dict[str, str]  # for subprocesses: this server's API and the shared PREFECT_RECOVERY_HOME
-    home: Path
-    tmp: Path
-    serve_log: Path
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("recover-ui")
-    home = tmp / "recovery-home"
-    with live_server(tmp) as server:
-        env = server.env(PREFECT_RECOVERY_HOME=str(home))
-        with serving(server, tmp, env):
-            yield Stack(server, env, home, tmp, tmp / "serve.log")
+    """One server and ``serve`` for the module: starting them takes tens of seconds."""
+    with live_stack(tmp_path_factory.mktemp("recover-ui")) as stack:
+        yield stack
 
 
 @pytest.fixture
@@ -94,53 +71,36 @@ def final_state(store: CheckpointStore, lineage: str) -> dict[str, Any]:
     return store.load(lineage=lineage, version=final.version)
 
 
-def run_logs(stack: Stack, run_id: str) -> str:
-    logs = api(
-        stack.server,
-        "POST",
-        "/logs/filter",
-        {"logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_ASC", "limit": 200},
-    )
-    flow_log = "\n".join(entry["message"] for entry in logs)  # type: ignore[union-attr]
-    return f"flow run logs:\n{flow_log[-4000:]}\nserve log:\n{stack.serve_log.read_text()[-6000:]}"
-
-
 def submit_recover_from_ui(stack: Stack, lineage: str) -> None:
     """Deployments -> recover -> Run -> Custom run -> lineage -> Submit, as a user does it."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     recover_id = deployment_id(stack.server, "recover/recover")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.set_default_timeout(60_000)  # two slow cores: the first render of the UI takes seconds
-            page.goto(f"{stack.server.url}/deployments")
-            # the deployment's name links to its page (the flow's name "recover" below it links to the flow)
-            page.get_by_role("link", name="recover", exact=True).and_(
-                page.locator(f"[href='/deployments/deployment/{recover_id}']")
-            ).click()
-            expect(page).to_have_url(f"{stack.server.url}/deployments/deployment/{recover_id}")
+    with ui_page() as page:
+        page.goto(f"{stack.server.url}/deployments")
+        # the deployment's name links to its page (the flow's name "recover" below it links to the flow)
+        page.get_by_role("link", name="recover", exact=True).and_(
+            page.locator(f"[href='/deployments/deployment/{recover_id}']")
+        ).click()
+        expect(page).to_have_url(f"{stack.server.url}/deployments/deployment/{recover_id}")
 
-            page.get_by_role("button", name="Run", exact=True).click()
-            page.get_by_text("Custom run", exact=True).click()
-            # each parameter is a labelled form property; its label is not tied to the input (no for/id pair)
-            field = (
-                page.locator(".schema-form-property")
-                .filter(has=page.get_by_text("lineage", exact=True))
-                .get_by_role("textbox")
-            )
-            field.fill(lineage)
-            expect(field).to_have_value(lineage)
-            expect(field).to_have_count(1)
+        page.get_by_role("button", name="Run", exact=True).click()
+        page.get_by_text("Custom run", exact=True).click()
+        # each parameter is a labelled form property; its label is not tied to the input (no for/id pair)
+        field = (
+            page.locator(".schema-form-property")
+            .filter(has=page.get_by_text("lineage", exact=True))
+            .get_by_role("textbox")
+        )
+        field.fill(lineage)
+        expect(field).to_have_value(lineage)
+        expect(field).to_have_count(1)
 
-            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(SCREENSHOT))
-            page.get_by_role("button", name="Submit", exact=True).click()
-            # the UI goes back to the deployment's runs once the flow run exists
-            expect(page).to_have_url(f"{stack.server.url}/deployments/deployment/{recover_id}?tab=Runs")
-        finally:
-            browser.close()
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOT))
+        page.get_by_role("button", name="Submit", exact=True).click()
+        # the UI goes back to the deployment's runs once the flow run exists
+        expect(page).to_have_url(f"{stack.server.url}/deployments/deployment/{recover_id}?tab=Runs")
 
 
 def test_recover_a_killed_run_from_the_ui(stack: Stack, start_demo: Callable[[str], subprocess.Popen[bytes]]) -> None:
@@ -172,16 +132,7 @@ def test_recover_a_killed_run_from_the_ui(stack: Stack, start_demo: Callable[[st
     run_id = runs[0]["id"]
     assert runs[0]["parameters"]["lineage"] == lineage
 
-    def finished() -> dict | None:
-        run: dict = api(stack.server, "GET", f"/flow_runs/{run_id}")  # type: ignore[assignment]
-        if run["state_type"] in ("FAILED", "CRASHED", "CANCELLED"):
-            pytest.fail(f"recover run ended {run['state_name']}\n{run_logs(stack, run_id)}")
-        return run if run["state_type"] == "COMPLETED" else None
-
-    try:
-        run = wait_for(finished, RUN_TIMEOUT, "the recover run to complete", interval=2)
-    except TimeoutError as exc:
-        pytest.fail(f"{exc}\n{run_logs(stack, run_id)}")
+    run = wait_completed(stack, run_id, "recover run", RUN_TIMEOUT)
     assert run["parameters"]["lineage"] == lineage
 
     out, _ = reference.communicate(timeout=RUN_TIMEOUT)

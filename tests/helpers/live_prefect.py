@@ -1,6 +1,8 @@
 """A real Prefect server (``prefect server start``, SQLite, temporary PREFECT_HOME) and a real
 ``prefect-recovery serve`` process, for the end-to-end tests of deployments, the UI and
 automations. Both are subprocesses on 127.0.0.1 with free ports, stopped at the end.
+``live_stack`` bundles the two with a shared PREFECT_RECOVERY_HOME, and ``wait_completed``
+waits for a flow run of that stack, failing with its logs when it does not complete.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -172,3 +176,56 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
             return value
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+@dataclass
+class Stack:
+    """A live server with ``prefect-recovery serve`` running against it, as the UI tests use them."""
+
+    server: LiveServer
+    env: dict[str, str]  # for subprocesses: this server's API and the shared PREFECT_RECOVERY_HOME
+    home: Path  # PREFECT_RECOVERY_HOME of serve (and so of the flow runs it executes) and of ``env``
+    tmp: Path
+    serve_log: Path
+
+
+@contextmanager
+def live_stack(tmp: Path) -> Iterator[Stack]:
+    """A server and ``serve`` in ``tmp``, sharing ``tmp/recovery-home`` as PREFECT_RECOVERY_HOME so that the flow
+    runs serve executes and the test's own subprocesses and stores see the same embedded store. Yields once the
+    deployments exist; both processes are stopped on the way out."""
+    home = tmp / "recovery-home"
+    with live_server(tmp) as server:
+        env = server.env(PREFECT_RECOVERY_HOME=str(home))
+        with serving(server, tmp, env):
+            yield Stack(server, env, home, tmp, tmp / "serve.log")
+
+
+def run_logs(stack: Stack, run_id: str) -> str:
+    """The flow run's logs and the tail of serve's output, for a failure message: a run that fails or hangs in
+    a subprocess of serve leaves its traceback in one of the two, and the test's own output shows neither."""
+    logs = api(
+        stack.server,
+        "POST",
+        "/logs/filter",
+        {"logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_ASC", "limit": 200},
+    )
+    flow_log = "\n".join(entry["message"] for entry in logs)  # type: ignore[union-attr]
+    return f"flow run logs:\n{flow_log[-4000:]}\nserve log:\n{stack.serve_log.read_text()[-6000:]}"
+
+
+def wait_completed(stack: Stack, run_id: str, what: str, timeout: float = 300) -> dict:
+    """The flow run ``run_id`` once it is COMPLETED. Fails the test, with ``run_logs``, as soon as the run ends in
+    another final state (rather than waiting out ``timeout`` for a run that will not complete), or at ``timeout``.
+    ``what`` names the run in the messages, e.g. "recover run"."""
+
+    def finished() -> dict | None:
+        run: dict = api(stack.server, "GET", f"/flow_runs/{run_id}")  # type: ignore[assignment]
+        if run["state_type"] in ("FAILED", "CRASHED", "CANCELLED"):
+            pytest.fail(f"{what} ended {run['state_name']}\n{run_logs(stack, run_id)}")
+        return run if run["state_type"] == "COMPLETED" else None
+
+    try:
+        return wait_for(finished, timeout, f"the {what} to complete", interval=2)
+    except TimeoutError as exc:
+        pytest.fail(f"{exc}\n{run_logs(stack, run_id)}")

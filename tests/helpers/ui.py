@@ -1,0 +1,43 @@
+"""Chromium driven by Playwright, for the end-to-end tests of the Prefect UI (``test_recover_ui``,
+``test_audit_ui``): one place for which browser binary is used, how it is launched and how large and
+patient its page is, so the UI tests cannot drift apart on these.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
+
+# Debian's Chromium (`make install-dev` installs it); Playwright's own browser download does not work offline.
+CHROMIUM = os.environ.get("PREFECT_RECOVERY_CHROMIUM", "/usr/bin/chromium")
+# headless in a container: no sandbox (no user namespaces), no GPU, and nothing that phones home or updates itself
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@contextmanager
+def ui_page() -> Iterator[Page]:
+    """A fresh headless Chromium with one 1280x900 page (the size the README screenshots are taken at); the
+    browser is closed on the way out, whether the test passed or not."""
+    # imported here: collecting the tests must not need Playwright
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(60_000)  # two slow cores: the first render of the UI takes seconds
+            yield page
+        finally:
+            browser.close()
