@@ -449,38 +449,10 @@ def _start_down_runs_early(down_runs: dict[str, DownRun]) -> None:
     """Instantiated before the module's first test, so the children overlap the rest of the suite."""
 
 
-SLOW_OUTAGE = (
-    "product bug: with a {kind} region whose endpoint refuses connections, a save takes over a minute "
-    "(measured {measured}): each call to the down region lasts as long as the client's own retries ({client}), "
-    "RegionIO._call retries that again (its call_deadline is checked only between attempts), and writes have no "
-    "deadline (a save that cannot reach quorum waits for the down region's blob writes to fail). "
-    "Fix in core/region.py: treat a refused connection as an answer (no tenacity retry on top of the client's), "
-    "and bound each object-store attempt (fsspec's sync(timeout=...)) as reads are bounded by read_deadline"
-)
 DOWN_CASES = [
     "s3",  # the down S3 region is configured to fail fast (FAST_FAIL_OPTIONS): a single botocore attempt
-    pytest.param(
-        "gcs",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason=SLOW_OUTAGE.format(
-                kind="gs://",
-                measured="64 s with quorum, 69 s without",
-                client="gcsfs: 6 tries, 31-36 s of backoff, not configurable",
-            ),
-        ),
-    ),
-    pytest.param(
-        "azure",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason=SLOW_OUTAGE.format(
-                kind="az://",
-                measured="62 s with quorum, 86 s without",
-                client="azure-storage-blob: 3 retries after 15, 18, 24 s; adlfs passes no retry settings",
-            ),
-        ),
-    ),
+    "gcs",  # RegionIO builds gcsfs with a single try per request (region.CLIENT_DEFAULTS)
+    "azure",  # RegionIO sets the BlobServiceClient's retry_total to 0 (region.CLIENT_DEFAULTS)
     "mixed",  # local, S3 (down, fast-failing), GCS, Azure; write_quorum 3 (and 4 for the refused save)
 ]
 

@@ -15,6 +15,13 @@ errors only: connection failures, timeouts, throttling and 5xx answers. A 403, a
 object or an existing one is an answer, never retried. Each call gives up after
 ``call_deadline`` seconds in all.
 
+That retry policy is the only one for ``gs://`` and ``az://`` regions: their clients are built
+with their own retries off (``CLIENT_DEFAULTS``; gcsfs would otherwise try each request 6 times
+over about 30 s, azure-storage-blob 4 times over about 60 s, under every one of our attempts),
+unless the region's storage options set them, and each attempt there is cut off at the call's
+deadline. So a region whose endpoint refuses connections costs a call about a second, as on S3
+with botocore's retries off. S3 and other backends are called as configured.
+
 Everything else in the package talks to a region only through these methods.
 """
 
@@ -22,8 +29,11 @@ from __future__ import annotations
 
 import enum
 import errno
+import logging
 import math
 import os
+import threading
+import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,7 +41,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import fsspec
+from fsspec.asyn import AsyncFileSystem, sync
 from fsspec.core import url_to_fs
+from fsspec.exceptions import FSTimeoutError
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential_jitter
 
 from .errors import ObjectNotFoundError, RegionError, RegionUnavailableError, StorageFullError
@@ -53,6 +65,8 @@ def redact_url(url: str) -> str:
     return f"{parts.scheme}://{host}{parts.path}"
 
 
+logger = logging.getLogger("prefect_recovery.region")
+
 _TRANSIENT_NAMES = (
     "EndpointConnectionError",
     "ConnectTimeoutError",
@@ -63,6 +77,13 @@ _TRANSIENT_NAMES = (
     "ServiceRequestError",
     "ServiceResponseError",
     "ClientOSError",
+    # Retried by gcsfs and azure-storage-blob themselves before their retries were turned off
+    # (CLIENT_DEFAULTS): aiohttp connection drops and cut-off bodies, gcsfs's 502 (it raises
+    # requests' ProxyError for it), an Azure download cut short.
+    "ClientConnectionError",
+    "ClientPayloadError",
+    "ProxyError",
+    "IncompleteReadError",
 )
 
 
@@ -102,6 +123,131 @@ def _is_local(url: str) -> bool:
     return scheme in ("", "file", "local") or len(scheme) == 1
 
 
+# -- object-store clients whose own retries we turn off ----------------------------------------
+_GCS_SCHEMES = ("gs", "gcs")
+_AZURE_SCHEMES = ("az", "abfs", "abfss")
+_AZURE_RETRY_OPTIONS = {  # storage option (azure-core's name) -> StorageRetryPolicy attribute
+    "retry_total": "total_retries",
+    "retry_connect": "connect_retries",
+    "retry_read": "read_retries",
+    "retry_status": "status_retries",
+}
+
+# Storage options RegionIO adds for these schemes when the region's own options set none of
+# them. gcsfs: ``retries`` is its tries per HTTP request (its own default 6, about 30 s of
+# backoff); 1 is a single try. adlfs: the azure-core retry counts of the BlobServiceClient
+# (its own default 3 retries after 15, 18 and 24 s); 0 is a single try. Either way RegionIO's
+# tenacity layer is then the one retry policy, bounded by ``call_deadline``.
+CLIENT_DEFAULTS: dict[str, dict[str, Any]] = {
+    **{scheme: {"retries": 1} for scheme in _GCS_SCHEMES},
+    **{scheme: {"retry_total": 0} for scheme in _AZURE_SCHEMES},
+}
+_CLIENT_OPTION_KEYS = {
+    **dict.fromkeys(_GCS_SCHEMES, ("retries",)),
+    **dict.fromkeys(_AZURE_SCHEMES, tuple(_AZURE_RETRY_OPTIONS)),
+}
+_client_classes: dict[str, type] = {}
+_client_classes_lock = threading.Lock()
+
+
+def _gcs_class(base: type) -> type:
+    """gcsfs's filesystem with its tries per request an option (``retries``)."""
+    from gcsfs.retry import HttpError, retry_request
+
+    # gcsfs fixes its tries when the class is defined (``@retry_request(retries=6)``); these
+    # are the undecorated request methods, retried here as the instance's ``retries`` says.
+    raw = {
+        name: getattr(getattr(base, name, None), "__wrapped__", None)
+        for name in ("_request", "_get_file_request", "_get_file_concurrent")
+    }
+    missing = sorted(name for name, fn in raw.items() if fn is None)
+    if "_request" in missing:  # gcsfs changed: keep its own retries rather than guess
+        logger.warning("gcsfs %s: its request retries cannot be set; gs:// outages take longer", base.__module__)
+
+    def single_try(fn: Any) -> Any:
+        async def once(self: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return await fn(self, *args, **kwargs)
+            except HttpError as exc:  # as gcsfs's retry_request words it
+                if exc.code == 400 and "requester pays" in str(exc.message):
+                    raise ValueError(
+                        "Bucket is requester pays. Set `requester_pays=True` in the region's storage options."
+                    ) from exc
+                raise
+
+        return once
+
+    class RegionGCSFileSystem(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, retries: int = base.retries, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self.retries = max(1, int(retries))
+            for name, fn in raw.items():
+                if fn is not None:
+                    wrapped = single_try(fn) if self.retries == 1 else retry_request(retries=self.retries)(fn)
+                    setattr(self, name, wrapped.__get__(self))
+
+    return RegionGCSFileSystem
+
+
+def _azure_class(base: type) -> type:
+    """adlfs's filesystem with the azure-core retry counts of its client as options."""
+
+    class RegionAzureBlobFileSystem(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any):
+            # Set before adlfs's __init__, which connects (do_connect) and would hand unknown
+            # options to DefaultAzureCredential.
+            self._client_retries = {
+                _AZURE_RETRY_OPTIONS[option]: int(kwargs.pop(option))
+                for option in list(kwargs)
+                if option in _AZURE_RETRY_OPTIONS and kwargs[option] is not None
+            }
+            super().__init__(*args, **kwargs)
+
+        def do_connect(self) -> None:
+            super().do_connect()
+            if not self._client_retries:
+                return
+            # adlfs builds the BlobServiceClient without client options; its retry policy
+            # object is shared by every container and blob client made from it.
+            policy = getattr(getattr(self.service_client, "_config", None), "retry_policy", None)
+            if policy is None or not all(hasattr(policy, attribute) for attribute in self._client_retries):
+                logger.warning("azure-storage-blob: its retry policy cannot be set; az:// outages take longer")
+                return
+            for attribute, value in self._client_retries.items():
+                setattr(policy, attribute, value)
+
+    return RegionAzureBlobFileSystem
+
+
+def _client_class(scheme: str) -> type:
+    """The filesystem class RegionIO uses for ``scheme`` (``gs``/``az`` and their aliases)."""
+    with _client_classes_lock:
+        if scheme not in _client_classes:
+            base = fsspec.get_filesystem_class(scheme)  # ImportError naming the extra when missing
+            cls = _gcs_class(base) if scheme in _GCS_SCHEMES else _azure_class(base)
+            cls.__module__, cls.__qualname__ = __name__, cls.__name__
+            globals()[cls.__name__] = cls  # importable by name, so instances pickle like fsspec's
+            for alias in _GCS_SCHEMES if scheme in _GCS_SCHEMES else _AZURE_SCHEMES:
+                _client_classes[alias] = cls
+        return _client_classes[scheme]
+
+
+def _open_fs(url: str, storage_options: dict[str, Any]) -> tuple[fsspec.AbstractFileSystem, str, bool]:
+    """``url_to_fs(url, **storage_options)``; for ``gs://`` and ``az://`` the client comes with
+    its own retries off unless ``storage_options`` set them (``CLIENT_DEFAULTS``). The flag says
+    whether each attempt is to be cut off at the call's deadline (those schemes only)."""
+    scheme = urlsplit(url).scheme
+    if scheme not in CLIENT_DEFAULTS or "::" in url or "protocol" in storage_options:
+        fs, root = url_to_fs(url, **storage_options)
+        return fs, root, False
+    cls = _client_class(scheme)
+    options = dict(storage_options)
+    if not any(key in options for key in _CLIENT_OPTION_KEYS[scheme]):
+        options.update(CLIENT_DEFAULTS[scheme])
+    fs = cls(**{**cls._get_kwargs_from_urls(url), **options})
+    return fs, cls._strip_protocol(url), isinstance(fs, AsyncFileSystem) and not fs.asynchronous
+
+
 class RegionIO:
     """Create-only object I/O on one fsspec location. Keys are '/'-separated and relative."""
 
@@ -115,6 +261,7 @@ class RegionIO:
         self._storage_options = dict(storage_options or {})
         self._fs: fsspec.AbstractFileSystem | None = None
         self._root: str | None = None
+        self._cut_off_attempts = False  # each attempt bounded by the call's deadline (gs://, az://)
         self.verify_after_write = urlsplit(url).scheme in ("gs", "gcs")
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -127,6 +274,27 @@ class RegionIO:
         )
         return retrying(fn, *args, **kwargs)
 
+    def _io(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """``fs.<method>(*args, **kwargs)`` through ``_call``. Where the client's own retries are
+        off (gs://, az://), each attempt is also cut off at the call's deadline: its coroutine
+        is cancelled, so a hung request cannot outlast ``call_deadline``."""
+        fs = self.fs
+        if not self._cut_off_attempts:
+            return self._call(getattr(fs, method), *args, **kwargs)
+        coroutine = getattr(fs, f"_{method}")
+        give_up = time.monotonic() + self.call_deadline
+
+        def attempt() -> Any:
+            left = give_up - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no answer within {self.call_deadline:g} s")
+            try:
+                return sync(fs.loop, coroutine, *args, timeout=left, **kwargs)
+            except FSTimeoutError:
+                raise TimeoutError(f"no answer within {self.call_deadline:g} s") from None
+
+        return self._call(attempt)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 
@@ -135,7 +303,7 @@ class RegionIO:
     def fs(self) -> fsspec.AbstractFileSystem:
         if self._fs is None:
             try:
-                self._fs, self._root = url_to_fs(self.url, **self._storage_options)
+                self._fs, self._root, self._cut_off_attempts = _open_fs(self.url, self._storage_options)
             except Exception as exc:  # fsspec raises anything from ImportError to ValueError
                 raise RegionUnavailableError(
                     self.name,
@@ -162,16 +330,16 @@ class RegionIO:
         """Create ``key`` with ``data`` unless it exists. Never overwrites, never leaves a partial object."""
         path = self._path(key)
         try:
-            if self._call(self.fs.exists, path):
+            if self._io("exists", path):
                 return PutOutcome.EXISTED
             payload = bytes(data)
             try:
-                self._call(self.fs.pipe_file, path, payload, mode="create")
+                self._io("pipe_file", path, payload, mode="create")
             except FileExistsError:
                 return PutOutcome.EXISTED  # incl. our own earlier attempt that timed out: callers compare
             except TypeError:  # an fsspec backend without `mode`: best effort, see FORMAT.md
-                self._call(self.fs.pipe_file, path, payload)
-            if self.verify_after_write and self._call(self.fs.cat_file, path) != payload:
+                self._io("pipe_file", path, payload)
+            if self.verify_after_write and self._io("cat_file", path) != payload:
                 return PutOutcome.EXISTED  # another writer's object replaced ours: we lost the race
             return PutOutcome.CREATED
         except Exception as exc:
@@ -179,7 +347,7 @@ class RegionIO:
 
     def get(self, key: str) -> bytes:
         try:
-            return self._call(self.fs.cat_file, self._path(key))
+            return self._io("cat_file", self._path(key))
         except Exception as exc:
             raise self._wrap(exc, "reading", key) from None
 
@@ -193,7 +361,7 @@ class RegionIO:
     def size(self, key: str) -> int | None:
         """Size of ``key`` in bytes, or None when it does not exist."""
         try:
-            return int(self._call(self.fs.size, self._path(key)))
+            return int(self._io("size", self._path(key)))
         except FileNotFoundError:
             return None
         except Exception as exc:
@@ -206,7 +374,7 @@ class RegionIO:
         """Names directly under ``prefix`` (files and folders), or [] when it does not exist."""
         try:
             self.fs.invalidate_cache(self._path(prefix))  # listings must see other writers' objects
-            entries = self._call(self.fs.ls, self._path(prefix), detail=False)
+            entries = self._io("ls", self._path(prefix), detail=False)
         except FileNotFoundError:
             return []
         except Exception as exc:
@@ -218,7 +386,7 @@ class RegionIO:
         base = self._path(prefix).rstrip("/")
         try:
             self.fs.invalidate_cache(base)
-            found = self._call(self.fs.find, base)
+            found = self._io("find", base)
         except FileNotFoundError:
             return []
         except Exception as exc:
@@ -237,9 +405,9 @@ class RegionIO:
         base = self._path(prefix).rstrip("/")
         try:
             self.fs.invalidate_cache(base)
-            found = self._call(self.fs.find, base, detail=True)
+            found = self._io("find", base, detail=True)
             if not isinstance(found, dict):  # adlfs answers a list of names for a single object
-                found = {path: self._call(self.fs.info, path) for path in found}
+                found = {path: self._io("info", path) for path in found}
         except FileNotFoundError:
             return {}
         except Exception as exc:
@@ -256,7 +424,7 @@ class RegionIO:
 
     def delete(self, key: str) -> None:
         try:
-            self._call(self.fs.rm_file, self._path(key))
+            self._io("rm_file", self._path(key))
         except FileNotFoundError:
             pass
         except Exception as exc:
