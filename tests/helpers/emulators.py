@@ -390,8 +390,9 @@ def refused_endpoint() -> Iterator[str]:
 
 
 # Client options that make a refused connection fail at once instead of after the client's own
-# retries. Only botocore has one (``retries.max_attempts``); gcsfs (6 tries, backoff up to 32 s)
-# and adlfs (azure-core's 10 tries) take none through fsspec storage options.
+# retries. botocore takes them as storage options (``retries.max_attempts``); for gs:// and az://
+# regions RegionIO already turns the clients' own retries off (core/region.py, CLIENT_DEFAULTS),
+# so nothing is needed there.
 FAST_FAIL_OPTIONS: dict[str, dict[str, Any]] = {
     "s3": {"config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}, "connect_timeout": 2}},
     "gcs": {},
