@@ -113,9 +113,10 @@ class AuditReport(BaseModel):
             )
         repaired = [p for p in scrub.problems if p.repaired]
         if repaired:
-            lines += ["", "## Repaired", "", "| region | object | was | checkpoint |", "|---|---|---|---|"]
+            lines += ["", "## Repaired", "", "| checkpoint | region | was | object |", "|---|---|---|---|"]
             for p in repaired[:50]:
-                lines.append(f"| {p.region} | `{p.object}` | {p.kind} | {p.lineage or '-'} v{p.version or '-'} |")
+                shown = p.object if len(p.object) <= 40 else p.object[:40] + "…"  # blob keys are 80+ characters
+                lines.append(f"| {p.lineage or '-'} v{p.version or '-'} | {p.region} | {p.kind} | `{shown}` |")
         if scrub.unrepaired:
             lines += ["", "## Unrepaired problems", "", "| region | object | kind | detail |", "|---|---|---|---|"]
             lines += [f"| {p.region} | `{p.object}` | {p.kind} | {p.detail} |" for p in scrub.unrepaired[:50]]
