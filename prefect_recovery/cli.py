@@ -359,11 +359,11 @@ def demo(
 def latest_unfinished_lineage(store: CheckpointStore) -> str | None:
     """The unfinished lineage (journal status running or failed) with the most recent event."""
     from .core.journal import Journal, replay
-    from .tasks.pipeline_run import STEPS_SUFFIX
+    from .core.layout import LIGHT_SUFFIX, STEPS_SUFFIX
 
     candidates: list[tuple[str, str]] = []
     for name in store.lineages():
-        if name.endswith((STEPS_SUFFIX, ".light")):
+        if name.endswith((STEPS_SUFFIX, LIGHT_SUFFIX)):
             continue
         events = Journal(store.core, name).events()
         if events and replay(events).status in ("running", "failed"):

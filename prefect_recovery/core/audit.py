@@ -15,8 +15,9 @@ from typing import Any
 from pydantic import BaseModel, Field, JsonValue
 
 from .gc import GcReport, collect_garbage
+from .layout import LIGHT_SUFFIX
 from .models import VerifyReport
-from .retention import LIGHT_SUFFIX, RetentionPlan, RetentionPolicy, VersionDeletion, apply_retention, plan_retention
+from .retention import RetentionPlan, RetentionPolicy, VersionDeletion, apply_retention, plan_retention
 from .store import Store
 from .verify import verify_store
 

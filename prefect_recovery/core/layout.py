@@ -16,6 +16,13 @@ MANIFEST_NAME = re.compile(r"(\d{12})\.json")
 VERSION_WIDTH = 12
 
 
+# Lineages derived from a run's lineage L, in the same store: ``L.light`` holds the Checkpointer's
+# light tier (training/checkpointer.py), ``L.steps`` the results of its @step tasks
+# (tasks/pipeline_run.py). Defined here, the lowest layer, so every layer names them the same.
+LIGHT_SUFFIX = ".light"
+STEPS_SUFFIX = ".steps"
+
+
 def check_lineage(lineage: str) -> str:
     if not isinstance(lineage, str) or not LINEAGE_PATTERN.fullmatch(lineage) or ".." in lineage:
         raise InvalidNameError(

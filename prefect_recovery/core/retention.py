@@ -34,12 +34,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import CheckpointNotFoundError, JournalError, ManifestError, ObjectNotFoundError, RegionError
 from .journal import Journal, JournalEvent, replay
-from .layout import manifest_key
+from .layout import LIGHT_SUFFIX, STEPS_SUFFIX, manifest_key
 from .manifest import Manifest, decode_manifest
 from .store import Store
 
-STEPS_SUFFIX = ".steps"  # tasks/pipeline_run.py (core cannot import it)
-LIGHT_SUFFIX = ".light"  # training/checkpointer.py
 MILESTONE_PREFIX = "milestone"
 
 # Reasons to keep a version (VersionDecision.reasons when action is "keep").

@@ -229,7 +229,7 @@ def verify_store(
                         )
                         continue
             except RegionError as exc:
-                kind = "missing" if isinstance(exc, ObjectNotFoundError) or "does not exist" in str(exc) else "corrupt"
+                kind = "missing" if isinstance(exc, ObjectNotFoundError) else "corrupt"
                 found.append(Problem(region=region.name, object=key, kind=kind, detail=str(exc)))
                 continue
             intact.append(region)

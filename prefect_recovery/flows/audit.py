@@ -29,7 +29,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from ..blocks import CheckpointStore
 from ..core.audit import AuditReport
 from ..core.errors import CheckpointError, RecoveryError, ReplayError
-from ..core.retention import STEPS_SUFFIX
+from ..core.layout import LIGHT_SUFFIX, STEPS_SUFFIX
 from ..telemetry.events import emit_audit_problem
 
 PLOTTED_LINEAGES = 3
@@ -43,7 +43,7 @@ def timeline_images(store: CheckpointStore, report: AuditReport) -> tuple[dict[s
         return {}, [f"no timeline pictures: {exc}"]
     latest: dict[str, str] = {}
     for row in report.scrub.checkpoints:
-        base = row.lineage.removesuffix(".light")
+        base = row.lineage.removesuffix(LIGHT_SUFFIX)
         if not base.endswith(STEPS_SUFFIX):
             latest[base] = max(latest.get(base, ""), row.created_at)
     images: dict[str, str] = {}

@@ -35,10 +35,10 @@ from pydantic import BaseModel, Field
 from ..blocks import CheckpointStore
 from ..core.errors import CheckpointError, CheckpointNotFoundError, RecoveryError, ReplayError
 from ..core.journal import Journal, JournalEvent
+from ..core.layout import LIGHT_SUFFIX, STEPS_SUFFIX
 from ..core.manifest import Manifest
 from ..core.store import Store
-from ..tasks.pipeline_run import STEPS_SUFFIX, environment
-from ..training.checkpointer import LIGHT_SUFFIX
+from ..tasks.pipeline_run import environment
 from ..training.replay import Difference, compare_state, preserved_global_state
 from ..training.state_io import load_state
 from . import example_pipeline as _example_pipeline  # noqa: F401  (registers the built-in pipeline and its hook)

@@ -30,13 +30,12 @@ from pydantic import JsonValue
 from ..core.digest import hash_bytes
 from ..core.errors import LineageBusyError
 from ..core.journal import Claim, EventKind, Journal, JournalEvent, open_claims
-from ..core.layout import check_lineage
+from ..core.layout import STEPS_SUFFIX, check_lineage
 from ..core.liveness import is_alive, process_identity
 from ..core.models import CheckpointInfo
 from ..core.store import Store
 
 ENVIRONMENT_PACKAGES = ("torch", "numpy", "prefect", "prefect-recovery", "torchdata", "safetensors", "blake3")
-STEPS_SUFFIX = ".steps"
 
 
 def environment() -> dict[str, JsonValue]:

@@ -20,6 +20,7 @@ import logging
 import os
 from typing import Any
 
+from ..core.layout import LIGHT_SUFFIX, STEPS_SUFFIX
 from ..core.observe import StoreEvent
 
 logger = logging.getLogger("prefect_recovery.telemetry")
@@ -37,9 +38,7 @@ _STORE_EVENT_NAMES = {
     "checkpoint_restored": RESTORE_COMPLETED,
     "save_failed": SAVE_FAILED,
 }
-# Sibling lineages (training/checkpointer.py LIGHT_SUFFIX, tasks/pipeline_run.py STEPS_SUFFIX), named here
-# because telemetry must not import torch through those modules.
-DERIVED_SUFFIXES = {".light": "light", ".steps": "steps"}
+DERIVED_SUFFIXES = {LIGHT_SUFFIX: "light", STEPS_SUFFIX: "steps"}  # derived lineages -> their tier
 _MAX_TEXT = 2000
 
 
@@ -124,6 +123,12 @@ def _scalars(metadata: dict[str, Any]) -> dict[str, Any]:
     return kept
 
 
+def _related(lineage: str, version: int | None, regions: list[dict[str, str]]) -> list[dict[str, str]]:
+    """An event's related resources: the checkpoint (when there is a version), then the regions."""
+    checkpoint = [checkpoint_resource(lineage, version)] if isinstance(version, int) else []
+    return checkpoint + regions
+
+
 def prefect_event_observer(event: StoreEvent) -> Any:
     """Store observer: one Prefect event per commit, restore and failed save (``Store(observers=[...])``).
 
@@ -142,9 +147,8 @@ def prefect_event_observer(event: StoreEvent) -> Any:
     outcome = "failed" if event.kind == "save_failed" else "ok"
     resource = lineage_resource(event.lineage, outcome=outcome, trigger=trigger)
     resource["prefect-recovery.tier"] = tier
-    related = [region_resource(name, "ok" if status == "ok" else "missed") for name, status in event.regions.items()]
-    if event.version is not None:
-        related.insert(0, checkpoint_resource(event.lineage, event.version))
+    regions = [region_resource(region, "ok" if ok == "ok" else "missed") for region, ok in event.regions.items()]
+    related = _related(event.lineage, event.version, regions)
     payload: dict[str, Any] = {
         "lineage": event.lineage,
         "version": event.version,
@@ -180,9 +184,7 @@ def emit_recovery_started(
     """
     checkpoint = checkpoint or None
     version = checkpoint.get("version") if checkpoint else None
-    related = [region_resource(region) for region in regions or []]
-    if isinstance(version, int):
-        related.insert(0, checkpoint_resource(lineage, version))
+    related = _related(lineage, version, [region_resource(region) for region in regions or []])
     payload = {
         "lineage": lineage,
         "run_id": run_id,
@@ -215,9 +217,7 @@ def emit_recovery_finished(
     The resource label ``prefect-recovery.outcome`` is ``ok`` or ``failed``, so an automation can match
     failed recoveries only. Returns the Prefect ``Event`` sent, or None.
     """
-    related = [region_resource(region) for region in regions or []]
-    if isinstance(version, int):
-        related.insert(0, checkpoint_resource(lineage, version))
+    related = _related(lineage, version, [region_resource(region) for region in regions or []])
     payload = {
         "lineage": lineage,
         "run_id": run_id,
@@ -251,9 +251,7 @@ def emit_audit_problem(lineage: str | None, version: int | None, region: str, ki
             "prefect-recovery.kind": kind,
             "prefect-recovery.region": region,
         }
-    related = [region_resource(region, "problem")] if lineage else []
-    if lineage and isinstance(version, int):
-        related.insert(0, checkpoint_resource(lineage, version))
+    related = _related(lineage, version, [region_resource(region, "problem")]) if lineage else []
     payload = {"lineage": lineage, "version": version, "region": region, "kind": kind, "detail": detail[:_MAX_TEXT]}
     return _emit(AUDIT_PROBLEM, resource, related, payload)
 

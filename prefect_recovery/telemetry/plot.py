@@ -18,9 +18,9 @@ from typing import Any
 
 from ..core.errors import CheckpointError
 from ..core.journal import Journal, JournalEvent
+from ..core.layout import LIGHT_SUFFIX
 from ..core.store import Store
 
-LIGHT_SUFFIX = ".light"  # training/checkpointer.py (not imported: it needs torch)
 FIGSIZE = (10.0, 5.0)  # inches
 DPI = 100  # FIGSIZE * DPI = 1000 x 500 pixels
 TIER_COLORS = {"heavy": "tab:blue", "light": "tab:orange"}

@@ -42,6 +42,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..core.errors import CheckpointNotFoundError
+from ..core.layout import LIGHT_SUFFIX
 from ..core.manifest import Component
 from ..core.models import CheckpointInfo
 from ..core.store import Store
@@ -61,7 +62,6 @@ from .state_io import load_state
 
 logger = logging.getLogger("prefect_recovery.checkpointer")
 
-LIGHT_SUFFIX = ".light"
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
 
 

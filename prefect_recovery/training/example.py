@@ -78,9 +78,10 @@ def configure_threads() -> None:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
-def _workload(
-    data: dict[str, torch.Tensor], *, steps: int, seed: int
-) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any, StatefulDataLoader]:
+Workload = tuple[torch.nn.Module, torch.optim.Optimizer, Any, StatefulDataLoader]
+
+
+def _workload(data: dict[str, torch.Tensor], *, steps: int, seed: int) -> Workload:
     """Model, optimizer, LR scheduler and data loader, built the same way for training and replay."""
     configure_threads()
     torch.manual_seed(seed)  # model init; overwritten by a restore
@@ -129,6 +130,19 @@ def _train_until(
     return loss
 
 
+def _checkpointed(
+    store: Any, lineage: str, data: dict[str, torch.Tensor], *, steps: int, seed: int, **options: Any
+) -> tuple[Checkpointer, Workload]:
+    """The workload under a Checkpointer of ``lineage`` that restores it on entry: the one setup
+    ``train`` and ``replay_segment`` share, so a replay trains exactly as the run did."""
+    workload = _workload(data, steps=steps, seed=seed)
+    model, optimizer, scheduler, loader = workload
+    checkpointer = Checkpointer(
+        store, lineage, model=model, optimizer=optimizer, scheduler=scheduler, data=loader, seed=seed, **options
+    )
+    return checkpointer, workload
+
+
 def train(
     store: Any,
     lineage: str,
@@ -142,22 +156,20 @@ def train(
     resume_version: int | None = None,
 ) -> dict[str, Any]:
     """Train to ``steps`` steps, resuming from the lineage's latest checkpoint (or ``resume_version``)."""
-    model, optimizer, scheduler, loader = _workload(data, steps=steps, seed=seed)
-    with Checkpointer(
+    checkpointer, workload = _checkpointed(
         store,
         lineage,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        data=loader,
-        schedule=schedule or default_schedule(),
+        data,
+        steps=steps,
         seed=seed,
+        schedule=schedule or default_schedule(),
         metadata={"seed": seed, "steps": steps},
         on_commit=on_commit,
         resume_version=resume_version,
-    ) as ckpt:
+    )
+    with checkpointer as ckpt:
         start_step = ckpt.step_count
-        loss = _train_until(ckpt, model, optimizer, scheduler, loader, steps, on_step)
+        loss = _train_until(ckpt, *workload, steps, on_step)
         if start_step < steps:
             ckpt.milestone("train_end")
         ckpt.flush()
@@ -186,22 +198,20 @@ def replay_segment(
 
     Nothing is saved: the checkpointer's schedule has no triggers, so the lineage is only read.
     """
-    model, optimizer, scheduler, loader = _workload(data, steps=steps, seed=seed)
-    with Checkpointer(
+    checkpointer, workload = _checkpointed(
         store,
         lineage,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        data=loader,
-        schedule=CheckpointSchedule(triggers=[], asynchronous=False),
+        data,
+        steps=steps,
         seed=seed,
+        schedule=CheckpointSchedule(triggers=[], asynchronous=False),
         handle_sigterm=False,
         resume_version=from_version,
-    ) as ckpt:
+    )
+    with checkpointer as ckpt:
         if ckpt.step_count > to_step:
             raise ValueError(f"{lineage} v{from_version} is at step {ckpt.step_count}, past step {to_step}")
-        _train_until(ckpt, model, optimizer, scheduler, loader, to_step)
+        _train_until(ckpt, *workload, to_step)
         return ckpt.capture("heavy")
 
 
