@@ -21,7 +21,7 @@ import torch
 from conftest import REPO
 from helpers.live_prefect import Stack, deployment_id, flow_runs, live_stack, wait_completed, wait_for
 from helpers.tamper import flip_byte
-from helpers.ui import ui_page
+from helpers.ui import open_custom_run, submit_custom_run, ui_page
 
 from prefect_recovery import CheckpointStore
 from prefect_recovery.blocks.checkpoint_store import Region
@@ -94,13 +94,7 @@ def submit_audit_from_ui(stack: Stack, page: Any) -> None:
     from playwright.sync_api import expect
 
     audit_id = deployment_id(stack.server, "audit/audit-daily")
-    page.goto(f"{stack.server.url}/deployments")
-    page.get_by_role("link", name="audit-daily", exact=True).and_(
-        page.locator(f"[href='/deployments/deployment/{audit_id}']")
-    ).click()
-    expect(page).to_have_url(f"{stack.server.url}/deployments/deployment/{audit_id}")
-    page.get_by_role("button", name="Run", exact=True).click()
-    page.get_by_text("Custom run", exact=True).click()
+    open_custom_run(page, stack.server.url, "audit-daily", audit_id)
 
     def prop(name: str) -> Any:
         # each parameter is a labelled form property; its label is not tied to the input (no for/id pair)
@@ -113,8 +107,7 @@ def submit_audit_from_ui(stack: Stack, page: Any) -> None:
     expect(read_data).to_have_value("0.1")  # the deployment's daily sample
     read_data.fill("1")
     expect(read_data).to_have_value("1")
-    page.get_by_role("button", name="Submit", exact=True).click()
-    expect(page).to_have_url(f"{stack.server.url}/deployments/deployment/{audit_id}?tab=Runs")
+    submit_custom_run(page, stack.server.url, audit_id)
 
 
 def open_artifact(page: Any, run_url: str, key: str) -> None:

@@ -8,6 +8,7 @@ from array import array
 from pathlib import Path
 
 import pytest
+from helpers.snapshot import snapshot
 from helpers.tamper import flip_byte, reseal
 
 from prefect_recovery.core import (
@@ -471,16 +472,6 @@ def test_latest_is_not_the_newest_file_when_a_newer_manifest_is_damaged_everywhe
     assert store.commit("lin", _plan(w=b"three")).version == 3
 
 
-def _outside_snapshot(tmp_path: Path, regions: list[Path]) -> dict[str, tuple[int, int]]:
-    snap = {}
-    for path in tmp_path.rglob("*"):
-        if any(path == r or r in path.parents for r in regions):
-            continue
-        st = path.lstat()
-        snap[path.relative_to(tmp_path).as_posix()] = (st.st_size, st.st_mtime_ns)
-    return snap
-
-
 class _Recording(LocalRegionIO):
     """Records every key read or probed, to prove what a rejected manifest made us touch."""
 
@@ -525,7 +516,7 @@ def test_planted_manifest_with_escaping_entry_name_is_rejected_before_any_blob_i
         (root / manifest_key("lin", 2)).write_bytes(planted)
         (root / blob_key(digest)).parent.mkdir(parents=True, exist_ok=True)
         (root / blob_key(digest)).write_bytes(payload)
-    before = _outside_snapshot(tmp_path, [a, b])
+    before = snapshot(tmp_path, exclude=[a, b])
 
     regions = [_Recording(str(a)), _Recording(str(b))]
     store = Store(regions, write_quorum=2, chunk_bytes=CHUNK)
@@ -544,7 +535,7 @@ def test_planted_manifest_with_escaping_entry_name_is_rejected_before_any_blob_i
     ]
     assert all("entry name" in p.detail for p in bad)
     assert not report.healthy
-    assert _outside_snapshot(tmp_path, [a, b]) == before
+    assert snapshot(tmp_path, exclude=[a, b]) == before
     assert (tmp_path / "outside" / "x").read_bytes() == b"do not touch"
     assert _load(store, "lin")[1] == {"w": _bytes("w", 2 * CHUNK)}
 

@@ -47,6 +47,7 @@ from helpers.faulty_fs import (
     state_for,
     timed_out,
 )
+from helpers.snapshot import snapshot as file_snapshot
 from helpers.tamper import flip_byte, reseal
 
 from prefect_recovery.core import (
@@ -197,16 +198,6 @@ def _whole_objects(root: Path) -> dict[str, int]:
 def _manifests(root: Path, lineage: str = "lin") -> list[str]:
     where = root / "lineages" / lineage / "manifests"
     return sorted(p.name for p in where.iterdir() if re.fullmatch(r"\d{12}\.json", p.name)) if where.exists() else []
-
-
-def _outside(tmp_path: Path, regions: list[Path]) -> dict[str, tuple[int, int]]:
-    snap = {}
-    for path in tmp_path.rglob("*"):
-        if any(path == r or r in path.parents for r in regions):
-            continue
-        st = path.lstat()
-        snap[path.relative_to(tmp_path).as_posix()] = (st.st_size, st.st_mtime_ns)
-    return snap
 
 
 def _in_thread(fn, timeout: float):
@@ -1019,7 +1010,7 @@ def test_case14_escaping_names_are_rejected_and_nothing_is_written_outside(tmp_p
     (tmp_path / "etc").mkdir()
     store = _store(_faulty(faults, a, b), 2)
     store.commit("lin", plans(state_for("v1")))
-    before = _outside(tmp_path, [a, b])
+    before = file_snapshot(tmp_path, exclude=[a, b])
 
     faults.reset_log()
     with pytest.raises(InvalidNameError):
@@ -1056,7 +1047,7 @@ def test_case14_escaping_names_are_rejected_and_nothing_is_written_outside(tmp_p
     assert faults.calls("*", f"*/{blob_key(digest)}") == []  # the planted blob was never touched
     roots = (str(a), str(b))
     assert all(any(c.path == r or c.path.startswith(r + "/") for r in roots) for c in faults.log)
-    assert _outside(tmp_path, [a, b]) == before
+    assert file_snapshot(tmp_path, exclude=[a, b]) == before
     assert (tmp_path / "x").read_bytes() == b"outside"
 
 

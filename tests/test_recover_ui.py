@@ -20,7 +20,7 @@ import pytest
 from conftest import CLI, REPO
 from helpers.live_prefect import Stack, deployment_id, flow_runs, live_stack, wait_completed, wait_for
 from helpers.step_values import differing_leaves
-from helpers.ui import ui_page
+from helpers.ui import open_custom_run, submit_custom_run, ui_page
 
 from prefect_recovery import CheckpointStore
 
@@ -77,15 +77,7 @@ def submit_recover_from_ui(stack: Stack, lineage: str) -> None:
 
     recover_id = deployment_id(stack.server, "recover/recover")
     with ui_page() as page:
-        page.goto(f"{stack.server.url}/deployments")
-        # the deployment's name links to its page (the flow's name "recover" below it links to the flow)
-        page.get_by_role("link", name="recover", exact=True).and_(
-            page.locator(f"[href='/deployments/deployment/{recover_id}']")
-        ).click()
-        expect(page).to_have_url(f"{stack.server.url}/deployments/deployment/{recover_id}")
-
-        page.get_by_role("button", name="Run", exact=True).click()
-        page.get_by_text("Custom run", exact=True).click()
+        open_custom_run(page, stack.server.url, "recover", recover_id)
         # each parameter is a labelled form property; its label is not tied to the input (no for/id pair)
         field = (
             page.locator(".schema-form-property")
@@ -98,9 +90,7 @@ def submit_recover_from_ui(stack: Stack, lineage: str) -> None:
 
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SCREENSHOT))
-        page.get_by_role("button", name="Submit", exact=True).click()
-        # the UI goes back to the deployment's runs once the flow run exists
-        expect(page).to_have_url(f"{stack.server.url}/deployments/deployment/{recover_id}?tab=Runs")
+        submit_custom_run(page, stack.server.url, recover_id)
 
 
 def test_recover_a_killed_run_from_the_ui(stack: Stack, start_demo: Callable[[str], subprocess.Popen[bytes]]) -> None:

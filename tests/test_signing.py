@@ -605,19 +605,26 @@ def test_block_with_a_missing_or_weak_secret_fails_clearly(prefect_server, tmp_p
         CheckpointStore(regions=block_regions(tmp_path), signing_key=weak).save(training_state(1), lineage=LINEAGE)
 
 
-def test_cli_verify_of_a_signed_store_with_a_tampered_region(prefect_server, tmp_path: Path) -> None:
+def saved_signed_block_with_a_forged_region(tmp_path: Path, prefix: str) -> tuple[str, str, list[Path]]:
+    """An HMAC-signing CheckpointStore block saved on the server (key in a Secret block), one checkpoint,
+    and its manifest in region eu forged (step rewritten, signature left): (key id, block name, manifests)."""
     from prefect.blocks.system import Secret
 
-    from prefect_recovery import cli
-
-    key_id = unique("cli-key")
+    key_id = unique(f"{prefix}-key")
     Secret(value=secrets.token_hex(32)).save(key_id)
-    block_name = unique("cli-signed")
+    block_name = unique(f"{prefix}-signed")
     store = CheckpointStore(regions=block_regions(tmp_path), write_quorum=1, signing_key=key_id)
     store.save(block_name)
     store.save(training_state(1), lineage=LINEAGE, step=1)
-    eu, us = manifest_files(tmp_path, 1)
-    rewrite(eu, lambda raw: raw.update(step=99))
+    manifests = manifest_files(tmp_path, 1)
+    rewrite(manifests[0], lambda raw: raw.update(step=99))
+    return key_id, block_name, manifests
+
+
+def test_cli_verify_of_a_signed_store_with_a_tampered_region(prefect_server, tmp_path: Path) -> None:
+    from prefect_recovery import cli
+
+    key_id, block_name, (eu, us) = saved_signed_block_with_a_forged_region(tmp_path, "cli")
 
     runner = CliRunner()
     as_json = runner.invoke(cli.app, ["verify", "--store", block_name, "--json"])
@@ -690,18 +697,9 @@ def test_cli_keygen_public_key_lets_a_reader_verify(prefect_server, tmp_path: Pa
 def test_cli_audit_of_a_signed_store_prints_signing_and_each_checkpoints_signature(
     prefect_server, tmp_path: Path
 ) -> None:
-    from prefect.blocks.system import Secret
-
     from prefect_recovery import cli
 
-    key_id = unique("audit-key")
-    Secret(value=secrets.token_hex(32)).save(key_id)
-    block_name = unique("audit-signed")
-    store = CheckpointStore(regions=block_regions(tmp_path), write_quorum=1, signing_key=key_id)
-    store.save(block_name)
-    store.save(training_state(1), lineage=LINEAGE, step=1)
-    eu, us = manifest_files(tmp_path, 1)
-    rewrite(eu, lambda raw: raw.update(step=99))
+    key_id, block_name, (eu, us) = saved_signed_block_with_a_forged_region(tmp_path, "audit")
 
     original_width = cli.console.width
     cli.console.width = 250

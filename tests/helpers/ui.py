@@ -41,3 +41,25 @@ def ui_page() -> Iterator[Page]:
             yield page
         finally:
             browser.close()
+
+
+def open_custom_run(page: Page, server_url: str, deployment_name: str, deployment_id: str) -> None:
+    """Deployments -> the deployment's page -> Run -> Custom run, as a user does it (the form is then open)."""
+    from playwright.sync_api import expect
+
+    page.goto(f"{server_url}/deployments")
+    # the deployment's name links to its page (the flow's name, which may be the same, links to the flow)
+    page.get_by_role("link", name=deployment_name, exact=True).and_(
+        page.locator(f"[href='/deployments/deployment/{deployment_id}']")
+    ).click()
+    expect(page).to_have_url(f"{server_url}/deployments/deployment/{deployment_id}")
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.get_by_text("Custom run", exact=True).click()
+
+
+def submit_custom_run(page: Page, server_url: str, deployment_id: str) -> None:
+    """Submit the open Custom run form; the UI goes back to the deployment's runs once the flow run exists."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("button", name="Submit", exact=True).click()
+    expect(page).to_have_url(f"{server_url}/deployments/deployment/{deployment_id}?tab=Runs")
