@@ -29,6 +29,13 @@ _EXPORTS = {
     "VerifyReport": "prefect_recovery.core",
     "RetentionPolicy": "prefect_recovery.core",
     "ManifestSignatureError": "prefect_recovery.core",
+    "seed_everything": "prefect_recovery.training.determinism",
+    "UnsupportedLoaderError": "prefect_recovery.training.loaders",
+    "step": "prefect_recovery.tasks.step",
+    "PipelineRun": "prefect_recovery.tasks.pipeline_run",
+    "file_input": "prefect_recovery.tasks.pipeline_run",
+    "state_digest": "prefect_recovery.tasks.pipeline_run",
+    "register_pipeline": "prefect_recovery.flows.registry",
 }
 
 __all__ = [
@@ -43,12 +50,19 @@ __all__ = [
     "ManifestError",
     "ManifestSignatureError",
     "Milestones",
+    "PipelineRun",
     "QuorumNotMetError",
     "Region",
     "RegionUnavailableError",
     "RetentionPolicy",
     "Timebox",
+    "UnsupportedLoaderError",
     "VerifyReport",
+    "file_input",
+    "register_pipeline",
+    "seed_everything",
+    "state_digest",
+    "step",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -65,7 +79,12 @@ if TYPE_CHECKING:  # pragma: no cover
         RetentionPolicy,
         VerifyReport,
     )
+    from .flows.registry import register_pipeline
+    from .tasks.pipeline_run import PipelineRun, file_input, state_digest
+    from .tasks.step import step
     from .training.checkpointer import Checkpointer
+    from .training.determinism import seed_everything
+    from .training.loaders import UnsupportedLoaderError
     from .training.schedule import CheckpointSchedule, EveryNSteps, Milestones, Timebox
 
 

@@ -53,6 +53,13 @@ def _fail(message: str, as_json: bool, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+def _pipeline_failed(exc: BaseException, as_json: bool) -> NoReturn:
+    """A pipeline's own error as one line; the traceback with PREFECT_RECOVERY_DEBUG=1."""
+    if os.environ.get("PREFECT_RECOVERY_DEBUG"):
+        raise exc
+    _fail(f"the pipeline failed: {type(exc).__name__}: {exc}", as_json, code=1)
+
+
 def open_store(regions: list[str] | None, store: str | None, quorum: int = 1) -> CheckpointStore:
     if regions and store:
         raise typer.BadParameter("give either --region or --store, not both")
@@ -328,21 +335,29 @@ def demo(
     lineage: Annotated[str, typer.Option("--lineage", help="Lineage of the run.")] = "demo",
     steps: Annotated[int, typer.Option("--steps", help="Training steps.")] = 1000,
     seed: Annotated[int, typer.Option("--seed", help="Seed of data, model and RNGs.")] = 0,
+    region: RegionOpt = None,
+    store: StoreOpt = None,
+    quorum: QuorumOpt = 1,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run the example pipeline on the embedded defaults; resume the lineage if it is unfinished."""
+    """Run the example pipeline (embedded defaults unless --region/--store); resume the lineage if it is unfinished."""
     from .flows.example_pipeline import example_pipeline, lineage_status
 
     try:
-        before = lineage_status(CheckpointStore.default(), lineage)
+        before = lineage_status(open_store(region, store, quorum), lineage)
         if not as_json and before["status"] == "unfinished":
             latest = before["latest"]
             console.print(
-                f"lineage {lineage} has an unfinished run: resuming from version {latest.version} (step {latest.step})"
+                f"lineage {lineage} has an unfinished run: resuming"
+                + (f" from version {latest.version} (step {latest.step})" if latest else " from the start")
             )
-        result = example_pipeline(lineage=lineage, steps=steps, seed=seed)
+        result = example_pipeline(
+            lineage=lineage, steps=steps, seed=seed, store_block=store, regions=region or None, write_quorum=quorum
+        )
     except CheckpointError as exc:
         _fail(str(exc), as_json)
+    except Exception as exc:  # the pipeline's own error: one line (the flow run's log has the traceback)
+        _pipeline_failed(exc, as_json)
     payload = {key: result[key] for key in ("lineage", "status", "final_version", "final_digest", "resumed_from")}
     if as_json:
         _emit(payload)
@@ -383,24 +398,37 @@ def recover_command(
     preflight: Annotated[
         str, typer.Option("--preflight", help="strict: stop on any failed check; warn: report and go on.")
     ] = "strict",
+    region: RegionOpt = None,
     store: StoreOpt = None,
+    quorum: QuorumOpt = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """Recover a crashed pipeline run: preflight checks, restore, resume at the failed step."""
+    from .blocks.checkpoint_store import HOME_ENV, recovery_home
     from .core.errors import PreflightError
     from .flows.recover import recover
 
     if preflight not in ("strict", "warn"):
         _fail(f"--preflight must be strict or warn, got {preflight!r}", as_json)
+    if not region and not store and not recovery_home().exists():
+        # Checked before opening: the default store would create an empty one here.
+        _fail(
+            f"no checkpoint store at {recovery_home()} (the default store: ${HOME_ENV}, else ./.prefect-recovery "
+            f"under the working directory {os.getcwd()}). Run from the directory the pipeline ran in, set "
+            f"{HOME_ENV}, or pass --region / --store",
+            as_json,
+            code=1,
+        )
     try:
-        checkpoint_store = open_store(None, store)
+        checkpoint_store = open_store(region, store, quorum)
         lineage = lineage or latest_unfinished_lineage(checkpoint_store)
         if lineage is None:
-            _fail("no unfinished lineage in this store: nothing to recover", as_json, code=1)
+            where = ", ".join(r.url for r in checkpoint_store.regions)
+            _fail(f"no unfinished lineage in the store at {where}: nothing to recover", as_json, code=1)
         if not as_json:
             console.print(f"recovering lineage {lineage} ({preflight} preflight)")
         result = recover(lineage=lineage, checkpoint=checkpoint, from_step=from_step, preflight=preflight,
-                         store_block=store)  # fmt: skip
+                         store_block=store, regions=region or None, write_quorum=quorum)  # fmt: skip
     except PreflightError as exc:
         if not as_json:
             for row in exc.results:
@@ -408,6 +436,8 @@ def recover_command(
         _fail(str(exc), as_json)
     except CheckpointError as exc:
         _fail(str(exc), as_json)
+    except Exception as exc:  # the pipeline's own error: one line (the flow run's log has the traceback)
+        _pipeline_failed(exc, as_json)
     keys = ("lineage", "status", "final_version", "final_digest", "resumed_from", "failed_step", "reused_steps",
             "preflight")  # fmt: skip
     payload = {key: result[key] for key in keys if key in result}

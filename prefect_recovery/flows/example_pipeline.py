@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from prefect import flow, get_run_logger
 
 from ..blocks import CheckpointStore
-from ..core.journal import Journal
+from ..core.journal import Journal, JournalEvent, replay
 from ..tasks.example_steps import FINAL_MILESTONE, evaluate, final_digest, finalize, prepare_data, train
 from ..tasks.pipeline_run import PipelineRun, file_input
 from ..tasks.step import code_digest
@@ -26,31 +26,61 @@ if TYPE_CHECKING:
 DEFAULT_STEPS = 1000
 
 
+def open_store(
+    store_block: str | None = None, regions: list[str] | None = None, write_quorum: int = 1
+) -> CheckpointStore:
+    """A saved block by name, the given regions, or the embedded default store."""
+    if store_block:
+        return CheckpointStore.load(store_block)
+    if regions:
+        return CheckpointStore(regions=regions, write_quorum=write_quorum)
+    return CheckpointStore.default()
+
+
 def lineage_status(store: CheckpointStore, lineage: str) -> dict[str, Any]:
     """``finished`` (its journal ends with a finished run), ``unfinished`` or ``new``.
 
     Lineages written before the journal existed count as finished when they hold a ``final``
     milestone checkpoint.
     """
-    history = Journal(store.core, lineage).history()
+    journal = Journal(store.core, lineage)
+    events = journal.events()
+    history = replay(events)
     infos = store.list(lineage)
     finals = [info for info in infos if info.metadata.get("trigger") == f"milestone:{FINAL_MILESTONE}"]
     if history.status == "finished" or (history.status == "new" and finals):
-        return {"status": "finished", "final": finals[-1] if finals else None, "history": history}
+        return {
+            "status": "finished",
+            "final": finals[-1] if finals else None,
+            "history": history,
+            "history_events": events,
+        }
     if history.status != "new" or infos:
         return {"status": "unfinished", "latest": infos[-1] if infos else None, "history": history}
     return {"status": "new", "history": history}
 
 
+def finished_outputs(events: list[JournalEvent]) -> dict[str, Any] | None:
+    """``final_version`` and ``final_digest`` of the last ``run_finished`` in ``events``, or None."""
+    for event in reversed(events):
+        if event.kind == "run_finished":
+            return {"final_version": event.data.get("final_version"), "final_digest": event.data.get("final_digest")}
+    return None
+
+
 def finished_result(store: CheckpointStore, lineage: str, status: dict[str, Any]) -> dict[str, Any]:
+    """What ``demo`` and ``recover`` report for a finished lineage, from the store alone: the
+    journal's ``run_finished`` (its final version and state digest), else the ``final`` milestone."""
+    outputs = finished_outputs(status["history_events"]) if status.get("history_events") else None
     final = status["final"]
-    return {
-        "lineage": lineage,
-        "status": "finished",
-        "final_version": final.version if final else None,
-        "final_digest": final_digest(store, lineage, final.version) if final else None,
-        "resumed_from": None,
-    }
+    if outputs is None or (outputs.get("final_version") is None and final is not None):
+        outputs = {
+            "final_version": final.version if final else None,
+            "final_digest": final_digest(store, lineage, final.version) if final else None,
+        }
+    if outputs.get("final_digest") is None and isinstance(outputs.get("final_version"), int):
+        outputs["final_digest"] = final_digest(store, lineage, outputs["final_version"])
+    return {"lineage": lineage, "status": "finished", **outputs, "resumed_from": None}
 
 
 def replay_training(segment: ReplaySegment) -> dict[str, Any]:
@@ -82,6 +112,8 @@ def example_pipeline(
     schedule: CheckpointSchedule | None = None,
     store_block: str | None = None,
     data_path: str | None = None,
+    regions: list[str] | None = None,
+    write_quorum: int = 1,
 ) -> dict[str, Any]:
     """Train a small model with checkpoints; a lineage with an unfinished run is resumed.
 
@@ -93,9 +125,11 @@ def example_pipeline(
         store_block: Name of a saved CheckpointStore block; default the embedded local store.
         data_path: A dataset file (safetensors: x_train, y_train, x_test, y_test); default: synthetic
             data made from the seed.
+        regions: Region URLs of the store instead of a block (with ``write_quorum``).
+        write_quorum: Write quorum of ``regions``.
     """
     logger = get_run_logger()
-    store = CheckpointStore.load(store_block) if store_block else CheckpointStore.default()
+    store = open_store(store_block, regions, write_quorum)
     status = lineage_status(store, lineage)
     if status["status"] == "finished":
         logger.info("lineage %s already finished; nothing to do", lineage)
@@ -108,6 +142,8 @@ def example_pipeline(
         "store_block": store_block,
         "data_path": data_path,
     }
+    if regions:  # recorded only when used, so runs recorded before this option re-run unchanged
+        parameters |= {"regions": list(regions), "write_quorum": write_quorum}
     inputs = {"dataset": file_input(data_path)} if data_path else {"dataset": {"synthetic_seed": seed}}
     run = PipelineRun(
         store,

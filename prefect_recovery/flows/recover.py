@@ -24,11 +24,12 @@ from ..blocks import CheckpointStore
 from ..core.errors import CheckpointNotFoundError, PreflightError, RecoveryError
 from ..core.journal import Journal, JournalEvent, replay
 from ..core.manifest import Manifest
+from ..tasks.code import code_modules
 from ..tasks.pipeline_run import RecoveryPlan, claim_lineage, current_run_id, recovery_plan
 from ..tasks.preflight import CheckResult, PreflightContext, as_rows, run_checks
 from ..tasks.step import STEP_CODE, code_digest
 from ..telemetry import emit_recovery_finished, emit_recovery_started
-from .example_pipeline import finished_result, lineage_status
+from .example_pipeline import finished_outputs, finished_result, lineage_status, open_store
 from .registry import resolve_pipeline
 
 _TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
@@ -93,6 +94,8 @@ def recover(
     from_step: str | None = None,
     preflight: Literal["strict", "warn"] = "strict",
     store_block: str | None = None,
+    regions: list[str] | None = None,
+    write_quorum: int = 1,
 ) -> dict[str, Any]:
     """Recover a crashed or failed pipeline run: preflight, restore, resume at the failed step.
 
@@ -102,12 +105,18 @@ def recover(
         from_step: Run this step and every later one again even if they finished.
         preflight: "strict" stops on any failed check; "warn" reports and goes on.
         store_block: Name of a saved CheckpointStore block; default the embedded local store.
+        regions: Region URLs of the store instead of a block (with ``write_quorum``).
+        write_quorum: Write quorum of ``regions``.
     """
     logger = get_run_logger()
-    store = CheckpointStore.load(store_block) if store_block else CheckpointStore.default()
+    store = open_store(store_block, regions, write_quorum)
     status = lineage_status(store, lineage)
     if status["status"] == "new":
-        raise RecoveryError(f"lineage {lineage!r} has no journal and no checkpoints in this store: nothing to recover")
+        where = ", ".join(region.url for region in store.regions)
+        raise RecoveryError(
+            f"lineage {lineage!r} has no journal and no checkpoints in the store at {where}: nothing to recover "
+            "(the default store is $PREFECT_RECOVERY_HOME, else ./.prefect-recovery under the working directory)"
+        )
     journal = Journal(store.core, lineage)
     if status["status"] == "finished":
         logger.info("lineage %s already finished; nothing to recover and nothing changed", lineage)
@@ -136,6 +145,7 @@ def recover(
         run_started=started,
         manifest=manifest,
         pipeline_code=code_digest(pipeline.fn),
+        pipeline_modules=code_modules(pipeline.fn),
         run_id=run_id,
     )
     results = preflight_task(ctx, lineage)
@@ -187,28 +197,34 @@ def recover(
         journal.append("recovery_finished", run_id=run_id, data={"status": "failed", "error": error})
         emit_recovery_finished(lineage, None, False, run_id=run_id, resumed_from=resumed_from, error=error)
         raise
+    new_events = journal.events(after=events[-1].seq if events else 0)
     reused = [
         str(event.data.get("step"))
-        for event in journal.events(after=events[-1].seq if events else 0)
+        for event in new_events
         if event.kind == "step_completed" and event.data.get("reused") is True
     ]
+    # What the run ended with comes from the journal (the flow may return anything, or None).
+    outputs = finished_outputs(new_events) or {}
+    if outputs.get("final_version") is None and isinstance(result, dict):
+        outputs = {key: result.get(key) for key in ("final_version", "final_digest")}
+    final_version, final_digest_ = outputs.get("final_version"), outputs.get("final_digest")
     journal.append(
         "recovery_finished",
         run_id=run_id,
         data={
             "status": "completed",
-            "final_version": result.get("final_version"),
-            "final_digest": result.get("final_digest"),
+            "final_version": final_version,
+            "final_digest": final_digest_,
             "reused_steps": reused,
         },
     )
-    emit_recovery_finished(lineage, result.get("final_version"), True, run_id=run_id, resumed_from=resumed_from,
-                           final_digest=result.get("final_digest"), reused_steps=reused)  # fmt: skip
+    emit_recovery_finished(lineage, final_version, True, run_id=run_id, resumed_from=resumed_from,
+                           final_digest=final_digest_, reused_steps=reused)  # fmt: skip
     summary = {
         "lineage": lineage,
         "status": "recovered",
-        "final_version": result.get("final_version"),
-        "final_digest": result.get("final_digest"),
+        "final_version": final_version,
+        "final_digest": final_digest_,
         "resumed_from": resumed_from,
         "failed_step": where,
         "reused_steps": reused,

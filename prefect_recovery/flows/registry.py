@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any, overload
@@ -57,9 +58,25 @@ def register_pipeline(pipeline: Flow[..., Any] | None = None, *, replay: Callabl
 
 def _load_modules() -> None:
     for entry in entry_points(group="prefect_recovery.pipelines"):
-        entry.load()
+        try:
+            entry.load()
+        except ImportError as exc:
+            raise RecoveryError(
+                f"the `prefect_recovery.pipelines` entry point {entry.name!r} = {entry.value!r} cannot be "
+                f"imported ({type(exc).__name__}: {exc}); reinstall the package that declares it"
+            ) from None
     for module in filter(None, (part.strip() for part in os.environ.get("PREFECT_RECOVERY_PIPELINES", "").split(","))):
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and module != exc.name and not module.startswith(exc.name + "."):
+                raise  # the pipeline module was found; something it imports is missing: its own traceback
+            searched = [entry or os.getcwd() for entry in sys.path]
+            raise RecoveryError(
+                f"PREFECT_RECOVERY_PIPELINES names module {module!r}, which cannot be imported from this "
+                f"process (working directory {os.getcwd()}; searched {searched}). Run from the directory "
+                "that holds it, add that directory to PYTHONPATH, or install its package."
+            ) from None
 
 
 def resolve_pipeline(name: str) -> Flow[..., Any]:

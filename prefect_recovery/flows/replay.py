@@ -100,9 +100,13 @@ class ReplayReport(BaseModel):
     steps_replayed: int
     entries_compared: int = Field(description="Tensor and bytes entries compared by digest.")
     entries_differing: int
-    differing: list[str] = Field(description="What differs, in state order (the first 50).")
+    differing: list[str] = Field(
+        description="What differs, causes first: settings, counters, RNG, data position, then optimizer and model "
+        "(the first 50)."
+    )
     first_difference: Difference | None = Field(
-        description="The first entry (or value) that differs: name, dtype, shape, elements differing, max |diff|."
+        description="The earliest cause that differs (RNG and data state before weights): name, dtype, shape, "
+        "elements differing, max |diff|."
     )
     notes: list[str] = Field(
         default_factory=list, description="Differences between this environment and the run's, which may explain one."

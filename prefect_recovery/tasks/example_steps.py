@@ -51,7 +51,6 @@ def train(
     if steps < 1:
         raise StepInputError(f"steps must be at least 1, got {steps}")
     logger = get_run_logger()
-    run = current_run()
 
     def progress(step: int) -> None:
         if step % 50 == 0 or step == steps:
@@ -65,9 +64,7 @@ def train(
         seed=seed,
         schedule=schedule,
         on_step=progress,
-        on_commit=run.checkpoint_committed if run is not None else None,
-        resume_version=run.resume_version if run is not None else None,
-    )
+    )  # inside the pipeline run, the Checkpointer journals commits and resumes where a recovery asked
     if result["resumed_from"]:
         logger.info("resumed from version %(version)s at step %(step)s", result["resumed_from"])
     return result

@@ -28,12 +28,14 @@ from uuid import UUID
 from pydantic import JsonValue
 
 from ..core.digest import hash_bytes
-from ..core.errors import LineageBusyError
+from ..core.errors import CheckpointNotFoundError, LineageBusyError
 from ..core.journal import Claim, EventKind, Journal, JournalEvent, open_claims
 from ..core.layout import STEPS_SUFFIX, check_lineage
 from ..core.liveness import is_alive, process_identity
 from ..core.models import CheckpointInfo
 from ..core.store import Store
+from ..training.context import TrainingHooks, reset_hooks, set_hooks
+from .code import code_modules, digest_of
 
 ENVIRONMENT_PACKAGES = ("torch", "numpy", "prefect", "prefect-recovery", "torchdata", "safetensors", "blake3")
 
@@ -61,6 +63,20 @@ def environment() -> dict[str, JsonValue]:
     return env
 
 
+def running_flow_code() -> dict[str, str] | None:
+    """``code_modules`` of the flow this code runs in (its function and the user modules it
+    reaches), or None outside a flow run."""
+    try:
+        from prefect.context import FlowRunContext
+
+        context = FlowRunContext.get()
+    except Exception:  # outside Prefect
+        return None
+    if context is None or context.flow is None:
+        return None
+    return code_modules(context.flow.fn)
+
+
 def current_run_id() -> str:
     """The Prefect flow-run id when inside a flow run, else a fresh uuid."""
     try:
@@ -71,6 +87,17 @@ def current_run_id() -> str:
     except Exception:  # outside Prefect, or no API: the journal does not need Prefect
         pass
     return uuid.uuid4().hex
+
+
+def state_digest(store: Any, lineage: str, version: int | None = None) -> str:
+    """The digest of a checkpoint's state alone (every entry's name, dtype, shape and bytes;
+    not its time, regions or metadata): equal for two runs that trained bit-identically.
+
+    ``version`` defaults to the lineage's latest consistent checkpoint.
+    """
+    core = store.core if hasattr(store, "core") else store
+    manifest, _holders = core.resolve(lineage, version)
+    return manifest.state_digest()
 
 
 def file_input(path: str) -> dict[str, JsonValue]:
@@ -222,6 +249,8 @@ class PipelineRun:
         self._forcing = False
         self.failed_step: str | None = None
         self._token: contextvars.Token[PipelineRun | None] | None = None
+        self._hooks_token: contextvars.Token[TrainingHooks | None] | None = None
+        self.finished: dict[str, JsonValue] | None = None
 
     # -- what a recovery asked ----------------------------------------------------------------
     @property
@@ -249,11 +278,15 @@ class PipelineRun:
         )
 
     def __enter__(self) -> PipelineRun:
+        modules = running_flow_code()
+        if self.code_digest is None and modules is not None:
+            self.code_digest = digest_of(modules)
         data: dict[str, JsonValue] = {
             "pipeline": self.pipeline,
             "parameters": self.parameters,
             "environment": environment(),
             "code_digest": self.code_digest,
+            "code_modules": modules,  # type: ignore[dict-item]
             "inputs": self.inputs,
         }
         exclude = set()
@@ -264,16 +297,41 @@ class PipelineRun:
             exclude.add(self.plan.recovery_run)
         claim_lineage(self.journal, "run_started", run_id=self.run_id, data=data, exclude=exclude)
         self._token = _current_run.set(self)
+        # Every Checkpointer of this lineage inside the run resumes from the version a recovery
+        # selected and journals its commits, without the user wiring either.
+        self._hooks_token = set_hooks(
+            TrainingHooks(lineage=self.lineage, resume_version=self.resume_version, on_commit=self.checkpoint_committed)
+        )
         return self
 
     def finish(self, **outputs: JsonValue) -> None:
-        """Journal ``run_finished`` (call once the last step is done)."""
+        """Journal ``run_finished`` (optional: leaving the ``with`` block without an error does it).
+
+        ``final_version`` (default: the lineage's latest consistent checkpoint) and
+        ``final_digest`` (default: that checkpoint's state digest) are recorded, so
+        ``recover`` and ``demo`` report a finished lineage from the store alone.
+        """
+        if self.finished is not None:
+            return
+        if outputs.get("final_version") is None:
+            try:
+                outputs["final_version"] = self.store.resolve(self.lineage)[0].version
+            except CheckpointNotFoundError:  # a pipeline without checkpoints
+                outputs["final_version"] = None
+        if outputs.get("final_digest") is None and isinstance(outputs.get("final_version"), int):
+            outputs["final_digest"] = state_digest(self.store, self.lineage, int(outputs["final_version"]))
         self.append("run_finished", **outputs)
+        self.finished = dict(outputs)
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if self._hooks_token is not None:
+            reset_hooks(self._hooks_token)
+            self._hooks_token = None
         if self._token is not None:
             _current_run.reset(self._token)
             self._token = None
+        if exc is None:
+            self.finish()
         if exc is not None:
             self.append(
                 "failure",

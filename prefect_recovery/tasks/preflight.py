@@ -24,6 +24,7 @@ from ..core.manifest import Manifest
 from ..core.region import LocalRegionIO
 from ..core.store import Store
 from ..training.encoding import DTYPES
+from .code import changed_units
 from .pipeline_run import describe_claim, environment, file_input, live_claims
 from .step import STEP_CODE
 
@@ -50,6 +51,7 @@ class PreflightContext(BaseModel):
     run_started: JournalEvent | None
     manifest: Manifest | None
     pipeline_code: str | None = None
+    pipeline_modules: dict[str, str] | None = None
     run_id: str = ""
 
 
@@ -182,16 +184,24 @@ def check_code(ctx: PreflightContext) -> CheckResult:
     """Code drift since the run: the pipeline and each finished step (a warning, never a failure)."""
     warnings = []
     recorded = ctx.run_started.data.get("code_digest") if ctx.run_started else None
+    recorded_modules = ctx.run_started.data.get("code_modules") if ctx.run_started else None
     if recorded and ctx.pipeline_code and recorded != ctx.pipeline_code:
-        warnings.append("the pipeline's code changed since the run")
-    drifted: set[str] = set()
+        what = ""
+        if isinstance(recorded_modules, dict) and ctx.pipeline_modules:
+            what = ": " + ", ".join(changed_units(recorded_modules, ctx.pipeline_modules))
+        warnings.append(f"the pipeline's code changed since the run{what}")
+    drifted: dict[str, str] = {}
     for event in ctx.events:
         step, code = event.data.get("step"), event.data.get("code")
-        if event.kind == "step_completed" and code and step in STEP_CODE and STEP_CODE[step] != code:
-            drifted.add(step)
-    changed = sorted(drifted)
-    if changed:
-        warnings.append(f"steps whose code changed since they ran (they will run again): {changed}")
+        if event.kind != "step_completed" or not code or step not in STEP_CODE or STEP_CODE[step] == code:
+            continue
+        then = event.data.get("code_modules")
+        drifted[str(step)] = (
+            ", ".join(changed_units(then, STEP_CODE.modules(str(step)))) if isinstance(then, dict) else ""
+        )
+    if drifted:
+        listed = "; ".join(f"{step}" + (f" ({what})" if what else "") for step, what in sorted(drifted.items()))
+        warnings.append(f"steps whose code changed since they ran (they will run again): {listed}")
     return _result("code", [], warnings, "same code as the run")
 
 

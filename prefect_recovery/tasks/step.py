@@ -22,10 +22,10 @@ from __future__ import annotations
 import errno
 import functools
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
-from prefect import Task, get_run_logger, task
+from prefect import Task, get_run_logger
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import Completed, State
@@ -45,12 +45,51 @@ from ..core.manifest import canonical_json
 from ..core.models import CheckpointInfo
 from ..training.encoding import UnsupportedValueError, encode_state
 from ..training.state_io import load_state, save_state
+from .code import code_modules, digest_of
 from .pipeline_run import PipelineRun, current_run
 
 R = TypeVar("R")
 
+
+class _StepCode(Mapping[str, str]):
+    """Step name -> digest of its code (``code_modules``), computed on first use: the modules a
+    step refers to may define names after the step is decorated."""
+
+    def __init__(self) -> None:
+        self.functions: dict[str, Callable[..., Any]] = {}
+
+    def modules(self, name: str) -> dict[str, str]:
+        return _modules_of(self.functions[name])
+
+    def __getitem__(self, name: str) -> str:
+        return digest_of(self.modules(name))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.functions)
+
+    def __len__(self) -> int:
+        return len(self.functions)
+
+
+@functools.cache
+def _modules_of(fn: Callable[..., Any]) -> dict[str, str]:
+    return code_modules(fn)
+
+
 # Step name -> digest of its code, for every step defined in this process (preflight's drift check).
-STEP_CODE: dict[str, str] = {}
+STEP_CODE = _StepCode()
+
+
+class StepTask(Task[..., Any]):
+    """The Prefect task of a ``@step``: a reused step's call returns the value the step returned
+    the first time, like a step that ran (its task run still shows **Cached** in the UI)."""
+
+    def __call__(self, *args: Any, return_state: bool = False, wait_for: Any = None, **kwargs: Any) -> Any:
+        value = super().__call__(*args, return_state=return_state, wait_for=wait_for, **kwargs)
+        if not return_state and isinstance(value, State):
+            return value.result()
+        return value
+
 
 _TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.EIO}
 
@@ -74,13 +113,8 @@ def retry_transient(task_: Task[..., Any], task_run: TaskRun, state: State[Any])
 
 
 def code_digest(fn: Callable[..., Any]) -> str:
-    """Digest of a function's source (or bytecode when the source is unavailable)."""
-    try:
-        source = inspect.getsource(fn).encode()
-    except (OSError, TypeError):
-        code = fn.__code__
-        source = code.co_code + repr(code.co_consts).encode()
-    return hash_bytes(source)
+    """Digest of the code ``fn`` runs: its source and the user modules it can reach (tasks/code.py)."""
+    return digest_of(code_modules(fn))
 
 
 def value_digest(value: Any, *, what: str = "value") -> str:
@@ -148,8 +182,7 @@ def step(
 
     def decorate(func: Callable[..., R]) -> Task[..., R]:
         step_name = name or func.__name__.replace("_", "-")
-        code = code_digest(func)
-        STEP_CODE[step_name] = code
+        STEP_CODE.functions[step_name] = func
         signature = inspect.signature(func)
         skipped = set(ignore)
         unknown = skipped - set(signature.parameters)
@@ -161,6 +194,8 @@ def step(
             run = current_run()
             if run is None:
                 return func(*args, **kwargs)
+            modules = _modules_of(func)
+            code = digest_of(modules)
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             inputs = {key: value for key, value in bound.arguments.items() if key not in skipped}
@@ -188,7 +223,13 @@ def step(
 
             attempt = int(task_run.run_count or 1)
             run.append(
-                "step_started", step=step_name, cache_key=key, code=code, input_digest=input_digest, attempt=attempt
+                "step_started",
+                step=step_name,
+                cache_key=key,
+                code=code,
+                code_modules=modules,
+                input_digest=input_digest,
+                attempt=attempt,
             )
             try:
                 result = func(*args, **kwargs)
@@ -217,6 +258,7 @@ def step(
                 reused=False,
                 cache_key=key,
                 code=code,
+                code_modules=modules,
                 input_digest=input_digest,
                 output_digest=output_digest,
                 result_version=info.version,
@@ -235,9 +277,18 @@ def step(
             "retry_condition_fn": retry_condition_fn or retry_transient,
             **task_options,
         }
-        return task(run_step, **options)
+        return StepTask(run_step, **options)
 
     return decorate(fn) if fn is not None else decorate
 
 
-__all__ = ["STEP_CODE", "cache_key", "code_digest", "is_transient", "retry_transient", "step", "value_digest"]
+__all__ = [
+    "STEP_CODE",
+    "StepTask",
+    "cache_key",
+    "code_digest",
+    "is_transient",
+    "retry_transient",
+    "step",
+    "value_digest",
+]

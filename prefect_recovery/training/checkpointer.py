@@ -38,6 +38,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +48,7 @@ from ..core.manifest import Component
 from ..core.models import CheckpointInfo
 from ..core.store import Store
 from .async_saver import AsyncSaver
+from .context import active_hooks
 from .determinism import (
     apply_settings,
     capture_rng,
@@ -56,6 +58,7 @@ from .determinism import (
     seed_everything,
 )
 from .encoding import encode_state
+from .loaders import adapt
 from .schedule import CheckpointSchedule, Tier
 from .staging import StagingBuffers
 from .state_io import load_state
@@ -75,6 +78,39 @@ class Preempted(SystemExit):
 
 def _core_store(store: Any) -> Store:
     return store if isinstance(store, Store) else store.core  # a CheckpointStore block
+
+
+class UnseededInitWarning(UserWarning):
+    """A first run's model was built before torch was seeded with the Checkpointer's seed."""
+
+
+def _torch_initial_seed() -> int | None:
+    import torch
+
+    return torch.initial_seed()
+
+
+def _chain(first: Callable[[Any], None] | None, second: Callable[[Any], None]) -> Callable[[Any], None]:
+    if first is None:
+        return second
+
+    def both(info: Any) -> None:
+        first(info)
+        second(info)
+
+    return both
+
+
+def _watch_gradients(model: Any, callback: Callable[[Any], None]) -> list[Any]:
+    """Hooks that tell the Checkpointer a backward() accumulated gradients into ``model``."""
+    parameters = getattr(model, "parameters", None)
+    if parameters is None:
+        return []
+    return [
+        parameter.register_post_accumulate_grad_hook(callback)
+        for parameter in parameters()
+        if getattr(parameter, "requires_grad", False)
+    ]
 
 
 class Checkpointer:
@@ -102,6 +138,8 @@ class Checkpointer:
     ):
         self.store = _core_store(store)
         self.lineage = lineage
+        if data is not None:
+            data = adapt(data)  # refuses a plain DataLoader with the fix; see training/loaders.py
         self.objects = {
             name: value
             for name, value in (
@@ -120,8 +158,22 @@ class Checkpointer:
         self.metadata = dict(metadata or {})
         self.clock = clock
         self.handle_sigterm = handle_sigterm
+        # Inside a PipelineRun of this lineage, the run's own wiring applies unless given here:
+        # the version a recovery selected, and journaling every committed checkpoint.
+        hooks = active_hooks(lineage)
+        if hooks is not None and resume_version is None:
+            resume_version = hooks.resume_version
+        if hooks is not None and hooks.on_commit is not None and hooks.on_commit != on_commit:
+            on_commit = _chain(on_commit, hooks.on_commit)
         self.resume_version = resume_version  # what `with Checkpointer(...)` restores (None: latest)
         self.on_commit = on_commit  # called with every committed heavy checkpoint (writer thread for async)
+        # On a first run, a model built before torch was seeded with `seed` starts from weights a
+        # re-run cannot repeat (warned about in restore()).
+        self._unseeded_init = model is not None and seed is not None and _torch_initial_seed() != seed
+        self._last_heavy_step: int | None = None
+        self._deferred_milestone: str | None = None
+        self._grads_pending = False  # backward() ran since the last step(): gradients a save would lose
+        self._grad_hooks = _watch_gradients(model, self._on_gradient)
         self.step_count = 0
         self.epoch = 0
         self.resumed_from: dict[str, int | None] | None = None
@@ -136,6 +188,9 @@ class Checkpointer:
         isolate_background_rng_users()  # the RNG states we capture must only move with training
         self._watchdog: threading.Timer | None = None
 
+    def _on_gradient(self, _parameter: Any) -> None:
+        self._grads_pending = True
+
     # -- restore ---------------------------------------------------------------------------
     def restore(self, version: int | None = None) -> dict[str, int | None] | None:
         """Load the latest consistent checkpoint (or ``version``) into the live objects.
@@ -148,6 +203,15 @@ class Checkpointer:
         except CheckpointNotFoundError:
             if version is not None:
                 raise
+            if self._unseeded_init:
+                message = (
+                    f"Checkpointer({self.lineage!r}, seed={self.seed}): the model was built before torch was seeded "
+                    f"with {self.seed}, so its initial weights differ from run to run and a run killed before its "
+                    "first checkpoint cannot restart bit-identically. Call "
+                    f"`prefect_recovery.seed_everything({self.seed})` before building the model."
+                )
+                logger.warning(message)
+                warnings.warn(message, UnseededInitWarning, stacklevel=3)
             if self.seed is not None:
                 seed_everything(self.seed)
             self._settings = capture_settings(self.seed)
@@ -199,13 +263,24 @@ class Checkpointer:
 
     # -- saving ------------------------------------------------------------------------------
     def step(self, n: int = 1) -> None:
-        """Count ``n`` completed steps and save if the schedule says so."""
+        """Count ``n`` completed steps and save if the schedule says so.
+
+        Call it after ``optimizer.step()`` (with gradient accumulation: after the optimizer step
+        that applies the accumulated gradients), where the state is whole.
+        """
         self._saver.raise_errors()
         previous = self.step_count
         self.step_count += n
+        self._grads_pending = False
         if self._preempted.is_set():
             self._emergency_exit()
         decision = self.schedule.decide(self.step_count, seconds_since=self._seconds_since(), previous_step=previous)
+        deferred, self._deferred_milestone = self._deferred_milestone, None
+        if deferred is not None:  # a milestone reported mid-accumulation saves at this boundary
+            wanted = self.schedule.decide(self.step_count, seconds_since=self._seconds_since(), milestone=deferred)
+            if wanted is not None and (decision is None or wanted[0] == "heavy" or decision[0] == "light"):
+                self._save(wanted[0], wanted[1], wait=True)
+                return
         if decision is not None:
             self._save(*decision)
 
@@ -213,12 +288,42 @@ class Checkpointer:
         """Report a named event (``epoch_end``, ``eval_best``, ``final``...); saves if scheduled.
 
         Milestone saves are synchronous by default (``wait``): the call returns once committed.
+        Reported in the middle of gradient accumulation (``backward()`` ran since the last
+        ``step()``), the save is deferred to the next ``step()``: a checkpoint never holds a
+        state whose accumulated gradients it would lose (gradients are not saved).
         """
         self._saver.raise_errors()
         decision = self.schedule.decide(self.step_count, seconds_since=self._seconds_since(), milestone=name)
         if decision is None:
             return None
+        if self._grads_pending:
+            logger.info(
+                "milestone %s at step %s came in the middle of gradient accumulation: saving at the next step()",
+                name,
+                self.step_count,
+            )
+            self._deferred_milestone = name
+            return None
         return self._save(decision[0], decision[1], wait=wait)
+
+    def end_epoch(self, *, wait: bool = True) -> CheckpointInfo | None:
+        """Count a finished epoch (``epoch`` + 1) and report the ``epoch_end`` milestone.
+
+        The usual loop::
+
+            for epoch in range(ckpt.epoch, epochs):   # a resumed run starts in its epoch
+                for batch in loader:                  # a restored loader continues mid-epoch
+                    ...; ckpt.step()
+                ckpt.end_epoch()
+
+        No second heavy save is written when one was already taken at this step (a timebox or
+        every-N save on the epoch's last batch): resuming from it ends the epoch the same way.
+        """
+        self.epoch += 1
+        if self._last_heavy_step == self.step_count and not self._grads_pending:
+            logger.info("epoch %s ended at step %s, already saved at this step", self.epoch - 1, self.step_count)
+            return None
+        return self.milestone("epoch_end", wait=wait)
 
     def save(self, tier: Tier = "heavy", *, trigger: str = "manual", wait: bool = True) -> CheckpointInfo | None:
         """Save now, whatever the schedule says."""
@@ -277,6 +382,7 @@ class Checkpointer:
         self._last_save["light"] = now
         if tier == "heavy":
             self._last_save["heavy"] = now
+            self._last_heavy_step = step
         if asynchronous:
             self._saver.submit(f"{tier} {trigger} at step {step}", commit)
             return None
@@ -315,6 +421,9 @@ class Checkpointer:
 
     def close(self) -> None:
         """Wait for pending saves (raising the first failure) and stop the writer."""
+        for handle in self._grad_hooks:
+            handle.remove()
+        self._grad_hooks = []
         try:
             self._saver.close()
         finally:

@@ -113,6 +113,15 @@ def element_stats(stored: torch.Tensor, replayed: torch.Tensor) -> tuple[int, fl
     return count, float(finite.max()) if finite.numel() else None, int(delta.numel() - finite.numel())
 
 
+# Top-level components in the order a difference propagates: settings and counters, the RNG
+# and the data position drive every step, the scheduler and optimizer drive the weights.
+CAUSE_ORDER = ("determinism", "counters", "rng", "data", "extras", "scheduler", "scaler", "optimizer", "model")
+
+
+def _cause_rank(key: Any) -> int:
+    return CAUSE_ORDER.index(key) if key in CAUSE_ORDER else len(CAUSE_ORDER) - 1
+
+
 @dataclass
 class _Walk:
     store: Store
@@ -201,6 +210,8 @@ class _Walk:
         elif tag == "dict":
             ours = {key: node for key, node in stored["dict"]}
             theirs = {key: node for key, node in replayed["dict"]}
+            if not path:  # causes before effects: a differing RNG or data position explains differing weights
+                ours = dict(sorted(ours.items(), key=lambda item: _cause_rank(item[0])))
             if list(ours) != list(theirs):
                 missing = [key for key in ours if key not in theirs]
                 extra = [key for key in theirs if key not in ours]
@@ -241,7 +252,8 @@ class _Walk:
 
 
 def compare_state(store: Store, manifest: Manifest, state: Any) -> Comparison:
-    """Compare ``state`` with the checkpoint ``manifest`` describes, in state order.
+    """Compare ``state`` with the checkpoint ``manifest`` describes, causes first (``CAUSE_ORDER``:
+    determinism settings, counters, RNG, data position, then the scheduler, optimizer and model).
 
     Entries are equal when the replayed bytes hash to the stored chunk digests (no blob is read
     for that); plain values when their canonical JSON is equal (floats bit for bit). Only the
