@@ -61,7 +61,10 @@ def _manifest(lineage: str = "lin", version: int = 3, step: int | None = 7) -> M
                     component="model",
                 ),
                 Entry(name="empty", kind="bytes", size=0, chunks=[]),
-                Entry(name="extra/meta", kind="bytes", size=777, chunks=[ChunkRef(digest=first, size=777)]),
+                # a digest names bytes, so it has one size: a third blob (issue 12: two sizes are damage)
+                Entry(
+                    name="extra/meta", kind="bytes", size=777, chunks=[ChunkRef(digest=hash_bytes(b"meta"), size=777)]
+                ),
             ],
             tree={"model": {"layer.0": {"weight": "model/layer.0/weight"}}, "n": [1, 2.5, None]},
             components=[Component(name="model", durable=True, owner="trainer")],
@@ -123,7 +126,7 @@ def test_manifest_round_trip_is_exact():
     assert decoded.tree == {"model": {"layer.0": {"weight": "model/layer.0/weight"}}, "n": [1, 2.5, None]}
     assert decoded.metadata == {"loss": 0.25, "tags": ["a", "b"]}
     assert decoded.total_bytes == 1240 + 0 + 777
-    assert decoded.blob_digests() == [hash_bytes(b"first chunk"), hash_bytes(b"second")]
+    assert decoded.blob_digests() == [hash_bytes(b"first chunk"), hash_bytes(b"second"), hash_bytes(b"meta")]
 
 
 def test_changed_step_that_still_parses_is_rejected_by_manifest_digest():

@@ -481,9 +481,9 @@ class _Recording(LocalRegionIO):
         super().__init__(*args, **kwargs)
         self.touched = []
 
-    def get(self, key):
+    def get(self, key, max_bytes=None):
         self.touched.append(key)
-        return super().get(key)
+        return super().get(key, max_bytes)
 
     def read_into(self, key, buffer):
         self.touched.append(key)

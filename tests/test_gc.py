@@ -167,7 +167,9 @@ def test_retention_then_gc_frees_exactly_the_deleted_versions_blobs(tmp_path):
     keys = {v: blob_keys_of(store, "run", v) for v in range(1, 7)}
     steps_keys = set().union(*(blob_keys_of(store, "run.steps", v) for v in range(1, 7)))
     crashed = orphan(regions[0], b"a save that never committed")
-    (tmp_path / "a" / "blobs" / ".tmp-torn-write").write_bytes(b"torn")
+    torn = f"blobs/blake3/ab/.tmp-{'ab' * 16}-{'0' * 32}"  # as LocalRegionIO names its temp files
+    (tmp_path / "a" / torn).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "a" / torn).write_bytes(b"torn")
     regions[1].put_if_absent("preflight/0123abcd", b"probe left by a killed recovery")
     age(tmp_path, 2 * HOUR)
     young = orphan(regions[1], b"a save still writing")  # unreferenced, but only just written
@@ -181,7 +183,7 @@ def test_retention_then_gc_frees_exactly_the_deleted_versions_blobs(tmp_path):
     report = collect_garbage(store)
     assert report.swept and not report.refusals, report
     a, b = store.region_names
-    assert set(report.deleted[a]) == expected | {crashed, "blobs/.tmp-torn-write"}
+    assert set(report.deleted[a]) == expected | {crashed, torn}
     assert set(report.deleted[b]) == expected | {"preflight/0123abcd"}
     assert report.blobs_deleted == {a: len(expected) + 1, b: len(expected)}
     assert report.temp_files_deleted == {a: 1} and report.probes_deleted == {b: 1}

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, PrivateAttr, field
 from ..core import CheckpointInfo, Store, VerifyReport, open_region, verify_store
 from ..core.audit import AuditReport, audit_store
 from ..core.errors import SigningKeyError
+from ..core.layout import check_base_lineage
 from ..core.retention import RetentionPolicy
 from ..core.signing import Keyring, ManifestKey, SignatureAlgorithm, load_key
 from ..core.store import DEFAULT_CHUNK_BYTES
@@ -263,6 +264,7 @@ class CheckpointStore(Block):
                     "without lineage it saves this block document and takes a name string"
                 )
             return Block.save(self, block_name, overwrite=overwrite, **kwargs)
+        check_base_lineage(lineage)
         return save_state(self.core, state, lineage=lineage, step=step, metadata=metadata)
 
     def save_checkpoint(
@@ -274,6 +276,7 @@ class CheckpointStore(Block):
         metadata: dict[str, JsonValue] | None = None,
     ) -> CheckpointInfo:
         """Same as ``save(state, lineage=...)``, without the block-save overload."""
+        check_base_lineage(lineage)
         return save_state(self.core, state, lineage=lineage, step=step, metadata=metadata)
 
     def _load_checkpoint(
@@ -307,9 +310,9 @@ class CheckpointStore(Block):
         return self.core.lineages()
 
     def latest(self, lineage: str) -> CheckpointInfo | None:
-        """The latest consistent checkpoint of ``lineage``, or None."""
-        found = self.core.list(lineage)
-        return found[-1] if found else None
+        """The latest consistent checkpoint of ``lineage``, or None; a newest version that no
+        region holds a trusted copy of raises, as a load would (``Store.latest``)."""
+        return self.core.latest(lineage)
 
     def audit(
         self,

@@ -57,6 +57,11 @@ class ObjectNotFoundError(RegionError):
     """An object the caller asked for does not exist in this region."""
 
 
+class ForeignObjectError(RegionError):
+    """Something the store did not write sits where one of its objects belongs (a symbolic link,
+    a directory, a device): never followed or read; verify reports it, repair replaces a link."""
+
+
 class QuorumNotMetError(CheckpointError):
     """Fewer regions than ``write_quorum`` committed a save, so it was not committed at all."""
 

@@ -39,6 +39,7 @@ post-sweep mark reports it, and ``verify`` finds it.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -51,7 +52,7 @@ from .digest import check_digest
 from .errors import InvalidNameError, JournalError, ManifestError, ObjectNotFoundError, RegionError
 from .journal import Journal
 from .layout import blob_key, check_lineage, lineages_prefix, manifest_key, manifests_prefix, version_from_manifest_name
-from .manifest import decode_manifest
+from .manifest import MAX_MANIFEST_BYTES, decode_manifest
 from .region import LocalRegionIO, RegionIO
 from .store import ManifestCopies, Store
 
@@ -59,6 +60,7 @@ from .store import ManifestCopies, Store
 MIN_GRACE = timedelta(minutes=1)
 PREFLIGHT_PREFIX = "preflight"  # tasks/preflight.py writes preflight/<random>
 TEMP_PREFIX = ".tmp-"
+PROBE_KEY = re.compile(rf"{PREFLIGHT_PREFIX}/[0-9a-f]{{8,64}}")
 
 
 class GcReport(BaseModel):
@@ -188,7 +190,7 @@ def _mark(store: Store, ignore: frozenset[tuple[str, int]] = frozenset()) -> _Ma
     def read(job: tuple[RegionIO, str, int, str]) -> None:
         region, lineage, version, key = job
         try:
-            data = region.get(key)
+            data = region.get(key, max_bytes=MAX_MANIFEST_BYTES)
         except ObjectNotFoundError:
             return  # deleted since it was listed (retention)
         except RegionError as exc:
@@ -263,7 +265,10 @@ def _inventory(region: RegionIO, cutoff: float, referenced: set[str], report: Gc
             candidates.append(_Candidate(key, size, mtime, digest, "blob"))
         else:
             report.kept_young += 1
-    extras: list[tuple[str, str]] = [(key, "probe") for key in region.list_info(PREFLIGHT_PREFIX)]
+    # Only probes named as tasks/preflight.py names them (preflight/<hex>): anything else there is not ours.
+    extras: list[tuple[str, str]] = [
+        (key, "probe") for key in region.list_info(PREFLIGHT_PREFIX) if PROBE_KEY.fullmatch(key)
+    ]
     if isinstance(region, LocalRegionIO):
         extras += [(key, "temp") for key in region.temp_files()]
     for key, kind in extras:

@@ -283,7 +283,7 @@ class Journal:
             seq, name = job
             key = journal_key(self.lineage, seq)
             try:
-                data = regions[name].get(key)
+                data = regions[name].get(key, max_bytes=MAX_EVENT_BYTES)
                 return seq, name, decode_event(data, self.lineage, seq, region=name, key=key)
             except (RegionError, JournalError) as exc:
                 return seq, name, str(exc)

@@ -21,6 +21,20 @@ VERSION_WIDTH = 12
 # (tasks/pipeline_run.py). Defined here, the lowest layer, so every layer names them the same.
 LIGHT_SUFFIX = ".light"
 STEPS_SUFFIX = ".steps"
+DERIVED_SUFFIXES = (LIGHT_SUFFIX, STEPS_SUFFIX)
+
+
+def check_base_lineage(lineage: str) -> str:
+    """A lineage a user names (a run's, a plain save's): a valid name not ending in a derived
+    suffix, which is reserved, since retention, replay and the audit treat those lineages as
+    derived from another one (a plain ``exp.steps`` would be exempt from retention)."""
+    check_lineage(lineage)
+    if lineage.endswith(DERIVED_SUFFIXES):
+        raise InvalidNameError(
+            f"invalid lineage {lineage!r}: the suffixes {', '.join(DERIVED_SUFFIXES)} are reserved for the lineages "
+            "the store derives from a run's lineage; choose another name"
+        )
+    return lineage
 
 
 def check_lineage(lineage: str) -> str:

@@ -126,6 +126,15 @@ class ManifestBody(_Strict):
         names = [entry.name for entry in self.entries]
         if len(names) != len(set(names)):
             raise ValueError("duplicate entry names")
+        # A blob named twice must be named with one size: readers check the size they are
+        # given against the object before they allocate, and must not be able to pick another.
+        sizes: dict[str, int] = {}
+        for entry in self.entries:
+            for chunk in entry.chunks:
+                if sizes.setdefault(chunk.digest, chunk.size) != chunk.size:
+                    raise ValueError(
+                        f"blob {chunk.digest} is named with two sizes ({sizes[chunk.digest]} and {chunk.size})"
+                    )
         return self
 
     def blob_digests(self) -> list[str]:
@@ -199,7 +208,10 @@ def decode_manifest(
         max_bytes=MAX_MANIFEST_BYTES,
         fail=fail,
     )
-    canonical = canonical_json(manifest.body_payload())
+    try:
+        canonical = canonical_json(manifest.body_payload())
+    except (UnicodeError, ValueError, TypeError, RecursionError) as exc:  # cannot be hashed: damage
+        raise fail(f"manifest cannot be serialized canonically ({type(exc).__name__}: {exc})") from None
     expected = hash_bytes(canonical, manifest.hash_algorithm)
     if expected != manifest.manifest_digest:
         raise fail(

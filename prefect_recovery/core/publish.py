@@ -80,7 +80,7 @@ def publish(
 
 def _holds(region: RegionIO, key: str, data: bytes) -> bool:
     try:
-        return region.get(key) == data
+        return region.get(key, max_bytes=len(data)) == data
     except RegionError:
         return False
 
@@ -103,7 +103,7 @@ def _replicate(
     def put(region: RegionIO) -> tuple[RegionIO, PutOutcome | None, str | None]:
         try:
             outcome = region.put_if_absent(key, data)
-            if outcome is PutOutcome.EXISTED and region.get(key) != data:
+            if outcome is PutOutcome.EXISTED and region.get(key, max_bytes=len(data)) != data:
                 return region, None, f"number {number} was taken there by another writer"
         except RegionError as exc:
             return region, None, str(exc)

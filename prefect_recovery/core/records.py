@@ -1,7 +1,8 @@
 """Parsing of untrusted stored records (manifests, journal events): the checks they share.
 
-In order: size, strict JSON (no NaN/Infinity), ``format`` and ``format_version``, then the
-pydantic schema. Each record type then checks its own digest and location.
+In order: size, strict JSON (UTF-8, no NaN/Infinity, no duplicate keys, no lone surrogates),
+``format`` and ``format_version``, then the pydantic schema in strict mode (no ``"2"`` for
+``2``, no ``2.0`` for an int, no ``"yes"`` for a bool). Each record type then checks its own digest and location.
 """
 
 from __future__ import annotations
@@ -19,6 +20,26 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are unique: with a duplicate, which value counts would depend on
+    the parser, so a signed record could say one thing to us and another to someone else."""
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise ValueError(f"duplicate key {key!r}")
+        found[key] = value
+    return found
+
+
+def strict_json(data: bytes) -> Any:
+    """Parse stored JSON strictly: UTF-8, no NaN/Infinity, no duplicate keys, no lone surrogates
+    (they parse, but cannot be encoded again, so the record could never be hashed or checked)."""
+    raw = json.loads(bytes(data).decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+    # Round-trip the text: a "\ud800" escape gives a str that UTF-8 cannot encode.
+    json.dumps(raw, ensure_ascii=False).encode("utf-8")
+    return raw
+
+
 def parse_record(
     data: bytes,
     *,
@@ -33,8 +54,8 @@ def parse_record(
     if len(data) > max_bytes:
         raise fail(f"{what} is {len(data)} bytes, larger than the {max_bytes} limit")
     try:
-        raw = json.loads(bytes(data).decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raw = strict_json(data)
+    except (UnicodeError, ValueError, RecursionError) as exc:
         raise fail(f"{what} is not valid JSON (truncated or corrupt?): {exc}") from None
     if not isinstance(raw, dict) or raw.get("format") != format_name:
         raise fail(f"not a prefect-recovery {what} (missing or wrong 'format')")
@@ -45,7 +66,7 @@ def parse_record(
             f"{format_version}. Upgrade prefect-recovery."
         )
     try:
-        return model.model_validate(raw)
+        return model.model_validate(raw, strict=True)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])

@@ -32,6 +32,8 @@ import errno
 import logging
 import math
 import os
+import re
+import stat
 import threading
 import time
 import uuid
@@ -46,7 +48,7 @@ from fsspec.core import url_to_fs
 from fsspec.exceptions import FSTimeoutError
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential_jitter
 
-from .errors import ObjectNotFoundError, RegionError, RegionUnavailableError, StorageFullError
+from .errors import ForeignObjectError, ObjectNotFoundError, RegionError, RegionUnavailableError, StorageFullError
 
 
 class PutOutcome(enum.Enum):
@@ -345,15 +347,19 @@ class RegionIO:
         except Exception as exc:
             raise self._wrap(exc, "writing", key) from None
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, max_bytes: int | None = None) -> bytes:
+        """The object's bytes. With ``max_bytes``, at most ``max_bytes + 1`` of them are read:
+        a longer answer means the object is too large, and the caller rejects it unread."""
         try:
-            return self._io("cat_file", self._path(key))
+            if max_bytes is None:
+                return self._io("cat_file", self._path(key))
+            return self._io("cat_file", self._path(key), start=0, end=max_bytes + 1)
         except Exception as exc:
             raise self._wrap(exc, "reading", key) from None
 
     def read_into(self, key: str, buffer: memoryview) -> int:
         """Read ``key`` into ``buffer``; return the object's size (may differ from the buffer's)."""
-        data = self.get(key)
+        data = self.get(key, max_bytes=len(buffer))
         if len(data) == len(buffer):
             buffer[:] = data
         return len(data)
@@ -435,6 +441,15 @@ class RegionIO:
         self.list("")
 
 
+# The temp names LocalRegionIO.put_if_absent makes (".tmp-<final name, 32 chars at most>-<uuid4 hex>"),
+# for each kind of object of the layout (FORMAT.md, "Layout"): what garbage collection may delete.
+TEMP_KEY = re.compile(
+    r"(?:blobs/(?:blake3|sha256)/[0-9a-f]{2}/\.tmp-[0-9a-f]{1,32}"
+    r"|lineages/[A-Za-z0-9][A-Za-z0-9._-]{0,127}/(?:manifests|journal)/\.tmp-\d{12}\.json"
+    r"|preflight/\.tmp-[0-9a-f]{1,32})-[0-9a-f]{32}"
+)
+
+
 class LocalRegionIO(RegionIO):
     """A directory on a local or mounted filesystem, with fsync-before-publish commits."""
 
@@ -450,7 +465,52 @@ class LocalRegionIO(RegionIO):
         # Keys are built by core.layout from validated parts; refuse anything else loudly.
         if key.startswith("/") or ".." in key.split("/") or "\x00" in key:
             raise RegionError(self.name, f"refusing key outside the region: {key!r}")
+        # A region never follows a symbolic link below its root (the root itself may be one):
+        # a link could point anywhere, so reading or writing through it leaves the region.
+        current = self.root
+        for part in [p for p in key.split("/") if p][:-1]:
+            current = current / part
+            try:
+                mode = os.lstat(current).st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                break
+            if stat.S_ISLNK(mode):
+                raise ForeignObjectError(
+                    self.name,
+                    f"{current.relative_to(self.root).as_posix()} is a symbolic link; a region never follows links "
+                    "(they may point outside it): replace it with a directory",
+                )
         return self.root / key
+
+    def _missing_root(self) -> RegionUnavailableError:
+        # Never created by a save: an unmounted disk must not be replaced by the root disk unnoticed.
+        return RegionUnavailableError(
+            self.name,
+            f"directory {self.root} does not exist: create it with `mkdir -p {self.root}` or "
+            f"`prefect-recovery init --region {self.root}`, or mount the disk it lives on",
+        )
+
+    def _foreign(self, key: str, path: Path, what: str) -> ForeignObjectError:
+        return ForeignObjectError(
+            self.name, f"{key} is {what}, not an object the store wrote; it is not followed or read"
+        )
+
+    def _open_regular(self, key: str) -> tuple[int, int]:
+        """Open ``key`` for reading without following a link or blocking on a FIFO: (fd, size)."""
+        path = self._local(key)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise self._foreign(key, path, "a symbolic link") from None
+            if exc.errno == errno.EISDIR:
+                raise self._foreign(key, path, "a directory") from None
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise self._foreign(key, path, "a directory" if stat.S_ISDIR(st.st_mode) else "a special file")
+        return fd, st.st_size
 
     def _make_dirs(self, directory: Path) -> None:
         missing = []
@@ -466,12 +526,12 @@ class LocalRegionIO(RegionIO):
 
     def put_if_absent(self, key: str, data: bytes | memoryview) -> PutOutcome:
         final = self._local(key)
-        if final.exists():
+        if os.path.lexists(final):  # a dangling link still takes the name: create-only never replaces
             return PutOutcome.EXISTED
         tmp = None
         try:
             if not self.root.is_dir():
-                raise RegionUnavailableError(self.name, f"directory {self.root} does not exist")
+                raise self._missing_root()
             self._make_dirs(final.parent)
             tmp = final.parent / f".tmp-{final.name[:32]}-{uuid.uuid4().hex}"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -501,19 +561,20 @@ class LocalRegionIO(RegionIO):
                 except OSError:
                     pass
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, max_bytes: int | None = None) -> bytes:
         try:
-            return self._local(key).read_bytes()
-        except IsADirectoryError:
-            raise ObjectNotFoundError(self.name, f"{key} is a directory") from None
+            fd, _size = self._open_regular(key)
+            with open(fd, "rb", buffering=0) as handle:
+                if max_bytes is None:
+                    return handle.read()
+                return handle.read(max_bytes + 1)  # a file growing meanwhile still reads bounded
         except Exception as exc:
             raise self._wrap(exc, "reading", key) from None
 
     def read_into(self, key: str, buffer: memoryview) -> int:
-        path = self._local(key)
         try:
-            with open(path, "rb", buffering=0) as handle:
-                size = os.fstat(handle.fileno()).st_size
+            fd, size = self._open_regular(key)
+            with open(fd, "rb", buffering=0) as handle:
                 if size != len(buffer):
                     return size
                 view = buffer.cast("B") if buffer.format != "B" else buffer
@@ -529,16 +590,34 @@ class LocalRegionIO(RegionIO):
 
     def size(self, key: str) -> int | None:
         try:
-            return self._local(key).stat().st_size
-        except FileNotFoundError:
+            path = self._local(key)
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode):
+                kind = (
+                    "a symbolic link"
+                    if stat.S_ISLNK(st.st_mode)
+                    else "a directory"
+                    if stat.S_ISDIR(st.st_mode)
+                    else "a special file"
+                )
+                raise self._foreign(key, path, kind)
+            return st.st_size
+        except (FileNotFoundError, NotADirectoryError):
             return None
         except Exception as exc:
             raise self._wrap(exc, "inspecting", key) from None
 
-    def list(self, prefix: str) -> list[str]:
+    def _directory(self, prefix: str) -> Path:
+        """The directory ``prefix`` names, refused when it or a parent is a symbolic link."""
         path = self._local(prefix) if prefix else self.root
         if not self.root.is_dir():
-            raise RegionUnavailableError(self.name, f"directory {self.root} does not exist")
+            raise self._missing_root()
+        if prefix and path.is_symlink():
+            raise self._foreign(prefix, path, "a symbolic link")
+        return path
+
+    def list(self, prefix: str) -> list[str]:
+        path = self._directory(prefix)
         try:
             return sorted(p.name for p in path.iterdir() if not p.name.startswith(".tmp-"))
         except (FileNotFoundError, NotADirectoryError):
@@ -547,30 +626,24 @@ class LocalRegionIO(RegionIO):
             raise self._wrap(exc, "listing", prefix) from None
 
     def walk(self, prefix: str) -> list[str]:
-        base = self._local(prefix) if prefix else self.root
-        if not self.root.is_dir():
-            raise RegionUnavailableError(self.name, f"directory {self.root} does not exist")
-        keys = []
-        for dirpath, _dirs, files in os.walk(base):
-            for file in files:
-                keys.append(str(Path(dirpath, file).relative_to(self.root)).replace(os.sep, "/"))
-        return sorted(keys)
+        """Regular files under ``prefix`` (links, and directories behind them, are not followed)."""
+        return sorted(self.list_info(prefix))
 
     def list_info(self, prefix: str) -> dict[str, tuple[int, float]]:
-        base = self._local(prefix) if prefix else self.root
-        if not self.root.is_dir():
-            raise RegionUnavailableError(self.name, f"directory {self.root} does not exist")
+        base = self._directory(prefix)
         try:
-            if base.is_file():
-                st = base.stat()
+            st = os.lstat(base)
+            if stat.S_ISREG(st.st_mode):
                 return {prefix.rstrip("/"): (st.st_size, st.st_mtime)}
             listed: dict[str, tuple[int, float]] = {}
             for dirpath, _dirs, files in os.walk(base):
                 for file in files:
                     path = Path(dirpath, file)
                     try:
-                        st = path.stat()
+                        st = os.lstat(path)  # a link is not followed, and not an object of the store
                     except FileNotFoundError:  # deleted while we walked
+                        continue
+                    if not stat.S_ISREG(st.st_mode):
                         continue
                     key = str(path.relative_to(self.root)).replace(os.sep, "/")
                     listed[key] = (st.st_size, st.st_mtime)
@@ -581,8 +654,13 @@ class LocalRegionIO(RegionIO):
             raise self._wrap(exc, "listing", prefix) from None
 
     def temp_files(self) -> list[str]:
-        """Leftover temp files of interrupted writes (never referenced by anything)."""
-        return [key for key in self.walk("") if key.rsplit("/", 1)[-1].startswith(".tmp-")]
+        """Leftover temp files of this class's interrupted writes (never referenced by anything):
+        only names ``put_if_absent`` makes, in the directories of the layout it writes to. A
+        user's own ``.tmp-*`` file anywhere else is not the store's and is never listed here."""
+        found = []
+        for prefix in ("blobs", "lineages", "preflight"):
+            found += [key for key in self.walk(prefix) if TEMP_KEY.fullmatch(key)]
+        return sorted(found)
 
     def delete(self, key: str) -> None:
         try:

@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from .errors import CheckpointNotFoundError, JournalError, ManifestError, ObjectNotFoundError, RegionError
 from .journal import Journal, JournalEvent, replay
 from .layout import LIGHT_SUFFIX, STEPS_SUFFIX, manifest_key
-from .manifest import Manifest, decode_manifest
+from .manifest import MAX_MANIFEST_BYTES, Manifest, decode_manifest
 from .store import Store
 
 MILESTONE_PREFIX = "milestone"
@@ -484,7 +484,7 @@ def _delete_version(store: Store, decision: VersionDecision, result: VersionDele
     key = manifest_key(decision.lineage, decision.version)
     for region in store.regions:
         try:
-            data = region.get(key)
+            data = region.get(key, max_bytes=MAX_MANIFEST_BYTES)
         except ObjectNotFoundError:
             result.deleted.append(region.name)  # never held it, or deleted by an earlier attempt
             continue

@@ -75,6 +75,8 @@ class _HmacKey(ManifestKey):
         return _b64(hmac.new(self._secret, message, hashlib.sha256).digest())
 
     def verify(self, message: bytes, value: str) -> bool:
+        if not isinstance(value, str) or not value.isascii():  # compare_digest raises on non-ASCII str
+            return False
         return hmac.compare_digest(self.sign(message), value)
 
 
@@ -92,7 +94,7 @@ class _Ed25519Key(ManifestKey):
     def verify(self, message: bytes, value: str) -> bool:
         try:
             self._public.verify(base64.b64decode(value, validate=True), message)
-        except (InvalidSignature, binascii.Error, ValueError):
+        except (InvalidSignature, binascii.Error, ValueError, TypeError):
             return False
         return True
 

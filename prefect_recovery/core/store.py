@@ -32,9 +32,11 @@ from .digest import HashAlgorithm, hash_bytes
 from .errors import (
     BlobUnavailableError,
     CheckpointNotFoundError,
+    ForeignObjectError,
     InvalidNameError,
     ManifestError,
     ManifestSignatureError,
+    ObjectNotFoundError,
     QuorumNotMetError,
     RegionError,
     RegionUnavailableError,
@@ -49,7 +51,7 @@ from .layout import (
     manifests_prefix,
     version_from_manifest_name,
 )
-from .manifest import Component, Entry, Manifest, ManifestBody, ShardInfo, decode_manifest
+from .manifest import MAX_MANIFEST_BYTES, Component, Entry, Manifest, ManifestBody, ShardInfo, decode_manifest
 from .models import CheckpointInfo
 from .observe import StoreEvent, StoreObserver, notify
 from .publish import publish
@@ -59,6 +61,9 @@ from .signing import Keyring
 DEFAULT_CHUNK_BYTES = 32 * 2**20
 # How long a region whose read stalled past read_deadline is tried last and not listed.
 SLOW_PENALTY = 300.0
+# Listed version numbers above the highest real manifest that a save skips over (stray files
+# such as an empty 999999999999.json); past that many, the next number is above them all.
+MAX_STRAY_VERSIONS = 32
 _T = TypeVar("_T")
 
 
@@ -85,6 +90,9 @@ class ManifestCopies:
     raw: dict[str, bytes] = field(default_factory=dict)
     # Copies that parse but whose signature fails (tampered, unsigned, unknown key).
     unsigned_or_forged: dict[str, ManifestSignatureError] = field(default_factory=dict)
+    # Something the store did not write in the manifest's place (a link, a directory): not a
+    # copy (it proves no write), but reported, and replaced by repair when it is a link.
+    foreign: dict[str, str] = field(default_factory=dict)
 
     @property
     def damaged(self) -> list[str]:
@@ -110,6 +118,19 @@ class ManifestCopies:
 
 
 logger = logging.getLogger("prefect_recovery.store")
+
+
+def _causes(copies: ManifestCopies) -> str:
+    return "; ".join(copies.invalid.get(region, "damaged") for region in copies.damaged)
+
+
+def _untrusted(lineage: str, version: int, copies: ManifestCopies) -> ManifestError:
+    """The error of a version whose manifest exists but no copy of it passes its checks."""
+    error = ManifestSignatureError if copies.unsigned_or_forged else ManifestError
+    return error(
+        f"lineage {lineage!r} version {version} cannot be trusted in any region: {_causes(copies)}. "
+        "Load an earlier version explicitly to go on without it"
+    )
 
 
 def _writer_info() -> dict[str, JsonValue]:
@@ -440,18 +461,21 @@ class Store:
         hash right, is replaced.
         """
         key = blob_key(digest)
-        existing = region.size(key)
+        try:
+            existing = region.size(key)
+        except ForeignObjectError:  # a link (or a directory: delete refuses) in the blob's place
+            existing = -1
         if existing == len(data):
             return False
         if existing is not None:
             region.delete(key)
         if region.put_if_absent(key, data) is PutOutcome.CREATED:
             return True
-        if hash_bytes(region.get(key), self.hash_algorithm) != digest:
+        if hash_bytes(region.get(key, max_bytes=len(data)), self.hash_algorithm) != digest:
             region.delete(key)
             if (
                 region.put_if_absent(key, data) is not PutOutcome.CREATED
-                and hash_bytes(region.get(key), self.hash_algorithm) != digest
+                and hash_bytes(region.get(key, max_bytes=len(data)), self.hash_algorithm) != digest
             ):
                 raise RegionError(
                     region.name, f"blob {digest} could not be stored intact: the object under its name does not match"
@@ -460,7 +484,38 @@ class Store:
         return False
 
     def _next_version(self, lineage: str) -> int:
-        return max(self.versions(lineage), default=0) + 1
+        """One more than the highest version any region holds a manifest for.
+
+        A listed name that is no manifest of its version (an empty or foreign file, a link, a
+        directory: nothing a save could have published) does not take a number, so one stray
+        ``999999999999.json`` cannot exhaust a lineage's versions. A copy that cannot be read
+        right now counts (it may be a real manifest); a forged one counts too (it is one).
+        """
+        listed = self.versions(lineage)
+        ordered = sorted(listed, reverse=True)
+        for version in ordered[:MAX_STRAY_VERSIONS]:
+            if self._holds_a_manifest(lineage, version, listed[version]):
+                return version + 1
+        if len(ordered) > MAX_STRAY_VERSIONS:
+            return ordered[0] + 1
+        return 1
+
+    def _holds_a_manifest(self, lineage: str, version: int, regions: Sequence[str]) -> bool:
+        key = manifest_key(lineage, version)
+        for name in regions:
+            region = self._region(name)
+            try:
+                data = self._bounded(region, region.get, key, MAX_MANIFEST_BYTES)
+            except (ObjectNotFoundError, ForeignObjectError):
+                continue
+            except RegionError:
+                return True
+            try:
+                decode_manifest(data, expect_lineage=lineage, expect_version=version)
+            except ManifestError:
+                continue
+            return True
+        return False
 
     def _commit_manifest(
         self, lineage: str, body_fields: dict[str, Any], healthy: list[RegionIO]
@@ -545,8 +600,26 @@ class Store:
         return names, causes
 
     def lineages(self) -> list[str]:
+        """Every lineage any region lists; entries under ``lineages/`` that are not lineage names
+        (``.DS_Store``, ``lost+found``, ``old run``) are skipped (see ``stray_entries``)."""
+        return self._lineage_listing()[0]
+
+    def stray_entries(self) -> list[str]:
+        """``<region>: lineages/<name>`` of each entry under ``lineages/`` that is no lineage name:
+        not the store's, never read, written or deleted; verify and the audit report them."""
+        return self._lineage_listing()[1]
+
+    def _lineage_listing(self) -> tuple[list[str], list[str]]:
         listed, _causes = self._list_all(lineages_prefix())
-        return sorted({name for names in listed.values() for name in names})
+        names: set[str] = set()
+        strays: list[str] = []
+        for region in self.region_names:
+            for name in listed.get(region, []):
+                try:
+                    names.add(check_lineage(name))
+                except InvalidNameError:
+                    strays.append(f"{region}: lineages/{name}")
+        return sorted(names), strays
 
     def reachable_regions(self) -> tuple[list[RegionIO], dict[str, str]]:
         reachable, causes = [], {}
@@ -580,7 +653,10 @@ class Store:
 
         def fetch(region: RegionIO) -> None:
             try:
-                data = self._bounded(region, region.get, key)
+                data = self._bounded(region, region.get, key, MAX_MANIFEST_BYTES)
+            except ForeignObjectError as exc:  # a link, directory or device in its place: no copy
+                copies.invalid[region.name] = copies.foreign[region.name] = str(exc)
+                return
             except RegionError as exc:
                 copies.invalid[region.name] = str(exc)
                 return
@@ -599,6 +675,10 @@ class Store:
                 copies.unsigned_or_forged[region.name] = exc
             except ManifestError as exc:
                 copies.invalid[region.name] = str(exc)
+            except Exception as exc:  # a record that cannot be checked is a damaged copy, never a lost thread
+                copies.invalid[region.name] = (
+                    f"manifest cannot be checked ({type(exc).__name__}: {exc}) [{region.name}:{key}]"
+                )
 
         threads = [threading.Thread(target=fetch, args=(region,), daemon=True) for region in targets]
         for thread in threads:
@@ -672,7 +752,7 @@ class Store:
             if found is not None:
                 return found
             if copies is not None and copies.damaged and not copies.valid:
-                causes = "; ".join(copies.invalid[region] for region in copies.damaged)
+                causes = _causes(copies)
                 if self.keyring is None and version is None:
                     logger.warning(
                         "lineage %r: skipping version %s, damaged in every region: %s", lineage, candidate, causes
@@ -683,11 +763,7 @@ class Store:
                         f"lineage {lineage!r} has no consistent version {version}: its manifest is damaged in every "
                         f"region ({causes}); load an earlier version"
                     )
-                error = ManifestSignatureError if copies.unsigned_or_forged else ManifestError
-                raise error(
-                    f"lineage {lineage!r} version {candidate} cannot be trusted in any region: {causes}. "
-                    "Load an earlier version explicitly to go on without it"
-                )
+                raise _untrusted(lineage, candidate, copies)
         if version is not None:
             raise CheckpointNotFoundError(
                 f"lineage {lineage!r} has no consistent version {version} "
@@ -700,13 +776,24 @@ class Store:
         return [v for v in listing[0] if self.consistent_manifest(lineage, v, listing)]
 
     def list(self, lineage: str | None = None) -> list[CheckpointInfo]:
+        """Every consistent version, oldest first (of one lineage, or all).
+
+        "Latest" means what ``resolve`` means: on a signing store, a version above the latest
+        consistent one that no region holds a trusted copy of stops the listing of its lineage
+        (``ManifestSignatureError`` / ``ManifestError``, as a load of "latest" would), so ``ls``,
+        ``latest`` and ``recover`` never silently fall back past a forged newest version.
+        """
         infos = []
         for name in [lineage] if lineage else self.lineages():
             listing = self._versions(name)
+            untrusted: tuple[int, ManifestCopies] | None = None
             for version in listing[0]:
-                found = self.consistent_manifest(name, version, listing)
+                found, copies = self._consistent(name, version, listing)
                 if found is None:
+                    if copies is not None and copies.damaged and not copies.valid:
+                        untrusted = (version, copies)
                     continue
+                untrusted = None
                 manifest, holders = found
                 infos.append(
                     CheckpointInfo(
@@ -721,7 +808,15 @@ class Store:
                         metadata=manifest.metadata,
                     )
                 )
+            if untrusted is not None and self.keyring is not None:
+                raise _untrusted(name, *untrusted)
         return infos
+
+    def latest(self, lineage: str) -> CheckpointInfo | None:
+        """The latest consistent version of ``lineage`` as ``resolve`` and ``list`` define it, or
+        None when it has none; a forged newest version raises (see ``list``)."""
+        found = self.list(lineage)
+        return found[-1] if found else None
 
     def read_blob_into(self, digest: str, buffer: memoryview, prefer: Sequence[str] = ()) -> str:
         """Fill ``buffer`` with an intact copy of blob ``digest``; return the region it came from."""

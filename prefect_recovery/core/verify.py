@@ -39,6 +39,20 @@ def _signing_status(store: Store) -> str:
     return f"on: {signer}, verifies keys {sorted(keyring.keys)}, {unsigned}"
 
 
+def _replace(region: RegionIO, key: str, good: bytes) -> None:
+    """Make ``region`` hold ``good`` under ``key``: delete what is there (a damaged copy, or a
+    link in its place; never a directory), write create-only, and read it back. Raises
+    RegionError unless the copy now reads back intact: a repair counts only then."""
+    region.delete(key)
+    region.put_if_absent(key, good)
+    try:
+        back = region.get(key, max_bytes=len(good))
+    except RegionError as exc:
+        raise RegionError(region.name, f"the repaired copy of {key} does not read back ({exc})") from None
+    if back != good:
+        raise RegionError(region.name, f"the repaired copy of {key} does not read back intact")
+
+
 def verify_store(
     store: Store,
     *,
@@ -74,6 +88,9 @@ def verify_store(
     rows: list[CheckpointAudit] = []
     versions = 0
     lineages = [lineage] if lineage else store.lineages()
+    if not lineage:
+        for stray in store.stray_entries():
+            notes.append(f"{stray} is not a lineage name: not the store's, skipped (remove it if it is not yours)")
     for name in lineages:
         for version in store.versions(name):
             versions += 1
@@ -82,7 +99,7 @@ def verify_store(
             manifest, holders = copies.best(store.region_names)
             forged = copies.unsigned_or_forged
             for region, cause in copies.invalid.items():
-                if region in copies.raw and region not in forged:  # present but unusable
+                if (region in copies.raw or region in copies.foreign) and region not in forged:  # present, unusable
                     problems.append(
                         Problem(
                             region=region,
@@ -152,7 +169,7 @@ def verify_store(
                 if region not in expected:
                     row.regions[region] = "-"
                     continue
-                bad = region in copies.raw
+                bad = region in copies.raw or region in copies.foreign
                 status = "bad signature" if region in forged else "corrupt" if bad else "missing"
                 row.regions[region] = status
                 if not bad:
@@ -161,11 +178,8 @@ def verify_store(
                         Problem(region=region, object=key, kind="missing", detail=detail, lineage=name, version=version)
                     )
                 if repair:
-                    target = store._region(region)
                     try:
-                        if bad:
-                            target.delete(key)
-                        target.put_if_absent(key, good)
+                        _replace(store._region(region), key, good)
                     except RegionError as exc:
                         for problem in problems:
                             if problem.region == region and problem.object == key:
@@ -184,7 +198,7 @@ def verify_store(
 
     def read_verified(region: RegionIO, digest: str) -> bytes | None:
         """The blob's bytes from ``region`` if they hash to its name."""
-        data = region.get(blob_key(digest))
+        data = region.get(blob_key(digest), max_bytes=blobs[digest])
         with lock:
             bytes_checked[0] += len(data)
         if len(data) == blobs[digest] and hash_bytes(data, digest.split(":", 1)[0]) == digest:  # type: ignore[arg-type]
@@ -246,10 +260,8 @@ def verify_store(
                 if healthy is None:
                     problem.detail += "; no intact copy in any region to repair from"
                     continue
-                target = store._region(problem.region)
                 try:
-                    target.delete(key)
-                    target.put_if_absent(key, healthy)
+                    _replace(store._region(problem.region), key, healthy)
                     problem.repaired = True
                 except RegionError as exc:
                     problem.detail += f"; repair failed: {exc}"
