@@ -210,8 +210,6 @@ class _Walk:
         elif tag == "dict":
             ours = {key: node for key, node in stored["dict"]}
             theirs = {key: node for key, node in replayed["dict"]}
-            if not path:  # causes before effects: a differing RNG or data position explains differing weights
-                ours = dict(sorted(ours.items(), key=lambda item: _cause_rank(item[0])))
             if list(ours) != list(theirs):
                 missing = [key for key in ours if key not in theirs]
                 extra = [key for key in theirs if key not in ours]
@@ -225,7 +223,10 @@ class _Walk:
                     ),
                     entry=False,
                 )
-            for key, node in ours.items():
+            order = list(ours.items())
+            if not path:  # causes before effects: a differing RNG or data position explains differing weights
+                order.sort(key=lambda item: _cause_rank(item[0]))
+            for key, node in order:
                 if key in theirs:
                     self.walk(node, theirs[key], (*path, key))
         elif tag in ("list", "tuple"):
