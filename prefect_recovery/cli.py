@@ -8,8 +8,10 @@ local regions under ``$PREFECT_RECOVERY_HOME``, default ``./.prefect-recovery``)
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
+import traceback
 
 # Before Prefect is imported: no telemetry calls from an offline machine, and room for the
 # temporary local server to start on a busy 2-core box (its default is 20 s).
@@ -19,12 +21,74 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.table import Table
 
 from .blocks import CheckpointStore
 from .core import CheckpointError
 from .core.audit import human_bytes
+from .core.errors import RegionConfigError
+from .core.redact import scrub, scrub_obj
+
+try:  # typer vendors click (typer._click) and raises its exceptions
+    from typer._click import exceptions as _click_errors
+except ImportError:  # pragma: no cover - an older typer on the real click
+    from click import exceptions as _click_errors  # type: ignore[no-redef]
+
+DEBUG_ENV = "PREFECT_RECOVERY_DEBUG"
+_debug_flag = False
+
+
+def _debug() -> bool:
+    """Tracebacks wanted: ``--debug``, or ``PREFECT_RECOVERY_DEBUG`` set."""
+    return _debug_flag or bool(os.environ.get(DEBUG_ENV))
+
+
+def _error_line(message: str) -> None:
+    """One line on stderr, never wrapped at the terminal's width (scripts grep it)."""
+    if _debug() and sys.exc_info()[0] is not None:
+        traceback.print_exc()
+    print(f"error: {scrub(' '.join(message.split()))}", file=sys.stderr, flush=True)
+
+
+class _OneLineErrors(typer.core.TyperGroup):
+    """Every error is one line saying what to do: exit 2 for bad input (usage errors and the store's
+    own errors), 1 for anything unexpected; the traceback only with ``--debug``."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(*args, **kwargs)
+        except _click_errors.NoArgsIsHelpError as exc:  # bare `prefect-recovery`: the help
+            exc.show()
+            sys.exit(exc.exit_code)
+        except _click_errors.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "prefect-recovery"
+            _error_line(f"{exc.format_message()} (see `{where} --help`)")
+            sys.exit(exc.exit_code)
+        except _click_errors.ClickException as exc:
+            _error_line(exc.format_message())
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            _error_line("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, _click_errors.ClickException):
+            raise
+        except Exception as exc:
+            if _debug():
+                raise
+            if isinstance(exc, CheckpointError):
+                _error_line(str(exc))
+                raise typer.Exit(2) from None
+            _error_line(f"{type(exc).__name__}: {exc} (an unexpected error: run with --debug for the traceback)")
+            raise typer.Exit(1) from None
+
 
 app = typer.Typer(
     name="prefect-recovery",
@@ -32,6 +96,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_OneLineErrors,
 )
 console = Console()
 err_console = Console(stderr=True)
@@ -41,21 +106,44 @@ RegionOpt = Annotated[
     typer.Option("--region", help="Region URL or local path (repeat for several regions)."),
 ]
 StoreOpt = Annotated[str | None, typer.Option("--store", help="Name of a saved CheckpointStore block.")]
-QuorumOpt = Annotated[int, typer.Option("--quorum", help="Write quorum when --region is given.")]
+QuorumOpt = Annotated[int, typer.Option("--quorum", min=1, help="Write quorum when --region is given.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
 
 def _fail(message: str, as_json: bool, code: int = 2) -> NoReturn:
     if as_json:
-        print(json.dumps({"error": message}))
+        print(json.dumps({"error": scrub(message)}))
     else:
-        err_console.print(f"[bold red]error:[/] {message}")
+        _error_line(message)
     raise typer.Exit(code)
 
 
+class _NoFlowTracebacks(logging.Filter):
+    """Without --debug, Prefect's flow and task run loggers print the exception, not its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and not _debug():
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+@app.callback()
+def _main_options(
+    debug: Annotated[bool, typer.Option("--debug", help=f"Show tracebacks of errors (also: {DEBUG_ENV}=1).")] = False,
+) -> None:
+    """Recoverable ML pipelines on Prefect: multi-region, verified checkpoints."""
+    global _debug_flag
+    _debug_flag = debug
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        run_logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoFlowTracebacks) for f in run_logger.filters):
+            run_logger.addFilter(_NoFlowTracebacks())
+
+
 def _pipeline_failed(exc: BaseException, as_json: bool) -> NoReturn:
-    """A pipeline's own error as one line; the traceback with PREFECT_RECOVERY_DEBUG=1."""
-    if os.environ.get("PREFECT_RECOVERY_DEBUG"):
+    """A pipeline's own error as one line; the traceback with --debug or PREFECT_RECOVERY_DEBUG=1."""
+    if _debug():
         raise exc
     _fail(f"the pipeline failed: {type(exc).__name__}: {exc}", as_json, code=1)
 
@@ -72,12 +160,20 @@ def open_store(regions: list[str] | None, store: str | None, quorum: int = 1) ->
                 f"CheckpointStore(regions=[...]).save({store!r}) or check PREFECT_API_URL"
             ) from None
     if regions:
-        return CheckpointStore(regions=regions, write_quorum=quorum)
+        if quorum > len(regions):
+            raise CheckpointError(
+                f"--quorum {quorum} is more than the {len(regions)} region(s) given: give a quorum of at most "
+                f"{len(regions)}, or more --region options"
+            )
+        try:
+            return CheckpointStore(regions=regions, write_quorum=quorum)
+        except RegionConfigError as exc:
+            raise RegionConfigError(f"--region: {exc}") from None
     return CheckpointStore.default()
 
 
 def _emit(payload: Any) -> None:
-    print(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    print(json.dumps(scrub_obj(json.loads(json.dumps(payload, default=str))), indent=2, sort_keys=True))
 
 
 @app.command("ls")
@@ -107,6 +203,10 @@ def ls(
                 written = plot_timeline(opened, lineage, plot)
             except PlotUnavailableError as exc:
                 _fail(str(exc), as_json)
+            except OSError as exc:
+                _fail(
+                    f"cannot write --plot {plot}: {exc.strerror or exc}; give a path in a writable directory", as_json
+                )
             # stderr under --json, so stdout stays one JSON document
             (err_console if as_json else console).print(f"timeline of {lineage} written to {written}")
     except CheckpointError as exc:
@@ -259,11 +359,52 @@ def keygen_command(
     )
 
 
+@app.command("init")
+def init_command(
+    region: RegionOpt = None,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create regions: a local one's directory (mkdir -p) and each one's marker file (docs/FORMAT.md).
+
+    A save never creates a local region's directory, so an unmounted disk is not replaced by the
+    root disk; and an empty directory next to regions that hold checkpoints is taken for an
+    empty mount point, not written to, until `init` says it is a new region. Safe to re-run.
+    """
+    from .core.region import open_region
+    from .core.region_marker import MARKER_KEY, init_region
+
+    if not region and not store:
+        _fail("give the regions to create: --region URL (repeatable) or --store BLOCK_NAME", as_json)
+    try:
+        if store:
+            configured = [(r.url, r.fsspec_options(), r.name) for r in open_store(None, store).regions]
+        else:
+            open_store(region, None)  # the same checks of the URLs as every command
+            configured = [(url, {}, None) for url in region or []]
+        results = []
+        for url, options, name in configured:
+            opened = open_region(url, options, name)
+            created = init_region(opened)
+            results.append({"region": opened.name, "created": created, "marker": MARKER_KEY})
+    except CheckpointError as exc:
+        _fail(str(exc), as_json)
+    if as_json:
+        _emit(results)
+        return
+    for row in results:
+        state = "initialised" if row["created"] else "already initialised"
+        console.print(f"{state}: {row['region']} ({row['marker']})", soft_wrap=True)
+
+
 @app.command("export")
 def export(
     lineage: Annotated[str, typer.Option("--lineage", help="Lineage to export.")],
-    to: Annotated[Path, typer.Option("--to", help="Directory to write into.")],
+    to: Annotated[Path, typer.Option("--to", help="Directory to write into (new or empty, unless --force).")],
     version: Annotated[int | None, typer.Option("--version", help="Version (default: latest).")] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Write into a non-empty directory (replacing its exported files).")
+    ] = False,
     region: RegionOpt = None,
     store: StoreOpt = None,
     quorum: QuorumOpt = 1,
@@ -272,10 +413,16 @@ def export(
     """Write a checkpoint as DIR/tensors.safetensors plus DIR/state.json."""
     from .training.export import export_checkpoint
 
+    if to.exists() and not to.is_dir():
+        _fail(f"--to {to} is a file: give a directory (new or empty) to export into", as_json)
+    if to.is_dir() and any(to.iterdir()) and not force:
+        _fail(f"--to {to} is not empty: give a new or empty directory, or --force to write into it", as_json)
     try:
         summary = export_checkpoint(open_store(region, store, quorum).core, lineage=lineage, version=version, to=to)
     except CheckpointError as exc:
         _fail(str(exc), as_json)
+    except OSError as exc:
+        _fail(f"cannot write into --to {to}: {exc.strerror or exc}; give a writable directory", as_json)
     if as_json:
         _emit(summary)
     else:
@@ -356,6 +503,8 @@ def demo(
         )
     except CheckpointError as exc:
         _fail(str(exc), as_json)
+    except typer.Exit:  # _fail's, inside the try
+        raise
     except Exception as exc:  # the pipeline's own error: one line (the flow run's log has the traceback)
         _pipeline_failed(exc, as_json)
     payload = {key: result[key] for key in ("lineage", "status", "final_version", "final_digest", "resumed_from")}
@@ -421,6 +570,13 @@ def recover_command(
         )
     try:
         checkpoint_store = open_store(region, store, quorum)
+        if lineage is not None and lineage not in checkpoint_store.lineages():
+            # Refused before Prefect starts a flow run (whose failure would print its traceback).
+            where = ", ".join(r.url for r in checkpoint_store.regions)
+            _fail(
+                f"no lineage {lineage!r} in the store at {where}: `prefect-recovery ls` lists its lineages",
+                as_json,
+            )
         lineage = lineage or latest_unfinished_lineage(checkpoint_store)
         if lineage is None:
             where = ", ".join(r.url for r in checkpoint_store.regions)
@@ -436,6 +592,8 @@ def recover_command(
         _fail(str(exc), as_json)
     except CheckpointError as exc:
         _fail(str(exc), as_json)
+    except typer.Exit:  # _fail's, inside the try
+        raise
     except Exception as exc:  # the pipeline's own error: one line (the flow run's log has the traceback)
         _pipeline_failed(exc, as_json)
     keys = ("lineage", "status", "final_version", "final_digest", "resumed_from", "failed_step", "reused_steps",

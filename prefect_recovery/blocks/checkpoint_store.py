@@ -13,19 +13,21 @@ from __future__ import annotations
 
 import builtins
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from prefect.blocks.core import Block, schema_extra
 from prefect.types import SecretDict
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, PrivateAttr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, PrivateAttr, field_validator, model_validator
 
 from ..core import CheckpointInfo, Store, VerifyReport, open_region, verify_store
 from ..core.audit import AuditReport, audit_store
-from ..core.errors import SigningKeyError
+from ..core.errors import RegionConfigError, SigningKeyError
 from ..core.layout import check_base_lineage
+from ..core.region import check_url, redact_url
+from ..core.region_marker import guard_empty_mounts, init_region
 from ..core.retention import RetentionPolicy
 from ..core.signing import Keyring, ManifestKey, SignatureAlgorithm, load_key
 from ..core.store import DEFAULT_CHUNK_BYTES
@@ -41,10 +43,45 @@ def recovery_home() -> Path:
     return Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).expanduser().absolute()
 
 
+_REGION_FIELDS = ("url", "storage_options", "name", "credentials")
+
+
+def _check_region_input(value: Any) -> Any:
+    """A region as given (a dict): unknown fields and wrong types are a RegionConfigError that names
+    the field and never its value (pydantic's own errors quote the input: a secret, here)."""
+    if isinstance(value, Region) or not isinstance(value, Mapping):
+        return value
+    import difflib
+
+    url = value.get("url")
+    where = f"region {redact_url(url)}" if isinstance(url, str) and url.strip() else "a region"
+    for key in value:
+        if key not in _REGION_FIELDS:
+            close = difflib.get_close_matches(str(key), _REGION_FIELDS, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise RegionConfigError(
+                f"{where}: unknown field {str(key)[:40]!r}; {hint}a region takes {', '.join(_REGION_FIELDS)}"
+            )
+    if not isinstance(url, str) or not url.strip():
+        raise RegionConfigError(f"{where}: 'url' is required: an fsspec URL or a local path")
+    check_url(url)
+    options = value.get("storage_options")
+    if options is not None and not isinstance(options, Mapping) and not hasattr(options, "get_secret_value"):
+        hint = " (a JSON string? give the object itself, e.g. json.loads(...))" if isinstance(options, str) else ""
+        raise RegionConfigError(
+            f"{where}: storage_options must be a mapping of fsspec options, not {type(options).__name__}{hint}"
+        )
+    for key in ("name", "credentials"):
+        if value.get(key) is not None and not isinstance(value[key], str):
+            raise RegionConfigError(f"{where}: {key!r} must be a string, not {type(value[key]).__name__}")
+    return value
+
+
 class Region(BaseModel):
     """One copy of the store: an fsspec URL (or local path) and how to reach it."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Validation errors never quote the input: storage options hold credentials.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     url: str = Field(description="fsspec URL or local path, e.g. `/mnt/ckpt`, `gs://bucket/ckpt`, `s3://bucket/ckpt`.")
     storage_options: SecretDict = Field(
@@ -59,6 +96,15 @@ class Region(BaseModel):
         description="A saved credentials block, '<type>/<name>': aws-credentials, gcp-credentials or "
         "azure-blob-storage-credentials (needs prefect-aws/-gcp/-azure). storage_options win over it.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_input(cls, value: Any) -> Any:
+        return _check_region_input(value)
+
+    def __repr_args__(self) -> Any:  # the URL without user info or query (they may hold credentials)
+        for key, value in super().__repr_args__():
+            yield key, redact_url(value) if key == "url" and isinstance(value, str) else value
 
     def fsspec_options(self) -> dict[str, Any]:
         options = dict(self.storage_options.get_secret_value())
@@ -107,7 +153,9 @@ class CheckpointStore(Block):
         ```
     """
 
-    model_config = ConfigDict(ignored_types=(_CheckpointOrBlockLoad,), json_schema_extra=_schema_extra)
+    model_config = ConfigDict(
+        ignored_types=(_CheckpointOrBlockLoad,), json_schema_extra=_schema_extra, hide_input_in_errors=True
+    )
 
     _block_type_name: ClassVar[str] = "Checkpoint Store"
     _block_type_slug: ClassVar[str] = "checkpoint-store"
@@ -178,7 +226,7 @@ class CheckpointStore(Block):
     def _regions_from_urls(cls, value: Any) -> Any:
         if isinstance(value, (str, Region, dict)):
             value = [value]
-        return [Region(url=item) if isinstance(item, str) else item for item in value]
+        return [Region(url=item) if isinstance(item, str) else _check_region_input(item) for item in value]
 
     @classmethod
     def default(cls, home: str | os.PathLike[str] | None = None) -> CheckpointStore:
@@ -186,15 +234,17 @@ class CheckpointStore(Block):
         root = Path(home).absolute() if home is not None else recovery_home()
         paths = [root / "regions" / "region-a", root / "regions" / "region-b"]
         for path in paths:
-            path.mkdir(parents=True, exist_ok=True)
+            if not path.exists():  # created here, so a region (region_marker.py); never marks an existing one
+                init_region(open_region(str(path)))
         return cls(regions=[str(path) for path in paths], write_quorum=1)
 
     @property
     def core(self) -> Store:
         """The bytes-level store built from this configuration."""
         if self._store is None:
+            regions = [open_region(region.url, region.fsspec_options(), region.name) for region in self.regions]
             self._store = Store(
-                [open_region(region.url, region.fsspec_options(), region.name) for region in self.regions],
+                guard_empty_mounts(regions),
                 write_quorum=self.write_quorum,
                 hash_algorithm=self.hash_algorithm,
                 chunk_bytes=self.chunk_bytes,

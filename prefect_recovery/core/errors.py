@@ -33,6 +33,12 @@ class SigningKeyError(CheckpointError, ValueError):
     """A signing or verification key is malformed, too short or of the wrong kind."""
 
 
+class RegionConfigError(CheckpointError):
+    """A region's configuration is malformed: an unknown or mistyped field, storage options that
+    are not a mapping, a URL that cannot be parsed. The message names the field and never shows
+    its value (it may be a credential). Not a ValueError, so pydantic passes it through as is."""
+
+
 class JournalError(RecordError):
     """A journal event cannot be trusted or written: malformed, tampered, misplaced or damaged."""
 

@@ -48,7 +48,15 @@ from fsspec.core import url_to_fs
 from fsspec.exceptions import FSTimeoutError
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential_jitter
 
-from .errors import ForeignObjectError, ObjectNotFoundError, RegionError, RegionUnavailableError, StorageFullError
+from .errors import (
+    ForeignObjectError,
+    ObjectNotFoundError,
+    RegionConfigError,
+    RegionError,
+    RegionUnavailableError,
+    StorageFullError,
+)
+from .redact import register_secrets, scrub
 
 
 class PutOutcome(enum.Enum):
@@ -58,13 +66,31 @@ class PutOutcome(enum.Enum):
 
 def redact_url(url: str) -> str:
     """A URL for logs and errors: no user info, query string or fragment (may hold secrets)."""
-    parts = urlsplit(url)
-    if not parts.scheme or len(parts.scheme) == 1:  # plain path (or a Windows drive letter)
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return f"{parts.scheme}://{host}{parts.path}"
+    try:
+        parts = urlsplit(url)
+        if not parts.scheme or len(parts.scheme) == 1:  # plain path (or a Windows drive letter)
+            return url
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        return f"{parts.scheme}://{host}{parts.path}"
+    except ValueError:  # unparsable (a bad port, an unclosed IPv6 bracket): keep the scheme and host only
+        scheme, found, _rest = url.partition("://")
+        return f"{scheme}://(unparsable)" if found and scheme.isalnum() else "(unparsable URL)"
+
+
+def _url_secrets(url: str) -> list[str]:
+    """The parts of ``url`` that may hold credentials: user info, query string, fragment."""
+    rest = url.partition("://")[2]
+    if not rest:
+        return []
+    authority = rest.split("?", 1)[0].split("#", 1)[0]  # up to the last '@': a password may hold a '/'
+    found = [authority.rpartition("@")[0]] if "@" in authority else []
+    for separator in ("?", "#"):
+        if separator in url:
+            found.append(url.split(separator, 1)[1])
+    found += [part for secret in list(found) for part in secret.replace("&", ":").split(":")]
+    return [part for part in found if part]
 
 
 logger = logging.getLogger("prefect_recovery.region")
@@ -261,6 +287,9 @@ class RegionIO:
         self.url = url
         self.name = name or redact_url(url)
         self._storage_options = dict(storage_options or {})
+        # Backend errors may echo any of these (docs/THREAT_MODEL.md, "Secrets"): mask them everywhere.
+        register_secrets(self._storage_options)
+        register_secrets(_url_secrets(url))
         self._fs: fsspec.AbstractFileSystem | None = None
         self._root: str | None = None
         self._cut_off_attempts = False  # each attempt bounded by the call's deadline (gs://, az://)
@@ -309,7 +338,7 @@ class RegionIO:
             except Exception as exc:  # fsspec raises anything from ImportError to ValueError
                 raise RegionUnavailableError(
                     self.name,
-                    f"cannot open this URL ({type(exc).__name__}: {exc}). "
+                    f"cannot open this URL ({type(exc).__name__}: {scrub(str(exc))}). "
                     "Check the scheme, the installed extra (s3/azure) and the storage options.",
                 ) from None
         return self._fs
@@ -325,7 +354,7 @@ class RegionIO:
             return ObjectNotFoundError(self.name, f"{key} does not exist")
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return StorageFullError(self.name, f"no space left while {action} {key}; free space and retry")
-        return RegionUnavailableError(self.name, f"{action} {key} failed: {type(exc).__name__}: {exc}")
+        return RegionUnavailableError(self.name, f"{action} {key} failed: {type(exc).__name__}: {scrub(str(exc))}")
 
     # -- the interface ----------------------------------------------------------------------
     def put_if_absent(self, key: str, data: bytes | memoryview) -> PutOutcome:
@@ -701,10 +730,26 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def check_url(url: str) -> None:
+    """Raise RegionConfigError unless ``url`` parses; the message never shows its user info or port
+    (a password may sit there), only the scheme and host."""
+    try:
+        _ = urlsplit(url).port
+    except ValueError as exc:
+        why = (
+            "an unclosed '[' in an IPv6 host"
+            if "IPv6" in str(exc)
+            else "what follows ':' in the host is not a port number (URL-encode a password, or give credentials "
+            "as storage options)"
+        )
+        raise RegionConfigError(f"region URL {redact_url(url)} cannot be parsed: {why}") from None
+
+
 def open_region(url: str, storage_options: dict[str, Any] | None = None, name: str | None = None) -> RegionIO:
     """Build the right ``RegionIO`` for ``url`` (a local path or any fsspec URL)."""
     if not isinstance(url, str) or not url.strip():
         raise RegionUnavailableError(str(url), "a region needs a non-empty URL or path")
+    check_url(url)
     if _is_local(url):
         return LocalRegionIO(url, storage_options, name)
     return RegionIO(url, storage_options, name)

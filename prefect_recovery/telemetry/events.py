@@ -22,6 +22,7 @@ from typing import Any
 
 from ..core.layout import LIGHT_SUFFIX, STEPS_SUFFIX
 from ..core.observe import StoreEvent
+from ..core.redact import scrub_obj
 
 logger = logging.getLogger("prefect_recovery.telemetry")
 
@@ -105,7 +106,10 @@ def _emit(event: str, resource: dict[str, str], related: list[dict[str, str]], p
     try:
         from prefect.events import emit_event
 
-        return emit_event(event=event, resource=resource, related=related, payload=payload)
+        # Error texts and region names may carry a backend's echo of a credential (core/redact.py).
+        return emit_event(
+            event=event, resource=scrub_obj(resource), related=scrub_obj(related), payload=scrub_obj(payload)
+        )
     except Exception:
         logger.warning("could not emit Prefect event %s for %s", event, resource.get("prefect.resource.id"),
                        exc_info=True)  # fmt: skip
