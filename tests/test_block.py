@@ -208,7 +208,10 @@ def test_invalid_configuration_is_rejected_at_construction(bad: dict[str, Any]) 
 
 
 def test_region_rejects_unknown_fields() -> None:
-    with pytest.raises(ValidationError):
+    from prefect_recovery.core.errors import RegionConfigError
+
+    # The store's own error (not pydantic's, which would quote the options: credentials).
+    with pytest.raises(RegionConfigError, match="did you mean 'storage_options'"):
         Region(url="/tmp", storage_option={"typo": True})
 
 
