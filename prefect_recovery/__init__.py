@@ -30,6 +30,7 @@ _EXPORTS = {
     "RetentionPolicy": "prefect_recovery.core",
     "ManifestSignatureError": "prefect_recovery.core",
     "seed_everything": "prefect_recovery.training.determinism",
+    "DeterminismError": "prefect_recovery.training.rng_guard",
     "UnsupportedLoaderError": "prefect_recovery.training.loaders",
     "step": "prefect_recovery.tasks.step",
     "PipelineRun": "prefect_recovery.tasks.pipeline_run",
@@ -46,6 +47,7 @@ __all__ = [
     "CheckpointSchedule",
     "CheckpointStore",
     "Checkpointer",
+    "DeterminismError",
     "EveryNSteps",
     "ManifestError",
     "ManifestSignatureError",
@@ -85,6 +87,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .training.checkpointer import Checkpointer
     from .training.determinism import seed_everything
     from .training.loaders import UnsupportedLoaderError
+    from .training.rng_guard import DeterminismError
     from .training.schedule import CheckpointSchedule, EveryNSteps, Milestones, Timebox
 
 

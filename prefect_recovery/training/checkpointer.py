@@ -47,13 +47,13 @@ from ..core.layout import LIGHT_SUFFIX
 from ..core.manifest import Component
 from ..core.models import CheckpointInfo
 from ..core.store import Store
+from . import rng_guard
 from .async_saver import AsyncSaver
 from .context import active_hooks
 from .determinism import (
     apply_settings,
     capture_rng,
     capture_settings,
-    isolate_background_rng_users,
     restore_rng,
     seed_everything,
 )
@@ -135,6 +135,7 @@ class Checkpointer:
         handle_sigterm: bool = True,
         on_commit: Callable[[CheckpointInfo], None] | None = None,
         resume_version: int | None = None,
+        strict_determinism: bool | None = None,
     ):
         self.store = _core_store(store)
         self.lineage = lineage
@@ -185,7 +186,13 @@ class Checkpointer:
         self._light_store = self.store.derive(self.store.regions[:1], write_quorum=1, placement="primary")
         self._preempted = threading.Event()
         self._previous_handler: Any = None
-        isolate_background_rng_users()  # the RNG states we capture must only move with training
+        # The global RNGs belong to the thread that enters (training/rng_guard.py); strict mode
+        # also checks that the Checkpointer's own work (saves, hooks, events) leaves them alone.
+        if strict_determinism is None:
+            strict_determinism = os.environ.get("PREFECT_RECOVERY_STRICT_DETERMINISM", "").lower() in ("1", "true")
+        self.strict_determinism = strict_determinism
+        self.rng_interference: list[rng_guard.Interference] = []  # foreign draws, served privately
+        self._claimed = False
         self._watchdog: threading.Timer | None = None
 
     def _on_gradient(self, _parameter: Any) -> None:
@@ -268,6 +275,13 @@ class Checkpointer:
         Call it after ``optimizer.step()`` (with gradient accumulation: after the optimizer step
         that applies the accumulated gradients), where the state is whole.
         """
+        with self._own_work("step"):
+            self._step(n)
+
+    def _own_work(self, what: str) -> rng_guard.OwnWork:
+        return rng_guard.OwnWork(self, what)
+
+    def _step(self, n: int) -> None:
         self._saver.raise_errors()
         previous = self.step_count
         self.step_count += n
@@ -292,6 +306,10 @@ class Checkpointer:
         ``step()``), the save is deferred to the next ``step()``: a checkpoint never holds a
         state whose accumulated gradients it would lose (gradients are not saved).
         """
+        with self._own_work(f"milestone {name!r}"):
+            return self._milestone(name, wait=wait)
+
+    def _milestone(self, name: str, *, wait: bool = True) -> CheckpointInfo | None:
         self._saver.raise_errors()
         decision = self.schedule.decide(self.step_count, seconds_since=self._seconds_since(), milestone=name)
         if decision is None:
@@ -327,8 +345,9 @@ class Checkpointer:
 
     def save(self, tier: Tier = "heavy", *, trigger: str = "manual", wait: bool = True) -> CheckpointInfo | None:
         """Save now, whatever the schedule says."""
-        self._saver.raise_errors()
-        return self._save(tier, trigger, wait=wait)
+        with self._own_work(f"{tier} save"):
+            self._saver.raise_errors()
+            return self._save(tier, trigger, wait=wait)
 
     def _seconds_since(self) -> dict[str, float]:
         now = self.clock()
@@ -427,11 +446,17 @@ class Checkpointer:
         try:
             self._saver.close()
         finally:
+            if self._claimed:
+                self._claimed = False
+                self.rng_interference += rng_guard.take_interference()
+                rng_guard.release()
             if self._previous_handler is not None:
                 signal.signal(signal.SIGTERM, self._previous_handler)
                 self._previous_handler = None
 
     def __enter__(self) -> Checkpointer:
+        rng_guard.claim()
+        self._claimed = True
         self.restore(self.resume_version)
         if self.handle_sigterm and threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)

@@ -82,34 +82,3 @@ def apply_settings(settings: dict[str, Any]) -> None:
     torch.set_default_dtype(DTYPES[settings["default_dtype"]])
     torch.backends.cudnn.deterministic = bool(settings["cudnn_deterministic"])
     torch.backends.cudnn.benchmark = bool(settings["cudnn_benchmark"])
-
-
-# Libraries that draw from Python's *global* `random` on their own background threads, whatever
-# the training code does: websockets (ping payloads of Prefect's events client, every ~20 s)
-# and Prefect's own jitter helpers. Checkpoints capture the global RNG, so those draws would
-# make the saved state depend on timing. They get a private generator with the same API.
-BACKGROUND_RNG_USERS = (
-    "websockets.asyncio.connection",
-    "websockets.sync.connection",
-    "websockets.legacy.protocol",
-    "websockets.client",
-    "websockets.legacy.client",
-    "prefect._internal._observation_delivery",
-    "prefect.utilities.math",
-)
-
-
-def isolate_background_rng_users() -> list[str]:
-    """Give known background users of the global Python RNG a private one; returns the modules changed."""
-    import importlib
-
-    changed = []
-    for name in BACKGROUND_RNG_USERS:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        if getattr(module, "random", None) is random:
-            module.random = random.Random()  # type: ignore[attr-defined]
-            changed.append(name)
-    return changed

@@ -1,0 +1,286 @@
+"""The global random generators belong to the training thread while a Checkpointer is open.
+
+A checkpoint captures Python's ``random``, NumPy's legacy global ``RandomState`` and torch's
+default CPU generator (DESIGN.md invariant 6). Any *other* thread that draws from them (a
+websocket's ping payload, retry jitter, a heartbeat, a user's logging thread, a dependency
+added next year) moves the state the next checkpoint captures, at a moment that depends on
+timing, and a resumed run then differs from one that never failed. A fixed list of "modules
+known to do that" cannot keep up, so the guard confines the generators by *thread* instead:
+
+- **Python** ``random``: the module's shared instance is re-classed to ``ThreadConfinedRandom``,
+  whose primitives (``random``, ``getrandbits``, ``seed``, ``getstate``, ``setstate``,
+  ``gauss``) serve a thread that is not an owner from a private per-thread generator. Every
+  other method (``randint``, ``choice``, ``shuffle``, ``uniform``, ...) is built on those, and
+  the module-level names bound to the shared instance are re-bound, so ``random.X()`` from
+  any module is covered.
+- **NumPy**: the legacy module-level functions (``np.random.rand``, ``np.random.shuffle``, ...)
+  are re-bound the same way; other threads get a private ``RandomState``.
+- **torch**: the default CPU generator lives in C++ and cannot be confined from Python. The
+  Checkpointer compares it (and the two others) before and after its own work on the training
+  thread (``OwnWork``), so a save, a commit hook or an event that draws from it is undone, or
+  named in strict mode.
+
+Owners are the threads inside an open ``Checkpointer``; with no owner the generators behave
+as usual. A draw from another thread is served privately (so it cannot change the training)
+and recorded as an ``Interference`` that the Checkpointer reports: a warning, or in strict
+mode a ``DeterminismError`` naming the step, the generator, the thread and the caller.
+Not covered: code that bound a C method before the guard was installed
+(``from random import random``) and ``numpy.random.mtrand._rand`` used directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger("prefect_recovery.checkpointer")
+
+
+@dataclass(frozen=True)
+class Interference:
+    """A draw from a guarded global generator by a thread that does not own it."""
+
+    generator: str  # "python" or "numpy"
+    function: str  # e.g. "getrandbits", "rand"
+    thread: str  # the drawing thread's name
+    caller: str  # "file:line" of the code that drew
+
+    def describe(self) -> str:
+        return f"{self.generator} global RNG ({self.function}) drawn by thread {self.thread!r} at {self.caller}"
+
+
+_lock = threading.Lock()
+_owners: dict[int, int] = {}  # thread ident -> how many open Checkpointers it holds
+_seen: list[Interference] = []
+_private = threading.local()
+_installed: dict[str, Any] = {}
+
+
+def _foreign() -> bool:
+    return bool(_owners) and threading.get_ident() not in _owners
+
+
+def _record(generator: str, function: str) -> None:
+    frame = sys._getframe(2)
+    # skip frames inside random.py / numpy's wrappers so the caller is the code that asked
+    while frame.f_back is not None and frame.f_code.co_filename in (random.__file__, __file__):
+        frame = frame.f_back
+    entry = Interference(
+        generator, function, threading.current_thread().name, f"{frame.f_code.co_filename}:{frame.f_lineno}"
+    )
+    with _lock:
+        if len(_seen) < 1000:
+            _seen.append(entry)
+
+
+def _private_random() -> random.Random:
+    generator = getattr(_private, "python", None)
+    if generator is None:
+        generator = _private.python = random.Random(os.urandom(16))
+    return generator
+
+
+def _private_numpy() -> np.random.RandomState:
+    generator = getattr(_private, "numpy", None)
+    if generator is None:
+        generator = _private.numpy = np.random.RandomState(int.from_bytes(os.urandom(4), "little"))
+    return generator
+
+
+class ThreadConfinedRandom(random.Random):
+    """``random.Random`` whose primitives serve non-owner threads from a private generator."""
+
+    def random(self) -> float:
+        if _foreign():
+            _record("python", "random")
+            return _private_random().random()
+        return super().random()
+
+    def getrandbits(self, k: int) -> int:
+        if _foreign():
+            _record("python", "getrandbits")
+            return _private_random().getrandbits(k)
+        return super().getrandbits(k)
+
+    def seed(self, a: Any = None, version: int = 2) -> None:
+        if _foreign():
+            _record("python", "seed")
+            return _private_random().seed(a, version)
+        return super().seed(a, version)
+
+    def getstate(self) -> Any:
+        if _foreign():
+            return _private_random().getstate()
+        return super().getstate()
+
+    def setstate(self, state: Any) -> None:
+        if _foreign():
+            _record("python", "setstate")
+            return _private_random().setstate(state)
+        return super().setstate(state)
+
+    def gauss(self, mu: float = 0.0, sigma: float = 1.0) -> float:
+        if _foreign():  # gauss caches a second value on the instance: keep it off the shared one
+            _record("python", "gauss")
+            return _private_random().gauss(mu, sigma)
+        return super().gauss(mu, sigma)
+
+
+def _numpy_dispatcher(name: str, shared: Any) -> Any:
+    def dispatch(*args: Any, **kwargs: Any) -> Any:
+        if _foreign():
+            if name not in ("get_state",):
+                _record("numpy", name)
+            return getattr(_private_numpy(), name)(*args, **kwargs)
+        return shared(*args, **kwargs)
+
+    dispatch.__name__ = name
+    dispatch.__doc__ = getattr(shared, "__doc__", None)
+    dispatch.__wrapped__ = shared  # type: ignore[attr-defined]
+    return dispatch
+
+
+# Module functions of numpy.random that use the shared RandomState without being its bound
+# methods, and the RandomState method a private generator answers them with.
+_NUMPY_MODULE_FUNCTIONS = {"seed": "seed", "ranf": "random_sample", "sample": "random_sample"}
+
+
+def _install() -> None:
+    """Re-class Python's shared Random and re-bind the module-level names (once per process)."""
+    instance = random._inst  # type: ignore[attr-defined]
+    _installed["python_class"] = instance.__class__
+    instance.__class__ = ThreadConfinedRandom
+    python_names = {}
+    for name in dir(random):
+        bound = getattr(random, name)
+        if getattr(bound, "__self__", None) is instance:
+            python_names[name] = bound
+            setattr(random, name, getattr(instance, name))
+    _installed["python_names"] = python_names
+
+    shared = np.random.mtrand._rand
+    numpy_names: dict[tuple[Any, str], Any] = {}
+    for module in (np.random, np.random.mtrand):
+        for name in dir(module):
+            bound = getattr(module, name)
+            private_name = _NUMPY_MODULE_FUNCTIONS.get(name)
+            if getattr(bound, "__self__", None) is shared or private_name is not None:
+                numpy_names[(module, name)] = bound
+                setattr(module, name, _numpy_dispatcher(private_name or name, bound))
+    _installed["numpy_names"] = numpy_names
+
+
+def _uninstall() -> None:
+    random._inst.__class__ = _installed.pop("python_class")  # type: ignore[attr-defined]
+    for name, bound in _installed.pop("python_names").items():
+        setattr(random, name, bound)
+    for (module, name), bound in _installed.pop("numpy_names").items():
+        setattr(module, name, bound)
+
+
+def claim() -> None:
+    """Make the calling thread an owner of the global generators (nests)."""
+    with _lock:
+        if not _owners and not _installed:
+            _install()
+        ident = threading.get_ident()
+        _owners[ident] = _owners.get(ident, 0) + 1
+
+
+def release() -> None:
+    """Undo one ``claim`` of the calling thread; the last release restores the plain generators."""
+    with _lock:
+        ident = threading.get_ident()
+        count = _owners.get(ident, 0) - 1
+        if count > 0:
+            _owners[ident] = count
+        else:
+            _owners.pop(ident, None)
+        if not _owners and _installed:
+            _uninstall()
+
+
+def take_interference() -> list[Interference]:
+    """The foreign draws recorded since the last call (and forget them)."""
+    with _lock:
+        seen = list(_seen)
+        _seen.clear()
+    return seen
+
+
+class DeterminismError(RuntimeError):
+    """Something other than the training moved a global RNG a checkpoint captures (strict mode)."""
+
+
+class OwnWork:
+    """The Checkpointer's own work on the training thread (a step's bookkeeping, a save, its hooks).
+
+    Draws other threads made since the last call are collected (they were served privately).
+    Every global generator (torch's too) is compared before and after: the Checkpointer, its
+    commit hooks and the events they send must leave the training's randomness where it was,
+    or the next checkpoint would not match a run without them. A generator that moved is put
+    back (and logged); in strict mode the Checkpointer raises ``DeterminismError`` instead.
+    """
+
+    def __init__(self, checkpointer: Any, what: str):
+        self.checkpointer = checkpointer
+        self.what = what
+        self.before: dict[str, Any] = {}
+
+    def __enter__(self) -> OwnWork:
+        self.checkpointer.rng_interference += take_interference()
+        self.before = _states()
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        moved = _moved(self.before)
+        if not moved:
+            return
+        _put_back(self.before, moved)
+        ckpt = self.checkpointer
+        where = f"the Checkpointer's {self.what} at step {ckpt.step_count} of {ckpt.lineage}"
+        if ckpt.strict_determinism and exc_type is None:
+            raise DeterminismError(
+                f"strict determinism: the {', '.join(moved)} global RNG changed during {where} (a commit hook, "
+                "an event or another thread drew from it); the training's randomness would no longer match a "
+                "run without it. Use a private generator there (random.Random, np.random.default_rng, "
+                "torch.Generator)."
+            )
+        logger.warning("the %s global RNG changed during %s; put back", ", ".join(moved), where)
+
+
+def _states() -> dict[str, Any]:
+    import torch
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _moved(before: dict[str, Any]) -> list[str]:
+    now = _states()
+    moved = []
+    if now["python"] != before["python"]:
+        moved.append("python")
+    old, new = before["numpy"], now["numpy"]
+    if not (np.array_equal(old[1], new[1]) and old[2:] == new[2:]):
+        moved.append("numpy")
+    if not bool((now["torch"] == before["torch"]).all()):
+        moved.append("torch")
+    return moved
+
+
+def _put_back(before: dict[str, Any], moved: list[str]) -> None:
+    import torch
+
+    if "python" in moved:
+        random.setstate(before["python"])
+    if "numpy" in moved:
+        np.random.set_state(before["numpy"])
+    if "torch" in moved:
+        torch.set_rng_state(before["torch"])
