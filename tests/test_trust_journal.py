@@ -103,7 +103,6 @@ def _crashed_run(store: Store, block: str | None = None) -> None:
 
 
 # -- class 9: journal events are signed on a signing store and only verified ones are acted upon ------------------
-@pytest.mark.xfail(strict=True, reason="issue 12: journal events are not signed")
 def test_journal_events_on_a_signing_store_are_signed_with_the_manifest_keys(tmp_path: Path) -> None:
     roots = _roots(tmp_path)
     store = _store(roots, keyring=_signing())
@@ -122,7 +121,6 @@ def test_journal_events_on_a_signing_store_are_signed_with_the_manifest_keys(tmp
     assert [e.kind for e in Journal(reader, "other").events()] == ["run_started"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: journal events are not verified")
 def test_a_forged_event_in_every_region_is_damage_never_history(tmp_path: Path) -> None:
     roots = _roots(tmp_path)
     store = _store(roots, keyring=_signing())
@@ -137,7 +135,6 @@ def test_a_forged_event_in_every_region_is_damage_never_history(tmp_path: Path) 
     assert [e.seq for e in found.events] == [2]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: journal events are not verified")
 def test_a_forged_copy_in_one_region_is_skipped_and_reported(tmp_path: Path) -> None:
     roots = _roots(tmp_path)
     store = _store(roots, keyring=_signing())
@@ -152,7 +149,6 @@ def test_a_forged_copy_in_one_region_is_skipped_and_reported(tmp_path: Path) -> 
     assert "does not match its content" in found.skipped_copies[1]["eu"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: retention acts on a forged event")
 def test_a_forged_new_event_does_not_finish_a_run_for_retention(tmp_path: Path) -> None:
     roots = _roots(tmp_path)
     store = _store(roots, keyring=_signing())
@@ -171,7 +167,6 @@ def test_a_forged_new_event_does_not_finish_a_run_for_retention(tmp_path: Path) 
     assert any("journal" in note and "signed" in note for note in plan.notes), plan.notes
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: unsigned events are accepted on a signing store")
 def test_a_stripped_signature_is_accepted_only_while_migrating(tmp_path: Path) -> None:
     roots = _roots(tmp_path)
     _crashed_run(_store(roots))  # written before signing was turned on
@@ -210,7 +205,6 @@ def _signed_block(tmp_path: Path, prefix: str, quorum: int = 2) -> tuple[str, Ch
     return name, CheckpointStore.load(name), roots
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: recover acts on a forged event")
 def test_recover_and_history_stop_on_a_forged_event_of_a_signing_store(prefect_server, tmp_path: Path) -> None:
     from prefect_recovery import cli
 

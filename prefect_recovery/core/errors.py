@@ -43,6 +43,11 @@ class JournalError(RecordError):
     """A journal event cannot be trusted or written: malformed, tampered, misplaced or damaged."""
 
 
+class JournalSignatureError(JournalError):
+    """On a signing store, a journal event's signature is missing, made with an unknown key, or does
+    not match its content: the event is never acted upon."""
+
+
 class RegionError(CheckpointError):
     """A region could not be reached or refused an operation."""
 

@@ -17,6 +17,11 @@ not dense: a withdrawn or lost append leaves a gap.
 
 Events are ordered by ``seq`` only. ``time`` is the writer's wall clock, recorded for people,
 never used for ordering (clocks of different machines disagree).
+
+On a signing store (``Store.keyring``) every event is signed like a manifest, with the same keys
+(``core/signing.py``, context ``JOURNAL_SIGNATURE_CONTEXT``), and a copy whose signature does not
+verify is a damaged copy: recovery, history and retention act only on verified events, so someone
+who can write the journal's files but holds no key cannot steer them (FORMAT.md, "Journal").
 """
 
 from __future__ import annotations
@@ -29,11 +34,12 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator
 
 from .digest import HashAlgorithm, algorithm_of, check_digest, hash_bytes
-from .errors import JournalError, RegionError
+from .errors import JournalError, JournalSignatureError, RegionError
 from .layout import check_lineage, journal_key, journal_prefix, seq_from_journal_name
-from .manifest import canonical_json
+from .manifest import Signature, canonical_json
 from .publish import publish
 from .records import parse_record
+from .signing import JOURNAL_SIGNATURE_CONTEXT, Keyring
 from .store import Store
 
 FORMAT_NAME = "prefect-recovery/journal-event"
@@ -76,9 +82,11 @@ class JournalEventBody(BaseModel):
 
 
 class JournalEvent(JournalEventBody):
-    """One immutable journal record. ``event_digest`` covers every other field."""
+    """One immutable journal record. ``event_digest`` covers every other field but ``signature``;
+    ``signature`` (signing stores only, absent otherwise) signs the same bytes."""
 
     event_digest: str
+    signature: Signature | None = None
 
     @field_validator("event_digest")
     @classmethod
@@ -86,15 +94,21 @@ class JournalEvent(JournalEventBody):
         return check_digest(value)
 
     @classmethod
-    def build(cls, body: JournalEventBody, algorithm: HashAlgorithm = "blake3") -> JournalEvent:
+    def build(
+        cls, body: JournalEventBody, algorithm: HashAlgorithm = "blake3", keyring: Keyring | None = None
+    ) -> JournalEvent:
         payload = body.model_dump(mode="json")
-        return cls(**payload, event_digest=hash_bytes(canonical_json(payload), algorithm))
+        canonical = canonical_json(payload)
+        signature = keyring.sign(canonical, context=JOURNAL_SIGNATURE_CONTEXT) if keyring is not None else None
+        return cls(**payload, event_digest=hash_bytes(canonical, algorithm), signature=signature)
 
     def body_payload(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude={"event_digest"})
+        return self.model_dump(mode="json", exclude={"event_digest", "signature"})
 
     def encode(self) -> bytes:
-        return canonical_json(self.model_dump(mode="json"))
+        # An unsigned event has no signature field at all: the bytes of journals written before
+        # signing existed, and of unsigned stores, stay exactly as they were.
+        return canonical_json(self.model_dump(mode="json", exclude={"signature"} if self.signature is None else None))
 
 
 def decode_event(
@@ -104,16 +118,22 @@ def decode_event(
     *,
     region: str | None = None,
     key: str | None = None,
+    keyring: Keyring | None = None,
 ) -> JournalEvent:
     """Parse and check untrusted event bytes; raise JournalError on any doubt.
 
     Checks, in order: size (at most 1 MiB), JSON, ``format`` and ``format_version``, schema,
     ``event_digest`` against the canonical body, then lineage and seq against the location the
-    bytes were found under (so an event copied into another lineage or seq is rejected).
+    bytes were found under (so an event copied into another lineage or seq is rejected), then,
+    with a ``keyring``, the signature (``JournalSignatureError``): an unsigned event only when the
+    keyring ``accept_unsigned``.
     """
 
     def fail(message: str) -> JournalError:
         return JournalError(message, region=region, key=key)
+
+    def bad_signature(message: str) -> JournalSignatureError:
+        return JournalSignatureError(message, region=region, key=key)
 
     event = parse_record(
         data,
@@ -125,7 +145,8 @@ def decode_event(
         fail=fail,
     )
     try:
-        expected = hash_bytes(canonical_json(event.body_payload()), algorithm_of(event.event_digest))
+        canonical = canonical_json(event.body_payload())
+        expected = hash_bytes(canonical, algorithm_of(event.event_digest))
     except (ValueError, RecursionError) as exc:
         raise fail(f"journal event cannot be canonicalized: {exc}") from None
     if expected != event.event_digest:
@@ -137,6 +158,10 @@ def decode_event(
         raise fail(f"journal event belongs to lineage {event.lineage!r}, found under {expect_lineage!r}")
     if expect_seq is not None and event.seq != expect_seq:
         raise fail(f"journal event says seq {event.seq}, found as seq {expect_seq}")
+    if keyring is not None:
+        keyring.check(
+            canonical, event.signature, fail=bad_signature, context=JOURNAL_SIGNATURE_CONTEXT, what="journal event"
+        )
     return event
 
 
@@ -155,6 +180,11 @@ class JournalRead(BaseModel):
     )
     lost: dict[int, dict[str, str]] = Field(
         default_factory=dict, description="Committed seqs with no intact copy anywhere: region -> cause."
+    )
+    bad_signatures: dict[int, dict[str, str]] = Field(
+        default_factory=dict,
+        description="seq -> region -> why: copies whose signature is missing, unknown or wrong (signing stores); "
+        "also in skipped_copies, lost or uncommitted. Never acted upon.",
     )
 
 
@@ -220,7 +250,7 @@ class Journal:
                 body = JournalEventBody(
                     lineage=self.lineage, seq=seq, kind=kind, run_id=run_id, time=time, data=payload
                 )
-                event = JournalEvent.build(body, algorithm)
+                event = JournalEvent.build(body, algorithm, keyring)
                 encoded = event.encode()
             except ValidationError as exc:
                 first = exc.errors()[0]
@@ -235,6 +265,12 @@ class Journal:
                 )
             return event, encoded
 
+        keyring = self.store.keyring
+        if keyring is not None and keyring.signing_key is None and not keyring.accept_unsigned:
+            raise JournalError(
+                f"{kind} event of lineage {self.lineage!r} refused: this store checks signatures but has no signing "
+                "key, so every reader would reject the event; set the store's signing key (or accept_unsigned)"
+            )
         build(1)  # reject a bad event before listing or writing anything
         built: dict[int, JournalEvent] = {}
 
@@ -279,17 +315,20 @@ class Journal:
         jobs = [(seq, name) for seq, names in listed.items() if seq > after for name in names]
         regions = {region.name: region for region in self.store.regions}
 
-        def fetch(job: tuple[int, str]) -> tuple[int, str, JournalEvent | str]:
+        keyring = self.store.keyring
+
+        def fetch(job: tuple[int, str]) -> tuple[int, str, JournalEvent | Exception]:
             seq, name = job
             key = journal_key(self.lineage, seq)
             try:
                 data = regions[name].get(key, max_bytes=MAX_EVENT_BYTES)
-                return seq, name, decode_event(data, self.lineage, seq, region=name, key=key)
+                return seq, name, decode_event(data, self.lineage, seq, region=name, key=key, keyring=keyring)
             except (RegionError, JournalError) as exc:
-                return seq, name, str(exc)
+                return seq, name, exc
 
         valid: dict[int, dict[str, JournalEvent]] = {}
         damaged: dict[int, dict[str, str]] = {}
+        forged: dict[int, dict[str, str]] = {}
         if jobs:
             workers = max(1, min(len(jobs), self.store.io_threads * len(region_names)))
             with ThreadPoolExecutor(workers, thread_name_prefix="journal-get") as pool:
@@ -297,9 +336,11 @@ class Journal:
                     if isinstance(result, JournalEvent):
                         valid.setdefault(seq, {})[name] = result
                     else:
-                        damaged.setdefault(seq, {})[name] = result
+                        damaged.setdefault(seq, {})[name] = str(result)
+                        if isinstance(result, JournalSignatureError):
+                            forged.setdefault(seq, {})[name] = str(result)
 
-        found = JournalRead(events=[], unreachable=unreachable)
+        found = JournalRead(events=[], unreachable=unreachable, bad_signatures=forged)
         for seq in sorted({seq for seq, _ in jobs}):
             copies = valid.get(seq, {})
             bad = damaged.get(seq, {})
@@ -336,6 +377,13 @@ class Journal:
         if found.lost:
             seq, causes = next(iter(found.lost.items()))
             detail = "; ".join(f"{region}: {cause}" for region, cause in causes.items())
+            if seq in found.bad_signatures:
+                raise JournalSignatureError(
+                    f"journal of lineage {self.lineage!r}: event {seq} has no copy whose signature verifies in any "
+                    f"region ({detail}). A signing store never acts on an event it cannot verify: someone wrote the "
+                    "journal without the store's key (or it was written before signing was turned on: set "
+                    "accept_unsigned while migrating). Nothing was done; check the files named here."
+                )
             raise JournalError(
                 f"journal of lineage {self.lineage!r}: event {seq} has no intact copy in any region ({detail}). "
                 "Run `prefect-recovery verify` to see the damage."

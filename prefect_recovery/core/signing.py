@@ -29,8 +29,10 @@ from .errors import ManifestSignatureError, SigningKeyError
 
 SignatureAlgorithm = Literal["hmac-sha256", "ed25519"]
 ALGORITHMS: tuple[SignatureAlgorithm, ...] = ("hmac-sha256", "ed25519")
-# Domain separation: a signature over a manifest can never be replayed as one over anything else.
+# Domain separation: a signature over a manifest can never be replayed as one over anything else
+# (a journal event's body included), and the other way round.
 SIGNATURE_CONTEXT = b"prefect-recovery/manifest-signature/v1\n"
+JOURNAL_SIGNATURE_CONTEXT = b"prefect-recovery/journal-signature/v1\n"
 KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 MIN_HMAC_SECRET_BYTES = 32
 
@@ -188,37 +190,49 @@ class Keyring:
             self.keys[key.key_id] = key
         self.accept_unsigned = accept_unsigned
 
-    def sign(self, message: bytes) -> dict[str, Any] | None:
-        """The signature fields for ``message`` (a manifest body), or None without a signing key."""
+    def sign(self, message: bytes, *, context: bytes = SIGNATURE_CONTEXT) -> dict[str, Any] | None:
+        """The signature fields for ``message`` (a manifest body, or with ``JOURNAL_SIGNATURE_CONTEXT``
+        a journal event's body), or None without a signing key."""
         if self.signing_key is None:
             return None
         key = self.signing_key
-        return {"algorithm": key.algorithm, "key_id": key.key_id, "value": key.sign(SIGNATURE_CONTEXT + message)}
+        return {"algorithm": key.algorithm, "key_id": key.key_id, "value": key.sign(context + message)}
 
     def check(
-        self, message: bytes, signature: Any, *, fail: Callable[[str], Exception] = ManifestSignatureError
+        self,
+        message: bytes,
+        signature: Any,
+        *,
+        fail: Callable[[str], Exception] = ManifestSignatureError,
+        context: bytes = SIGNATURE_CONTEXT,
+        what: str = "manifest",
     ) -> str:
-        """Raise ``ManifestSignatureError`` unless ``signature`` is a good one over ``message``;
-        returns the key id that verified it ("" for an accepted unsigned manifest)."""
+        """Raise ``fail(message)`` (``ManifestSignatureError`` by default) unless ``signature`` is a
+        good one over ``message`` in ``context``; returns the key id that verified it ("" for an
+        accepted unsigned record)."""
         if signature is None:
             if self.accept_unsigned:
                 return ""
             raise fail(
-                "manifest is not signed, and this store requires signatures (signing is on); it may have "
-                "been written before signing was turned on (set accept_unsigned while migrating) or had its "
-                "signature stripped"
+                f"{what} is not signed, and this store requires signatures (signing is on); it may have "
+                "been written before signing was turned on (set accept_unsigned while migrating), had its "
+                "signature stripped, or been written by someone without the store's key"
             )
         key = self.keys.get(signature.key_id)
         if key is None:
             raise fail(
-                f"manifest is signed with key {signature.key_id!r}, which this store does not know "
+                f"{what} is signed with key {signature.key_id!r}, which this store does not know "
                 f"(known: {sorted(self.keys)}); add it to the store's verification keys if it was rotated out"
             )
-        if key.algorithm != signature.algorithm or not key.verify(SIGNATURE_CONTEXT + message, signature.value):
+        if key.algorithm != signature.algorithm or not key.verify(context + message, signature.value):
+            remedy = (
+                "do not load it; `prefect-recovery audit` restores it from a region whose copy verifies"
+                if context == SIGNATURE_CONTEXT
+                else "it is not acted upon; a region whose copy verifies serves it"
+            )
             raise fail(
-                f"manifest signature (key {signature.key_id!r}) does not match its content: the manifest was "
-                "changed after it was signed (tampering?) — do not load it; `prefect-recovery audit` restores "
-                "it from a region whose copy verifies"
+                f"{what} signature (key {signature.key_id!r}) does not match its content: the {what} was "
+                f"changed after it was signed (tampering?) — {remedy}"
             )
         return key.key_id
 
@@ -229,6 +243,7 @@ class Keyring:
 
 __all__ = [
     "ALGORITHMS",
+    "JOURNAL_SIGNATURE_CONTEXT",
     "Keyring",
     "ManifestKey",
     "SignatureAlgorithm",
