@@ -438,6 +438,14 @@ _HIDDEN_HISTORY_KEYS = {"environment", "process", "cache_key", "code", "input_di
 @app.command("history")
 def history(
     lineage: Annotated[str, typer.Option("--lineage", help="Lineage whose journal to show.")],
+    against: Annotated[
+        str | None,
+        typer.Option(
+            "--against",
+            help="Another lineage run with the same parameters: report the first checkpoint (by step) where the "
+            "two differ and what differs first (settings, counters, RNG and data before optimizer and weights).",
+        ),
+    ] = None,
     region: RegionOpt = None,
     store: StoreOpt = None,
     quorum: QuorumOpt = 1,
@@ -446,6 +454,9 @@ def history(
     """The lineage's timeline from its journal: runs, steps, checkpoints, failures, where a run stopped."""
     from .core.journal import Journal, replay
 
+    if against is not None:
+        _divergence(lineage, against, open_store(region, store, quorum), as_json)
+        return
     try:
         events = Journal(open_store(region, store, quorum).core, lineage).events()
         summary = replay(events)
@@ -475,6 +486,23 @@ def history(
         + (f", stopped in step {where!r}" if where and summary.status != "finished" else "")
         + (f", last checkpoint v{summary.last_checkpoint['version']}" if summary.last_checkpoint else "")
     )
+
+
+def _divergence(a: str, b: str, checkpoint_store: CheckpointStore, as_json: bool) -> None:
+    from .training.divergence import first_divergence
+
+    try:
+        found = first_divergence(checkpoint_store.core, a, b)
+    except CheckpointError as exc:
+        _fail(str(exc), as_json)
+    if as_json:
+        _emit({"lineage": a, "against": b, "identical": found is None,
+               "first_divergence": None if found is None else {
+                   "step": found.step, "tier": found.tier, "trigger": found.trigger,
+                   "versions": list(found.versions), "first_cause": found.first_cause,
+                   "differing": found.differing, "identical_before": found.compared}})  # fmt: skip
+        return
+    console.print(f"{a} and {b}: every checkpoint identical" if found is None else found.describe(a, b))
 
 
 @app.command("demo")

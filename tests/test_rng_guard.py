@@ -9,6 +9,7 @@ hook, an event) moves one, torch's included, instead of letting the run diverge 
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 from collections.abc import Callable, Iterator
@@ -170,3 +171,39 @@ def test_strict_mode_from_the_environment(tmp_path: Path, monkeypatch: pytest.Mo
     # a quiet run passes strict mode, with background draws served privately
     monkeypatch.setenv("PREFECT_RECOVERY_STRICT_DETERMINISM", "true")
     train(tmp_path / "quiet", "run", during_step=lambda step: in_thread(background_draws))
+
+
+def test_history_against_names_the_first_step_and_cause_of_a_divergence(tmp_path: Path) -> None:
+    """Two runs of the same parameters: one had its torch RNG moved by something in step 6 (between the
+    checkpoints at steps 4 and 8). `history --against` names step 8 and the RNG before the weights."""
+    from typer.testing import CliRunner
+
+    from prefect_recovery.cli import app
+
+    def interfere(step: int) -> None:
+        if step == 5:  # inside the 6th step, after the training's own draws: a stray draw
+            torch.rand(1)
+
+    train(tmp_path, "quiet")
+    train(tmp_path, "again")
+    train(tmp_path, "moved", during_step=interfere)
+    store_args = [
+        "--region",
+        str(tmp_path / "regions" / "region-a"),
+        "--region",
+        str(tmp_path / "regions" / "region-b"),
+    ]
+
+    same = CliRunner().invoke(app, ["history", "--lineage", "quiet", "--against", "again", *store_args, "--json"])
+    assert same.exit_code == 0, same.output
+    assert json.loads(same.output)["identical"] is True
+
+    result = CliRunner().invoke(app, ["history", "--lineage", "quiet", "--against", "moved", *store_args, "--json"])
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.output)["first_divergence"]
+    assert (found["step"], found["identical_before"]) == (8, 1)
+    assert found["first_cause"].startswith("rng"), found
+    assert any(name.startswith("model/") for name in found["differing"])
+
+    human = CliRunner().invoke(app, ["history", "--lineage", "quiet", "--against", "moved", *store_args])
+    assert "first differ at step 8" in human.output and "rng" in human.output
