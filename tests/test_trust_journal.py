@@ -270,7 +270,6 @@ def test_a_forged_checkpoint_committed_does_not_replicate_a_crashed_save(tmp_pat
 
 
 # -- reserved derived suffixes in the training and pipeline layers ----------------------------------------------
-@pytest.mark.xfail(strict=True, reason="issue 12: Checkpointer and PipelineRun accept derived suffixes")
 @pytest.mark.parametrize("lineage", ["exp.steps", "exp.light"])
 def test_derived_suffixes_cannot_be_used_by_hand_in_checkpointer_or_pipeline_run(tmp_path: Path, lineage: str) -> None:
     store = _store(_roots(tmp_path), quorum=1)

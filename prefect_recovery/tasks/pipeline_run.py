@@ -30,7 +30,7 @@ from pydantic import JsonValue
 from ..core.digest import hash_bytes
 from ..core.errors import CheckpointNotFoundError, LineageBusyError
 from ..core.journal import Claim, EventKind, Journal, JournalEvent, open_claims
-from ..core.layout import STEPS_SUFFIX, check_lineage
+from ..core.layout import STEPS_SUFFIX, check_base_lineage, check_lineage
 from ..core.liveness import is_alive, process_identity
 from ..core.models import CheckpointInfo
 from ..core.store import Store
@@ -235,7 +235,7 @@ class PipelineRun:
     ):
         self.checkpoint_store = store  # the CheckpointStore block (or a core Store)
         self.store: Store = store.core if hasattr(store, "core") else store
-        self.lineage = lineage
+        self.lineage = check_base_lineage(lineage)  # exp.steps / exp.light are derived, never run by hand
         self.steps_lineage = f"{lineage}{STEPS_SUFFIX}"
         self.journal = Journal(self.store, lineage)
         check_lineage(self.steps_lineage)  # the derived name must be valid too (lineage <= 122 chars)
@@ -275,6 +275,8 @@ class PipelineRun:
             trigger=info.metadata.get("trigger"),
             tier=info.metadata.get("tier"),
             regions=list(info.regions),
+            # names the exact manifest, so `verify --repair` can re-replicate it if copies are lost
+            manifest_digest=info.manifest_digest,
         )
 
     def __enter__(self) -> PipelineRun:

@@ -43,7 +43,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..core.errors import CheckpointNotFoundError
-from ..core.layout import LIGHT_SUFFIX
+from ..core.layout import LIGHT_SUFFIX, check_base_lineage
 from ..core.manifest import Component
 from ..core.models import CheckpointInfo
 from ..core.store import Store
@@ -138,7 +138,7 @@ class Checkpointer:
         strict_determinism: bool | None = None,
     ):
         self.store = _core_store(store)
-        self.lineage = lineage
+        self.lineage = check_base_lineage(lineage)  # exp.light / exp.steps are derived lineages, never by hand
         if data is not None:
             data = adapt(data)  # refuses a plain DataLoader with the fix; see training/loaders.py
         self.objects = {
