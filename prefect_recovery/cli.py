@@ -28,7 +28,7 @@ from rich.table import Table
 from .blocks import CheckpointStore
 from .core import CheckpointError
 from .core.audit import human_bytes
-from .core.errors import RegionConfigError
+from .core.errors import ManifestError, RegionConfigError
 from .core.redact import scrub, scrub_obj
 
 try:  # typer vendors click (typer._click) and raises its exceptions
@@ -187,15 +187,28 @@ def ls(
         Path | None, typer.Option("--plot", help="Also draw the lineage's timeline into this PNG (needs --lineage).")
     ] = None,
 ) -> None:
-    """List consistent checkpoints (committed in at least write_quorum regions)."""
+    """List consistent checkpoints (committed in at least write_quorum regions).
+
+    Without --lineage, a lineage that cannot be listed (on a signing store: its newest version has
+    no copy that verifies) is reported with its reason and the others are still listed; the exit
+    status is then 1 (with --json, the lineage is an item {"lineage", "error"})."""
     if plot is not None and not lineage:
         _fail("--plot draws one lineage's timeline: give --lineage too", as_json)
+    refused: dict[str, str] = {}
     try:
         opened = open_store(region, store, quorum)
         reachable, down = opened.core.reachable_regions()
         if not reachable:
             raise CheckpointError("no region is reachable: " + "; ".join(down.values()))
-        infos = opened.list(lineage)
+        if lineage:
+            infos = opened.list(lineage)
+        else:
+            infos = []
+            for name in opened.lineages():
+                try:
+                    infos.extend(opened.list(name))
+                except ManifestError as exc:  # one forged or damaged lineage does not hide the others
+                    refused[name] = str(exc)
         if plot is not None:
             from .telemetry.plot import PlotUnavailableError, plot_timeline
 
@@ -214,10 +227,19 @@ def ls(
     for cause in down.values():
         err_console.print(f"[yellow]warning:[/] {cause}; listing what the other regions hold")
     if as_json:
-        _emit([info.model_dump(mode="json") for info in infos])
+        _emit(
+            [info.model_dump(mode="json") for info in infos] + [{"lineage": n, "error": e} for n, e in refused.items()]
+        )
+        if refused:
+            raise typer.Exit(1)
         return
+    for name, cause in refused.items():
+        err_console.print(f"[red]error:[/] lineage {name} not listed: {scrub(cause)}", soft_wrap=True, markup=True)
     if not infos:
-        console.print("no checkpoints yet")
+        if not refused:
+            console.print("no checkpoints yet")
+        else:
+            raise typer.Exit(1)
         return
     table = Table(title="checkpoints")
     for column in ("lineage", "version", "step", "created", "size", "regions", "lagging"):
@@ -233,6 +255,8 @@ def ls(
             ", ".join(info.lagging) or "-",
         )
     console.print(table)
+    if refused:
+        raise typer.Exit(1)
 
 
 @app.command("verify")

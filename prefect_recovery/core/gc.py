@@ -361,7 +361,7 @@ def _check_stale(
     if version in journaled:
         return None, (
             "the lineage's journal records it as committed: a checkpoint that lost manifest copies, not a crashed "
-            "save; GC never deletes it (copy a remaining manifest to the other regions by hand to restore it)"
+            "save; GC never deletes it (`prefect-recovery verify --repair` re-replicates it)"
         )
     return _StaleManifest(lineage, version, key, found), None
 

@@ -5,7 +5,10 @@ read and re-hashed (like ``restic check --read-data-subset``); optional repair.
 Repair only ever copies from a copy that was just verified (a manifest that parsed and whose
 signature checked, a blob whose bytes hashed to its name), and is idempotent: a second run
 finds nothing to do. Only committed (consistent) versions are replicated; a manifest below
-quorum is a save that never committed, reported as a note and left for garbage collection.
+quorum is a save that never committed, reported as a note and left for garbage collection,
+unless the lineage's journal records its commit (``checkpoint_committed``, verified on a signing
+store): then it is a checkpoint that lost manifest copies after its commit (e.g. one copy lost
+with ``write_quorum`` equal to the number of regions), and repair re-replicates it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from .digest import hash_bytes
-from .errors import InvalidNameError, ObjectNotFoundError, RegionError
+from .errors import InvalidNameError, JournalError, ObjectNotFoundError, RegionError
+from .journal import Journal
 from .layout import blob_key, manifest_key
 from .manifest import Manifest
 from .models import CheckpointAudit, Problem, VerifyReport
@@ -37,6 +41,23 @@ def _signing_status(store: Store) -> str:
     signer = f"signs with {keyring.signing_key.key_id!r}" if keyring.signing_key else "does not sign"
     unsigned = "accepts unsigned manifests" if keyring.accept_unsigned else "rejects unsigned manifests"
     return f"on: {signer}, verifies keys {sorted(keyring.keys)}, {unsigned}"
+
+
+def _journaled_commits(store: Store, lineage: str) -> tuple[dict[int, str | None], str | None]:
+    """Versions the lineage's journal records as committed -> the manifest_digest the event names
+    (None for events written before it was recorded), and why the journal could not be read, if so.
+    ``Journal.events`` returns only verified events on a signing store: a forged record of a commit
+    never makes a crashed save's manifest a checkpoint."""
+    try:
+        events = Journal(store, lineage).events()
+    except (JournalError, RegionError) as exc:
+        return {}, str(exc)
+    found: dict[int, str | None] = {}
+    for event in events:
+        version, digest = event.data.get("version"), event.data.get("manifest_digest")
+        if event.kind == "checkpoint_committed" and isinstance(version, int) and not isinstance(version, bool):
+            found[version] = digest if isinstance(digest, str) else None
+    return found, None
 
 
 def _replace(region: RegionIO, key: str, good: bytes) -> None:
@@ -92,6 +113,7 @@ def verify_store(
         for stray in store.stray_entries():
             notes.append(f"{stray} is not a lineage name: not the store's, skipped (remove it if it is not yours)")
     for name in lineages:
+        journaled: tuple[dict[int, str | None], str | None] | None = None  # read once, when needed
         for version in store.versions(name):
             versions += 1
             key = manifest_key(name, version)
@@ -129,8 +151,24 @@ def verify_store(
             committed = manifest is not None and copies.committed(
                 manifest, holders, max(1, store.quorum_for(manifest) - len(down))
             )
+            held = ", ".join(holders) or "no region"
+            if not committed and manifest is not None and manifest.placement == "all":
+                if journaled is None:
+                    journaled = _journaled_commits(store, name)
+                recorded, unreadable = journaled
+                if version in recorded and recorded[version] in (None, manifest.manifest_digest):
+                    committed = True
+                    notes.append(
+                        f"{name} v{version}: held by {held} only, below write_quorum {store.write_quorum}, but the "
+                        "lineage's journal records its commit: a checkpoint that lost manifest copies, "
+                        + ("re-replicated from a verified copy" if repair else "`verify --repair` re-replicates it")
+                    )
+                elif unreadable is not None:
+                    notes.append(
+                        f"{name} v{version}: below write_quorum and the lineage's journal cannot be read to tell a "
+                        f"lost copy from a crashed save ({unreadable}); left as it is"
+                    )
             if not committed:
-                held = ", ".join(holders) or "no region"
                 notes.append(
                     f"{name} v{version}: uncommitted manifest in {held} (below write_quorum "
                     f"{store.write_quorum}); not a checkpoint, left for garbage collection"
