@@ -540,7 +540,8 @@ def demo(
     as_json: JsonOpt = False,
 ) -> None:
     """Run the example pipeline (embedded defaults unless --region/--store); resume the lineage if it is unfinished."""
-    from .flows.example_pipeline import example_pipeline, lineage_status
+    from .flows.example_pipeline import example_pipeline
+    from .flows.lineage_status import lineage_status
 
     try:
         before = lineage_status(open_store(region, store, quorum), lineage)

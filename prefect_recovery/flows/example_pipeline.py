@@ -11,76 +11,18 @@ from typing import TYPE_CHECKING, Any
 
 from prefect import flow, get_run_logger
 
-from ..blocks import CheckpointStore
-from ..core.journal import Journal, JournalEvent, replay
-from ..tasks.example_steps import FINAL_MILESTONE, evaluate, final_digest, finalize, prepare_data, train
+from ..tasks.example_steps import evaluate, finalize, prepare_data, train
 from ..tasks.pipeline_run import PipelineRun, file_input
 from ..tasks.step import code_digest
 from ..training import example
 from ..training.schedule import CheckpointSchedule
+from .lineage_status import finished_result, lineage_status, open_store
 from .registry import register_pipeline
 
 if TYPE_CHECKING:
     from .replay import ReplaySegment
 
 DEFAULT_STEPS = 1000
-
-
-def open_store(
-    store_block: str | None = None, regions: list[str] | None = None, write_quorum: int = 1
-) -> CheckpointStore:
-    """A saved block by name, the given regions, or the embedded default store."""
-    if store_block:
-        return CheckpointStore.load(store_block)
-    if regions:
-        return CheckpointStore(regions=regions, write_quorum=write_quorum)
-    return CheckpointStore.default()
-
-
-def lineage_status(store: CheckpointStore, lineage: str) -> dict[str, Any]:
-    """``finished`` (its journal ends with a finished run), ``unfinished`` or ``new``.
-
-    Lineages written before the journal existed count as finished when they hold a ``final``
-    milestone checkpoint.
-    """
-    journal = Journal(store.core, lineage)
-    events = journal.events()
-    history = replay(events)
-    infos = store.list(lineage)
-    finals = [info for info in infos if info.metadata.get("trigger") == f"milestone:{FINAL_MILESTONE}"]
-    if history.status == "finished" or (history.status == "new" and finals):
-        return {
-            "status": "finished",
-            "final": finals[-1] if finals else None,
-            "history": history,
-            "history_events": events,
-        }
-    if history.status != "new" or infos:
-        return {"status": "unfinished", "latest": infos[-1] if infos else None, "history": history}
-    return {"status": "new", "history": history}
-
-
-def finished_outputs(events: list[JournalEvent]) -> dict[str, Any] | None:
-    """``final_version`` and ``final_digest`` of the last ``run_finished`` in ``events``, or None."""
-    for event in reversed(events):
-        if event.kind == "run_finished":
-            return {"final_version": event.data.get("final_version"), "final_digest": event.data.get("final_digest")}
-    return None
-
-
-def finished_result(store: CheckpointStore, lineage: str, status: dict[str, Any]) -> dict[str, Any]:
-    """What ``demo`` and ``recover`` report for a finished lineage, from the store alone: the
-    journal's ``run_finished`` (its final version and state digest), else the ``final`` milestone."""
-    outputs = finished_outputs(status["history_events"]) if status.get("history_events") else None
-    final = status["final"]
-    if outputs is None or (outputs.get("final_version") is None and final is not None):
-        outputs = {
-            "final_version": final.version if final else None,
-            "final_digest": final_digest(store, lineage, final.version) if final else None,
-        }
-    if outputs.get("final_digest") is None and isinstance(outputs.get("final_version"), int):
-        outputs["final_digest"] = final_digest(store, lineage, outputs["final_version"])
-    return {"lineage": lineage, "status": "finished", **outputs, "resumed_from": None}
 
 
 def replay_training(segment: ReplaySegment) -> dict[str, Any]:

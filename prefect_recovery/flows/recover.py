@@ -29,7 +29,7 @@ from ..tasks.pipeline_run import RecoveryPlan, claim_lineage, current_run_id, re
 from ..tasks.preflight import CheckResult, PreflightContext, as_rows, run_checks
 from ..tasks.step import STEP_CODE, code_digest
 from ..telemetry import emit_recovery_finished, emit_recovery_started
-from .example_pipeline import finished_outputs, finished_result, lineage_status, open_store
+from .lineage_status import finished_outputs, finished_result, lineage_status, open_store
 from .registry import resolve_pipeline
 
 _TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}

@@ -41,7 +41,6 @@ from ..core.store import Store
 from ..tasks.pipeline_run import environment
 from ..training.replay import Difference, compare_state, preserved_global_state
 from ..training.state_io import load_state
-from . import example_pipeline as _example_pipeline  # noqa: F401  (registers the built-in pipeline and its hook)
 from .registry import replay_hook
 
 
