@@ -275,13 +275,7 @@ class Checkpointer:
         Call it after ``optimizer.step()`` (with gradient accumulation: after the optimizer step
         that applies the accumulated gradients), where the state is whole.
         """
-        with self._own_work("step"):
-            self._step(n)
-
-    def _own_work(self, what: str) -> rng_guard.OwnWork:
-        return rng_guard.OwnWork(self, what)
-
-    def _step(self, n: int) -> None:
+        self.rng_interference += rng_guard.take_interference()  # served privately; kept for diagnosis
         self._saver.raise_errors()
         previous = self.step_count
         self.step_count += n
@@ -306,10 +300,6 @@ class Checkpointer:
         ``step()``), the save is deferred to the next ``step()``: a checkpoint never holds a
         state whose accumulated gradients it would lose (gradients are not saved).
         """
-        with self._own_work(f"milestone {name!r}"):
-            return self._milestone(name, wait=wait)
-
-    def _milestone(self, name: str, *, wait: bool = True) -> CheckpointInfo | None:
         self._saver.raise_errors()
         decision = self.schedule.decide(self.step_count, seconds_since=self._seconds_since(), milestone=name)
         if decision is None:
@@ -345,15 +335,20 @@ class Checkpointer:
 
     def save(self, tier: Tier = "heavy", *, trigger: str = "manual", wait: bool = True) -> CheckpointInfo | None:
         """Save now, whatever the schedule says."""
-        with self._own_work(f"{tier} save"):
-            self._saver.raise_errors()
-            return self._save(tier, trigger, wait=wait)
+        self._saver.raise_errors()
+        return self._save(tier, trigger, wait=wait)
 
     def _seconds_since(self) -> dict[str, float]:
         now = self.clock()
         return {tier: now - at for tier, at in self._last_save.items()}
 
     def _save(self, tier: Tier, trigger: str, wait: bool = False) -> CheckpointInfo | None:
+        # A save (and, when synchronous, its commit hooks and events) must not move the training's
+        # RNGs: compared before and after, put back, or DeterminismError in strict mode (rng_guard).
+        with rng_guard.OwnWork(self, f"{tier} save ({trigger})"):
+            return self._save_now(tier, trigger, wait)
+
+    def _save_now(self, tier: Tier, trigger: str, wait: bool) -> CheckpointInfo | None:
         store = self.store if tier == "heavy" else self._light_store
         lineage = self.lineage if tier == "heavy" else self.lineage + LIGHT_SUFFIX
         metadata = {

@@ -220,7 +220,7 @@ class DeterminismError(RuntimeError):
 
 
 class OwnWork:
-    """The Checkpointer's own work on the training thread (a step's bookkeeping, a save, its hooks).
+    """The Checkpointer's own work on the training thread (a save, with its hooks and events).
 
     Draws other threads made since the last call are collected (they were served privately).
     Every global generator (torch's too) is compared before and after: the Checkpointer, its
