@@ -137,17 +137,29 @@ def serving(
         stop(process)
 
 
-def api(server: LiveServer, method: str, path: str, body: object | None = None) -> object:
-    """A plain HTTP call to the server's REST API (JSON in, JSON out)."""
+def api(server: LiveServer, method: str, path: str, body: object | None = None, attempts: int = 6) -> object:
+    """A plain HTTP call to the server's REST API (JSON in, JSON out).
+
+    A SQLite-backed server under the load of several runs answers 503 now and then (its database is
+    busy); like Prefect's own client, the call is retried with a growing pause. Other errors are raised.
+    """
     import json
+    import urllib.error
 
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        f"{server.api_url}{path}", data=data, method=method, headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        raw = response.read()
-    return json.loads(raw) if raw else None
+    for attempt in range(attempts):
+        request = urllib.request.Request(
+            f"{server.api_url}{path}", data=data, method=method, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                raw = response.read()
+            return json.loads(raw) if raw else None
+        except urllib.error.HTTPError as exc:
+            if exc.code not in (429, 503) or attempt == attempts - 1:
+                raise
+        time.sleep(0.5 * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def deployment_id(server: LiveServer, name: str) -> str | None:

@@ -46,6 +46,18 @@ def differing_leaves(a: Any, b: Any) -> list[str]:
     ]
 
 
+def max_abs_difference(a: Any, b: Any) -> dict[str, float]:
+    """For each floating-point tensor leaf that differs: the largest absolute difference (a divergence's size)."""
+    left, right = dict(leaves(a)), dict(leaves(b))
+    sizes = {}
+    for path in sorted(set(left) & set(right)):
+        x, y = left[path], right[path]
+        comparable = isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.is_floating_point()
+        if comparable and x.shape == y.shape and x.dtype == y.dtype and not same(x, y):
+            sizes[path] = float((x.double() - y.double()).abs().max())
+    return sizes
+
+
 def final_state(home, lineage: str, steps: int) -> tuple[Any, Any]:
     """State and info of a lineage's final checkpoint (milestone ``final`` at ``steps``) in the default store."""
     from prefect_recovery import CheckpointStore
