@@ -11,7 +11,7 @@ manifests may name blobs held elsewhere.
 crashed after the arbiter took its manifest, or a retention deletion that failed half-way) is
 never a checkpoint and nobody else removes it. It is collected when, with every region
 reachable: every copy of it could be read; no manifest of it is committed by the store's own
-rule (``ManifestCopies.committed``: placement ``primary`` needs one copy, and a copy that exists
+rule (``Store.committed_groups``: placement ``primary`` needs one copy, and a copy that exists
 but fails its checks still counts toward the quorum, since repairing it is the audit's job); it
 is not the highest version number listed in its lineage (numbers are never reused); a higher
 version of its lineage is consistent (publication numbers only go up, so its publication is
@@ -54,7 +54,7 @@ from .journal import Journal
 from .layout import blob_key, check_lineage, lineages_prefix, manifest_key, manifests_prefix, version_from_manifest_name
 from .manifest import MAX_MANIFEST_BYTES, decode_manifest
 from .region import LocalRegionIO, RegionIO
-from .store import ManifestCopies, Store
+from .store import Store
 
 # Shorter than this, a save still uploading its blobs may lose them: refused.
 MIN_GRACE = timedelta(minutes=1)
@@ -295,19 +295,6 @@ def _listing(store: Store, lineage: str) -> dict[int, set[str]]:
     return found
 
 
-def _committed(store: Store, copies: ManifestCopies) -> bool:
-    """Whether any manifest among ``copies`` is committed by the store's rule (its verified
-    holders plus the damaged copies reach its quorum; ``primary`` placement: one copy)."""
-    groups: dict[str, list[str]] = {}
-    for name in store.region_names:
-        if name in copies.valid:
-            groups.setdefault(copies.valid[name].manifest_digest, []).append(name)
-    return any(
-        copies.committed(copies.valid[holders[0]], holders, store.quorum_for(copies.valid[holders[0]]))
-        for holders in groups.values()
-    )
-
-
 def _consistent(store: Store, lineage: str, version: int, listing: dict[int, set[str]], seen: dict[int, bool]) -> bool:
     """Whether ``version`` is consistent, every region counted (no region may be missing)."""
     if version not in seen:
@@ -342,7 +329,7 @@ def _check_stale(
             "no copy passes its checks (damaged or forged wherever it is held): the audit reports it, GC never "
             "deletes it"
         )
-    if _committed(store, copies):
+    if store.committed_groups(copies):  # any manifest of it committed by the store's rule
         return None, None
     if version >= max(listing, default=version):
         return None, "the highest version of its lineage: its number stays listed, so it is never reused"

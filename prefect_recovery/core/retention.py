@@ -391,7 +391,7 @@ def _plan_lineage(
     for version in store.versions(lineage):
         copies = store.manifest_copies(lineage, version)
         manifest, holders = copies.best(store.region_names)
-        if manifest is None or not copies.committed(manifest, holders, store.quorum_for(manifest)):
+        if manifest is None or not store.is_committed(copies, manifest, holders):
             held = ", ".join(holders) or "no region with a valid copy"
             note = (
                 f"{lineage} v{version}: uncommitted manifest ({held}; below quorum): a publish in progress, a "

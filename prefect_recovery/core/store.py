@@ -105,16 +105,20 @@ class ManifestCopies:
         write happened there; the verified copy is what is read)."""
         return manifest is not None and bool(holders) and len(holders) + len(self.damaged) >= quorum
 
-    def best(self, region_order: Sequence[str]) -> tuple[Manifest | None, list[str]]:
-        """The manifest held by most regions (ties: earliest region) and who holds it."""
+    def groups(self, region_order: Sequence[str]) -> list[tuple[Manifest, list[str]]]:
+        """Which regions hold the same manifest: each distinct valid manifest and its holders (in
+        ``region_order``), most holders first (ties: the group of the earliest region first)."""
         groups: dict[str, list[str]] = {}
         for region in region_order:
             if region in self.valid:
                 groups.setdefault(self.valid[region].manifest_digest, []).append(region)
-        if not groups:
-            return None, []
-        holders = max(groups.values(), key=len)  # max keeps the first of equal lengths
-        return self.valid[holders[0]], holders
+        ordered = sorted(groups.values(), key=len, reverse=True)  # stable: equal lengths keep their order
+        return [(self.valid[holders[0]], holders) for holders in ordered]
+
+    def best(self, region_order: Sequence[str]) -> tuple[Manifest | None, list[str]]:
+        """The manifest held by most regions (ties: earliest region) and who holds it."""
+        groups = self.groups(region_order)
+        return groups[0] if groups else (None, [])
 
 
 logger = logging.getLogger("prefect_recovery.store")
@@ -223,6 +227,23 @@ class Store:
     def quorum_for(self, manifest: Manifest) -> int:
         """Copies a manifest needs to count as committed (1 for single-region placement)."""
         return self.write_quorum if manifest.placement == "all" else 1
+
+    def is_committed(
+        self, copies: ManifestCopies, manifest: Manifest | None, holders: list[str], missing: int = 0
+    ) -> bool:
+        """Whether ``manifest``, held by ``holders`` among ``copies``, is committed by the store's rule
+        (``ManifestCopies.committed`` against its quorum, lowered by ``missing`` regions that could not
+        be asked, to at least one)."""
+        return manifest is not None and copies.committed(manifest, holders, max(1, self.quorum_for(manifest) - missing))
+
+    def committed_groups(self, copies: ManifestCopies, missing: int = 0) -> list[tuple[Manifest, list[str]]]:
+        """Which regions hold the same committed manifest: each group of ``copies.groups`` (most
+        holders first) whose manifest is committed (``is_committed``)."""
+        return [
+            (manifest, holders)
+            for manifest, holders in copies.groups(self.region_names)
+            if self.is_committed(copies, manifest, holders, missing)
+        ]
 
     @property
     def region_names(self) -> list[str]:
@@ -721,9 +742,7 @@ class Store:
 
     def _committed(self, copies: ManifestCopies, unreachable: dict[str, str]) -> tuple[Manifest, list[str]] | None:
         manifest, holders = copies.best(self.region_names)
-        if manifest is None or not copies.committed(
-            manifest, holders, max(1, self.quorum_for(manifest) - len(unreachable))
-        ):
+        if manifest is None or not self.is_committed(copies, manifest, holders, len(unreachable)):
             return None
         sizes = {c.digest: c.size for e in manifest.entries for c in e.chunks}
         if not all(self.blob_present(d, s) for d, s in sizes.items()):

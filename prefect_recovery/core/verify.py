@@ -148,9 +148,7 @@ def verify_store(
                     if problem.object == key and problem.kind == "bad signature":
                         problem.detail += "; no copy in any region verifies, so nothing to repair from"
                 continue
-            committed = manifest is not None and copies.committed(
-                manifest, holders, max(1, store.quorum_for(manifest) - len(down))
-            )
+            committed = store.is_committed(copies, manifest, holders, len(down))
             held = ", ".join(holders) or "no region"
             if not committed and manifest is not None and manifest.placement == "all":
                 if journaled is None:
