@@ -24,9 +24,9 @@ from prefect_recovery.core.journal import (
     JournalEvent,
     JournalEventBody,
     decode_event,
-    replay,
 )
 from prefect_recovery.core.layout import journal_key, journal_prefix, seq_from_journal_name
+from prefect_recovery.core.lineage_history import fold_journal
 from prefect_recovery.core.manifest import canonical_json
 
 
@@ -340,7 +340,7 @@ def test_concurrent_appends_get_distinct_seqs_and_none_is_lost(tmp_path):
 
 
 def test_replay_new():
-    history = replay([])
+    history = fold_journal([])
     assert history.status == "new"
     assert history.runs == [] and history.completed_steps == {} and history.last_seq == 0
     assert history.failed_step is None and history.interrupted_step is None and history.last_checkpoint is None
@@ -395,7 +395,7 @@ def test_replay_failed_then_recovered_and_finished(tmp_path):
 
     journal.append("recovery_started", run_id="rec-1", data={"from_version": 1, "resume_step": "train"})
     assert journal.history().status == "failed"  # recovering: the failed run has not finished
-    assert journal.history().recoveries[0]["finished"] is None
+    assert journal.history().recoveries[0].finished is None
     journal.append("recovery_finished", run_id="rec-1", data={"restored_version": 1})
     journal.append("run_started", run_id="run-2", data={"resumed_from": 1})
     history = journal.history()
@@ -416,10 +416,10 @@ def test_replay_failed_then_recovered_and_finished(tmp_path):
     assert history.last_checkpoint == {"version": 2, "step": 200}
     assert history.interrupted_step is None and history.failed_step is None
     [recovery] = history.recoveries
-    assert recovery["run_id"] == "rec-1"
-    assert recovery["started"] == {"from_version": 1, "resume_step": "train"}
-    assert recovery["finished"] == {"restored_version": 1}
-    assert recovery["started_seq"] < recovery["finished_seq"]
+    assert recovery.run_id == "rec-1"
+    assert recovery.started == {"from_version": 1, "resume_step": "train"}
+    assert recovery.finished == {"restored_version": 1}
+    assert recovery.started_seq < recovery.finished_seq
 
 
 def test_replay_orders_by_seq_not_time():
@@ -435,28 +435,28 @@ def test_replay_orders_by_seq_not_time():
         _event(8, "checkpoint_committed", run_id="run-2", time="2099-01-01T00:00:00+00:00", version=10),
     ]
     shuffled = [events[i] for i in (7, 2, 0, 5, 3, 6, 1, 4)]
-    history = replay(shuffled)
+    history = fold_journal(shuffled)
     assert history.status == "running"
     assert history.runs == ["run-1", "run-2"]
     assert history.failed_step is None  # the failure belongs to run-1, before run-2 started
     assert history.completed_steps == {"train": {"step": "train", "v": 1}}
     assert history.interrupted_step is None
     assert history.last_checkpoint == {"version": 10}  # seq 7 has the later time, seq 8 wins
-    assert replay(events[:3]).status == "failed"
-    assert replay([*events[:3], _event(9, "run_finished")]).status == "finished"
+    assert fold_journal(events[:3]).status == "failed"
+    assert fold_journal([*events[:3], _event(9, "run_finished")]).status == "finished"
 
 
 def test_replay_edge_cases():
-    assert replay([_event(1, "checkpoint_committed", version=1)]).status == "running"  # no run_started
+    assert fold_journal([_event(1, "checkpoint_committed", version=1)]).status == "running"  # no run_started
     # a failure after run_finished: the run failed
-    assert replay([_event(1, "run_started"), _event(2, "run_finished"), _event(3, "failure")]).status == "failed"
+    assert fold_journal([_event(1, "run_started"), _event(2, "run_finished"), _event(3, "failure")]).status == "failed"
     # run_finished after failure: finished, and nothing is interrupted
-    history = replay(
+    history = fold_journal(
         [_event(1, "run_started"), _event(2, "step_started", step="s"), _event(3, "failure"), _event(4, "run_finished")]
     )
     assert history.status == "finished" and history.interrupted_step is None
     # parallel steps: the last started one that did not complete
-    history = replay(
+    history = fold_journal(
         [
             _event(1, "run_started"),
             _event(2, "step_started", step="a"),
@@ -466,11 +466,42 @@ def test_replay_edge_cases():
     )
     assert history.interrupted_step == "a"
     # a recovery_finished whose recovery_started never committed is still recorded
-    assert replay([_event(5, "recovery_finished", run_id="rec")]).recoveries == [
+    assert [r.model_dump() for r in fold_journal([_event(5, "recovery_finished", run_id="rec")]).recoveries] == [
         {"run_id": "rec", "started_seq": None, "started": None, "finished_seq": 5, "finished": {}}
     ]
     with pytest.raises(JournalError, match="two events under one seq"):
-        replay([_event(1, "run_started"), _event(1, "run_finished")])
+        fold_journal([_event(1, "run_started"), _event(1, "run_finished")])
     other = JournalEvent.build(JournalEventBody(lineage="x", seq=2, kind="run_started", run_id="r", time="t"))
     with pytest.raises(JournalError, match="several lineages"):
-        replay([_event(1, "run_started"), other])
+        fold_journal([_event(1, "run_started"), other])
+
+
+def test_lineage_history_answers_writer_finish_resume_floor_and_claims(tmp_path):
+    """The typed history (core/lineage_history.py) answers the questions recover, replay-check, retention
+    and the pipeline runtime used to answer by walking raw events."""
+    journal = Journal(_store(_dirs(tmp_path, "r")), "lin")
+    journal.append("run_started", run_id="run-1", data={"pipeline": "p", "parameters": {"steps": 4}})
+    journal.append("checkpoint_committed", run_id="run-1", data={"version": 1, "step": 2})
+    journal.append("failure", run_id="run-1", data={"step": "train"})
+    history = journal.history()
+    assert history.unfinished and not history.finished and history.final is None
+    assert history.writer_of(1).run_id == "run-1" and history.writer_of(1).parameters == {"steps": 4}
+    assert history.resume_floor(latest=1) == 1
+    assert history.claims == []  # a final failure ends the run's claim
+
+    journal.append("recovery_started", run_id="rec-1", data={"checkpoint": {"version": 1}})
+    journal.append("run_started", run_id="run-2", data={"pipeline": "p", "resume_version": 1, "recovery_run": "rec-1"})
+    journal.append("checkpoint_committed", run_id="run-2", data={"version": 2, "step": 4})
+    history = journal.history()
+    assert [claim.run_id for claim in history.claims] == ["rec-1", "run-2"]
+    assert history.claims[1].parent == "rec-1"
+    assert history.resume_floor(latest=2) == 1  # an unfinished recovery pinned v1: retention keeps it
+    assert history.writer_of(2).run_id == "run-2" and history.writer_of(99).run_id == "run-2"
+    assert history.current_run_start.resume_version == 1 and history.recoveries[0].checkpoint_version == 1
+
+    journal.append("run_finished", run_id="run-2", data={"final_version": 2, "final_digest": "d"})
+    journal.append("recovery_finished", run_id="rec-1", data={})
+    history = journal.history()
+    assert history.finished and not history.unfinished and history.claims == []
+    assert history.final == {"final_version": 2, "final_digest": "d"}
+    assert history.resume_floor(latest=2) is None

@@ -26,7 +26,6 @@ who can write the journal's files but holds no key cannot steer them (FORMAT.md,
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, Literal, get_args
@@ -36,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, f
 from .digest import HashAlgorithm, algorithm_of, check_digest, hash_bytes
 from .errors import JournalError, JournalSignatureError, RegionError
 from .layout import check_lineage, journal_key, journal_prefix, seq_from_journal_name
+from .lineage_history import LineageHistory, fold_journal
 from .manifest import Signature, canonical_json
 from .publish import publish
 from .records import parse_record
@@ -391,154 +391,9 @@ class Journal:
         return found.events
 
     def history(self) -> LineageHistory:
-        """``replay(self.events())``."""
-        return replay(self.events())
+        """What the journal says happened to the lineage (``fold_journal`` of its events)."""
+        return fold_journal(self.events())
 
 
-RunStatus = Literal["new", "running", "failed", "finished"]
-
-
-class LineageHistory(BaseModel):
-    """What the journal says happened to a lineage (``replay``), from the store alone.
-
-    This replaces nothing in Prefect's database and is not derived from it: it is the source of
-    truth recovery acts on (DESIGN.md invariant 8). A process killed with SIGKILL writes no
-    failure event, so its lineage stays ``running`` with ``interrupted_step`` set; the journal
-    alone cannot tell a live run from a dead one (ask the orchestrator, or a lease, for that).
-    """
-
-    lineage: str | None = None
-    status: RunStatus = Field(
-        default="new",
-        description="new: no events; running: the last run started and has no failure/run_finished after it; "
-        "failed: a failure after the last run_started and no run_finished after that; "
-        "finished: a run_finished after the last run_started (and after any failure of that run).",
-    )
-    runs: list[str] = Field(default_factory=list, description="run_ids in the order of their first run_started.")
-    current_run: str | None = Field(default=None, description="run_id of the last run_started.")
-    completed_steps: dict[str, dict[str, JsonValue]] = Field(
-        default_factory=dict, description="step name -> data of its latest step_completed (over all runs)."
-    )
-    failed_step: str | None = Field(
-        default=None, description="data['step'] of the last failure since the last run_started, if it names one."
-    )
-    interrupted_step: str | None = Field(
-        default=None,
-        description="The last step started in the current run with no step_completed after it (where a killed "
-        "process died). None when the run finished.",
-    )
-    last_checkpoint: dict[str, JsonValue] | None = Field(
-        default=None, description="data of the latest checkpoint_committed (version, step, trigger, regions)."
-    )
-    recoveries: list[dict[str, JsonValue]] = Field(
-        default_factory=list,
-        description="One per recovery_started: {run_id, started_seq, started, finished_seq, finished}; "
-        "finished/finished_seq are null while it is in progress (or if it died).",
-    )
-    last_seq: int = Field(default=0, description="Highest seq replayed (0 for none).")
-
-
-def replay(events: Iterable[JournalEvent]) -> LineageHistory:
-    """Fold journal events into a ``LineageHistory``. Ordering is by ``seq``, never by ``time``.
-
-    The journal is the source of truth (DESIGN.md invariant 8); nothing here consults Prefect.
-    """
-    ordered = sorted(events, key=lambda event: event.seq)
-    if not ordered:
-        return LineageHistory()
-    lineages = {event.lineage for event in ordered}
-    if len(lineages) > 1:
-        raise JournalError(f"cannot replay events of several lineages together: {sorted(lineages)}")
-    seqs = [event.seq for event in ordered]
-    if len(set(seqs)) != len(seqs):
-        raise JournalError("cannot replay a journal with two events under one seq")
-
-    history = LineageHistory(lineage=ordered[0].lineage, status="running", last_seq=ordered[-1].seq)
-    terminal: RunStatus | None = None
-    open_steps: dict[str, int] = {}  # step -> seq of its step_started, in start order (current run)
-    for event in ordered:
-        step = event.data.get("step")
-        step = step if isinstance(step, str) and step else None
-        if event.kind == "run_started":
-            if event.run_id not in history.runs:
-                history.runs.append(event.run_id)
-            history.current_run = event.run_id
-            terminal = None
-            history.failed_step = None
-            open_steps = {}
-        elif event.kind == "step_started" and step is not None:
-            open_steps.pop(step, None)
-            open_steps[step] = event.seq
-        elif event.kind == "step_completed" and step is not None:
-            history.completed_steps[step] = dict(event.data)
-            open_steps.pop(step, None)
-        elif event.kind == "failure" and event.data.get("final", True) is not False:
-            # A failed attempt that will be retried (final=False) does not end the run.
-            terminal = "failed"
-            history.failed_step = step
-        elif event.kind == "run_finished":
-            terminal = "finished"
-        elif event.kind == "checkpoint_committed":
-            history.last_checkpoint = dict(event.data)
-        elif event.kind == "recovery_started":
-            history.recoveries.append(
-                {
-                    "run_id": event.run_id,
-                    "started_seq": event.seq,
-                    "started": dict(event.data),
-                    "finished_seq": None,
-                    "finished": None,
-                }
-            )
-        elif event.kind == "recovery_finished":
-            pending = [r for r in history.recoveries if r["finished_seq"] is None]
-            same_run = [r for r in pending if r["run_id"] == event.run_id]
-            target = (same_run or pending or [None])[-1]
-            if target is None:  # its recovery_started never committed: still record it
-                target = {"run_id": event.run_id, "started_seq": None, "started": None}
-                history.recoveries.append(target)
-            target["finished_seq"] = event.seq
-            target["finished"] = dict(event.data)
-    history.status = terminal or "running"
-    history.interrupted_step = None if terminal == "finished" else next(reversed(open_steps), None)
-    return history
-
-
-class Claim(BaseModel):
-    """A run or recovery that started on a lineage and has not ended in the journal."""
-
-    run_id: str
-    seq: int
-    kind: Literal["run_started", "recovery_started"]
-    process: JsonValue = None
-    parent: str | None = Field(default=None, description="run_id of the recovery that started this run, if any.")
-
-
-def open_claims(events: Iterable[JournalEvent]) -> list[Claim]:
-    """Runs and recoveries with a start event and no end event, by seq.
-
-    A run ends with ``run_finished`` or a final ``failure`` of the same run_id; a recovery
-    with ``recovery_finished``. A process killed with SIGKILL never writes its end, so its
-    claim stays open: whether it still holds the lineage is a question of liveness
-    (``core.liveness``), not of the journal.
-    """
-    claims: dict[str, Claim] = {}
-    for event in sorted(events, key=lambda event: event.seq):
-        if event.kind in ("run_started", "recovery_started"):
-            parent = event.data.get("recovery_run")
-            claims[event.run_id] = Claim(
-                run_id=event.run_id,
-                seq=event.seq,
-                kind=event.kind,
-                process=event.data.get("process"),
-                parent=parent if isinstance(parent, str) else None,
-            )
-        elif event.run_id in claims:
-            kind = claims[event.run_id].kind
-            ends_run = event.kind == "run_finished" or (
-                event.kind == "failure" and event.data.get("final", True) is not False
-            )
-            ends_recovery = event.kind == "recovery_finished"
-            if (kind == "run_started" and ends_run) or (kind == "recovery_started" and ends_recovery):
-                del claims[event.run_id]
-    return sorted(claims.values(), key=lambda claim: claim.seq)
+# Temporary name for callers not yet moved to ``fold_journal`` (same function).
+replay = fold_journal

@@ -29,8 +29,9 @@ from pydantic import JsonValue
 
 from ..core.digest import hash_bytes
 from ..core.errors import CheckpointNotFoundError, LineageBusyError
-from ..core.journal import Claim, EventKind, Journal, JournalEvent, open_claims
+from ..core.journal import EventKind, Journal, JournalEvent
 from ..core.layout import STEPS_SUFFIX, check_base_lineage, check_lineage
+from ..core.lineage_history import Claim, open_claims
 from ..core.liveness import is_alive, process_identity
 from ..core.models import CheckpointInfo
 from ..core.store import Store
