@@ -49,7 +49,14 @@ from datetime import UTC, datetime, timedelta
 from pydantic import BaseModel, Field
 
 from .digest import check_digest
-from .errors import InvalidNameError, JournalError, ManifestError, ObjectNotFoundError, RegionError
+from .errors import (
+    InvalidNameError,
+    JournalError,
+    ManifestError,
+    ObjectNotFoundError,
+    RegionError,
+    RegionUnavailableError,
+)
 from .journal import Journal
 from .layout import blob_key, check_lineage, lineages_prefix, manifest_key, manifests_prefix, version_from_manifest_name
 from .manifest import MAX_MANIFEST_BYTES, decode_manifest
@@ -284,15 +291,12 @@ def _inventory(region: RegionIO, cutoff: float, referenced: set[str], report: Gc
 
 # -- stale uncommitted manifests ------------------------------------------------------------------
 def _listing(store: Store, lineage: str) -> dict[int, set[str]]:
-    """Every version any region lists for ``lineage``, with the regions listing it (RegionError
-    when a region cannot be listed)."""
-    found: dict[int, set[str]] = {}
-    for region in store.regions:
-        for name in region.list(manifests_prefix(lineage)):
-            version = version_from_manifest_name(name)
-            if version is not None:
-                found.setdefault(version, set()).add(region.name)
-    return found
+    """``Store.version_listing`` as sets of regions, every region required (RegionError naming the
+    first region that cannot be listed)."""
+    listed, unreachable = store.version_listing(lineage)
+    for name, cause in unreachable.items():
+        raise RegionUnavailableError(name, cause.removeprefix(f"region {name}: "))
+    return {version: set(names) for version, names in listed.items()}
 
 
 def _consistent(store: Store, lineage: str, version: int, listing: dict[int, set[str]], seen: dict[int, bool]) -> bool:

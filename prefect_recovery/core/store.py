@@ -654,9 +654,12 @@ class Store:
 
     def versions(self, lineage: str) -> dict[int, list[str]]:
         """Every version number any region lists for ``lineage``, with the regions listing it."""
-        return self._versions(lineage)[0]
+        return self.version_listing(lineage)[0]
 
-    def _versions(self, lineage: str) -> tuple[dict[int, list[str]], dict[str, str]]:
+    def version_listing(self, lineage: str) -> tuple[dict[int, list[str]], dict[str, str]]:
+        """Versions listed per region: every version number any region lists for ``lineage``, with
+        the regions listing it (in region order), and the regions that could not be listed (with
+        why). Regions are listed in parallel, each bounded by ``read_deadline``."""
         check_lineage(lineage)
         listed, unreachable = self._list_all(manifests_prefix(lineage))
         found: dict[int, list[str]] = {}
@@ -732,7 +735,7 @@ class Store:
     def _consistent(
         self, lineage: str, version: int, listing: tuple[dict[int, list[str]], dict[str, str]] | None = None
     ) -> tuple[tuple[Manifest, list[str]] | None, ManifestCopies | None]:
-        listed, unreachable = listing if listing is not None else self._versions(lineage)
+        listed, unreachable = listing if listing is not None else self.version_listing(lineage)
         holders_listed = listed.get(version)
         if not holders_listed:
             return None, None
@@ -761,7 +764,7 @@ class Store:
         naming the damage.
         """
         check_lineage(lineage)
-        listing = self._versions(lineage)
+        listing = self.version_listing(lineage)
         listed = listing[0]
         candidates = [version] if version is not None else sorted(listed, reverse=True)
         for candidate in candidates:
@@ -791,7 +794,7 @@ class Store:
         raise CheckpointNotFoundError(f"lineage {lineage!r} has no consistent checkpoint in {self.region_names}")
 
     def consistent_versions(self, lineage: str) -> list[int]:
-        listing = self._versions(lineage)
+        listing = self.version_listing(lineage)
         return [v for v in listing[0] if self.consistent_manifest(lineage, v, listing)]
 
     def list(self, lineage: str | None = None) -> list[CheckpointInfo]:
@@ -804,7 +807,7 @@ class Store:
         """
         infos = []
         for name in [lineage] if lineage else self.lineages():
-            listing = self._versions(name)
+            listing = self.version_listing(name)
             untrusted: tuple[int, ManifestCopies] | None = None
             for version in listing[0]:
                 found, copies = self._consistent(name, version, listing)
