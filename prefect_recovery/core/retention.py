@@ -26,14 +26,14 @@ manifest names any more.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import CheckpointNotFoundError, JournalError, ManifestError, ObjectNotFoundError, RegionError
-from .journal import Journal, JournalEvent, replay
+from .journal import Journal
 from .layout import LIGHT_SUFFIX, STEPS_SUFFIX, manifest_key
 from .manifest import MAX_MANIFEST_BYTES, Manifest, decode_manifest
 from .store import Store
@@ -274,31 +274,6 @@ def _latest_consistent(store: Store, lineage: str) -> int | None:
     return manifest.version
 
 
-def _unfinished_resume_version(events: Sequence[JournalEvent], latest: int | None) -> tuple[bool, int | None]:
-    """Whether the journal says a run or recovery is unfinished, and the oldest version it may resume from."""
-    history = replay(events)
-    pending = [r for r in history.recoveries if r.get("finished_seq") is None]
-    unfinished = history.status in ("running", "failed") or bool(pending)
-    if not unfinished:
-        return False, None
-    candidates = [latest] if latest is not None else []
-    current_run_start = None
-    for event in events:
-        if event.kind == "run_started":
-            current_run_start = event
-    if current_run_start is not None:
-        pinned = current_run_start.data.get("resume_version")
-        if isinstance(pinned, int) and not isinstance(pinned, bool):
-            candidates.append(pinned)
-    for recovery in pending:
-        started = recovery.get("started")
-        checkpoint = started.get("checkpoint") if isinstance(started, dict) else None
-        pinned = checkpoint.get("version") if isinstance(checkpoint, dict) else None
-        if isinstance(pinned, int) and not isinstance(pinned, bool):
-            candidates.append(pinned)
-    return True, min(candidates) if candidates else None
-
-
 def _guard(store: Store, lineage: str, light_of: str | None) -> _Guard:
     """Latest consistent version and the resume point of an unfinished run, for one lineage.
 
@@ -308,18 +283,18 @@ def _guard(store: Store, lineage: str, light_of: str | None) -> _Guard:
     latest = _latest_consistent(store, lineage)
     owner = light_of or lineage
     try:
-        events = Journal(store, owner).events()
+        history = Journal(store, owner).history()
     except (JournalError, RegionError) as exc:
         return _Guard(latest=latest, refusal=f"the journal of {owner!r} cannot be read ({exc}); deleting nothing")
     if light_of is None:
-        unfinished, resume_from = _unfinished_resume_version(events, latest)
+        unfinished, resume_from = history.unfinished, history.resume_floor(latest)
         if unfinished and resume_from is None:
             return _Guard(latest=latest)  # nothing committed to resume from yet
         note = f"{lineage}: an unfinished run may resume from v{resume_from}; keeping it and every newer version"
         return _Guard(latest=latest, resume_from=resume_from, note=note if unfinished else None)
     parent_latest = _latest_consistent(store, light_of)
-    unfinished, parent_resume = _unfinished_resume_version(events, parent_latest)
-    if not unfinished:
+    parent_resume = history.resume_floor(parent_latest)
+    if not history.unfinished:
         return _Guard(latest=latest)
     resume_step: int | None = None
     if parent_resume is not None:
