@@ -1,6 +1,7 @@
 """Whether the process that wrote a journal event is still alive (lineage holders).
 
-A run records ``process_identity()`` in its ``run_started`` / ``recovery_started`` event. Another
+This module owns the identity of a process (``host_and_pid``, ``process_identity``). A run
+records ``process_identity()`` in its ``run_started`` / ``recovery_started`` event. Another
 process on the same machine (same boot) can then tell for certain whether that run is still
 alive: the pid exists *and* started at the recorded time, so a recycled pid does not count.
 From another machine the answer is ``None`` (unknown); the flows layer then asks the
@@ -37,10 +38,16 @@ def _start_ticks(pid: int) -> int | None:
         return None
 
 
+def host_and_pid() -> tuple[str, int]:
+    """This process's host name and pid: the identity every record of the store names (a
+    manifest's ``writer``, ``process_identity``)."""
+    return socket.gethostname(), os.getpid()
+
+
 def process_identity() -> dict[str, JsonValue]:
     """host, boot, pid and pid start time of this process."""
-    pid = os.getpid()
-    return {"host": socket.gethostname(), "boot_id": _boot_id(), "pid": pid, "pid_start": _start_ticks(pid)}
+    host, pid = host_and_pid()
+    return {"host": host, "boot_id": _boot_id(), "pid": pid, "pid_start": _start_ticks(pid)}
 
 
 def is_alive(identity: object) -> bool | None:
@@ -48,7 +55,7 @@ def is_alive(identity: object) -> bool | None:
     if not isinstance(identity, dict):
         return None
     pid, start, boot = identity.get("pid"), identity.get("pid_start"), identity.get("boot_id")
-    if identity.get("host") != socket.gethostname() or not isinstance(pid, int) or boot is None:
+    if identity.get("host") != host_and_pid()[0] or not isinstance(pid, int) or boot is None:
         return None
     if boot != _boot_id():
         return False  # same host name, but the machine rebooted since: every process of then is gone

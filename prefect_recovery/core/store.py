@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -51,6 +50,7 @@ from .layout import (
     manifests_prefix,
     version_from_manifest_name,
 )
+from .liveness import host_and_pid
 from .manifest import MAX_MANIFEST_BYTES, Component, Entry, Manifest, ManifestBody, ShardInfo, decode_manifest
 from .models import CheckpointInfo
 from .observe import StoreEvent, StoreObserver, notify
@@ -142,7 +142,8 @@ def _writer_info() -> dict[str, JsonValue]:
         version = importlib_metadata.version("prefect-recovery")
     except importlib_metadata.PackageNotFoundError:
         version = "unknown"
-    return {"host": socket.gethostname(), "pid": os.getpid(), "prefect_recovery": version}
+    host, pid = host_and_pid()
+    return {"host": host, "pid": pid, "prefect_recovery": version}
 
 
 class Store:
