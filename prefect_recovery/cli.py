@@ -540,7 +540,7 @@ def demo(
     as_json: JsonOpt = False,
 ) -> None:
     """Run the example pipeline (embedded defaults unless --region/--store); resume the lineage if it is unfinished."""
-    from .flows.example_pipeline import example_pipeline
+    from .examples.pipeline import example_pipeline
     from .flows.lineage_status import lineage_status
 
     try:

@@ -17,7 +17,6 @@ from typing import Any
 
 PIPELINE_DEPLOYMENT = "example-pipeline/example-pipeline"
 RECOVER_DEPLOYMENT = "recover/recover"
-AUDIT_DEPLOYMENT = "audit/audit-daily"
 AUDIT_CRON = "0 3 * * *"
 ZOMBIE_AUTOMATION = "prefect-recovery: crash zombie flow runs"
 RECOVER_AUTOMATION = "prefect-recovery: recover crashed pipeline runs"
@@ -26,8 +25,8 @@ RECOVER_AUTOMATION = "prefect-recovery: recover crashed pipeline runs"
 def build_deployments() -> list[Any]:
     from prefect.deployments.runner import EntrypointType
 
+    from .examples.pipeline import example_pipeline
     from .flows.audit import audit
-    from .flows.example_pipeline import example_pipeline
     from .flows.recover import recover
 
     # Module paths, not file paths: the runner starts each run in a fresh process that imports

@@ -311,7 +311,7 @@ def test_prefect_deploy_all_from_yaml(tmp_path: Path) -> None:
         pool = api(server, "GET", "/work_pools/recovery-pool")
         assert pool["type"] == "process"  # type: ignore[index]
         expected = {
-            "example-pipeline/example-pipeline": "prefect_recovery.flows.example_pipeline.example_pipeline",
+            "example-pipeline/example-pipeline": "prefect_recovery.examples.pipeline.example_pipeline",
             "recover/recover": "prefect_recovery.flows.recover.recover",
             "audit/audit-daily": "prefect_recovery.flows.audit.audit",
         }

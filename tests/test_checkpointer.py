@@ -369,7 +369,7 @@ def test_a_full_resume_continues_bit_identically(store):
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
         scaler = torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=2)
         dataset = TensorDataset(torch.randn(50, 6, generator=torch.Generator().manual_seed(0)), torch.arange(50) % 3)
-        # the loader's own generator: iter(loader) must not draw from the global torch RNG (as in example.py)
+        # the loader's own generator: iter(loader) must not draw from the global torch RNG (as in examples/workload.py)
         loader = StatefulDataLoader(
             dataset, batch_size=8, sampler=ResumableRandomSampler(50, seed=3), generator=torch.Generator()
         )

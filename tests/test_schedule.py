@@ -196,7 +196,7 @@ def test_built_from_a_plain_dict_like_a_deployment_parameter():
 
 
 def test_example_flow_accepts_the_schedule_as_a_parameter():
-    from prefect_recovery.flows.example_pipeline import example_pipeline
+    from prefect_recovery.examples.pipeline import example_pipeline
 
     raw = {"triggers": [{"kind": "every_n_steps", "every": 7}, {"kind": "milestones", "names": ["final"]}]}
     params = example_pipeline.validate_parameters({"lineage": "x", "steps": 14, "schedule": raw})

@@ -146,6 +146,15 @@ def _writer_info() -> dict[str, JsonValue]:
     return {"host": host, "pid": pid, "prefect_recovery": version}
 
 
+def core_store(store: Any) -> Store:
+    """The core ``Store`` of ``store``: a core ``Store`` itself, or anything that holds one as
+    ``.core`` (the ``CheckpointStore`` block); every layer that accepts either asks this."""
+    if isinstance(store, Store):
+        return store
+    core = getattr(store, "core", None)
+    return store if core is None else core
+
+
 class Store:
     """Checkpoints of many lineages, replicated over several regions."""
 

@@ -11,16 +11,16 @@ from typing import TYPE_CHECKING, Any
 
 from prefect import flow, get_run_logger
 
-from ..tasks.example_steps import evaluate, finalize, prepare_data, train
+from ..flows.lineage_status import finished_result, lineage_status, open_store
+from ..flows.registry import register_pipeline
 from ..tasks.pipeline_run import PipelineRun, file_input
 from ..tasks.step import code_digest
-from ..training import example
 from ..training.schedule import CheckpointSchedule
-from .lineage_status import finished_result, lineage_status, open_store
-from .registry import register_pipeline
+from . import workload
+from .steps import evaluate, finalize, prepare_data, train
 
 if TYPE_CHECKING:
-    from .replay import ReplaySegment
+    from ..flows.replay import ReplaySegment
 
 DEFAULT_STEPS = 1000
 
@@ -33,8 +33,8 @@ def replay_training(segment: ReplaySegment) -> dict[str, Any]:
     data = segment.step_result("prepare-data")
     if data is None:  # no stored step result: make the data again from the parameters
         path = parameters.get("data_path")
-        data = example.load_data(path) if path else example.make_data(int(parameters["seed"]))
-    return example.replay_segment(
+        data = workload.load_data(path) if path else workload.make_data(int(parameters["seed"]))
+    return workload.replay_segment(
         segment.store,
         segment.lineage,
         data,
@@ -112,4 +112,4 @@ def example_pipeline(
     }
 
 
-__all__ = ["example_pipeline", "lineage_status"]
+__all__ = ["DEFAULT_STEPS", "example_pipeline", "replay_training"]

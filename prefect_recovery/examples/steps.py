@@ -1,4 +1,4 @@
-"""The example pipeline's steps: idempotent ``@step`` tasks over ``training.example``.
+"""The example pipeline's steps: idempotent ``@step`` tasks over the workload (``workload.py``).
 
 Each step's result is kept in the store, so a later run of the same lineage (a recovery)
 reuses the steps that finished; ``train`` resumes from the lineage's checkpoints.
@@ -13,10 +13,10 @@ from prefect import get_run_logger
 
 from ..blocks import CheckpointStore
 from ..core.errors import StepInputError
-from ..training import example
+from ..tasks.pipeline_run import current_run
+from ..tasks.step import step
 from ..training.schedule import CheckpointSchedule
-from .pipeline_run import current_run
-from .step import step
+from . import workload
 
 FINAL_MILESTONE = "final"
 
@@ -29,11 +29,11 @@ def prepare_data(seed: int, data_path: str | None = None, data_digest: str | Non
     """
     if data_path is not None:
         try:
-            data = example.load_data(data_path)
+            data = workload.load_data(data_path)
         except (OSError, ValueError) as exc:
             raise StepInputError(f"cannot read the dataset {data_path}: {exc}") from None
     else:
-        data = example.make_data(seed)
+        data = workload.make_data(seed)
     get_run_logger().info("prepared %s train / %s test samples", len(data["x_train"]), len(data["x_test"]))
     return data
 
@@ -56,7 +56,7 @@ def train(
         if step % 50 == 0 or step == steps:
             logger.info("step %s/%s", step, steps)
 
-    result = example.train(
+    result = workload.train(
         store,
         lineage,
         data,
@@ -75,7 +75,7 @@ def evaluate(
     store: CheckpointStore, lineage: str, trained: dict[str, Any], data: dict[str, torch.Tensor]
 ) -> dict[str, float]:
     """Evaluate the trained model (reads only the weights of the training's last checkpoint)."""
-    metrics = example.evaluate(store.load(lineage=lineage, version=trained["version"], keys=["model"]), data)
+    metrics = workload.evaluate(store.load(lineage=lineage, version=trained["version"], keys=["model"]), data)
     get_run_logger().info("test loss %.4f, accuracy %.4f", metrics["test_loss"], metrics["test_accuracy"])
     return metrics
 

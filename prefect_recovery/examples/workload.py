@@ -1,5 +1,5 @@
-"""The example workload behind the demo pipeline: seeded synthetic data, a small MLP, and a
-training loop checkpointed by ``Checkpointer``. Pure torch; the Prefect steps wrap it."""
+"""The example's workload: seeded synthetic data, a small MLP, and a training loop checkpointed
+by ``Checkpointer``. Pure torch; the Prefect steps in ``steps.py`` wrap it."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch
 from torch.utils.data import TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from .checkpointer import Checkpointer
-from .sampling import ResumableRandomSampler
-from .schedule import CheckpointSchedule, EveryNSteps, Milestones
+from ..training.checkpointer import Checkpointer
+from ..training.sampling import ResumableRandomSampler
+from ..training.schedule import CheckpointSchedule, EveryNSteps, Milestones
 
 FEATURES, CLASSES, HIDDEN = 128, 10, 512
 TRAIN_SAMPLES, TEST_SAMPLES, BATCH = 8192, 2048, 256
@@ -43,13 +43,6 @@ def make_data(seed: int) -> dict[str, torch.Tensor]:
         "x_test": x[TRAIN_SAMPLES:].contiguous(),
         "y_test": y[TRAIN_SAMPLES:].contiguous(),
     }
-
-
-def save_data(path: str | os.PathLike[str], data: dict[str, torch.Tensor]) -> None:
-    """Write a dataset as a safetensors file (what a pipeline with a real input reads)."""
-    from safetensors.torch import save_file
-
-    save_file(data, os.fspath(path))
 
 
 def load_data(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

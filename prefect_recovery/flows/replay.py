@@ -12,7 +12,7 @@ read. The process's RNG states and determinism settings are put back afterwards.
 The pipeline that wrote the lineage is found by the name its journal recorded, in the registry
 (``flows/registry.py``); it opts in with ``register_pipeline(flow, replay=hook)``, where
 ``hook(segment: ReplaySegment)`` returns the state its training holds at ``segment.to_step``
-(the example pipeline's hook drives ``training.example.replay_segment``).
+(the example pipeline's hook drives ``examples.workload.replay_segment``).
 
 ``sample_segment`` picks two consecutive heavy checkpoints of a lineage for an audit to check;
 ``replay_check_task`` and the ``replay-check`` flow run a check under Prefect.
@@ -37,7 +37,7 @@ from ..core.errors import CheckpointError, CheckpointNotFoundError, RecoveryErro
 from ..core.journal import Journal, JournalEvent
 from ..core.layout import LIGHT_SUFFIX, STEPS_SUFFIX
 from ..core.manifest import Manifest
-from ..core.store import Store
+from ..core.store import Store, core_store
 from ..tasks.pipeline_run import environment
 from ..training.replay import Difference, compare_state, preserved_global_state
 from ..training.state_io import load_state
@@ -68,7 +68,7 @@ class ReplaySegment:
 
     @property
     def core(self) -> Store:
-        return self.store.core if hasattr(self.store, "core") else self.store
+        return core_store(self.store)
 
     def step_result(self, name: str) -> Any:
         """The stored result of ``@step`` ``name`` in this lineage (what the training got), or None.
@@ -191,7 +191,7 @@ def replay_check(store: Any, lineage: str, from_version: int, to_version: int) -
             a pipeline that is not registered here or registered no replay hook, or a hook that failed.
     """
     started = time.monotonic()
-    core: Store = store.core if hasattr(store, "core") else store
+    core = core_store(store)
     if from_version >= to_version:
         raise ReplayError(
             f"--from {from_version} must be an earlier version than --to {to_version}; "
@@ -278,7 +278,7 @@ def sample_segment(
     With ``run_id``, only checkpoints that run committed (its ``checkpoint_committed`` events).
     Light-tier, final and step-less versions are never chosen.
     """
-    core: Store = store.core if hasattr(store, "core") else store
+    core = core_store(store)
     if lineage.endswith((LIGHT_SUFFIX, STEPS_SUFFIX)):
         return None
     try:

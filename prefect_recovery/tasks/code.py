@@ -5,9 +5,10 @@ pipeline's own modules changes what it computes. ``code_modules(fn)`` is the dig
 source plus the source of every *user module* it can reach: its own module, and every module
 that module (transitively) refers to through a module-level name (``import mymodels``,
 ``from mymodels import GRU``). User modules are those outside the standard library and
-installed packages (site-packages) and outside prefect-recovery itself (except its example
-pipeline). A change anywhere in them gives a new digest: a finished step whose code changed runs
-again, and preflight names the modules that changed.
+installed packages (site-packages) and outside prefect-recovery itself, except a package of it
+that ships pipeline code (its examples), which says so with ``__pipeline_code__ = True`` in its
+``__init__``. A change anywhere in them gives a new digest: a finished step whose code changed
+runs again, and preflight names the modules that changed.
 """
 
 from __future__ import annotations
@@ -24,12 +25,6 @@ from typing import Any
 from ..core.digest import hash_bytes
 from ..core.manifest import canonical_json
 
-# prefect-recovery's own modules are the library, not the pipeline; its example pipeline is a pipeline.
-_EXAMPLE_MODULES = {
-    "prefect_recovery.training.example",
-    "prefect_recovery.tasks.example_steps",
-    "prefect_recovery.flows.example_pipeline",
-}
 FUNCTION_KEY = "<function>"
 
 
@@ -53,12 +48,23 @@ def module_name(module: types.ModuleType) -> str:
     return name
 
 
+def _ships_pipeline_code(name: str) -> bool:
+    """Whether module ``name`` is in a package marked ``__pipeline_code__ = True`` (or is one)."""
+    parts = name.split(".")
+    return any(
+        getattr(sys.modules.get(".".join(parts[:end])), "__pipeline_code__", False) is True
+        for end in range(1, len(parts) + 1)
+    )
+
+
 def is_user_module(module: types.ModuleType) -> bool:
     file = getattr(module, "__file__", None)
     if not file or not file.endswith(".py"):
         return False
     name = module_name(module)
-    if name.split(".")[0] == "prefect_recovery" and name not in _EXAMPLE_MODULES:
+    # prefect-recovery's own modules are the library, not the pipeline; a package of it that ships
+    # a pipeline (its examples) is pipeline code like the user's.
+    if name.split(".")[0] == "prefect_recovery" and not _ships_pipeline_code(name):
         return False
     resolved = str(Path(file).resolve())
     return not any(resolved.startswith(root + "/") for root in _library_roots())

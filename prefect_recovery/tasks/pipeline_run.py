@@ -34,7 +34,7 @@ from ..core.layout import STEPS_SUFFIX, check_base_lineage, check_lineage
 from ..core.lineage_history import Claim, open_claims
 from ..core.liveness import is_alive, process_identity
 from ..core.models import CheckpointInfo
-from ..core.store import Store
+from ..core.store import Store, core_store
 from ..training.context import TrainingHooks, reset_hooks, set_hooks
 from .code import code_modules, digest_of
 
@@ -96,8 +96,7 @@ def state_digest(store: Any, lineage: str, version: int | None = None) -> str:
 
     ``version`` defaults to the lineage's latest consistent checkpoint.
     """
-    core = store.core if hasattr(store, "core") else store
-    manifest, _holders = core.resolve(lineage, version)
+    manifest, _holders = core_store(store).resolve(lineage, version)
     return manifest.state_digest()
 
 
@@ -235,7 +234,7 @@ class PipelineRun:
         run_id: str | None = None,
     ):
         self.checkpoint_store = store  # the CheckpointStore block (or a core Store)
-        self.store: Store = store.core if hasattr(store, "core") else store
+        self.store: Store = core_store(store)
         self.lineage = check_base_lineage(lineage)  # exp.steps / exp.light are derived, never run by hand
         self.steps_lineage = f"{lineage}{STEPS_SUFFIX}"
         self.journal = Journal(self.store, lineage)

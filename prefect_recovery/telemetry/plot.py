@@ -19,7 +19,7 @@ from typing import Any
 from ..core.errors import CheckpointError
 from ..core.journal import Journal, JournalEvent
 from ..core.layout import LIGHT_SUFFIX
-from ..core.store import Store
+from ..core.store import core_store
 
 FIGSIZE = (10.0, 5.0)  # inches
 DPI = 100  # FIGSIZE * DPI = 1000 x 500 pixels
@@ -63,14 +63,9 @@ def _trigger_kind(trigger: str) -> str:
     return trigger.split(":", 1)[0].removesuffix("s") if trigger.startswith("milestone") else trigger
 
 
-def _core(store: Any) -> Store:
-    """A core ``Store``, or the ``CheckpointStore`` block's."""
-    return store if isinstance(store, Store) else store.core
-
-
 def timeline(store: Any, lineage: str) -> Timeline:
     """Read the checkpoints and journal of ``lineage`` (a core ``Store`` or a ``CheckpointStore``)."""
-    core = _core(store)
+    core = core_store(store)
     found = Timeline(lineage)
     for name, default_tier in ((lineage, "heavy"), (lineage + LIGHT_SUFFIX, "light")):
         for info in core.list(name):

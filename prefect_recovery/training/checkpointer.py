@@ -46,7 +46,7 @@ from ..core.errors import CheckpointNotFoundError
 from ..core.layout import LIGHT_SUFFIX, check_base_lineage
 from ..core.manifest import Component
 from ..core.models import CheckpointInfo
-from ..core.store import Store
+from ..core.store import core_store
 from . import rng_guard
 from .async_saver import AsyncSaver
 from .context import active_hooks
@@ -74,10 +74,6 @@ class Preempted(SystemExit):
     def __init__(self, info: CheckpointInfo | None):
         super().__init__(PREEMPTED_EXIT_CODE)
         self.info = info
-
-
-def _core_store(store: Any) -> Store:
-    return store if isinstance(store, Store) else store.core  # a CheckpointStore block
 
 
 class UnseededInitWarning(UserWarning):
@@ -137,7 +133,7 @@ class Checkpointer:
         resume_version: int | None = None,
         strict_determinism: bool | None = None,
     ):
-        self.store = _core_store(store)
+        self.store = core_store(store)
         self.lineage = check_base_lineage(lineage)  # exp.light / exp.steps are derived lineages, never by hand
         if data is not None:
             data = adapt(data)  # refuses a plain DataLoader with the fix; see training/loaders.py
