@@ -24,7 +24,7 @@ from ..core.manifest import Manifest
 from ..core.region import LocalRegionIO
 from ..core.store import Store
 from ..training.encoding import DTYPES
-from .code import changed_units
+from .code import changed_units, digest_of
 from .pipeline_run import describe_claim, environment, file_input, live_claims
 from .step import STEP_CODE
 
@@ -192,13 +192,14 @@ def check_code(ctx: PreflightContext) -> CheckResult:
         warnings.append(f"the pipeline's code changed since the run{what}")
     drifted: dict[str, str] = {}
     for event in ctx.events:
-        step, code = event.data.get("step"), event.data.get("code")
-        if event.kind != "step_completed" or not code or step not in STEP_CODE or STEP_CODE[step] == code:
+        step, code, then = event.data.get("step"), event.data.get("code"), event.data.get("code_modules")
+        if event.kind != "step_completed" or not code or not isinstance(step, str) or step not in STEP_CODE:
             continue
-        then = event.data.get("code_modules")
-        drifted[str(step)] = (
-            ", ".join(changed_units(then, STEP_CODE.modules(str(step)))) if isinstance(then, dict) else ""
-        )
+        recorded = then if isinstance(then, dict) else None
+        now = STEP_CODE.modules(step, recorded)  # this pipeline's definition, if another defines the same name
+        if now is None or digest_of(now) == code:
+            continue
+        drifted[step] = ", ".join(changed_units(recorded, now)) if recorded is not None else ""
     if drifted:
         listed = "; ".join(f"{step}" + (f" ({what})" if what else "") for step, what in sorted(drifted.items()))
         warnings.append(f"steps whose code changed since they ran (they will run again): {listed}")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import functools
 import inspect
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -45,24 +46,50 @@ from ..core.manifest import canonical_json
 from ..core.models import CheckpointInfo
 from ..training.encoding import UnsupportedValueError, encode_state
 from ..training.state_io import load_state, save_state
-from .code import code_modules, digest_of
+from .code import code_modules, digest_of, module_name
 from .pipeline_run import PipelineRun, current_run
 
 R = TypeVar("R")
 
 
-class _StepCode(Mapping[str, str]):
-    """Step name -> digest of its code (``code_modules``), computed on first use: the modules a
-    step refers to may define names after the step is decorated."""
+class _StepCode:
+    """Every ``@step`` defined in this process, by step name, and the digest of its code
+    (``code_modules``, computed on first use: the modules a step refers to may define names after
+    the step is decorated).
+
+    Two pipelines may each define a step of the same name (both a ``train``): every definition is
+    kept, and the one a journaled step ran is told apart by its defining module, which the step's
+    recorded ``code_modules`` name. Defining the same function again (a re-import) replaces it.
+    """
 
     def __init__(self) -> None:
-        self.functions: dict[str, Callable[..., Any]] = {}
+        self.functions: dict[str, list[Callable[..., Any]]] = {}
 
-    def modules(self, name: str) -> dict[str, str]:
-        return _modules_of(self.functions[name])
+    def add(self, name: str, func: Callable[..., Any]) -> None:
+        identity = (func.__module__, func.__qualname__)
+        kept = [f for f in self.functions.get(name, []) if (f.__module__, f.__qualname__) != identity]
+        self.functions[name] = [*kept, func]
 
-    def __getitem__(self, name: str) -> str:
-        return digest_of(self.modules(name))
+    def definition(self, name: str, recorded_modules: Mapping[str, Any] | None = None) -> Callable[..., Any] | None:
+        """The definition of step ``name`` that ran with ``recorded_modules`` (the one defined in a
+        module they name); the only definition when there is one; None when none or ambiguous."""
+        definitions = self.functions.get(name, [])
+        if recorded_modules is not None:
+            matching = [f for f in definitions if f.__module__ in recorded_modules or _defined_in(f, recorded_modules)]
+            if len(matching) == 1:
+                return matching[0]
+        return definitions[0] if len(definitions) == 1 else None
+
+    def modules(self, name: str, recorded_modules: Mapping[str, Any] | None = None) -> dict[str, str] | None:
+        func = self.definition(name, recorded_modules)
+        return None if func is None else _modules_of(func)
+
+    def digest(self, name: str, recorded_modules: Mapping[str, Any] | None = None) -> str | None:
+        units = self.modules(name, recorded_modules)
+        return None if units is None else digest_of(units)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.functions
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.functions)
@@ -71,12 +98,18 @@ class _StepCode(Mapping[str, str]):
         return len(self.functions)
 
 
+def _defined_in(func: Callable[..., Any], recorded_modules: Mapping[str, Any]) -> bool:
+    """Whether the module that defines ``func`` is among ``recorded_modules`` under its file-derived name."""
+    module = sys.modules.get(func.__module__)
+    return module is not None and module_name(module) in recorded_modules
+
+
 @functools.cache
 def _modules_of(fn: Callable[..., Any]) -> dict[str, str]:
     return code_modules(fn)
 
 
-# Step name -> digest of its code, for every step defined in this process (preflight's drift check).
+# Every step defined in this process, by name (preflight's drift check, recover's --from-step).
 STEP_CODE = _StepCode()
 
 
@@ -182,7 +215,7 @@ def step(
 
     def decorate(func: Callable[..., R]) -> Task[..., R]:
         step_name = name or func.__name__.replace("_", "-")
-        STEP_CODE.functions[step_name] = func
+        STEP_CODE.add(step_name, func)
         signature = inspect.signature(func)
         skipped = set(ignore)
         unknown = skipped - set(signature.parameters)
