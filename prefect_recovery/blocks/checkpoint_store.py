@@ -350,8 +350,6 @@ class CheckpointStore(Block):
         state, _manifest = load_state(self.core, lineage=lineage, version=version, keys=keys, into=into)
         return state
 
-    load_checkpoint = _load_checkpoint
-
     def list(self, lineage: str | None = None) -> builtins.list[CheckpointInfo]:
         """Every consistent checkpoint, oldest first (of one lineage, or all)."""
         return self.core.list(lineage)

@@ -27,7 +27,6 @@ MAX_ATTEMPTS = 32
 @dataclass
 class Published:
     number: int
-    data: bytes
     holders: list[str]
     lagging: dict[str, str] = field(default_factory=dict)
 
@@ -129,4 +128,4 @@ def _replicate(
             causes,
         )
     holders.sort(key=order.index)
-    return Published(number, data, holders, causes)
+    return Published(number, holders, causes)

@@ -174,7 +174,6 @@ class Checkpointer:
         self.step_count = 0
         self.epoch = 0
         self.resumed_from: dict[str, int | None] | None = None
-        self.last_info: CheckpointInfo | None = None
         self._settings: dict[str, Any] | None = None
         self._last_save = {"light": clock(), "heavy": clock()}
         self._saver = AsyncSaver(self.schedule.max_in_flight, self.schedule.on_backpressure)
@@ -238,7 +237,6 @@ class Checkpointer:
         self.step_count = int(state["counters"]["step"])
         self.epoch = int(state["counters"]["epoch"])
         self.resumed_from = {"version": manifest.version, "step": manifest.step}
-        self.last_info = None
         now = self.clock()
         self._last_save = {"light": now, "heavy": now}
         logger.info("restored %s v%s at step %s", self.lineage, manifest.version, manifest.step)
@@ -382,10 +380,8 @@ class Checkpointer:
             finally:
                 if slot is not None:
                     self._staging.give_back(slot)
-            if tier == "heavy":
-                self.last_info = info
-                if self.on_commit is not None:
-                    self.on_commit(info)
+            if tier == "heavy" and self.on_commit is not None:
+                self.on_commit(info)
             return info
 
         now = self.clock()
