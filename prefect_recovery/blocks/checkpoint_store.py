@@ -390,3 +390,15 @@ class CheckpointStore(Block):
     def verify(self, repair: bool = False, lineage: str | None = None) -> VerifyReport:
         """Re-hash every manifest and blob in every region; ``repair`` heals from good copies."""
         return verify_store(self.core, repair=repair, lineage=lineage)
+
+
+def open_store(
+    store_block: str | None = None, regions: list[str] | None = None, write_quorum: int = 1
+) -> CheckpointStore:
+    """The store a flow runs against: a saved ``CheckpointStore`` block by name, else the given
+    regions, else the embedded default store. Every flow opens its store here."""
+    if store_block:
+        return CheckpointStore.load(store_block)
+    if regions:
+        return CheckpointStore(regions=regions, write_quorum=write_quorum)
+    return CheckpointStore.default()

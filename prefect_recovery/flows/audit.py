@@ -26,7 +26,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from ..blocks import CheckpointStore
+from ..blocks import CheckpointStore, open_store
 from ..core.audit import AuditReport
 from ..core.errors import CheckpointError, RecoveryError, ReplayError
 from ..core.layout import LIGHT_SUFFIX, STEPS_SUFFIX
@@ -110,7 +110,7 @@ def audit(
         seed: Seed of the random choices (read_data sample, replay segment).
     """
     logger = get_run_logger()
-    store = CheckpointStore.load(store_block) if store_block else CheckpointStore.default()
+    store = open_store(store_block)
     report = store.audit(
         read_data=read_data,
         repair=repair,

@@ -10,23 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from ..blocks import CheckpointStore
+from ..blocks import open_store as open_store  # re-exported for pipelines that import it from here
 from ..core.journal import Journal, JournalEvent, replay
 from ..tasks.pipeline_run import state_digest
 
 # Lineages written before the journal existed (0.1 alpha) marked their end with this checkpoint
 # trigger; they still count as finished.
 LEGACY_FINAL_TRIGGER = "milestone:final"
-
-
-def open_store(
-    store_block: str | None = None, regions: list[str] | None = None, write_quorum: int = 1
-) -> CheckpointStore:
-    """A saved block by name, the given regions, or the embedded default store."""
-    if store_block:
-        return CheckpointStore.load(store_block)
-    if regions:
-        return CheckpointStore(regions=regions, write_quorum=write_quorum)
-    return CheckpointStore.default()
 
 
 def lineage_status(store: CheckpointStore, lineage: str) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from ..blocks import CheckpointStore
+from ..blocks import CheckpointStore, open_store
 from ..core.errors import CheckpointNotFoundError, PreflightError, RecoveryError
 from ..core.journal import Journal, JournalEvent, replay
 from ..core.manifest import Manifest
@@ -29,7 +29,7 @@ from ..tasks.pipeline_run import RecoveryPlan, claim_lineage, current_run_id, re
 from ..tasks.preflight import CheckResult, PreflightContext, as_rows, run_checks
 from ..tasks.step import STEP_CODE, code_digest
 from ..telemetry import emit_recovery_finished, emit_recovery_started
-from .lineage_status import finished_outputs, finished_result, lineage_status, open_store
+from .lineage_status import finished_outputs, finished_result, lineage_status
 from .registry import resolve_pipeline
 
 _TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}

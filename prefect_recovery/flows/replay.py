@@ -32,7 +32,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from ..blocks import CheckpointStore
+from ..blocks import CheckpointStore, open_store
 from ..core.errors import CheckpointError, CheckpointNotFoundError, RecoveryError, ReplayError
 from ..core.journal import Journal, JournalEvent
 from ..core.layout import LIGHT_SUFFIX, STEPS_SUFFIX
@@ -359,7 +359,7 @@ def replay_check_flow(
         store_block: Name of a saved CheckpointStore block; default the embedded local store.
         fail_on_difference: Fail the run (after publishing the report) when the replay differs.
     """
-    store = CheckpointStore.load(store_block) if store_block else CheckpointStore.default()
+    store = open_store(store_block)
     report = replay_check_task(store, lineage, from_version, to_version)
     create_markdown_artifact(
         key="replay-" + (re.sub(r"[^a-z0-9-]+", "-", lineage.lower()).strip("-") or "lineage"),
