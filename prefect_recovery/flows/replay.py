@@ -38,7 +38,7 @@ from ..core.journal import Journal, JournalEvent
 from ..core.layout import LIGHT_SUFFIX, STEPS_SUFFIX
 from ..core.manifest import Manifest
 from ..core.store import Store, core_store
-from ..tasks.pipeline_run import environment
+from ..tasks.pipeline_run import environment_differences
 from ..training.replay import Difference, compare_state, preserved_global_state
 from ..training.state_io import load_state
 from .registry import replay_hook
@@ -161,18 +161,8 @@ def _writer_run(events: list[JournalEvent], version: int) -> JournalEvent | None
 def _environment_notes(recorded: Any) -> list[str]:
     if not isinstance(recorded, dict):
         return []
-    here = environment()
-    notes = []
-    if recorded.get("python") not in (None, here["python"]):
-        notes.append(f"Python {here['python']} here, the run used {recorded['python']}")
-    theirs, ours = recorded.get("packages") or {}, here["packages"]
-    if isinstance(theirs, dict) and isinstance(ours, dict):
-        for package in ("torch", "numpy", "torchdata"):
-            if theirs.get(package) not in (None, ours.get(package)):
-                notes.append(f"{package} {ours.get(package)} installed, the run used {theirs[package]}")
-    if recorded.get("cuda_available") not in (None, here.get("cuda_available")):
-        notes.append(f"CUDA available here: {here.get('cuda_available')}, in the run: {recorded['cuda_available']}")
-    return notes
+    problems, warnings = environment_differences(recorded)  # what the recovery's preflight checks
+    return problems + warnings
 
 
 def replay_check(store: Any, lineage: str, from_version: int, to_version: int) -> ReplayReport:

@@ -20,7 +20,7 @@ import contextvars
 import dataclasses
 import platform
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from importlib import metadata
 from typing import Any, Literal
 from uuid import UUID
@@ -62,6 +62,34 @@ def environment() -> dict[str, JsonValue]:
     except ImportError:  # pragma: no cover - torch is a dependency
         pass
     return env
+
+
+def environment_differences(
+    recorded: Mapping[str, Any], now: Mapping[str, Any] | None = None
+) -> tuple[list[str], list[str]]:
+    """How this environment (``now``, default ``environment()``) differs from a run's recorded
+    ``environment()`` in what a bit-identical result depends on: ``(problems, warnings)``.
+    Problems: another Python, another version of a package the run recorded, no CUDA where the run
+    had it. Warnings: another torch thread count (a checkpoint restores its own). The one answer
+    for the recovery's preflight and the replay check's notes."""
+    now = environment() if now is None else now
+    problems: list[str] = []
+    warnings: list[str] = []
+    if recorded.get("python") != now["python"]:
+        problems.append(f"Python {now['python']} here, the run used {recorded.get('python')}")
+    packages_then = recorded.get("packages") if isinstance(recorded.get("packages"), dict) else {}
+    packages_now = now["packages"] if isinstance(now["packages"], dict) else {}
+    for package, version in sorted(packages_then.items()):
+        if package in packages_now and packages_now[package] != version:
+            problems.append(f"{package} {packages_now[package]} installed, the run used {version}")
+    if recorded.get("cuda_available") and not now.get("cuda_available"):
+        problems.append("the run used CUDA and no CUDA device is available here")
+    if "torch_threads" in recorded and recorded["torch_threads"] != now.get("torch_threads"):
+        warnings.append(
+            f"torch uses {now.get('torch_threads')} threads here, the run used {recorded['torch_threads']} "
+            "(the checkpoint restores its own setting)"
+        )
+    return problems, warnings
 
 
 def running_flow_code() -> dict[str, str] | None:

@@ -25,7 +25,7 @@ from ..core.region import LocalRegionIO
 from ..core.store import Store
 from ..training.encoding import DTYPES
 from .code import changed_units, digest_of
-from .pipeline_run import describe_claim, environment, file_input, live_claims
+from .pipeline_run import describe_claim, environment, environment_differences, file_input, live_claims
 from .step import STEP_CODE
 
 Status = Literal["pass", "warn", "fail"]
@@ -71,21 +71,7 @@ def check_environment(ctx: PreflightContext) -> CheckResult:
     if not isinstance(recorded, dict):
         return CheckResult(check="environment", status="warn", reason="the run recorded no environment")
     now = environment()
-    problems, warnings = [], []
-    if recorded.get("python") != now["python"]:
-        problems.append(f"Python {now['python']} here, the run used {recorded.get('python')}")
-    packages_then = recorded.get("packages") if isinstance(recorded.get("packages"), dict) else {}
-    packages_now = now["packages"] if isinstance(now["packages"], dict) else {}
-    for package, version in sorted(packages_then.items()):
-        if package in packages_now and packages_now[package] != version:
-            problems.append(f"{package} {packages_now[package]} installed, the run used {version}")
-    if recorded.get("cuda_available") and not now.get("cuda_available"):
-        problems.append("the run used CUDA and no CUDA device is available here")
-    if "torch_threads" in recorded and recorded["torch_threads"] != now.get("torch_threads"):
-        warnings.append(
-            f"torch uses {now.get('torch_threads')} threads here, the run used {recorded['torch_threads']} "
-            "(the checkpoint restores its own setting)"
-        )
+    problems, warnings = environment_differences(recorded, now)
     if problems:
         problems.append("install the versions the run used (bit-identical results depend on them)")
     return _result("environment", problems, warnings, f"Python {now['python']}, same libraries as the run")
