@@ -33,6 +33,12 @@ _EXPORTS = {
     "DeterminismError": "prefect_recovery.training.rng_guard",
     "UnsupportedLoaderError": "prefect_recovery.training.loaders",
     "step": "prefect_recovery.tasks.step",
+    "LineageBusyError": "prefect_recovery.tasks.errors",
+    "PreflightError": "prefect_recovery.tasks.errors",
+    "RecoveryError": "prefect_recovery.tasks.errors",
+    "ReplayError": "prefect_recovery.tasks.errors",
+    "StepInputError": "prefect_recovery.tasks.errors",
+    "StepResultError": "prefect_recovery.tasks.errors",
     "PipelineRun": "prefect_recovery.tasks.pipeline_run",
     "file_input": "prefect_recovery.tasks.pipeline_run",
     "state_digest": "prefect_recovery.tasks.pipeline_run",
@@ -49,14 +55,20 @@ __all__ = [
     "Checkpointer",
     "DeterminismError",
     "EveryNSteps",
+    "LineageBusyError",
     "ManifestError",
     "ManifestSignatureError",
     "Milestones",
     "PipelineRun",
+    "PreflightError",
     "QuorumNotMetError",
+    "RecoveryError",
     "Region",
     "RegionUnavailableError",
+    "ReplayError",
     "RetentionPolicy",
+    "StepInputError",
+    "StepResultError",
     "Timebox",
     "UnsupportedLoaderError",
     "VerifyReport",
@@ -82,6 +94,14 @@ if TYPE_CHECKING:  # pragma: no cover
         VerifyReport,
     )
     from .flows.registry import register_pipeline
+    from .tasks.errors import (
+        LineageBusyError,
+        PreflightError,
+        RecoveryError,
+        ReplayError,
+        StepInputError,
+        StepResultError,
+    )
     from .tasks.pipeline_run import PipelineRun, file_input, state_digest
     from .tasks.step import step
     from .training.checkpointer import Checkpointer

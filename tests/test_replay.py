@@ -24,12 +24,12 @@ from helpers.snapshot import snapshot
 
 from prefect_recovery import CheckpointStore
 from prefect_recovery.blocks.checkpoint_store import HOME_ENV
-from prefect_recovery.core.errors import RecoveryError, ReplayError
 from prefect_recovery.core.journal import Journal
 from prefect_recovery.examples.pipeline import example_pipeline
 from prefect_recovery.flows.audit import audit
 from prefect_recovery.flows.registry import PIPELINES, REPLAY_HOOKS
 from prefect_recovery.flows.replay import replay_check, replay_check_flow, sample_segment
+from prefect_recovery.tasks.errors import RecoveryError, ReplayError
 from prefect_recovery.training.schedule import CheckpointSchedule, EveryNSteps, Milestones
 
 TESTS = Path(__file__).resolve().parent

@@ -28,12 +28,11 @@ from prefect_recovery.core.errors import (
     BlobUnavailableError,
     QuorumNotMetError,
     RegionUnavailableError,
-    StepInputError,
-    StepResultError,
     StorageFullError,
 )
 from prefect_recovery.core.journal import Journal, JournalEvent
 from prefect_recovery.core.layout import blob_key
+from prefect_recovery.tasks.errors import StepInputError, StepResultError
 from prefect_recovery.tasks.pipeline_run import PipelineRun, current_run
 from prefect_recovery.tasks.step import is_transient, retry_transient, step
 

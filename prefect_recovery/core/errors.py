@@ -103,30 +103,19 @@ class BlobUnavailableError(CheckpointError):
         self.causes = causes
 
 
-class RecoveryError(CheckpointError):
-    """Base of the errors of pipeline steps and recovery (the flows layer)."""
+# The errors of pipeline steps and recovery are raised by the tasks and flows layers only and live
+# in ``prefect_recovery.tasks.errors`` (also exported by ``prefect_recovery``). Older imports from
+# here keep working; nothing in core raises them. ``prefect_recovery.tasks.errors`` imports only this
+# module, so this never pulls in Prefect or torch.
+_MOVED = frozenset(
+    {"RecoveryError", "StepInputError", "StepResultError", "LineageBusyError", "PreflightError", "ReplayError"}
+)
 
 
-class StepInputError(RecoveryError, ValueError):
-    """A step got an input it cannot use; retrying would not help, so it fails at once."""
+def __getattr__(name: str) -> type[CheckpointError]:
+    if name in _MOVED:
+        from ..tasks import errors
 
-
-class StepResultError(RecoveryError, TypeError):
-    """A step's inputs or result cannot be digested or stored without pickle."""
-
-
-class LineageBusyError(RecoveryError):
-    """Another live run or recovery holds the lineage; this one stops without changing anything."""
-
-
-class PreflightError(RecoveryError):
-    """Preflight checks failed in strict mode; the message lists each failure and how to fix it."""
-
-    def __init__(self, message: str, results: list[dict[str, str]] | None = None):
-        super().__init__(message)
-        self.results = results or []
-
-
-class ReplayError(RecoveryError):
-    """A replay check cannot run: bad versions, a light-tier or final checkpoint, or a pipeline
-    that is not registered here or has no replay hook; the message says what to use instead."""
+        value: type[CheckpointError] = getattr(errors, name)
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

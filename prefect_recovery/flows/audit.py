@@ -28,8 +28,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from ..blocks import CheckpointStore, open_store
 from ..core.audit import AuditReport
-from ..core.errors import CheckpointError, RecoveryError, ReplayError
+from ..core.errors import CheckpointError
 from ..core.layout import LIGHT_SUFFIX, STEPS_SUFFIX
+from ..tasks.errors import RecoveryError, ReplayError
 from ..telemetry.events import emit_audit_problem
 
 PLOTTED_LINEAGES = 3

@@ -21,10 +21,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from ..blocks import CheckpointStore, open_store
-from ..core.errors import CheckpointNotFoundError, PreflightError, RecoveryError
+from ..core.errors import CheckpointNotFoundError
 from ..core.journal import Journal, JournalEvent, replay
 from ..core.manifest import Manifest
 from ..tasks.code import code_modules
+from ..tasks.errors import PreflightError, RecoveryError
 from ..tasks.pipeline_run import RecoveryPlan, claim_lineage, current_run_id, recovery_plan
 from ..tasks.preflight import CheckResult, PreflightContext, as_rows, run_checks
 from ..tasks.step import STEP_CODE, code_digest

@@ -23,7 +23,7 @@ from typing import Any, overload
 
 from prefect import Flow
 
-from ..core.errors import RecoveryError
+from ..tasks.errors import RecoveryError
 
 PIPELINES: dict[str, Flow[..., Any]] = {}
 # Flow name -> replay hook: (ReplaySegment) -> the training state at the segment's end step.

@@ -33,11 +33,12 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from ..blocks import CheckpointStore, open_store
-from ..core.errors import CheckpointError, CheckpointNotFoundError, RecoveryError, ReplayError
+from ..core.errors import CheckpointError, CheckpointNotFoundError
 from ..core.journal import Journal, JournalEvent
 from ..core.layout import LIGHT_SUFFIX, STEPS_SUFFIX
 from ..core.manifest import Manifest
 from ..core.store import Store, core_store
+from ..tasks.errors import RecoveryError, ReplayError
 from ..tasks.pipeline_run import environment_differences
 from ..training.replay import Difference, compare_state, preserved_global_state
 from ..training.state_io import load_state

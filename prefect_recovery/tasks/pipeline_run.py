@@ -28,7 +28,7 @@ from uuid import UUID
 from pydantic import JsonValue
 
 from ..core.digest import hash_bytes
-from ..core.errors import CheckpointNotFoundError, LineageBusyError
+from ..core.errors import CheckpointNotFoundError
 from ..core.journal import EventKind, Journal, JournalEvent
 from ..core.layout import STEPS_SUFFIX, check_base_lineage, check_lineage
 from ..core.lineage_history import Claim, open_claims
@@ -37,6 +37,7 @@ from ..core.models import CheckpointInfo
 from ..core.store import Store, core_store
 from ..training.context import TrainingHooks, reset_hooks, set_hooks
 from .code import code_modules, digest_of
+from .errors import LineageBusyError
 
 ENVIRONMENT_PACKAGES = ("torch", "numpy", "prefect", "prefect-recovery", "torchdata", "safetensors", "blake3")
 

@@ -38,8 +38,6 @@ from ..core.errors import (
     CheckpointNotFoundError,
     QuorumNotMetError,
     RegionError,
-    StepInputError,
-    StepResultError,
     StorageFullError,
 )
 from ..core.manifest import canonical_json
@@ -47,6 +45,7 @@ from ..core.models import CheckpointInfo
 from ..training.encoding import UnsupportedValueError, encode_state
 from ..training.state_io import load_state, save_state
 from .code import code_modules, digest_of, module_name
+from .errors import StepInputError, StepResultError
 from .pipeline_run import PipelineRun, current_run
 
 R = TypeVar("R")

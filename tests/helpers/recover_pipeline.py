@@ -24,8 +24,8 @@ import torch
 from prefect import flow
 
 from prefect_recovery import CheckpointStore
-from prefect_recovery.core.errors import StepInputError
 from prefect_recovery.flows.registry import register_pipeline
+from prefect_recovery.tasks.errors import StepInputError
 from prefect_recovery.tasks.pipeline_run import PipelineRun, file_input
 from prefect_recovery.tasks.step import code_digest, step, value_digest
 
