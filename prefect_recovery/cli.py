@@ -476,14 +476,15 @@ def history(
     as_json: JsonOpt = False,
 ) -> None:
     """The lineage's timeline from its journal: runs, steps, checkpoints, failures, where a run stopped."""
-    from .core.journal import Journal, replay
+    from .core.journal import Journal
+    from .core.lineage_history import fold_journal
 
     if against is not None:
         _divergence(lineage, against, open_store(region, store, quorum), as_json)
         return
     try:
         events = Journal(open_store(region, store, quorum).core, lineage).events()
-        summary = replay(events)
+        summary = fold_journal(events)
     except CheckpointError as exc:
         _fail(str(exc), as_json)
     shown = [event.model_dump(mode="json", exclude={"format", "format_version", "event_digest"}) for event in events]
@@ -545,8 +546,8 @@ def demo(
 
     try:
         before = lineage_status(open_store(region, store, quorum), lineage)
-        if not as_json and before["status"] == "unfinished":
-            latest = before["latest"]
+        if not as_json and before.status == "unfinished":
+            latest = before.latest
             console.print(
                 f"lineage {lineage} has an unfinished run: resuming"
                 + (f" from version {latest.version} (step {latest.step})" if latest else " from the start")
@@ -575,16 +576,16 @@ def demo(
 
 def latest_unfinished_lineage(store: CheckpointStore) -> str | None:
     """The unfinished lineage (journal status running or failed) with the most recent event."""
-    from .core.journal import Journal, replay
+    from .core.journal import Journal
     from .core.layout import LIGHT_SUFFIX, STEPS_SUFFIX
 
     candidates: list[tuple[str, str]] = []
     for name in store.lineages():
         if name.endswith((STEPS_SUFFIX, LIGHT_SUFFIX)):
             continue
-        events = Journal(store.core, name).events()
-        if events and replay(events).status in ("running", "failed"):
-            candidates.append((events[-1].time, name))
+        history = Journal(store.core, name).history()
+        if history.status in ("running", "failed"):
+            candidates.append((history.last_time or "", name))
     return max(candidates)[1] if candidates else None
 
 
@@ -607,8 +608,8 @@ def recover_command(
 ) -> None:
     """Recover a crashed pipeline run: preflight checks, restore, resume at the failed step."""
     from .blocks.checkpoint_store import HOME_ENV, recovery_home
-    from .core.errors import PreflightError
     from .flows.recover import recover
+    from .tasks.errors import PreflightError
 
     if preflight not in ("strict", "warn"):
         _fail(f"--preflight must be strict or warn, got {preflight!r}", as_json)

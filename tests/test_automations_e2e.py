@@ -237,18 +237,18 @@ def test_automatic_recovery_after_sigkill(live: Live) -> None:
         # the journal: the killed run, then one completed recovery from the last checkpoint before the kill
         history = Journal(store.core, LINEAGE).history()
         assert history.status == "finished"
-        assert [r["run_id"] for r in history.recoveries] == [recovery["id"]]
+        assert [r.run_id for r in history.recoveries] == [recovery["id"]]
         (recovered,) = history.recoveries
-        assert recovered["finished"]["status"] == "completed", recovered
-        assert recovered["started"]["checkpoint"] == {"version": killed_at[-1].version, "step": killed_at[-1].step}
+        assert recovered.finished["status"] == "completed", recovered
+        assert recovered.started["checkpoint"] == {"version": killed_at[-1].version, "step": killed_at[-1].step}
         assert run_id in history.runs
 
         # every tensor and value of the final checkpoint equals the uninterrupted run's
         reference_state, _ = final_state(home, REFERENCE, STEPS)
         state, info = final_state(home, LINEAGE, STEPS)
-        assert recovered["finished"]["final_version"] == info.version
+        assert recovered.finished["final_version"] == info.version
         assert differing_leaves(reference_state, state) == []
-        assert recovered["finished"]["final_digest"] == ref_result["final_digest"]
+        assert recovered.finished["final_digest"] == ref_result["final_digest"]
 
 
 # -- installing twice ------------------------------------------------------------------------------------------------

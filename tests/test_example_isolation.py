@@ -106,18 +106,12 @@ def test_the_lazy_importers_are_only_those_that_run_the_example():
     ids=[name for name, _ in _modules() if _in(name, "prefect_recovery.core")],
 )
 def test_core_names_neither_torch_nor_prefect_nor_a_layer_above(name, path):
-    # torch and Prefect nowhere, not even inside a function; a layer above not at module level (a
-    # function may reach one lazily, e.g. a compatibility __getattr__ for a name that moved up).
+    # torch, Prefect and the layers above: nowhere, not even inside a function (layers import downward only).
     offending = [
         f"{path.relative_to(REPO)}:{line} imports {module}"
-        for module, line, in_function in _imports(name, path)
+        for module, line, _in_function in _imports(name, path)
         if module.split(".")[0] in ("torch", "prefect")
-        or (
-            not in_function
-            and _in(module, "prefect_recovery")
-            and module != "prefect_recovery"
-            and not _in(module, "prefect_recovery.core")
-        )
+        or (_in(module, "prefect_recovery") and not _in(module, "prefect_recovery.core"))
     ]
     assert offending == []
 

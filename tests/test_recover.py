@@ -280,7 +280,7 @@ def test_recover_reruns_only_the_killed_step_and_the_ones_after(env, crashed, ex
     assert steps == [("load", True), ("transform", True), ("fit", False), ("report", False)]
     history = Journal(CheckpointStore.default().core, crashed).history()
     assert history.status == "finished" and history.interrupted_step is None
-    assert [r["run_id"] for r in history.recoveries] == [recovery_run]
+    assert [r.run_id for r in history.recoveries] == [recovery_run]
     assert len(history.runs) == 2
 
     # The lineage is finished now: recovering it again says so and changes nothing.
@@ -459,7 +459,7 @@ def test_two_recoveries_started_together_one_proceeds(env, crashed, expected_dig
 
     history = Journal(CheckpointStore.default().core, crashed).history()
     assert history.status == "finished"
-    finished = [r["finished"]["status"] for r in history.recoveries]
+    finished = [r.finished["status"] for r in history.recoveries]
     assert finished.count("completed") == 1 and set(finished) <= {"completed", "aborted"}, history.recoveries
 
 

@@ -17,7 +17,8 @@ from .errors import (
     VersionConflictError,
 )
 from .gc import GcReport, collect_garbage
-from .journal import Journal, JournalError, JournalEvent, LineageHistory, replay
+from .journal import Journal, JournalError, JournalEvent
+from .lineage_history import LineageHistory, fold_journal
 from .manifest import Entry, Manifest, decode_manifest
 from .models import CheckpointInfo, Problem, VerifyReport
 from .region import LocalRegionIO, RegionIO, open_region
@@ -63,9 +64,9 @@ __all__ = [
     "collect_garbage",
     "decode_manifest",
     "ed25519_key",
+    "fold_journal",
     "hmac_key",
     "open_region",
     "plan_retention",
-    "replay",
     "verify_store",
 ]

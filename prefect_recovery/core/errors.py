@@ -103,19 +103,6 @@ class BlobUnavailableError(CheckpointError):
         self.causes = causes
 
 
-# The errors of pipeline steps and recovery are raised by the tasks and flows layers only and live
-# in ``prefect_recovery.tasks.errors`` (also exported by ``prefect_recovery``). Older imports from
-# here keep working; nothing in core raises them. ``prefect_recovery.tasks.errors`` imports only this
-# module, so this never pulls in Prefect or torch.
-_MOVED = frozenset(
-    {"RecoveryError", "StepInputError", "StepResultError", "LineageBusyError", "PreflightError", "ReplayError"}
-)
-
-
-def __getattr__(name: str) -> type[CheckpointError]:
-    if name in _MOVED:
-        from ..tasks import errors
-
-        value: type[CheckpointError] = getattr(errors, name)
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# The errors of pipeline steps and recovery (RecoveryError, StepInputError, StepResultError,
+# LineageBusyError, PreflightError, ReplayError) are raised by the tasks and flows layers only: they live
+# in prefect_recovery.tasks.errors and are exported by prefect_recovery.

@@ -393,7 +393,3 @@ class Journal:
     def history(self) -> LineageHistory:
         """What the journal says happened to the lineage (``fold_journal`` of its events)."""
         return fold_journal(self.events())
-
-
-# Temporary name for callers not yet moved to ``fold_journal`` (same function).
-replay = fold_journal

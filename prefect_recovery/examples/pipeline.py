@@ -73,9 +73,9 @@ def example_pipeline(
     logger = get_run_logger()
     store = open_store(store_block, regions, write_quorum)
     status = lineage_status(store, lineage)
-    if status["status"] == "finished":
+    if status.status == "finished":
         logger.info("lineage %s already finished; nothing to do", lineage)
-        return finished_result(store, lineage, status)
+        return finished_result(store, status)
     parameters = {
         "lineage": lineage,
         "steps": steps,

@@ -12,7 +12,7 @@ import torch
 from prefect import get_run_logger
 
 from ..blocks import CheckpointStore
-from ..core.errors import StepInputError
+from ..tasks.errors import StepInputError
 from ..tasks.pipeline_run import current_run
 from ..tasks.step import step
 from ..training.schedule import CheckpointSchedule

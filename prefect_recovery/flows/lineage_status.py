@@ -7,11 +7,14 @@ and every pipeline use these; nothing here knows the example pipeline.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from ..blocks import CheckpointStore
 from ..blocks import open_store as open_store  # re-exported for pipelines that import it from here
-from ..core.journal import Journal, JournalEvent, replay
+from ..core.journal import Journal, JournalEvent
+from ..core.lineage_history import LineageHistory, fold_journal
+from ..core.models import CheckpointInfo
 from ..tasks.pipeline_run import state_digest
 
 # Lineages written before the journal existed (0.1 alpha) marked their end with this checkpoint
@@ -19,42 +22,49 @@ from ..tasks.pipeline_run import state_digest
 LEGACY_FINAL_TRIGGER = "milestone:final"
 
 
-def lineage_status(store: CheckpointStore, lineage: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class LineageStatus:
+    """Where a lineage stands, read once: its journal (events and their fold) and its checkpoints."""
+
+    lineage: str
+    status: Literal["new", "unfinished", "finished"]
+    history: LineageHistory
+    events: list[JournalEvent]
+    latest: CheckpointInfo | None  # the newest checkpoint (what an unfinished run resumes from)
+    final: CheckpointInfo | None  # a pre-journal lineage's ``final`` milestone checkpoint
+
+
+def lineage_status(store: CheckpointStore, lineage: str) -> LineageStatus:
     """``finished`` (its journal ends with a finished run), ``unfinished`` or ``new``.
 
     Lineages written before the journal existed count as finished when they hold a ``final``
     milestone checkpoint.
     """
-    journal = Journal(store.core, lineage)
-    events = journal.events()
-    history = replay(events)
+    events = Journal(store.core, lineage).events()
+    history = fold_journal(events)
     infos = store.list(lineage)
     finals = [info for info in infos if info.metadata.get("trigger") == LEGACY_FINAL_TRIGGER]
-    if history.status == "finished" or (history.status == "new" and finals):
-        return {
-            "status": "finished",
-            "final": finals[-1] if finals else None,
-            "history": history,
-            "history_events": events,
-        }
-    if history.status != "new" or infos:
-        return {"status": "unfinished", "latest": infos[-1] if infos else None, "history": history}
-    return {"status": "new", "history": history}
+    if history.finished or (history.status == "new" and finals):
+        status: Literal["new", "unfinished", "finished"] = "finished"
+    elif history.status != "new" or infos:
+        status = "unfinished"
+    else:
+        status = "new"
+    return LineageStatus(
+        lineage=lineage,
+        status=status,
+        history=history,
+        events=events,
+        latest=infos[-1] if infos else None,
+        final=finals[-1] if finals else None,
+    )
 
 
-def finished_outputs(events: list[JournalEvent]) -> dict[str, Any] | None:
-    """``final_version`` and ``final_digest`` of the last ``run_finished`` in ``events``, or None."""
-    for event in reversed(events):
-        if event.kind == "run_finished":
-            return {"final_version": event.data.get("final_version"), "final_digest": event.data.get("final_digest")}
-    return None
-
-
-def finished_result(store: CheckpointStore, lineage: str, status: dict[str, Any]) -> dict[str, Any]:
+def finished_result(store: CheckpointStore, status: LineageStatus) -> dict[str, Any]:
     """What ``demo`` and ``recover`` report for a finished lineage, from the store alone: the
     journal's ``run_finished`` (its final version and state digest), else the ``final`` milestone."""
-    outputs = finished_outputs(status["history_events"]) if status.get("history_events") else None
-    final = status["final"]
+    lineage, final = status.lineage, status.final
+    outputs: dict[str, Any] | None = status.history.final
     if outputs is None or (outputs.get("final_version") is None and final is not None):
         outputs = {
             "final_version": final.version if final else None,

@@ -22,7 +22,8 @@ from prefect.cache_policies import NO_CACHE
 
 from ..blocks import CheckpointStore, open_store
 from ..core.errors import CheckpointNotFoundError
-from ..core.journal import Journal, JournalEvent, replay
+from ..core.journal import Journal
+from ..core.lineage_history import fold_journal
 from ..core.manifest import Manifest
 from ..tasks.code import code_modules
 from ..tasks.errors import PreflightError, RecoveryError
@@ -30,7 +31,7 @@ from ..tasks.pipeline_run import RecoveryPlan, claim_lineage, current_run_id, re
 from ..tasks.preflight import CheckResult, PreflightContext, as_rows, run_checks
 from ..tasks.step import STEP_CODE, code_digest
 from ..telemetry import emit_recovery_finished, emit_recovery_started
-from .lineage_status import finished_outputs, finished_result, lineage_status
+from .lineage_status import finished_result, lineage_status
 from .registry import resolve_pipeline
 
 _TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
@@ -39,12 +40,6 @@ _TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": Fal
 def artifact_key(prefix: str, lineage: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes only."""
     return f"{prefix}-" + (re.sub(r"[^a-z0-9-]+", "-", lineage.lower()).strip("-") or "lineage")
-
-
-def last_run_started(events: list[JournalEvent]) -> JournalEvent | None:
-    """The latest run_started that was not started by a recovery's own re-run bookkeeping."""
-    runs = [event for event in events if event.kind == "run_started"]
-    return runs[-1] if runs else None
 
 
 @task(name="preflight", **_TASK_OPTIONS)
@@ -112,23 +107,22 @@ def recover(
     logger = get_run_logger()
     store = open_store(store_block, regions, write_quorum)
     status = lineage_status(store, lineage)
-    if status["status"] == "new":
+    if status.status == "new":
         where = ", ".join(region.url for region in store.regions)
         raise RecoveryError(
             f"lineage {lineage!r} has no journal and no checkpoints in the store at {where}: nothing to recover "
             "(the default store is $PREFECT_RECOVERY_HOME, else ./.prefect-recovery under the working directory)"
         )
     journal = Journal(store.core, lineage)
-    if status["status"] == "finished":
+    if status.status == "finished":
         logger.info("lineage %s already finished; nothing to recover and nothing changed", lineage)
-        return finished_result(store, lineage, status)
-    events = journal.events()
-    history = replay(events)
-    started = last_run_started(events)
-    if started is None or not isinstance(started.data.get("pipeline"), str):
+        return finished_result(store, status)
+    events, history = status.events, status.history  # the journal, read once for the whole recovery
+    started = history.current_run_start
+    if started is None or started.pipeline is None:
         raise RecoveryError(f"lineage {lineage!r} has no pipeline run in its journal; run the pipeline instead")
-    pipeline = resolve_pipeline(str(started.data["pipeline"]))
-    parameters = dict(started.data.get("parameters") or {})
+    pipeline = resolve_pipeline(started.pipeline)
+    parameters = started.parameters
     if from_step is not None:
         known = {str(e.data.get("step")) for e in events if e.kind in ("step_started", "step_completed")}
         known |= set(STEP_CODE)  # steps defined by the pipeline's modules, run or not
@@ -205,7 +199,7 @@ def recover(
         if event.kind == "step_completed" and event.data.get("reused") is True
     ]
     # What the run ended with comes from the journal (the flow may return anything, or None).
-    outputs = finished_outputs(new_events) or {}
+    outputs = fold_journal(new_events).final or {}
     if outputs.get("final_version") is None and isinstance(result, dict):
         outputs = {key: result.get(key) for key in ("final_version", "final_digest")}
     final_version, final_digest_ = outputs.get("final_version"), outputs.get("final_digest")

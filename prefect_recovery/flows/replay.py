@@ -36,6 +36,7 @@ from ..blocks import CheckpointStore, open_store
 from ..core.errors import CheckpointError, CheckpointNotFoundError
 from ..core.journal import Journal, JournalEvent
 from ..core.layout import LIGHT_SUFFIX, STEPS_SUFFIX
+from ..core.lineage_history import fold_journal
 from ..core.manifest import Manifest
 from ..core.store import Store, core_store
 from ..tasks.errors import RecoveryError, ReplayError
@@ -147,18 +148,6 @@ def _check_replayable(core: Store, lineage: str, manifest: Manifest, which: str)
         raise ReplayError(f"--{which} {manifest.version}: {lineage} v{manifest.version} records no training step")
 
 
-def _writer_run(events: list[JournalEvent], version: int) -> JournalEvent | None:
-    """The run_started of the run that committed ``version`` (else the latest run_started)."""
-    committed = [e for e in events if e.kind == "checkpoint_committed" and e.data.get("version") == version]
-    starts = [e for e in events if e.kind == "run_started"]
-    if committed:
-        writer = committed[-1]
-        own = [e for e in starts if e.run_id == writer.run_id and e.seq < writer.seq]
-        if own:
-            starts = own
-    return starts[-1] if starts else None
-
-
 def _environment_notes(recorded: Any) -> list[str]:
     if not isinstance(recorded, dict):
         return []
@@ -199,8 +188,8 @@ def replay_check(store: Any, lineage: str, from_version: int, to_version: int) -
             "they are not one run of training going forward; pick versions in step order"
         )
     events = Journal(core, lineage).events()
-    started_event = _writer_run(events, to_version)
-    run = dict(started_event.data) if started_event is not None else {}
+    writer = fold_journal(events).writer_of(to_version)
+    run = dict(writer.data) if writer is not None else {}
     if not isinstance(run.get("pipeline"), str):
         raise ReplayError(
             f"lineage {lineage!r} has no pipeline run in its journal, so there is no pipeline or parameters to "
@@ -228,7 +217,7 @@ def replay_check(store: Any, lineage: str, from_version: int, to_version: int) -
         to_metadata=dict(target.metadata),
         parameters=dict(run.get("parameters") or {}),
         run=run,
-        run_id=started_event.run_id if started_event is not None else None,
+        run_id=writer.run_id if writer is not None else None,
         events=events,
     )
     with preserved_global_state():

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from ..core.errors import CheckpointError
 from ..core.journal import JournalEvent
+from ..core.lineage_history import RunRecord
 from ..core.manifest import Manifest
 from ..core.region import LocalRegionIO
 from ..core.store import Store
@@ -48,7 +49,7 @@ class PreflightContext(BaseModel):
     store: Store
     lineage: str
     events: list[JournalEvent]
-    run_started: JournalEvent | None
+    run_started: RunRecord | None  # the run being recovered (the journal's last run_started)
     manifest: Manifest | None
     pipeline_code: str | None = None
     pipeline_modules: dict[str, str] | None = None
