@@ -238,6 +238,26 @@ def test_checkpoint_save_without_lineage_says_lineage_is_missing(tmp_path: Path)
         store.save({"model": {"w": torch.ones(2)}})
 
 
+def test_checkpoint_operations_have_plain_names_and_the_old_overloads_warn(tmp_path: Path) -> None:
+    """save/load keep Prefect's block meaning; checkpoints are save_checkpoint/load_checkpoint. The old
+    checkpoint forms still work for now, each with a DeprecationWarning naming the replacement."""
+    import warnings
+
+    store = CheckpointStore.default(tmp_path)
+    state = {"model": {"w": torch.arange(4.0)}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the plain names warn about nothing
+        info = store.save_checkpoint(state, lineage="plain", step=1)
+        loaded = store.load_checkpoint(lineage="plain", version=info.version)
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"])
+
+    with pytest.warns(DeprecationWarning, match="save_checkpoint"):
+        old = store.save(state, lineage="plain", step=2)
+    with pytest.warns(DeprecationWarning, match="load_checkpoint"):
+        again = store.load(lineage="plain", version=old.version)
+    assert old.version == info.version + 1 and torch.equal(again["model"]["w"], state["model"]["w"])
+
+
 # -- registration ---------------------------------------------------------------------------------------------
 def test_package_is_a_prefect_collection() -> None:
     from prefect.blocks.core import Block

@@ -61,8 +61,8 @@ from prefect_recovery.core import (
     StorageFullError,
     Store,
     decode_manifest,
+    fold_journal,
     open_region,
-    replay,
     verify_store,
 )
 from prefect_recovery.core.digest import hash_bytes
@@ -952,7 +952,7 @@ def test_case12_skewed_writer_clock_does_not_reorder_versions(tmp_path):
     assert manifest.version == 4 and loaded == state_for("k4")
     for version, tag in enumerate(["k1", "k2", "k3", "k4"], start=1):
         assert _load(store, version=version)[1] == state_for(tag)
-    history = replay(Journal(store, "lin").events())
+    history = fold_journal(Journal(store, "lin").events())
     assert history.last_checkpoint["version"] == 4
     assert store.commit("lin", plans(state_for("k5"))).version == 5
 

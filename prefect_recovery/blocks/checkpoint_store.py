@@ -1,18 +1,23 @@
 """The ``CheckpointStore`` block: where checkpoints live, saved on the Prefect server.
 
 The block holds configuration only (regions, quorum, hashing, chunking) and builds a core
-``Store`` on first use. ``save``/``load`` serve two masters, as the product's API promises:
+``Store`` on first use. The checkpoint operations have their own names, so Prefect's block
+operations keep their meaning:
 
-* ``CheckpointStore.load("name")`` (on the class) and ``store.save("name")`` (no ``lineage``)
-  are Prefect's block document operations, unchanged;
-* ``store.save(state, lineage=..., step=...)`` and ``store.load(lineage=...)`` (on an
-  instance) save and load checkpoints.
+* ``CheckpointStore.load("name")`` and ``store.save("name")`` are Prefect's block document
+  operations, unchanged;
+* ``store.save_checkpoint(state, lineage=..., step=...)`` and ``store.load_checkpoint(lineage=...)``
+  save and load checkpoints.
+
+Deprecated (0.2, removed in 0.4): ``store.save(state, lineage=...)`` and, on an instance,
+``store.load(lineage=...)`` still save and load checkpoints, with a ``DeprecationWarning``.
 """
 
 from __future__ import annotations
 
 import builtins
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -127,13 +132,29 @@ def _schema_extra(schema: dict[str, Any], model: type[Block]) -> None:
     schema["secret_fields"] = [*secrets, "regions.*"]
 
 
+_DEPRECATED = (
+    "CheckpointStore.{old} is deprecated for checkpoints (it also means Prefect's block {kind}); "
+    "use store.{new}(...): same arguments, same result. The old form is removed in 0.4."
+)
+
+
 class _CheckpointOrBlockLoad:
-    """On the class: Prefect's ``Block.load(name)``. On an instance: load a checkpoint."""
+    """On the class: Prefect's ``Block.load(name)``. On an instance: the deprecated checkpoint
+    load (``load_checkpoint`` with a ``DeprecationWarning``)."""
 
     def __get__(self, instance: Any, owner: type) -> Any:
         if instance is None:
             return Block.__dict__["load"].__get__(None, owner)
-        return instance._load_checkpoint
+
+        def deprecated_load(**kwargs: Any) -> Any:
+            warnings.warn(
+                _DEPRECATED.format(old="load(lineage=...)", kind="load", new="load_checkpoint"),
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            return instance.load_checkpoint(**kwargs)
+
+        return deprecated_load
 
 
 class CheckpointStore(Block):
@@ -148,8 +169,8 @@ class CheckpointStore(Block):
         from prefect_recovery import CheckpointStore
 
         store = CheckpointStore.load("BLOCK_NAME")
-        info = store.save({"model": model.state_dict()}, lineage="resnet", step=100)
-        state = store.load(lineage="resnet")  # latest consistent version
+        info = store.save_checkpoint({"model": model.state_dict()}, lineage="resnet", step=100)
+        state = store.load_checkpoint(lineage="resnet")  # latest consistent version
         ```
     """
 
@@ -293,7 +314,8 @@ class CheckpointStore(Block):
         overwrite: bool = False,
         **kwargs: Any,
     ) -> Any:
-        """Save a checkpoint (with ``lineage``) or, without it, this block document.
+        """Save this block document (Prefect's ``Block.save``); with ``lineage``, the deprecated form
+        of ``save_checkpoint``.
 
         Args:
             state: Nested dict/list/tuple of tensors, numbers, str, bytes and None.
@@ -314,8 +336,12 @@ class CheckpointStore(Block):
                     "without lineage it saves this block document and takes a name string"
                 )
             return Block.save(self, block_name, overwrite=overwrite, **kwargs)
-        check_base_lineage(lineage)
-        return save_state(self.core, state, lineage=lineage, step=step, metadata=metadata)
+        warnings.warn(
+            _DEPRECATED.format(old="save(state, lineage=...)", kind="save", new="save_checkpoint"),
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.save_checkpoint(state, lineage=lineage, step=step, metadata=metadata)
 
     def save_checkpoint(
         self,
@@ -325,11 +351,18 @@ class CheckpointStore(Block):
         step: int | None = None,
         metadata: dict[str, JsonValue] | None = None,
     ) -> CheckpointInfo:
-        """Same as ``save(state, lineage=...)``, without the block-save overload."""
+        """Save a checkpoint of ``lineage``: every region in parallel, committed at the write quorum.
+
+        Args:
+            state: Nested dict/list/tuple of tensors, numbers, str, bytes and None.
+            lineage: The run history this checkpoint belongs to.
+            step: Training step of the state, recorded in the manifest.
+            metadata: JSON metadata stored in the manifest.
+        """
         check_base_lineage(lineage)
         return save_state(self.core, state, lineage=lineage, step=step, metadata=metadata)
 
-    def _load_checkpoint(
+    def load_checkpoint(
         self,
         *,
         lineage: str,

@@ -75,7 +75,8 @@ def evaluate(
     store: CheckpointStore, lineage: str, trained: dict[str, Any], data: dict[str, torch.Tensor]
 ) -> dict[str, float]:
     """Evaluate the trained model (reads only the weights of the training's last checkpoint)."""
-    metrics = workload.evaluate(store.load(lineage=lineage, version=trained["version"], keys=["model"]), data)
+    weights = store.load_checkpoint(lineage=lineage, version=trained["version"], keys=["model"])
+    metrics = workload.evaluate(weights, data)
     get_run_logger().info("test loss %.4f, accuracy %.4f", metrics["test_loss"], metrics["test_accuracy"])
     return metrics
 
@@ -85,7 +86,7 @@ def finalize(
     store: CheckpointStore, lineage: str, trained: dict[str, Any], metrics: dict[str, float]
 ) -> dict[str, Any]:
     """The final heavy checkpoint: the trained state plus its metrics, milestone ``final``."""
-    state = store.load(lineage=lineage, version=trained["version"])
+    state = store.load_checkpoint(lineage=lineage, version=trained["version"])
     state["metrics"] = metrics
     info = store.save_checkpoint(
         state,

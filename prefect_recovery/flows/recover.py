@@ -61,7 +61,7 @@ def preflight_task(ctx: PreflightContext, lineage: str) -> list[CheckResult]:
 def verify_checkpoint(store: CheckpointStore, lineage: str, version: int) -> dict[str, Any]:
     """Read every blob of the checkpoint and check it against its digest (a healthy copy is used)."""
     manifest, holders = store.core.resolve(lineage, version)
-    store.load(lineage=lineage, version=version)  # every read is digest-checked; raises if none is intact
+    store.load_checkpoint(lineage=lineage, version=version)  # every read is digest-checked; raises if none is intact
     get_run_logger().info("checkpoint %s v%s verified (%s bytes)", lineage, version, manifest.total_bytes)
     return {"version": version, "step": manifest.step, "bytes": manifest.total_bytes, "regions": holders}
 

@@ -11,7 +11,7 @@ takes resource labels, not the payload): ``prefect-recovery.lineage``, ``prefect
 Telemetry never fails the work it reports: nothing here raises. An event is sent only where Prefect has
 an API to take it (``PREFECT_API_URL`` set, or inside a flow or task run, whose API is already up):
 without one, Prefect's ``emit_event`` would start a temporary local server, tens of seconds inside a
-plain ``store.save(...)``. ``PREFECT_RECOVERY_EVENTS=off`` turns events off altogether.
+plain ``store.save_checkpoint(...)``. ``PREFECT_RECOVERY_EVENTS=off`` turns events off altogether.
 """
 
 from __future__ import annotations
