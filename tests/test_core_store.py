@@ -15,6 +15,7 @@ from prefect_recovery.core import (
     BlobUnavailableError,
     CheckpointNotFoundError,
     EntryPlan,
+    InvalidArgumentError,
     InvalidNameError,
     LocalRegionIO,
     Manifest,
@@ -192,12 +193,16 @@ def test_store_configuration_is_validated(tmp_path):
     a, b = _dirs(tmp_path, "a", "b")
     regions = [open_region(str(a)), open_region(str(b))]
     for quorum in (0, 3):
-        with pytest.raises(InvalidNameError, match="write_quorum"):
+        with pytest.raises(InvalidArgumentError, match="write_quorum") as raised:
             Store(regions, write_quorum=quorum)
-    with pytest.raises(InvalidNameError, match="distinct"):
+        assert not isinstance(raised.value, InvalidNameError)  # a number out of range is not a bad name
+    with pytest.raises(InvalidArgumentError, match="distinct"):
         Store([open_region(str(a)), open_region(str(a))])
-    with pytest.raises(InvalidNameError):
+    with pytest.raises(InvalidArgumentError):
         Store([])
+    with pytest.raises(InvalidArgumentError, match="read_data") as raised:
+        verify_store(Store(regions), read_data=1.5)
+    assert not isinstance(raised.value, InvalidNameError)
 
 
 # -- unreachable regions and quorum -----------------------------------------------------------

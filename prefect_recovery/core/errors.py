@@ -7,7 +7,11 @@ class CheckpointError(Exception):
     """Base class of every error raised by prefect-recovery."""
 
 
-class InvalidNameError(CheckpointError, ValueError):
+class InvalidArgumentError(CheckpointError, ValueError):
+    """An argument is out of its range or inconsistent (a quorum, a fraction, a size, a region list)."""
+
+
+class InvalidNameError(InvalidArgumentError):
     """A lineage, entry name or digest is malformed or would escape its region."""
 
 

@@ -32,6 +32,7 @@ from .errors import (
     BlobUnavailableError,
     CheckpointNotFoundError,
     ForeignObjectError,
+    InvalidArgumentError,
     InvalidNameError,
     ManifestError,
     ManifestSignatureError,
@@ -197,16 +198,16 @@ class Store:
                 restore (core/observe.py); telemetry hooks in here.
         """
         if not regions:
-            raise InvalidNameError("a store needs at least one region")
+            raise InvalidArgumentError("a store needs at least one region")
         names = [region.name for region in regions]
         if len(set(names)) != len(names):
-            raise InvalidNameError(f"regions must be distinct, got {names}")
+            raise InvalidArgumentError(f"regions must be distinct, got {names}")
         if not 1 <= write_quorum <= len(regions):
-            raise InvalidNameError(
+            raise InvalidArgumentError(
                 f"write_quorum must be between 1 and the number of regions ({len(regions)}), got {write_quorum}"
             )
         if chunk_bytes < 1:
-            raise InvalidNameError("chunk_bytes must be positive")
+            raise InvalidArgumentError("chunk_bytes must be positive")
         self.regions = list(regions)
         self.write_quorum = write_quorum
         self.hash_algorithm = hash_algorithm

@@ -19,7 +19,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from .digest import hash_bytes
-from .errors import InvalidNameError, JournalError, ObjectNotFoundError, RegionError
+from .errors import InvalidArgumentError, JournalError, ObjectNotFoundError, RegionError
 from .journal import Journal
 from .layout import blob_key, manifest_key
 from .manifest import Manifest
@@ -93,7 +93,7 @@ def verify_store(
             different blobs).
     """
     if not 0.0 <= read_data <= 1.0:
-        raise InvalidNameError(f"read_data is a fraction between 0 and 1, got {read_data}")
+        raise InvalidArgumentError(f"read_data is a fraction between 0 and 1, got {read_data}")
     problems: list[Problem] = []
     notes: list[str] = []
     reachable, down = store.reachable_regions()
