@@ -82,6 +82,16 @@ class EntryPlan:
 
 
 @dataclass
+class WrittenEntries:
+    """What ``Store.write_entries`` wrote: the manifest entries (chunk digests and sizes), the
+    regions that failed with why, and how many new bytes landed."""
+
+    entries: list[Entry]
+    region_causes: dict[str, str]
+    bytes_written: int
+
+
+@dataclass
 class ManifestCopies:
     """What each region holds for one version of a lineage."""
 
@@ -320,6 +330,18 @@ class Store:
         components: Iterable[Component],
         metadata: dict[str, JsonValue] | None,
     ) -> CheckpointInfo:
+        self._check_can_commit(lineage)  # before a single byte is written
+        written = self.write_entries(entries)
+        return self.commit_entries(
+            lineage,
+            written,
+            step=step,
+            tree=tree,
+            components=components,
+            metadata=metadata,
+        )
+
+    def _check_can_commit(self, lineage: str) -> None:
         check_lineage(lineage)
         keyring = self.keyring
         if keyring is not None and keyring.signing_key is None and not keyring.accept_unsigned:
@@ -327,19 +349,20 @@ class Store:
                 f"save of lineage {lineage!r} refused: this store checks signatures but has no signing key, so "
                 "every reader would reject what it writes; set the store's signing key (or accept_unsigned)"
             )
+
+    def write_entries(self, entries: Sequence[EntryPlan]) -> WrittenEntries:
+        """Phase one of a save: hash every chunk once and write it to every region.
+
+        Nothing is published: the blobs are content-addressed and create-only, so until a
+        manifest names them (``commit_entries``) they are invisible and GC may sweep them once
+        past its grace period. Several writers (torch.distributed ranks) may each run this
+        phase for their own entries and hand the results to one committer.
+        """
         names = [check_entry_name(plan.name) for plan in entries]  # before a single byte is written
         if len(set(names)) != len(names):
             duplicates = sorted({name for name in names if names.count(name) > 1})
             raise InvalidNameError(f"duplicate entry names {duplicates}")
-        chunked = self._write_blobs(entries)
-        region_causes, bytes_written, chunk_refs = chunked
-        healthy = [r for r in self.regions if r.name not in region_causes]
-        if len(healthy) < self.write_quorum:
-            raise QuorumNotMetError(
-                f"save of lineage {lineage!r} not committed: only {len(healthy)} of "
-                f"{len(self.regions)} regions took the data, write_quorum is {self.write_quorum}",
-                region_causes,
-            )
+        region_causes, bytes_written, chunk_refs = self._write_blobs(entries)
         manifest_entries = [
             Entry(
                 name=plan.name,
@@ -353,6 +376,38 @@ class Store:
             )
             for plan, refs in zip(entries, chunk_refs, strict=True)
         ]
+        return WrittenEntries(manifest_entries, region_causes, bytes_written)
+
+    def commit_entries(
+        self,
+        lineage: str,
+        written: WrittenEntries | Sequence[WrittenEntries],
+        *,
+        step: int | None = None,
+        tree: JsonValue = None,
+        components: Iterable[Component] = (),
+        metadata: dict[str, JsonValue] | None = None,
+    ) -> CheckpointInfo:
+        """Phase two of a save: publish one manifest naming every written entry.
+
+        ``written`` may come from several writers; a region that failed any of them holds an
+        incomplete copy and does not count towards the write quorum.
+        """
+        self._check_can_commit(lineage)
+        parts = [written] if isinstance(written, WrittenEntries) else list(written)
+        region_causes: dict[str, str] = {}
+        for part in parts:
+            for region, cause in part.region_causes.items():
+                region_causes.setdefault(region, cause)
+        manifest_entries = [entry for part in parts for entry in part.entries]
+        bytes_written = sum(part.bytes_written for part in parts)
+        healthy = [r for r in self.regions if r.name not in region_causes]
+        if len(healthy) < self.write_quorum:
+            raise QuorumNotMetError(
+                f"save of lineage {lineage!r} not committed: only {len(healthy)} of "
+                f"{len(self.regions)} regions took the data, write_quorum is {self.write_quorum}",
+                region_causes,
+            )
         body_fields: dict[str, Any] = dict(
             lineage=lineage,
             step=step,
