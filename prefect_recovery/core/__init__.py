@@ -25,7 +25,8 @@ from .models import CheckpointInfo, Problem, VerifyReport
 from .region import LocalRegionIO, RegionIO, open_region
 from .retention import RetentionPlan, RetentionPolicy, apply_retention, plan_retention
 from .signing import Keyring, ed25519_key, hmac_key
-from .store import EntryPlan, Store
+from .store import Store
+from .store_writer import EntryPlan
 from .verify import verify_store
 
 __all__ = [

@@ -25,7 +25,7 @@ import torch
 
 from ..core.errors import InvalidNameError, ManifestError
 from ..core.manifest import Entry, Manifest
-from ..core.store import EntryPlan
+from ..core.store_writer import EntryPlan
 
 # How deep the state tree's JSON may nest. A dict node costs 3 JSON levels, a list or tuple 2
 # (FORMAT.md, "State tree"); pydantic validates JSON values up to about 255 levels.

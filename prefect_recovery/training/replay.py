@@ -20,7 +20,8 @@ from pydantic import BaseModel, Field
 
 from ..core.digest import algorithm_of, hash_bytes
 from ..core.manifest import Entry, Manifest, canonical_json
-from ..core.store import EntryPlan, Store
+from ..core.store import Store
+from ..core.store_writer import EntryPlan
 from .determinism import apply_settings, capture_rng, capture_settings, restore_rng
 from .encoding import allocate, encode_state, raw_view
 

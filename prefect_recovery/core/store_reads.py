@@ -1,0 +1,137 @@
+"""Reads with deadlines: which region to ask first, and how long to wait for it (FORMAT.md, reads).
+
+Every read the store makes (a listing, a size, a manifest, a blob) goes through here, so one
+rule decides what a stalled region costs: an object-store call with no answer after
+``read_deadline`` counts as failed and its region is tried last (and not listed) for
+``SLOW_PENALTY`` seconds, while the other regions serve the read. Blobs are re-hashed on every
+read, with fallback to the next region. The seam is there because the deadline and the read
+order are one policy shared by listing, the consistency rule and loads; the writer only marks
+a region slow when it leaves it lagging.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from .digest import hash_bytes
+from .errors import BlobUnavailableError, RegionError, RegionUnavailableError
+from .layout import blob_key
+from .manifest import Entry
+from .region import LocalRegionIO, RegionIO
+
+# How long a region whose read stalled past read_deadline is tried last and not listed.
+SLOW_PENALTY = 300.0
+_T = TypeVar("_T")
+
+
+class StoreReads:
+    """The read half every other part of ``Store`` builds on (core/store.py sets the fields)."""
+
+    regions: list[RegionIO]
+    io_threads: int
+    read_deadline: float | None
+    # Region name -> monotonic time until which it counts as slow (read last, not listed).
+    _slow_until: dict[str, float]
+
+    @property
+    def region_names(self) -> list[str]:
+        return [region.name for region in self.regions]
+
+    def _region(self, name: str) -> RegionIO:
+        return next(region for region in self.regions if region.name == name)
+
+    def _is_slow(self, region: RegionIO) -> bool:
+        return self._slow_until.get(region.name, 0.0) > time.monotonic()
+
+    def _read_order(self, prefer: Sequence[str] = ()) -> list[RegionIO]:
+        """``prefer`` first, then configuration order; regions that recently stalled last."""
+        order = [self._region(n) for n in prefer] + [r for r in self.regions if r.name not in prefer]
+        return sorted(order, key=self._is_slow)  # stable: keeps the order within each group
+
+    def _bounded(self, region: RegionIO, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(*args)`` on an object-store region, but give up after ``read_deadline`` (the
+        region is then marked slow). Local regions are called directly, like their blob reads.
+
+        The call runs in a daemon thread that is left behind if it hangs, so ``fn`` must not
+        write into memory the caller keeps using (reads return new bytes; see read_blob_into).
+        """
+        if self.read_deadline is None or isinstance(region, LocalRegionIO):
+            return fn(*args)  # local calls stay on this thread: no thread per call on the hot path
+        box: dict[str, Any] = {}
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                box["value"] = fn(*args)
+            except BaseException as exc:  # handed to the caller
+                box["error"] = exc
+            finally:
+                done.set()
+
+        threading.Thread(target=run, daemon=True, name=f"ckpt-read-{region.name}"[:60]).start()
+        if not done.wait(self.read_deadline):
+            self._slow_until[region.name] = time.monotonic() + SLOW_PENALTY
+            raise RegionUnavailableError(
+                region.name, f"no answer within {self.read_deadline:g} s (stalled); reading from the other regions"
+            )
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def blob_present(self, digest: str, size: int) -> bool:
+        key = blob_key(digest)
+        for region in self._read_order():
+            try:
+                if self._bounded(region, region.size, key) == size:
+                    return True
+            except RegionError:
+                continue
+        return False
+
+    def read_blob_into(self, digest: str, buffer: memoryview, prefer: Sequence[str] = ()) -> str:
+        """Fill ``buffer`` with an intact copy of blob ``digest``; return the region it came from."""
+        key = blob_key(digest)
+        causes: dict[str, str] = {}
+        for region in self._read_order(prefer):
+            try:
+                if isinstance(region, LocalRegionIO):  # straight into the buffer
+                    size = region.read_into(key, buffer)
+                else:  # new bytes in a bounded call, copied here: a late answer never touches the buffer
+                    data = self._bounded(region, region.get, key)
+                    size = len(data)
+                    if size == len(buffer):
+                        buffer[:] = data
+            except RegionError as exc:
+                causes[region.name] = str(exc)
+                continue
+            if size != len(buffer):
+                causes[region.name] = f"size {size}, expected {len(buffer)} (corrupt)"
+                continue
+            if hash_bytes(buffer, digest.split(":", 1)[0]) != digest:  # type: ignore[arg-type]
+                causes[region.name] = "content does not match its digest (corrupt)"
+                continue
+            return region.name
+        raise BlobUnavailableError(digest, causes)
+
+    def read_entries_into(self, targets: Sequence[tuple[Entry, memoryview]], prefer: Sequence[str] = ()) -> None:
+        """Fill each buffer with its entry's bytes, chunks read in parallel and verified."""
+        jobs = []
+        for entry, buffer in targets:
+            flat = buffer.cast("B") if buffer.format != "B" or buffer.ndim != 1 else buffer
+            if len(flat) != entry.size:
+                raise ValueError(f"buffer of {len(flat)} bytes for entry {entry.name!r} of {entry.size}")
+            offset = 0
+            for chunk in entry.chunks:
+                jobs.append((chunk.digest, flat[offset : offset + chunk.size]))
+                offset += chunk.size
+        if len(jobs) <= 1:
+            for digest, view in jobs:
+                self.read_blob_into(digest, view, prefer)
+            return
+        with ThreadPoolExecutor(self.io_threads, thread_name_prefix="ckpt-get") as pool:
+            for future in [pool.submit(self.read_blob_into, d, v, prefer) for d, v in jobs]:
+                future.result()

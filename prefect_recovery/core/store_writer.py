@@ -1,0 +1,452 @@
+"""The writer: a save's blobs, its version number and the publication of its manifest.
+
+Write order (DESIGN.md invariant 2): every blob to every region in parallel, then, only in
+regions that took all blobs, the manifest, create-only. The manifest goes first to one region
+(the *arbiter*: the first healthy region in configured order), which decides who owns a
+version number when two writers race; then to the others in parallel (core/publish.py). A
+save counts when ``write_quorum`` regions hold its manifest; below that, the manifests it did
+create are removed again and the save fails, so no manifest claims a commit that did not
+happen.
+
+The save has two public phases, ``write_entries`` (blobs: invisible until named) and
+``commit_entries`` (one manifest naming the entries of one or several writers, such as
+torch.distributed ranks); ``commit`` is the two in a row. The writer is apart from the reads
+because it only needs listing (to number versions) and the read deadline (to decide whether a
+listed number holds a manifest), never the consistency rule.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata as importlib_metadata
+from typing import Any, Literal
+
+from pydantic import JsonValue
+
+from .digest import HashAlgorithm, hash_bytes
+from .errors import (
+    ForeignObjectError,
+    InvalidNameError,
+    ManifestError,
+    ObjectNotFoundError,
+    QuorumNotMetError,
+    RegionError,
+    SigningKeyError,
+)
+from .layout import blob_key, check_entry_name, check_lineage, manifest_key
+from .liveness import host_and_pid
+from .manifest import MAX_MANIFEST_BYTES, Component, Entry, Manifest, ManifestBody, ShardInfo, decode_manifest
+from .models import CheckpointInfo
+from .observe import StoreEvent, StoreObserver, notify
+from .publish import publish
+from .region import PutOutcome, RegionIO
+from .signing import Keyring
+from .store_listing import StoreListing
+from .store_reads import SLOW_PENALTY
+
+DEFAULT_CHUNK_BYTES = 32 * 2**20
+# Listed version numbers above the highest real manifest that a save skips over (stray files
+# such as an empty 999999999999.json); past that many, the next number is above them all.
+MAX_STRAY_VERSIONS = 32
+
+
+@dataclass
+class EntryPlan:
+    """A leaf to store: its flat bytes and the metadata the manifest records for it."""
+
+    name: str
+    kind: str
+    data: memoryview
+    dtype: str | None = None
+    shape: list[int] | None = None
+    component: str | None = None
+    shard: ShardInfo | None = None
+
+
+@dataclass
+class WrittenEntries:
+    """What ``Store.write_entries`` wrote: the manifest entries (chunk digests and sizes), the
+    regions that failed with why, and how many new bytes landed."""
+
+    entries: list[Entry]
+    region_causes: dict[str, str]
+    bytes_written: int
+
+
+def _writer_info() -> dict[str, JsonValue]:
+    try:
+        version = importlib_metadata.version("prefect-recovery")
+    except importlib_metadata.PackageNotFoundError:
+        version = "unknown"
+    host, pid = host_and_pid()
+    return {"host": host, "pid": pid, "prefect_recovery": version}
+
+
+class StoreWriter(StoreListing):
+    """Saving: blobs to every region, then one manifest published to a quorum."""
+
+    write_quorum: int
+    hash_algorithm: HashAlgorithm
+    chunk_bytes: int
+    placement: Literal["all", "primary"]
+    straggler_grace: float | None
+    observers: list[StoreObserver]
+    keyring: Keyring | None
+
+    def commit(
+        self,
+        lineage: str,
+        entries: Sequence[EntryPlan],
+        *,
+        step: int | None = None,
+        tree: JsonValue = None,
+        components: Iterable[Component] = (),
+        metadata: dict[str, JsonValue] | None = None,
+    ) -> CheckpointInfo:
+        """Write ``entries`` as the next version of ``lineage`` and return what was committed."""
+        started = time.monotonic()
+        try:
+            info = self._commit(lineage, entries, step=step, tree=tree, components=components, metadata=metadata)
+        except Exception as exc:
+            failed = getattr(exc, "causes", None) or {}
+            notify(
+                self.observers,
+                StoreEvent(
+                    "save_failed",
+                    lineage,
+                    None,
+                    step,
+                    sum(plan.data.nbytes for plan in entries),
+                    time.monotonic() - started,
+                    {str(k): str(v) for k, v in dict(failed).items()},
+                    {"error": f"{type(exc).__name__}: {exc}"},
+                ),
+            )
+            raise
+        regions = {name: "ok" for name in info.regions} | info.lagging
+        notify(
+            self.observers,
+            StoreEvent(
+                "checkpoint_committed",
+                lineage,
+                info.version,
+                step,
+                info.total_bytes,
+                time.monotonic() - started,
+                regions,
+                dict(info.metadata),
+            ),
+        )
+        return info
+
+    def _commit(
+        self,
+        lineage: str,
+        entries: Sequence[EntryPlan],
+        *,
+        step: int | None,
+        tree: JsonValue,
+        components: Iterable[Component],
+        metadata: dict[str, JsonValue] | None,
+    ) -> CheckpointInfo:
+        self._check_can_commit(lineage)  # before a single byte is written
+        written = self.write_entries(entries)
+        return self.commit_entries(
+            lineage,
+            written,
+            step=step,
+            tree=tree,
+            components=components,
+            metadata=metadata,
+        )
+
+    def _check_can_commit(self, lineage: str) -> None:
+        check_lineage(lineage)
+        keyring = self.keyring
+        if keyring is not None and keyring.signing_key is None and not keyring.accept_unsigned:
+            raise SigningKeyError(
+                f"save of lineage {lineage!r} refused: this store checks signatures but has no signing key, so "
+                "every reader would reject what it writes; set the store's signing key (or accept_unsigned)"
+            )
+
+    def write_entries(self, entries: Sequence[EntryPlan]) -> WrittenEntries:
+        """Phase one of a save: hash every chunk once and write it to every region.
+
+        Nothing is published: the blobs are content-addressed and create-only, so until a
+        manifest names them (``commit_entries``) they are invisible and GC may sweep them once
+        past its grace period. Several writers (torch.distributed ranks) may each run this
+        phase for their own entries and hand the results to one committer.
+        """
+        names = [check_entry_name(plan.name) for plan in entries]  # before a single byte is written
+        if len(set(names)) != len(names):
+            duplicates = sorted({name for name in names if names.count(name) > 1})
+            raise InvalidNameError(f"duplicate entry names {duplicates}")
+        region_causes, bytes_written, chunk_refs = self._write_blobs(entries)
+        manifest_entries = [
+            Entry(
+                name=plan.name,
+                kind=plan.kind,  # type: ignore[arg-type]
+                size=plan.data.nbytes,
+                chunks=refs,
+                dtype=plan.dtype,
+                shape=plan.shape,
+                component=plan.component,
+                shard=plan.shard,
+            )
+            for plan, refs in zip(entries, chunk_refs, strict=True)
+        ]
+        return WrittenEntries(manifest_entries, region_causes, bytes_written)
+
+    def commit_entries(
+        self,
+        lineage: str,
+        written: WrittenEntries | Sequence[WrittenEntries],
+        *,
+        step: int | None = None,
+        tree: JsonValue = None,
+        components: Iterable[Component] = (),
+        metadata: dict[str, JsonValue] | None = None,
+    ) -> CheckpointInfo:
+        """Phase two of a save: publish one manifest naming every written entry.
+
+        ``written`` may come from several writers; a region that failed any of them holds an
+        incomplete copy and does not count towards the write quorum.
+        """
+        self._check_can_commit(lineage)
+        parts = [written] if isinstance(written, WrittenEntries) else list(written)
+        region_causes: dict[str, str] = {}
+        for part in parts:
+            for region, cause in part.region_causes.items():
+                region_causes.setdefault(region, cause)
+        manifest_entries = [entry for part in parts for entry in part.entries]
+        bytes_written = sum(part.bytes_written for part in parts)
+        healthy = [r for r in self.regions if r.name not in region_causes]
+        if len(healthy) < self.write_quorum:
+            raise QuorumNotMetError(
+                f"save of lineage {lineage!r} not committed: only {len(healthy)} of "
+                f"{len(self.regions)} regions took the data, write_quorum is {self.write_quorum}",
+                region_causes,
+            )
+        body_fields: dict[str, Any] = dict(
+            lineage=lineage,
+            step=step,
+            hash_algorithm=self.hash_algorithm,
+            placement=self.placement,
+            entries=manifest_entries,
+            tree=tree,
+            components=list(components),
+            metadata=metadata or {},
+            writer=_writer_info(),
+        )
+        manifest, acked, lagging = self._commit_manifest(lineage, body_fields, healthy)
+        lagging = {**region_causes, **lagging}
+        return CheckpointInfo(
+            lineage=lineage,
+            version=manifest.version,
+            step=step,
+            created_at=manifest.created_at,
+            manifest_digest=manifest.manifest_digest,
+            total_bytes=manifest.total_bytes,
+            regions=acked,
+            lagging=lagging,
+            bytes_written=bytes_written,
+            metadata=manifest.metadata,
+        )
+
+    def _write_blobs(self, entries: Sequence[EntryPlan]) -> tuple[dict[str, str], int, list[list[Any]]]:
+        """Hash every chunk once and write it to every region; returns per-region failures."""
+        from .manifest import ChunkRef
+
+        slices: list[tuple[int, memoryview]] = []
+        for index, plan in enumerate(entries):
+            data = plan.data.cast("B") if plan.data.format != "B" or plan.data.ndim != 1 else plan.data
+            if len(data) == 0:
+                continue
+            for start in range(0, len(data), self.chunk_bytes):
+                slices.append((index, data[start : start + self.chunk_bytes]))
+
+        causes: dict[str, str] = {}
+        written = [0]
+        lock = threading.Lock()
+        claimed: dict[str, set[str]] = {region.name: set() for region in self.regions}
+
+        def put(region: RegionIO, digest_future: Future[str], data: memoryview) -> None:
+            if region.name in causes:
+                return
+            digest = digest_future.result()
+            with lock:
+                if digest in claimed[region.name]:
+                    return
+                claimed[region.name].add(digest)
+            try:
+                if self._ensure_blob(region, digest, data):
+                    with lock:
+                        written[0] += len(data)
+            except RegionError as exc:
+                with lock:
+                    causes.setdefault(region.name, str(exc))
+
+        hash_threads = min(2, os.cpu_count() or 1)
+        with ThreadPoolExecutor(hash_threads, thread_name_prefix="ckpt-hash") as hasher:
+            digests = [hasher.submit(hash_bytes, data, self.hash_algorithm) for _, data in slices]
+            pools = [
+                ThreadPoolExecutor(self.io_threads, thread_name_prefix=f"ckpt-put-{i}")
+                for i in range(len(self.regions))
+            ]
+            stragglers: set[str] = set()
+            try:
+                by_region: dict[str, list[Future[None]]] = {region.name: [] for region in self.regions}
+                for (_, data), digest in zip(slices, digests, strict=True):
+                    for region, pool in zip(self.regions, pools, strict=True):
+                        by_region[region.name].append(pool.submit(put, region, digest, data))
+                stragglers = self._await_puts(by_region, causes, lock)
+            finally:
+                for region, pool in zip(self.regions, pools, strict=True):
+                    # A straggler's in-flight puts finish in the background (blobs are
+                    # content-addressed, so a late copy is still a right copy).
+                    pool.shutdown(wait=region.name not in stragglers, cancel_futures=region.name in stragglers)
+            refs: list[list[ChunkRef]] = [[] for _ in entries]
+            for (index, data), digest in zip(slices, digests, strict=True):
+                refs[index].append(ChunkRef(digest=digest.result(), size=len(data)))
+        return causes, written[0], refs
+
+    def _await_puts(
+        self, by_region: dict[str, list[Future[None]]], causes: dict[str, str], lock: threading.Lock
+    ) -> set[str]:
+        """Wait for every region's puts, or, once the quorum is done, for ``straggler_grace`` more.
+
+        Returns the regions given up on (recorded in ``causes`` as lagging).
+        """
+        pending = {future for futures in by_region.values() for future in futures}
+        started = time.monotonic()
+        deadline: float | None = None
+        while pending:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, pending = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
+            for future in done:
+                future.result()  # put() records RegionErrors itself; anything else is a bug: raise
+            if not pending:
+                break
+            with lock:
+                failed = set(causes)
+            if len(failed) > len(by_region) - self.write_quorum:
+                # The quorum can no longer be met: start no more puts, let the running ones end
+                # (commit then raises QuorumNotMetError).
+                for future in pending:
+                    future.cancel()
+                wait(pending)
+                return set()
+            if deadline is None and self.straggler_grace is not None:
+                finished = [
+                    name
+                    for name, futures in by_region.items()
+                    if name not in causes and all(future.done() for future in futures)
+                ]
+                if len(finished) >= self.write_quorum:
+                    elapsed = time.monotonic() - started
+                    deadline = time.monotonic() + max(self.straggler_grace, elapsed)
+                continue
+            if deadline is not None and time.monotonic() >= deadline:
+                slow = {name for name, futures in by_region.items() if any(not f.done() for f in futures)}
+                with lock:
+                    for name in slow:
+                        self._slow_until[name] = time.monotonic() + SLOW_PENALTY  # reads skip it too
+                        causes.setdefault(
+                            name,
+                            f"still writing {time.monotonic() - started:.1f} s into the save, after the quorum "
+                            "was done: left lagging (heal it with `prefect-recovery verify --repair`)",
+                        )
+                return slow
+        return set()
+
+    def _ensure_blob(self, region: RegionIO, digest: str, data: memoryview) -> bool:
+        """Make ``region`` hold an intact copy of a blob; True when new bytes were written.
+
+        An existing object of the right size is trusted here (content is checked on every read
+        and by verify); a wrong-sized leftover, or one that lost a create race and does not
+        hash right, is replaced.
+        """
+        key = blob_key(digest)
+        try:
+            existing = region.size(key)
+        except ForeignObjectError:  # a link (or a directory: delete refuses) in the blob's place
+            existing = -1
+        if existing == len(data):
+            return False
+        if existing is not None:
+            region.delete(key)
+        if region.put_if_absent(key, data) is PutOutcome.CREATED:
+            return True
+        if hash_bytes(region.get(key, max_bytes=len(data)), self.hash_algorithm) != digest:
+            region.delete(key)
+            if (
+                region.put_if_absent(key, data) is not PutOutcome.CREATED
+                and hash_bytes(region.get(key, max_bytes=len(data)), self.hash_algorithm) != digest
+            ):
+                raise RegionError(
+                    region.name, f"blob {digest} could not be stored intact: the object under its name does not match"
+                )
+            return True
+        return False
+
+    def _next_version(self, lineage: str) -> int:
+        """One more than the highest version any region holds a manifest for.
+
+        A listed name that is no manifest of its version (an empty or foreign file, a link, a
+        directory: nothing a save could have published) does not take a number, so one stray
+        ``999999999999.json`` cannot exhaust a lineage's versions. A copy that cannot be read
+        right now counts (it may be a real manifest); a forged one counts too (it is one).
+        """
+        listed = self.versions(lineage)
+        ordered = sorted(listed, reverse=True)
+        for version in ordered[:MAX_STRAY_VERSIONS]:
+            if self._holds_a_manifest(lineage, version, listed[version]):
+                return version + 1
+        if len(ordered) > MAX_STRAY_VERSIONS:
+            return ordered[0] + 1
+        return 1
+
+    def _holds_a_manifest(self, lineage: str, version: int, regions: Sequence[str]) -> bool:
+        key = manifest_key(lineage, version)
+        for name in regions:
+            region = self._region(name)
+            try:
+                data = self._bounded(region, region.get, key, MAX_MANIFEST_BYTES)
+            except (ObjectNotFoundError, ForeignObjectError):
+                continue
+            except RegionError:
+                return True
+            try:
+                decode_manifest(data, expect_lineage=lineage, expect_version=version)
+            except ManifestError:
+                continue
+            return True
+        return False
+
+    def _commit_manifest(
+        self, lineage: str, body_fields: dict[str, Any], healthy: list[RegionIO]
+    ) -> tuple[Manifest, list[str], dict[str, str]]:
+        built: dict[int, Manifest] = {}
+
+        def encode(version: int) -> bytes:
+            created_at = datetime.now(UTC).isoformat(timespec="microseconds")
+            body = ManifestBody(version=version, created_at=created_at, **body_fields)
+            built[version] = Manifest.build(body, self.keyring)
+            return built[version].encode()
+
+        published = publish(
+            healthy,
+            what=f"save of lineage {lineage!r}",
+            first=self._next_version(lineage),
+            key_of=lambda version: manifest_key(lineage, version),
+            encode=encode,
+            next_free=lambda: self._next_version(lineage),
+            quorum=self.write_quorum,
+        )
+        return built[published.number], published.holders, published.lagging
