@@ -22,7 +22,9 @@ from .journal import Journal, JournalError, JournalEvent
 from .lineage_history import LineageHistory, fold_journal
 from .manifest import Entry, Manifest, decode_manifest
 from .models import CheckpointInfo, Problem, VerifyReport
-from .region import LocalRegionIO, RegionIO, open_region
+from .region import open_region
+from .region_local import LocalRegionIO
+from .region_object import RegionIO
 from .retention import RetentionPlan, RetentionPolicy, apply_retention, plan_retention
 from .signing import Keyring, ed25519_key, hmac_key
 from .store import Store

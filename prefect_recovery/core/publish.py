@@ -19,7 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .errors import QuorumNotMetError, RegionError, VersionConflictError
-from .region import PutOutcome, RegionIO
+from .region_common import PutOutcome
+from .region_object import RegionIO
 
 MAX_ATTEMPTS = 32
 

@@ -25,7 +25,9 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from .errors import CheckpointError, RegionError, RegionUnavailableError
-from .region import LocalRegionIO, PutOutcome, RegionIO
+from .region_common import PutOutcome
+from .region_local import LocalRegionIO
+from .region_object import RegionIO
 
 logger = logging.getLogger("prefect_recovery.region")
 

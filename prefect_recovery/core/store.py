@@ -23,7 +23,7 @@ from typing import Any, Literal
 from .digest import HashAlgorithm
 from .errors import InvalidArgumentError
 from .observe import StoreObserver
-from .region import RegionIO
+from .region_object import RegionIO
 from .signing import Keyring
 from .store_consistency import ManifestCopies, StoreConsistency
 from .store_reads import SLOW_PENALTY

@@ -27,7 +27,7 @@ from .errors import (
 from .layout import check_lineage, manifest_key
 from .manifest import MAX_MANIFEST_BYTES, Manifest, decode_manifest
 from .models import CheckpointInfo
-from .region import RegionIO
+from .region_object import RegionIO
 from .signing import Keyring
 from .store_listing import StoreListing
 

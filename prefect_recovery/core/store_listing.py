@@ -14,7 +14,7 @@ import threading
 
 from .errors import InvalidNameError, RegionError
 from .layout import check_lineage, lineages_prefix, manifests_prefix, version_from_manifest_name
-from .region import RegionIO
+from .region_object import RegionIO
 from .store_reads import StoreReads
 
 

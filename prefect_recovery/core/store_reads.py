@@ -21,7 +21,8 @@ from .digest import hash_bytes
 from .errors import BlobUnavailableError, RegionError, RegionUnavailableError
 from .layout import blob_key
 from .manifest import Entry
-from .region import LocalRegionIO, RegionIO
+from .region_local import LocalRegionIO
+from .region_object import RegionIO
 
 # How long a region whose read stalled past read_deadline is tried last and not listed.
 SLOW_PENALTY = 300.0

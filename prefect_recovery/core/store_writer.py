@@ -45,7 +45,8 @@ from .manifest import MAX_MANIFEST_BYTES, Component, Entry, Manifest, ManifestBo
 from .models import CheckpointInfo
 from .observe import StoreEvent, StoreObserver, notify
 from .publish import publish
-from .region import PutOutcome, RegionIO
+from .region_common import PutOutcome
+from .region_object import RegionIO
 from .signing import Keyring
 from .store_listing import StoreListing
 from .store_reads import SLOW_PENALTY

@@ -24,7 +24,7 @@ from .journal import Journal
 from .layout import blob_key, manifest_key
 from .manifest import Manifest
 from .models import CheckpointAudit, Problem, VerifyReport
-from .region import RegionIO
+from .region_object import RegionIO
 from .store import Store
 
 
