@@ -18,7 +18,8 @@ from .errors import (
     VersionConflictError,
 )
 from .gc import GcReport, collect_garbage
-from .journal import Journal, JournalError, JournalEvent
+from .journal import Journal, JournalError
+from .journal_format import JournalEvent
 from .lineage_history import LineageHistory, fold_journal
 from .manifest import Entry, Manifest, decode_manifest
 from .models import CheckpointInfo, Problem, VerifyReport

@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field, JsonValue
 from .errors import JournalError
 
 if TYPE_CHECKING:  # the journal's I/O (core/journal.py) hands its events here; folding needs no I/O
-    from .journal import JournalEvent
+    from .journal_format import JournalEvent
 
 RunStatus = Literal["new", "running", "failed", "finished"]
 

@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 from ..blocks import CheckpointStore
 from ..blocks import open_store as open_store  # re-exported for pipelines that import it from here
-from ..core.journal import Journal, JournalEvent
+from ..core.journal import Journal
+from ..core.journal_format import JournalEvent
 from ..core.lineage_history import LineageHistory, fold_journal
 from ..core.models import CheckpointInfo
 from ..tasks.pipeline_run import state_digest

@@ -34,7 +34,8 @@ from pydantic import BaseModel, Field
 
 from ..blocks import CheckpointStore, open_store
 from ..core.errors import CheckpointError, CheckpointNotFoundError
-from ..core.journal import Journal, JournalEvent
+from ..core.journal import Journal
+from ..core.journal_format import JournalEvent
 from ..core.layout import LIGHT_SUFFIX, STEPS_SUFFIX
 from ..core.lineage_history import fold_journal
 from ..core.manifest import Manifest

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import CheckpointError
-from ..core.journal import Journal, JournalEvent
+from ..core.journal import Journal
+from ..core.journal_format import JournalEvent
 from ..core.layout import LIGHT_SUFFIX
 from ..core.store import core_store
 
