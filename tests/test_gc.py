@@ -28,7 +28,8 @@ from helpers.tamper import reseal
 from prefect_recovery.core import EntryPlan, Journal, Keyring, LocalRegionIO, RegionIO, Store, hmac_key, open_region
 from prefect_recovery.core.digest import hash_bytes
 from prefect_recovery.core.errors import CheckpointNotFoundError, QuorumNotMetError, RegionUnavailableError
-from prefect_recovery.core.gc import MIN_GRACE, _check_stale, collect_garbage
+from prefect_recovery.core.gc import MIN_GRACE, collect_garbage
+from prefect_recovery.core.gc_manifests import _check_stale
 from prefect_recovery.core.layout import blob_key, manifest_key
 from prefect_recovery.core.manifest import decode_manifest
 from prefect_recovery.core.retention import RetentionPolicy, apply_retention, plan_retention

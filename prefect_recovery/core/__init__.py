@@ -17,7 +17,8 @@ from .errors import (
     StorageFullError,
     VersionConflictError,
 )
-from .gc import GcReport, collect_garbage
+from .gc import collect_garbage
+from .gc_report import GcReport
 from .journal import Journal, JournalError
 from .journal_format import JournalEvent
 from .lineage_history import LineageHistory, fold_journal

@@ -14,7 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field, JsonValue
 
-from .gc import GcReport, collect_garbage
+from .gc import collect_garbage
+from .gc_report import GcReport
 from .layout import LIGHT_SUFFIX
 from .models import VerifyReport
 from .retention import RetentionPlan, RetentionPolicy, VersionDeletion, apply_retention, plan_retention
