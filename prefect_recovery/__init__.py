@@ -43,6 +43,10 @@ _EXPORTS = {
     "file_input": "prefect_recovery.tasks.pipeline_run",
     "state_digest": "prefect_recovery.tasks.pipeline_run",
     "register_pipeline": "prefect_recovery.flows.registry",
+    "dcp_writer": "prefect_recovery.distributed.dcp",
+    "dcp_reader": "prefect_recovery.distributed.dcp",
+    "DCPCheckpointError": "prefect_recovery.distributed.errors",
+    "NotADCPCheckpointError": "prefect_recovery.distributed.errors",
 }
 
 __all__ = [
@@ -53,12 +57,14 @@ __all__ = [
     "CheckpointSchedule",
     "CheckpointStore",
     "Checkpointer",
+    "DCPCheckpointError",
     "DeterminismError",
     "EveryNSteps",
     "LineageBusyError",
     "ManifestError",
     "ManifestSignatureError",
     "Milestones",
+    "NotADCPCheckpointError",
     "PipelineRun",
     "PreflightError",
     "QuorumNotMetError",
@@ -72,6 +78,8 @@ __all__ = [
     "Timebox",
     "UnsupportedLoaderError",
     "VerifyReport",
+    "dcp_reader",
+    "dcp_writer",
     "file_input",
     "register_pipeline",
     "seed_everything",
@@ -93,6 +101,8 @@ if TYPE_CHECKING:  # pragma: no cover
         RetentionPolicy,
         VerifyReport,
     )
+    from .distributed.dcp import dcp_reader, dcp_writer
+    from .distributed.errors import DCPCheckpointError, NotADCPCheckpointError
     from .flows.registry import register_pipeline
     from .tasks.errors import (
         LineageBusyError,

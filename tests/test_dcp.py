@@ -1,0 +1,369 @@
+"""The store as a torch.distributed.checkpoint (DCP) storage backend (prefect_recovery/distributed).
+
+Single-process saves and loads (no process group) check the format, interop with DCP's own
+FileSystemWriter, async_save, partial restore, corruption, signatures and refusals in
+milliseconds. Real torchrun jobs (gloo on CPU, tests/helpers/dcp_worker.py) check DDP and FSDP2
+with resharding 2 -> 4 -> 2 ranks, and a rank killed or hung between its blob writes and the
+commit. Several scenarios share one torchrun job: on a 2-core machine starting the ranks costs
+more than the scenarios.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from helpers.tamper import flip_byte, reseal
+
+from prefect_recovery.core.errors import BlobUnavailableError, ManifestSignatureError
+from prefect_recovery.core.gc import collect_garbage
+from prefect_recovery.core.layout import blob_key, manifest_key
+from prefect_recovery.core.region import LocalRegionIO
+from prefect_recovery.core.signing import Keyring, hmac_key
+from prefect_recovery.core.store import EntryPlan, Store
+from prefect_recovery.distributed import (
+    METADATA_ENTRY,
+    DCPMetadataError,
+    NotADCPCheckpointError,
+    UnsafeBytesItemError,
+    committed_version,
+    dcp_reader,
+    dcp_writer,
+    rank_errors,
+)
+from prefect_recovery.distributed.dcp import dcp_tree
+from prefect_recovery.training.state_io import save_state
+
+REPO = Path(__file__).resolve().parent.parent
+WORKER = REPO / "tests" / "helpers" / "dcp_worker.py"
+REGIONS = ("eu", "us")
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+def region_roots(root: Path) -> list[Path]:
+    roots = [root / name for name in REGIONS]
+    for path in roots:
+        path.mkdir(parents=True, exist_ok=True)
+    return roots
+
+
+def make_store(root: Path, keyring: Keyring | None = None) -> Store:
+    regions = [LocalRegionIO(str(path), name=path.name) for path in region_roots(root)]
+    return Store(regions, write_quorum=2, chunk_bytes=1024, keyring=keyring)
+
+
+def trained(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 24), torch.nn.ReLU(), torch.nn.Linear(24, 5))
+    optim = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(2):
+        optim.zero_grad()
+        model(torch.randn(6, 10)).pow(2).mean().backward()
+        optim.step()
+    return model, optim
+
+
+def state_of(seed: int) -> dict[str, Any]:
+    model, optim = trained(seed)
+    return {
+        "model": model.state_dict(),
+        "optim": optim.state_dict(),
+        "extra": {"epoch": seed, "note": f"seed {seed}", "mask": torch.arange(seed, seed + 9) % 2 == 0},
+    }
+
+
+def clone(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: clone(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(clone(v) for v in value)
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
+
+
+def assert_same(expected: Any, actual: Any, path: str = "") -> None:
+    """Equal states; tensors bit for bit (dtype, shape and bytes)."""
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict) and set(expected) == set(actual), path
+        for key in expected:
+            assert_same(expected[key], actual[key], f"{path}/{key}")
+    elif isinstance(expected, list | tuple):
+        assert isinstance(actual, list | tuple) and len(expected) == len(actual), path
+        for i, (e, a) in enumerate(zip(expected, actual, strict=True)):
+            assert_same(e, a, f"{path}/{i}")
+    elif isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor), path
+        assert (expected.dtype, expected.shape) == (actual.dtype, actual.shape), path
+        assert torch.equal(expected.reshape(-1).view(torch.uint8), actual.reshape(-1).view(torch.uint8)), path
+    else:
+        assert expected == actual, path
+
+
+def load_into(template: dict[str, Any], reader: Any) -> dict[str, Any]:
+    target = clone(template)
+    dcp.load(target, storage_reader=reader)
+    return target
+
+
+def load_error(template: dict[str, Any], reader: Any) -> BaseException:
+    """The one typed error a failed dcp.load reports (DCP wraps it per rank)."""
+    with pytest.raises(BaseException) as caught:
+        dcp.load(clone(template), storage_reader=reader)
+    errors = list(rank_errors(caught.value).values())
+    assert len(errors) == 1
+    return errors[0]
+
+
+# -- single process ---------------------------------------------------------------------------------
+def test_single_process_save_and_load_are_bit_identical_and_one_manifest_names_every_entry(tmp_path):
+    store = make_store(tmp_path)
+    saved = state_of(1)
+    metadata = dcp.save(saved, storage_writer=dcp_writer(store, "run", step=7, metadata={"who": "test"}))
+    assert committed_version(metadata) == 1
+    later = state_of(2)
+    assert committed_version(dcp.save(later, storage_writer=dcp_writer(store, "run", step=8))) == 2
+
+    assert_same(saved, load_into(state_of(3), dcp_reader(store, "run", version=1)))
+    assert_same(later, load_into(state_of(3), dcp_reader(store, "run")))  # None: the latest
+
+    manifest, _holders = store.resolve("run", 1)
+    assert (manifest.step, manifest.metadata, manifest.tree) == (7, {"who": "test"}, dcp_tree())
+    names = {entry.name: entry for entry in manifest.entries}
+    weight = names["model.0.weight/@0,0"]
+    assert (weight.kind, weight.dtype, weight.shape, weight.component) == ("tensor", "float32", [24, 10], "model")
+    assert weight.shard is not None and (weight.shard.global_shape, weight.shard.offsets) == ([24, 10], [0, 0])
+    assert names["extra.note"].kind == "bytes"  # DCP's non-tensor items
+    assert names[METADATA_ENTRY].kind == "bytes"
+    assert {c.name for c in manifest.components} == {"model", "optim", "extra"}
+    # The DCP metadata is JSON, not pickle.
+    blobs = [(tmp_path / "eu" / blob_key(chunk.digest)).read_bytes() for chunk in names[METADATA_ENTRY].chunks]
+    stored = json.loads(b"".join(blobs))
+    assert stored["format"] == "prefect-recovery/dcp-metadata"
+    assert {"fqn": "model.0.weight", "offset": [0, 0], "entry": "model.0.weight/@0,0"} in stored["storage"]
+
+
+def test_the_block_gives_the_same_writer_and_reader(tmp_path):
+    from prefect_recovery import CheckpointStore
+
+    block = CheckpointStore(regions=[str(path) for path in region_roots(tmp_path)], write_quorum=2)
+    saved = state_of(1)
+    dcp.save(saved, storage_writer=block.dcp_writer("run", step=1))
+    assert block.latest("run").step == 1
+    assert_same(saved, load_into(state_of(2), block.dcp_reader("run")))
+
+
+def test_a_state_saved_by_dcps_filesystem_writer_and_through_the_store_load_the_same(tmp_path):
+    store = make_store(tmp_path / "store")
+    saved = state_of(1)
+    dcp.save(saved, storage_writer=dcp.FileSystemWriter(str(tmp_path / "fs")))
+    dcp.save(saved, storage_writer=dcp_writer(store, "run"))
+    from_files = load_into(state_of(2), dcp.FileSystemReader(str(tmp_path / "fs")))
+    from_store = load_into(state_of(2), dcp_reader(store, "run"))
+    assert_same(from_files, from_store)
+    assert_same(saved, from_store)
+
+
+def test_async_save_commits_through_the_same_writer(tmp_path):
+    store = make_store(tmp_path)
+    saved = state_of(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        metadata = dcp.async_save(saved, storage_writer=dcp_writer(store, "run", step=5)).result()
+    assert committed_version(metadata) == 1 and store.latest("run").step == 5
+    assert_same(saved, load_into(state_of(2), dcp_reader(store, "run")))
+
+
+def test_a_partial_restore_reads_only_the_entries_it_asks_for(tmp_path):
+    store = make_store(tmp_path)
+    saved = state_of(1)
+    dcp.save(saved, storage_writer=dcp_writer(store, "run"))
+    read: list[str] = []
+    real = store.read_entries_into
+
+    def recording(targets, prefer=()):
+        read.extend(entry.name for entry, _buffer in targets)
+        return real(targets, prefer)
+
+    store.read_entries_into = recording  # type: ignore[method-assign]
+    model_only = load_into({"model": state_of(2)["model"]}, dcp_reader(store, "run"))
+    assert_same(saved["model"], model_only["model"])
+    assert sorted(read) == sorted(
+        [METADATA_ENTRY] + [f"model.{k}/@{'0,0' if 'weight' in k else '0'}" for k in saved["model"]]
+    )
+
+
+def test_a_corrupted_blob_is_detected_and_another_regions_copy_serves(tmp_path):
+    store = make_store(tmp_path)
+    saved = state_of(1)
+    dcp.save(saved, storage_writer=dcp_writer(store, "run"))
+    manifest, _ = store.resolve("run")
+    digest = next(e for e in manifest.entries if e.name == "model.0.weight/@0,0").chunks[0].digest
+    flip_byte(tmp_path / "eu" / blob_key(digest), 5, 0x01)
+    assert_same(saved, load_into(state_of(2), dcp_reader(store, "run")))  # eu's copy fails its digest; us serves
+    flip_byte(tmp_path / "us" / blob_key(digest), 5, 0x01)
+    error = load_error(state_of(2), dcp_reader(store, "run"))
+    assert isinstance(error, BlobUnavailableError) and "corrupt" in str(error)
+
+
+def test_a_signed_stores_checkpoint_is_signed_and_a_tampered_one_refused(tmp_path):
+    keyring = Keyring(hmac_key("k1", "ab" * 32))
+    store = make_store(tmp_path, keyring)
+    saved = state_of(1)
+    dcp.save(saved, storage_writer=dcp_writer(store, "run", step=1))
+    manifest, _ = store.resolve("run")
+    assert manifest.signature is not None and manifest.signature.key_id == "k1"
+    assert_same(saved, load_into(state_of(2), dcp_reader(store, "run")))
+    for region in REGIONS:  # an edit with a recomputed digest: only the signature can tell
+        path = tmp_path / region / manifest_key("run", 1)
+        raw = json.loads(path.read_bytes())
+        raw["step"] = 99
+        path.write_bytes(reseal(raw))
+    error = load_error(state_of(2), dcp_reader(store, "run", version=1))
+    assert isinstance(error, ManifestSignatureError)
+
+
+def test_a_checkpoint_not_written_by_dcp_is_refused_with_a_typed_error(tmp_path):
+    store = make_store(tmp_path)
+    save_state(store, {"model": {"w": torch.ones(3)}}, lineage="run")
+    error = load_error(state_of(1), dcp_reader(store, "run"))
+    assert isinstance(error, NotADCPCheckpointError) and "load_checkpoint" in str(error)
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        b"\x80\x04\x95 not json: a pickle",
+        json.dumps({"format": "prefect-recovery/dcp-metadata", "format_version": 2}).encode(),
+        json.dumps(
+            {
+                "format": "prefect-recovery/dcp-metadata",
+                "format_version": 1,
+                "dcp_version": "1.0.0",
+                "items": [{"fqn": "w", "kind": "bytes"}],
+                "planner_data": None,
+                "storage": [{"fqn": "w", "offset": None, "entry": "missing-entry"}],
+                "storage_meta": None,
+            }
+        ).encode(),
+    ],
+    ids=["pickle", "unknown-version", "names-a-missing-entry"],
+)
+def test_dcp_metadata_that_does_not_parse_is_refused(tmp_path, metadata):
+    store = make_store(tmp_path)
+    plan = EntryPlan(name=METADATA_ENTRY, kind="bytes", data=memoryview(metadata))
+    store.commit("run", [plan], tree=dcp_tree())
+    error = load_error({"w": b"x"}, dcp_reader(store, "run"))
+    assert isinstance(error, DCPMetadataError)
+
+
+class Opaque:
+    """A value DCP can only save by pickling a reference to this class."""
+
+    def __init__(self, value: int):
+        self.value = value
+
+
+def test_a_non_tensor_item_that_needs_full_unpickling_is_refused(tmp_path):
+    store = make_store(tmp_path)
+    dcp.save({"w": torch.ones(2), "thing": Opaque(3)}, storage_writer=dcp_writer(store, "run"))
+    error = load_error({"w": torch.zeros(2), "thing": Opaque(0)}, dcp_reader(store, "run"))
+    assert isinstance(error, UnsafeBytesItemError) and "thing" in str(error)
+
+
+# -- torchrun jobs (gloo on CPU) ----------------------------------------------------------------------
+def torchrun(root: Path, ranks: int, scenarios: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    out = root / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    regions = ",".join(str(path) for path in region_roots(root))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+    command += [str(WORKER), scenarios, "--regions", regions, "--out", str(out), *extra]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def reports(root: Path, scenario: str) -> list[dict[str, Any]]:
+    return [json.loads(path.read_text()) for path in sorted((root / "out").glob(f"{scenario}-rank*.json"))]
+
+
+@pytest.fixture(scope="module")
+def two_rank_job(tmp_path_factory) -> Path:
+    """DDP save (sync and async), DDP load, and an FSDP2 save, on 2 ranks."""
+    root = tmp_path_factory.mktemp("dcp-jobs")
+    done = torchrun(root, 2, "ddp-save,ddp-load,fsdp-save")
+    assert done.returncode == 0, done.stderr[-4000:]
+    return root
+
+
+@pytest.fixture(scope="module")
+def resharded_jobs(two_rank_job) -> Path:
+    """The 2-rank FSDP2 checkpoint loaded on 4 ranks (which save again), then loaded on 2."""
+    up = torchrun(two_rank_job, 4, "fsdp-load", "--version", "1", "--saved-world", "2")
+    assert up.returncode == 0, up.stderr[-4000:]
+    return two_rank_job
+
+
+def test_ddp_on_two_ranks_saves_once_per_tensor_and_loads_bit_identical(two_rank_job):
+    saved = reports(two_rank_job, "ddp-save")
+    assert [r["versions"] for r in saved] == [[1, 2], [1, 2]]  # every rank learns the committed versions
+    loaded = reports(two_rank_job, "ddp-load")
+    assert len(loaded) == 2 and all(r["differences"] == {"1": [], "2": []} for r in loaded)
+    store = make_store(two_rank_job)
+    manifest, _ = store.resolve("ddp", 1)
+    tensors = [e for e in manifest.entries if e.kind == "tensor"]
+    # DDP's replicated tensors are written once (DCP's dedup), spread over both ranks, in one manifest.
+    assert len({e.name for e in tensors}) == len(tensors)
+    assert {e.shard.rank for e in tensors if e.shard} == {0, 1}
+    assert [info.step for info in store.list("ddp")] == [3, 4]
+
+
+def test_fsdp2_saved_on_two_ranks_loads_resharded_on_four(resharded_jobs):
+    four = reports(resharded_jobs, "fsdp-load")
+    assert len(four) == 4 and four[0]["world"] == 4
+    assert four[0]["differences"] == []  # model and optimizer equal to the full tensors saved on 2 ranks
+    manifest, _ = make_store(resharded_jobs).resolve("fsdp", 1)
+    sharded = [e for e in manifest.entries if e.shard and e.shard.global_shape != e.shape]
+    assert {e.shard.rank for e in sharded} == {0, 1}  # each rank wrote its own shards
+
+
+def test_fsdp2_saved_on_four_ranks_loads_resharded_on_two(resharded_jobs):
+    version = reports(resharded_jobs, "fsdp-load")[0]["version"]
+    for path in (resharded_jobs / "out").glob("fsdp-load-rank*.json"):
+        path.unlink()
+    down = torchrun(resharded_jobs, 2, "fsdp-load", "--version", str(version), "--saved-world", "4")
+    assert down.returncode == 0, down.stderr[-4000:]
+    two = reports(resharded_jobs, "fsdp-load")
+    assert len(two) == 2 and two[0]["world"] == 2 and two[0]["differences"] == []
+
+
+@pytest.mark.parametrize("how", ["kill", "hang"])
+def test_a_rank_lost_between_its_blobs_and_the_commit_leaves_no_version_and_gc_removes_its_blobs(tmp_path, how):
+    # hang: a 10 s process-group timeout bounds the survivor's wait.
+    done = torchrun(tmp_path, 2, how, "--timeout", "10")
+    assert done.returncode != 0
+    store = make_store(tmp_path)
+    assert [info.version for info in store.list("fail")] == [1]  # the previous version stays the latest
+    assert store.versions("fail").keys() == {1}  # no manifest at all for the lost save
+    # The survivor got an error rather than a hang: at once for a killed gloo peer, after the timeout for a hung one.
+    survivor = reports(tmp_path, how)
+    assert len(survivor) <= 1
+    if survivor:  # torchrun may stop it (SIGTERM) before it reports
+        assert survivor[0]["rank"] == 0 and survivor[0]["error"] == "RuntimeError"
+        assert ("Connection closed by peer" if how == "kill" else "Timed out") in survivor[0]["message"]
+    orphans = json.loads((tmp_path / "out" / f"rank1-{how}-digests.json").read_text())
+    referenced = {c.digest for e in store.resolve("fail", 1)[0].entries for c in e.chunks}
+    orphans = [digest for digest in orphans if digest not in referenced]
+    assert orphans and all((tmp_path / r / blob_key(d)).exists() for r in REGIONS for d in orphans)
+    assert collect_garbage(store).blobs_deleted == {}  # younger than the grace period: a save may still be writing
+    collect_garbage(store, now=datetime.now(UTC) + timedelta(minutes=5))
+    assert not any((tmp_path / r / blob_key(d)).exists() for r in REGIONS for d in orphans)
+    assert [info.version for info in store.list("fail")] == [1]
