@@ -383,6 +383,30 @@ class CheckpointStore(Block):
         state, _manifest = load_state(self.core, lineage=lineage, version=version, keys=keys, into=into)
         return state
 
+    def dcp_writer(self, lineage: str, step: int | None = None, metadata: dict[str, JsonValue] | None = None) -> Any:
+        """A ``torch.distributed.checkpoint`` storage writer: each ``dcp.save`` through it commits
+        the next version of ``lineage``, one manifest naming every rank's shards
+        (``prefect_recovery.distributed.dcp``).
+
+        Example:
+            ``dcp.save(state_dict, storage_writer=store.dcp_writer("my-run", step=100))``
+        """
+        from ..distributed.dcp import dcp_writer  # torch.distributed only for those who use it
+
+        check_base_lineage(lineage)
+        return dcp_writer(self, lineage, step=step, metadata=metadata)
+
+    def dcp_reader(self, lineage: str, version: int | None = None) -> Any:
+        """A ``torch.distributed.checkpoint`` storage reader of ``version`` of ``lineage`` (default:
+        the latest consistent one); DCP reshards on load, each rank reading only its shards.
+
+        Example:
+            ``dcp.load(state_dict, storage_reader=store.dcp_reader("my-run"))``
+        """
+        from ..distributed.dcp import dcp_reader
+
+        return dcp_reader(self, lineage, version)
+
     def list(self, lineage: str | None = None) -> builtins.list[CheckpointInfo]:
         """Every consistent checkpoint, oldest first (of one lineage, or all)."""
         return self.core.list(lineage)
