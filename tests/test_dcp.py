@@ -58,9 +58,9 @@ def region_roots(root: Path) -> list[Path]:
     return roots
 
 
-def make_store(root: Path, keyring: Keyring | None = None) -> Store:
+def make_store(root: Path, keyring: Keyring | None = None, observers: list[Any] | None = None) -> Store:
     regions = [LocalRegionIO(str(path), name=path.name) for path in region_roots(root)]
-    return Store(regions, write_quorum=2, chunk_bytes=1024, keyring=keyring)
+    return Store(regions, write_quorum=2, chunk_bytes=1024, keyring=keyring, observers=observers or [])
 
 
 def trained(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -126,10 +126,12 @@ def load_error(template: dict[str, Any], reader: Any) -> BaseException:
 
 # -- single process ---------------------------------------------------------------------------------
 def test_single_process_save_and_load_are_bit_identical_and_one_manifest_names_every_entry(tmp_path):
-    store = make_store(tmp_path)
+    events: list[Any] = []
+    store = make_store(tmp_path, observers=[events.append])
     saved = state_of(1)
     metadata = dcp.save(saved, storage_writer=dcp_writer(store, "run", step=7, metadata={"who": "test"}))
     assert committed_version(metadata) == 1
+    assert [(e.kind, e.version, e.step) for e in events] == [("checkpoint_committed", 1, 7)]  # telemetry hears it
     later = state_of(2)
     assert committed_version(dcp.save(later, storage_writer=dcp_writer(store, "run", step=8))) == 2
 

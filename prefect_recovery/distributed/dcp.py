@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -53,6 +54,7 @@ from torch.futures import Future
 from ..core.layout import check_lineage
 from ..core.manifest import Component, Entry, Manifest, ShardInfo
 from ..core.models import CheckpointInfo
+from ..core.observe import StoreEvent, notify
 from ..core.store import EntryPlan, Store, WrittenEntries, core_store
 from ..training.encoding import _dtype_name, _path_part, allocate, contiguous_copy, reusable, tensor_bytes
 from .errors import (
@@ -258,17 +260,47 @@ class StoreWriter(StorageWriter):
         metadata.storage_data = storage
         if metadata.storage_meta is None:
             metadata.storage_meta = self.storage_meta()
-        encoded = encode_metadata(metadata, storage)
-        parts.append(self.store.write_entries([EntryPlan(name=METADATA_ENTRY, kind="bytes", data=memoryview(encoded))]))
-        components = sorted({entry.component for part in parts for entry in part.entries if entry.component})
-        self.info = self.store.commit_entries(
+        started = time.monotonic()
+        try:
+            encoded = encode_metadata(metadata, storage)
+            meta_plan = EntryPlan(name=METADATA_ENTRY, kind="bytes", data=memoryview(encoded))
+            parts.append(self.store.write_entries([meta_plan]))
+            components = sorted({entry.component for part in parts for entry in part.entries if entry.component})
+            self.info = self.store.commit_entries(
+                self.lineage,
+                parts,
+                step=self.step,
+                tree=dcp_tree(),
+                components=[Component(name=name) for name in components],
+                metadata=self.metadata,
+            )
+        except Exception as exc:
+            # The store's observers (telemetry) hear of it as of a Store.commit (commit_entries does not notify).
+            failed = getattr(exc, "causes", None) or {}
+            event = StoreEvent(
+                "save_failed",
+                self.lineage,
+                None,
+                self.step,
+                sum(entry.size for part in parts for entry in part.entries),
+                time.monotonic() - started,
+                {str(k): str(v) for k, v in dict(failed).items()},
+                {"error": f"{type(exc).__name__}: {exc}"},
+            )
+            notify(self.store.observers, event)
+            raise
+        info = self.info
+        event = StoreEvent(
+            "checkpoint_committed",
             self.lineage,
-            parts,
-            step=self.step,
-            tree=dcp_tree(),
-            components=[Component(name=name) for name in components],
-            metadata=self.metadata,
+            info.version,
+            self.step,
+            info.total_bytes,
+            time.monotonic() - started,
+            {name: "ok" for name in info.regions} | info.lagging,
+            dict(info.metadata),
         )
+        notify(self.store.observers, event)
         # Handed back by dcp.save on every rank (DCP broadcasts the coordinator's metadata).
         metadata.storage_meta.checkpoint_id = f"{self.lineage}@v{self.info.version}"
 
