@@ -607,7 +607,7 @@ def recover_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Recover a crashed pipeline run: preflight checks, restore, resume at the failed step."""
-    from .blocks.checkpoint_store import HOME_ENV, recovery_home
+    from .blocks.checkpoint_store import HOME_ENV, recovery_home, shared_store
     from .flows.recover import recover
     from .tasks.errors import PreflightError
 
@@ -637,8 +637,10 @@ def recover_command(
             _fail(f"no unfinished lineage in the store at {where}: nothing to recover", as_json, code=1)
         if not as_json:
             console.print(f"recovering lineage {lineage} ({preflight} preflight)")
-        result = recover(lineage=lineage, checkpoint=checkpoint, from_step=from_step, preflight=preflight,
-                         store_block=store, regions=region or None, write_quorum=quorum)  # fmt: skip
+        # The flow (and the pipeline run it starts) use the store opened here: one block load.
+        with shared_store(checkpoint_store, store, region or None, quorum):
+            result = recover(lineage=lineage, checkpoint=checkpoint, from_step=from_step, preflight=preflight,
+                             store_block=store, regions=region or None, write_quorum=quorum)  # fmt: skip
     except PreflightError as exc:
         if not as_json:
             for row in exc.results:

@@ -16,9 +16,11 @@ Deprecated (0.2, removed in 0.4): ``store.save(state, lineage=...)`` and, on an 
 from __future__ import annotations
 
 import builtins
+import contextlib
+import contextvars
 import os
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -239,6 +241,9 @@ class CheckpointStore(Block):
     )
 
     _store: Store | None = PrivateAttr(default=None)
+    # How open_store / default() opened this instance (_store_spec), so a recovery's pipeline run
+    # that opens the same store gets this instance back (see shared_store).
+    _opened_as: tuple[Any, ...] | None = PrivateAttr(default=None)
 
     load = _CheckpointOrBlockLoad()
 
@@ -253,11 +258,17 @@ class CheckpointStore(Block):
     def default(cls, home: str | os.PathLike[str] | None = None) -> CheckpointStore:
         """The embedded store: two local regions under ``$PREFECT_RECOVERY_HOME``."""
         root = Path(home).absolute() if home is not None else recovery_home()
+        spec = ("default", str(root))
+        shared = _shared_as(spec)
+        if isinstance(shared, cls):  # inside a recovery that opened this very store
+            return shared
         paths = [root / "regions" / "region-a", root / "regions" / "region-b"]
         for path in paths:
             if not path.exists():  # created here, so a region (region_marker.py); never marks an existing one
                 init_region(open_region(str(path)))
-        return cls(regions=[str(path) for path in paths], write_quorum=1)
+        store = cls(regions=[str(path) for path in paths], write_quorum=1)
+        store._opened_as = spec
+        return store
 
     @property
     def core(self) -> Store:
@@ -449,13 +460,64 @@ class CheckpointStore(Block):
         return verify_store(self.core, repair=repair, lineage=lineage)
 
 
+# The store a recovery opened, for the pipeline run it starts (shared_store).
+_shared: contextvars.ContextVar[CheckpointStore | None] = contextvars.ContextVar("shared_store", default=None)
+
+
+def _store_spec(store_block: str | None, regions: list[str] | None, write_quorum: int) -> tuple[Any, ...]:
+    if store_block:
+        return ("block", store_block)
+    if regions:
+        return ("regions", tuple(regions), write_quorum)
+    return ("default", str(recovery_home()))
+
+
+def _shared_as(spec: tuple[Any, ...]) -> CheckpointStore | None:
+    shared = _shared.get()
+    return shared if shared is not None and shared._opened_as == spec else None
+
+
+@contextlib.contextmanager
+def shared_store(
+    store: CheckpointStore,
+    store_block: str | None = None,
+    regions: list[str] | None = None,
+    write_quorum: int = 1,
+) -> Iterator[CheckpointStore]:
+    """Inside, ``open_store`` (and ``CheckpointStore.default()``) asked for the store ``store`` was
+    opened as return ``store`` itself instead of opening it again.
+
+    A recovery opens its store once (one block load from the server, one set of regions, one
+    keyring from the Secret blocks) and runs the pipeline inside this, so the pipeline's own
+    ``open_store(store_block, ...)`` with its recorded parameters gets the same instance. A
+    pipeline that names another store still opens that one. A store built by other means (the
+    CLI's) says what it was opened as with ``store_block``/``regions``/``write_quorum``, as
+    ``open_store`` takes them.
+    """
+    if store_block is not None or regions:
+        store._opened_as = _store_spec(store_block, regions, write_quorum)
+    token = _shared.set(store)
+    try:
+        yield store
+    finally:
+        _shared.reset(token)
+
+
 def open_store(
     store_block: str | None = None, regions: list[str] | None = None, write_quorum: int = 1
 ) -> CheckpointStore:
     """The store a flow runs against: a saved ``CheckpointStore`` block by name, else the given
-    regions, else the embedded default store. Every flow opens its store here."""
+    regions, else the embedded default store. Every flow opens its store here; inside a recovery
+    (``shared_store``) the store the recovery opened is returned when it is the same one."""
+    spec = _store_spec(store_block, regions, write_quorum)
+    shared = _shared_as(spec)
+    if shared is not None:
+        return shared
     if store_block:
-        return CheckpointStore.load(store_block)
-    if regions:
-        return CheckpointStore(regions=regions, write_quorum=write_quorum)
-    return CheckpointStore.default()
+        store = CheckpointStore.load(store_block)
+    elif regions:
+        store = CheckpointStore(regions=regions, write_quorum=write_quorum)
+    else:
+        return CheckpointStore.default()
+    store._opened_as = spec
+    return store

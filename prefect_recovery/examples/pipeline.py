@@ -98,7 +98,7 @@ def example_pipeline(
     with run:
         digest = inputs["dataset"].get("digest") if data_path else None
         data = prepare_data(seed, data_path, digest)
-        trained = train(store, lineage, data, steps, seed, schedule)
+        trained = train(store, lineage, data, steps, seed, schedule, run.resume_point())
         metrics = evaluate(store, lineage, trained, data)
         final = finalize(store, lineage, trained, metrics)
         run.finish(final_version=final["version"], final_digest=final["state_digest"])

@@ -15,6 +15,7 @@ from ..blocks import CheckpointStore
 from ..tasks.errors import StepInputError
 from ..tasks.pipeline_run import current_run
 from ..tasks.step import step
+from ..training.context import ResumePoint
 from ..training.schedule import CheckpointSchedule
 from . import workload
 
@@ -46,8 +47,10 @@ def train(
     steps: int,
     seed: int,
     schedule: CheckpointSchedule | None = None,
+    resume: ResumePoint | None = None,
 ) -> dict[str, Any]:
-    """Train to ``steps``, resuming from the lineage's latest checkpoint (or the one a recovery chose)."""
+    """Train to ``steps``, resuming where ``resume`` says: the lineage's latest checkpoint, or the one a
+    recovery chose (``run.resume_point()``; not part of the cache key)."""
     if steps < 1:
         raise StepInputError(f"steps must be at least 1, got {steps}")
     logger = get_run_logger()
@@ -64,7 +67,8 @@ def train(
         seed=seed,
         schedule=schedule,
         on_step=progress,
-    )  # inside the pipeline run, the Checkpointer journals commits and resumes where a recovery asked
+        resume_from=resume,  # the version a recovery chose, and journaling every commit
+    )
     if result["resumed_from"]:
         logger.info("resumed from version %(version)s at step %(step)s", result["resumed_from"])
     return result

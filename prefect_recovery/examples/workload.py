@@ -12,6 +12,7 @@ from torch.utils.data import TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ..training.checkpointer import Checkpointer
+from ..training.context import ResumePoint
 from ..training.sampling import ResumableRandomSampler
 from ..training.schedule import CheckpointSchedule, EveryNSteps, Milestones
 
@@ -145,10 +146,10 @@ def train(
     seed: int,
     schedule: CheckpointSchedule | None = None,
     on_step: Callable[[int], None] | None = None,
-    on_commit: Callable[[Any], None] | None = None,
-    resume_version: int | None = None,
+    resume_from: ResumePoint | None = None,
 ) -> dict[str, Any]:
-    """Train to ``steps`` steps, resuming from the lineage's latest checkpoint (or ``resume_version``)."""
+    """Train to ``steps`` steps, resuming from the lineage's latest checkpoint, or where ``resume_from``
+    (the pipeline run's ``run.resume_point()``) says; it also journals every commit."""
     checkpointer, workload = _checkpointed(
         store,
         lineage,
@@ -157,8 +158,7 @@ def train(
         seed=seed,
         schedule=schedule or default_schedule(),
         metadata={"seed": seed, "steps": steps},
-        on_commit=on_commit,
-        resume_version=resume_version,
+        resume_from=resume_from,
     )
     with checkpointer as ckpt:
         start_step = ckpt.step_count

@@ -5,10 +5,17 @@
 2. Preflight checks (tasks/preflight.py), published as a table artifact. ``strict`` stops on
    any failure; ``warn`` goes on except when another live run or recovery holds the lineage.
 3. Claim the lineage (``recovery_started``; of two recoveries at once exactly one proceeds).
-4. Verify the selected checkpoint (every blob read and checked against its digest).
-5. Run the pipeline that wrote the lineage again with its recorded parameters: finished steps
-   are reused from the store, training resumes from the selected checkpoint, later steps run.
-6. Journal ``recovery_finished``.
+4. Run the pipeline that wrote the lineage again with its recorded parameters, on the store this
+   recovery opened (``shared_store``: the block is loaded once): finished steps are reused from
+   the store, the training step's ``Checkpointer`` restores the selected checkpoint (its
+   ``run.resume_point()``), later steps run.
+5. Journal ``recovery_finished``.
+
+The selected checkpoint's blobs are read once, by the restore itself. Selecting it already checked
+its manifest (signature, write quorum) and that every blob it names is present with its size in
+some region; the restore checks every blob against its digest before anything is handed out
+and falls over to another region's copy. A blob with no intact copy anywhere stops the recovery
+with a ``RecoveryError`` naming the version and what to do (repair, or an earlier version).
 """
 
 from __future__ import annotations
@@ -20,8 +27,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from ..blocks import CheckpointStore, open_store
-from ..core.errors import CheckpointNotFoundError
+from ..blocks import CheckpointStore, open_store, shared_store
+from ..core.errors import BlobUnavailableError, CheckpointError, CheckpointNotFoundError
 from ..core.journal import Journal
 from ..core.lineage_history import fold_journal
 from ..core.manifest import Manifest
@@ -31,7 +38,7 @@ from ..tasks.pipeline_run import RecoveryPlan, claim_lineage, current_run_id, re
 from ..tasks.preflight import CheckResult, PreflightContext, as_rows, run_checks
 from ..tasks.step import STEP_CODE, code_digest
 from ..telemetry import emit_recovery_finished, emit_recovery_started
-from .lineage_status import finished_result, lineage_status
+from .lineage_status import LineageStatus, finished_result, lineage_status
 from .registry import resolve_pipeline
 
 _TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
@@ -57,30 +64,57 @@ def preflight_task(ctx: PreflightContext, lineage: str) -> list[CheckResult]:
     return results
 
 
-@task(name="verify-checkpoint", **_TASK_OPTIONS)
-def verify_checkpoint(store: CheckpointStore, lineage: str, version: int) -> dict[str, Any]:
-    """Read every blob of the checkpoint and check it against its digest (a healthy copy is used)."""
-    manifest, holders = store.core.resolve(lineage, version)
-    store.load_checkpoint(lineage=lineage, version=version)  # every read is digest-checked; raises if none is intact
-    get_run_logger().info("checkpoint %s v%s verified (%s bytes)", lineage, version, manifest.total_bytes)
-    return {"version": version, "step": manifest.step, "bytes": manifest.total_bytes, "regions": holders}
-
-
-def _select(store: CheckpointStore, lineage: str, checkpoint: str | int) -> Manifest | None:
+def _select(store: CheckpointStore, status: LineageStatus, checkpoint: str | int) -> tuple[Manifest | None, list[str]]:
+    """The manifest to resume from and the regions holding it. ``resolve`` checks the manifest
+    (signature, quorum) and the presence and size of every blob it names; the blobs' bytes are read
+    once, by the restore."""
+    lineage = status.lineage
     if str(checkpoint) == "latest":
-        latest = store.latest(lineage)
-        return store.core.resolve(lineage, latest.version)[0] if latest else None
+        if status.latest is None:  # lineage_status listed the lineage's consistent checkpoints already
+            return None, []
+        version = status.latest.version
+    else:
+        try:
+            version = int(checkpoint)
+        except ValueError:
+            raise RecoveryError(f"checkpoint must be 'latest' or a version number, got {checkpoint!r}") from None
     try:
-        version = int(checkpoint)
-    except ValueError:
-        raise RecoveryError(f"checkpoint must be 'latest' or a version number, got {checkpoint!r}") from None
-    try:
-        return store.core.resolve(lineage, version)[0]
+        return store.core.resolve(lineage, version)
     except CheckpointNotFoundError as exc:
         raise RecoveryError(
             f"checkpoint {lineage} v{version} is not a consistent checkpoint ({exc}); "
             f"see `prefect-recovery ls --lineage {lineage}`"
         ) from None
+
+
+def _unrestorable(exc: BaseException, store: CheckpointStore, manifest: Manifest | None) -> RecoveryError | None:
+    """A ``RecoveryError`` naming the checkpoint and what to do, when ``exc`` (or its cause) is a blob
+    of the checkpoint this recovery resumes from that no region holds an intact copy of."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen and not isinstance(cause, BlobUnavailableError):
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    if manifest is None or not isinstance(cause, BlobUnavailableError):
+        return None
+    if cause.digest not in {chunk.digest for entry in manifest.entries for chunk in entry.chunks}:
+        return None
+    lineage, version = manifest.lineage, manifest.version
+    try:
+        earlier = [v for v in store.core.consistent_versions(lineage) if v < version]
+    except CheckpointError:
+        earlier = []
+    instead = (
+        f"or recover from the earlier v{earlier[-1]}: `prefect-recovery recover --lineage {lineage} "
+        f"--checkpoint {earlier[-1]}`"
+        if earlier
+        else "or recover from the start by removing the damaged version"
+    )
+    return RecoveryError(
+        f"checkpoint {lineage} v{version} cannot be restored: {cause} Nothing was restored from it. "
+        f"Repair it from an intact copy with `prefect-recovery verify --repair --lineage {lineage}` and recover "
+        f"again, {instead}"
+    )
 
 
 @flow(name="recover", log_prints=True)
@@ -130,7 +164,7 @@ def recover(
             raise RecoveryError(
                 f"from_step {from_step!r} is not a step of lineage {lineage!r}; its steps are {sorted(known)}"
             )
-    manifest = _select(store, lineage, checkpoint)
+    manifest, holders = _select(store, status, checkpoint)
     run_id = current_run_id()
 
     ctx = PreflightContext(
@@ -139,6 +173,7 @@ def recover(
         events=events,
         run_started=started,
         manifest=manifest,
+        holders=holders,
         pipeline_code=code_digest(pipeline.fn),
         pipeline_modules=code_modules(pipeline.fn),
         run_id=run_id,
@@ -170,8 +205,6 @@ def recover(
     emit_recovery_started(lineage, run_id=run_id, checkpoint=resumed_from, failed_step=where, from_step=from_step,
                           preflight=preflight, regions=store.core.region_names)  # fmt: skip
     try:
-        if manifest is not None:
-            verify_checkpoint(store, lineage, manifest.version)
         plan = RecoveryPlan(
             lineage=lineage,
             recovery_run=run_id,
@@ -185,12 +218,18 @@ def recover(
             where,
             f"v{manifest.version} (step {manifest.step})" if manifest else "the start (no checkpoint yet)",
         )
-        with recovery_plan(plan):
+        # The pipeline's own open_store(...) gets this store: one block load per recovery.
+        with recovery_plan(plan), shared_store(store):
             result = pipeline(**parameters)
     except BaseException as exc:
-        error = f"{type(exc).__name__}: {exc}"[:2000]
+        unrestorable = _unrestorable(exc, store, manifest)
+        failure = unrestorable or exc
+        error = f"{type(failure).__name__}: {failure}"[:2000]
         journal.append("recovery_finished", run_id=run_id, data={"status": "failed", "error": error})
         emit_recovery_finished(lineage, None, False, run_id=run_id, resumed_from=resumed_from, error=error)
+        if unrestorable is not None:
+            logger.error("%s", unrestorable)
+            raise unrestorable from exc
         raise
     new_events = journal.events(after=events[-1].seq if events else 0)
     reused = [

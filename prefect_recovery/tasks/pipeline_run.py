@@ -9,8 +9,10 @@
   keep their results in the store under ``<lineage>.steps``;
 * on exit it journals ``run_finished`` or a final ``failure``.
 
-A recovery (``flows.recover``) opens a ``RecoveryPlan`` first; the run it starts then resumes
-from the checkpoint the recovery selected and re-runs steps from ``from_step`` on.
+A recovery (``flows.recover``) opens a ``RecoveryPlan`` first; the run it starts then re-runs
+steps from ``from_step`` on, and ``run.resume_point()`` names the checkpoint the recovery
+selected: the flow passes it to its training step, which passes it to
+``Checkpointer(..., resume_from=...)``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from ..core.lineage_history import Claim, open_claims
 from ..core.liveness import is_alive, process_identity
 from ..core.models import CheckpointInfo
 from ..core.store import Store, core_store
-from ..training.context import TrainingHooks, reset_hooks, set_hooks
+from ..training.context import ResumePoint, reset_hooks, set_hooks
 from .code import code_modules, digest_of
 from .errors import LineageBusyError
 
@@ -278,13 +280,21 @@ class PipelineRun:
         self._forcing = False
         self.failed_step: str | None = None
         self._token: contextvars.Token[PipelineRun | None] | None = None
-        self._hooks_token: contextvars.Token[TrainingHooks | None] | None = None
+        self._hooks_token: contextvars.Token[ResumePoint | None] | None = None
         self.finished: dict[str, JsonValue] | None = None
 
     # -- what a recovery asked ----------------------------------------------------------------
     @property
     def resume_version(self) -> int | None:
         return self.plan.resume_version if self.plan else None
+
+    def resume_point(self) -> ResumePoint:
+        """Where this run's training starts: hand it to the training step as an argument and on to
+        ``Checkpointer(..., resume_from=...)``. Its ``version`` is the checkpoint a recovery selected
+        (None on a plain run: the latest consistent one); its ``on_commit`` journals every committed
+        heavy checkpoint. ``@step`` leaves it out of the cache key, so the training step of a
+        recovery has the cache key of its first attempt."""
+        return ResumePoint(lineage=self.lineage, version=self.resume_version, on_commit=self.checkpoint_committed)
 
     def forced(self, step_name: str) -> bool:
         """True for ``from_step`` and every step after it: they run even when a result is stored."""
@@ -328,11 +338,9 @@ class PipelineRun:
             exclude.add(self.plan.recovery_run)
         claim_lineage(self.journal, "run_started", run_id=self.run_id, data=data, exclude=exclude)
         self._token = _current_run.set(self)
-        # Every Checkpointer of this lineage inside the run resumes from the version a recovery
-        # selected and journals its commits, without the user wiring either.
-        self._hooks_token = set_hooks(
-            TrainingHooks(lineage=self.lineage, resume_version=self.resume_version, on_commit=self.checkpoint_committed)
-        )
+        # Deprecated path (removed in 0.4): a Checkpointer built inside the run without
+        # `resume_from=run.resume_point()` still finds the resume point here, and warns.
+        self._hooks_token = set_hooks(self.resume_point())
         return self
 
     def finish(self, **outputs: JsonValue) -> None:

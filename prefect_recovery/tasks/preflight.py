@@ -51,6 +51,7 @@ class PreflightContext(BaseModel):
     events: list[JournalEvent]
     run_started: RunRecord | None  # the run being recovered (the journal's last run_started)
     manifest: Manifest | None
+    holders: list[str] = []  # the regions holding the selected manifest's committed copy
     pipeline_code: str | None = None
     pipeline_modules: dict[str, str] | None = None
     run_id: str = ""
@@ -91,6 +92,27 @@ def check_dtypes(ctx: PreflightContext) -> CheckResult:
             reason=f"this torch cannot read the stored dtypes {unknown}; install the torch version the run used",
         )
     return CheckResult(check="dtypes", status="pass", reason=f"all {len(stored)} stored dtypes are readable")
+
+
+def check_checkpoint(ctx: PreflightContext) -> CheckResult:
+    """The checkpoint to resume from, without reading its blobs: selecting it (``Store.resolve``)
+    checked its manifest (schema, signature on a signing store, committed at the write quorum) and
+    that every blob it names is present with its size in some region. The blobs' digests are
+    checked once, by the restore, before anything is handed out (a damaged copy falls over to
+    another region's)."""
+    manifest = ctx.manifest
+    if manifest is None:
+        return CheckResult(check="checkpoint", status="pass", reason="no checkpoint to restore: training starts afresh")
+    blobs = {chunk.digest for entry in manifest.entries for chunk in entry.chunks}
+    signed = ", signed" if manifest.signature is not None else ""
+    where = ", ".join(ctx.holders) or "its regions"
+    return CheckResult(
+        check="checkpoint",
+        status="pass",
+        reason=f"v{manifest.version} (step {manifest.step}): manifest valid{signed} and committed in {where}; "
+        f"its {len(blobs)} blobs present with their sizes ({manifest.total_bytes:,} bytes), each checked "
+        "against its digest as the restore reads it",
+    )
 
 
 def check_storage(ctx: PreflightContext) -> CheckResult:
@@ -206,6 +228,7 @@ def check_lock(ctx: PreflightContext) -> CheckResult:
 
 CHECKS: list[Callable[[PreflightContext], CheckResult]] = [
     check_environment,
+    check_checkpoint,
     check_dtypes,
     check_storage,
     check_data,

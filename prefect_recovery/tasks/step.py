@@ -42,6 +42,7 @@ from ..core.errors import (
 )
 from ..core.manifest import canonical_json
 from ..core.models import CheckpointInfo
+from ..training.context import ResumePoint
 from ..training.encoding import UnsupportedValueError, encode_state
 from ..training.state_io import load_state, save_state
 from .code import code_modules, digest_of, module_name
@@ -204,7 +205,8 @@ def step(
 
     Args:
         name: Step name (default: the function name with ``-`` for ``_``); part of the cache key.
-        ignore: Parameters left out of the input digest (e.g. the store, a logger).
+        ignore: Parameters left out of the input digest (e.g. the store, a logger). An argument
+            that is a ``ResumePoint`` (``run.resume_point()``) is always left out.
         retries: Retries for transient errors (default 3).
         retry_delay_seconds: Default: exponential backoff from 2 s (2, 4, 8 s...).
         retry_jitter_factor: Random spread of each delay (default 0.5).
@@ -230,7 +232,13 @@ def step(
             code = digest_of(modules)
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
-            inputs = {key: value for key, value in bound.arguments.items() if key not in skipped}
+            # A resume point says where training starts, not what the step computes: a recovery
+            # passes another version than the first attempt did, and the cache key must not change.
+            inputs = {
+                key: value
+                for key, value in bound.arguments.items()
+                if key not in skipped and not isinstance(value, ResumePoint)
+            }
             input_digest = value_digest(inputs, what=f"the inputs of step {step_name!r}")
             key = cache_key(run.lineage, step_name, input_digest, code)
             logger = get_run_logger()

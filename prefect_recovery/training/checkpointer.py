@@ -11,7 +11,12 @@
         ckpt.milestone("train_end")
 
 Entering restores the latest consistent checkpoint of the lineage (or seeds everything from
-``seed`` on a first run). What a checkpoint holds (DESIGN.md invariants 5 and 6):
+``seed`` on a first run). Inside a pipeline run, pass the run's resume point
+(``resume_from=run.resume_point()``, handed to the training step as an argument): it names the
+version a recovery selected and journals every commit. The restore reads each blob once and
+checks it against its digest before anything is handed out; a blob with no intact copy stops it
+with ``BlobUnavailableError`` and nothing restored. What a checkpoint holds (DESIGN.md
+invariants 5 and 6):
 
 | component    | durable | what                                                     |
 |--------------|---------|----------------------------------------------------------|
@@ -42,14 +47,14 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from ..core.errors import CheckpointNotFoundError
+from ..core.errors import CheckpointNotFoundError, InvalidArgumentError
 from ..core.layout import LIGHT_SUFFIX, check_base_lineage
 from ..core.manifest import Component
 from ..core.models import CheckpointInfo
 from ..core.store import core_store
 from . import rng_guard
 from .async_saver import AsyncSaver
-from .context import active_hooks
+from .context import ResumePoint, active_hooks
 from .determinism import (
     apply_settings,
     capture_rng,
@@ -97,6 +102,21 @@ def _chain(first: Callable[[Any], None] | None, second: Callable[[Any], None]) -
     return both
 
 
+def _implicit_resume_point(lineage: str) -> ResumePoint | None:
+    """The deprecated path: the resume point an enclosing PipelineRun of ``lineage`` publishes in a
+    context variable for Checkpointers built without ``resume_from``."""
+    found = active_hooks(lineage)
+    if found is not None:
+        message = (
+            f"Checkpointer({lineage!r}) inside a PipelineRun took the run's resume point from context; pass it "
+            "instead: `run.resume_point()` in the flow, handed to the training step as an argument, then "
+            "`Checkpointer(..., resume_from=resume)` (see docs/PIPELINES.md). The implicit form is removed in 0.4."
+        )
+        logger.warning(message)
+        warnings.warn(message, DeprecationWarning, stacklevel=3)
+    return found
+
+
 def _watch_gradients(model: Any, callback: Callable[[Any], None]) -> list[Any]:
     """Hooks that tell the Checkpointer a backward() accumulated gradients into ``model``."""
     parameters = getattr(model, "parameters", None)
@@ -110,7 +130,12 @@ def _watch_gradients(model: Any, callback: Callable[[Any], None]) -> list[Any]:
 
 
 class Checkpointer:
-    """Restores and saves the training state of one lineage on a declarative schedule."""
+    """Restores and saves the training state of one lineage on a declarative schedule.
+
+    ``resume_from`` (a pipeline run's ``run.resume_point()``) says which version to restore (a
+    recovery's choice; None: the latest) and journals each committed heavy checkpoint; an
+    explicit ``resume_version`` wins over its version and ``on_commit`` is called as well.
+    """
 
     def __init__(
         self,
@@ -132,6 +157,7 @@ class Checkpointer:
         on_commit: Callable[[CheckpointInfo], None] | None = None,
         resume_version: int | None = None,
         strict_determinism: bool | None = None,
+        resume_from: ResumePoint | None = None,
     ):
         self.store = core_store(store)
         self.lineage = check_base_lineage(lineage)  # exp.light / exp.steps are derived lineages, never by hand
@@ -155,13 +181,20 @@ class Checkpointer:
         self.metadata = dict(metadata or {})
         self.clock = clock
         self.handle_sigterm = handle_sigterm
-        # Inside a PipelineRun of this lineage, the run's own wiring applies unless given here:
-        # the version a recovery selected, and journaling every committed checkpoint.
-        hooks = active_hooks(lineage)
-        if hooks is not None and resume_version is None:
-            resume_version = hooks.resume_version
-        if hooks is not None and hooks.on_commit is not None and hooks.on_commit != on_commit:
-            on_commit = _chain(on_commit, hooks.on_commit)
+        # Where a pipeline run's training starts (a recovery's version) and who journals each
+        # commit: passed as a value (`resume_from=run.resume_point()`); `resume_version` and
+        # `on_commit` given here still win / are called too.
+        if resume_from is None:
+            resume_from = _implicit_resume_point(lineage)
+        elif resume_from.lineage != self.lineage:
+            raise InvalidArgumentError(
+                f"Checkpointer({lineage!r}) was given the resume point of lineage {resume_from.lineage!r}; "
+                "pass the resume point of the pipeline run that trains this lineage"
+            )
+        if resume_from is not None and resume_version is None:
+            resume_version = resume_from.version
+        if resume_from is not None and resume_from.on_commit is not None and resume_from.on_commit != on_commit:
+            on_commit = _chain(on_commit, resume_from.on_commit)
         self.resume_version = resume_version  # what `with Checkpointer(...)` restores (None: latest)
         self.on_commit = on_commit  # called with every committed heavy checkpoint (writer thread for async)
         # On a first run, a model built before torch was seeded with `seed` starts from weights a
