@@ -10,6 +10,7 @@ more than the scenarios.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -32,7 +33,9 @@ from prefect_recovery.core.signing import Keyring, hmac_key
 from prefect_recovery.core.store import EntryPlan, Store
 from prefect_recovery.distributed import (
     METADATA_ENTRY,
+    DCPArgumentError,
     DCPMetadataError,
+    DCPVersionMismatchError,
     NotADCPCheckpointError,
     UnsafeBytesItemError,
     committed_version,
@@ -370,3 +373,44 @@ def test_a_rank_lost_between_its_blobs_and_the_commit_leaves_no_version_and_gc_r
     collect_garbage(store, grace=MIN_GRACE, now=datetime.now(UTC) + 2 * MIN_GRACE)
     assert not any((tmp_path / r / blob_key(d)).exists() for r in REGIONS for d in orphans)
     assert [info.version for info in store.list("fail")] == [1]
+
+
+def test_planner_data_json_cannot_carry_is_refused_before_any_blob_is_written(tmp_path):
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    class OpaquePlanner(DefaultSavePlanner):
+        def create_local_plan(self):
+            # A flattening path JSON cannot carry (a key that is an object).
+            return dataclasses.replace(super().create_local_plan(), planner_data={"w": (Opaque(1),)})
+
+    store = make_store(tmp_path)
+    with pytest.raises(BaseException) as caught:
+        dcp.save({"w": torch.ones(4)}, storage_writer=dcp_writer(store, "run"), planner=OpaquePlanner())
+    [error] = rank_errors(caught.value).values()
+    assert isinstance(error, DCPMetadataError) and "pickle" in str(error)
+    assert not list((tmp_path / "eu").rglob("blobs/*/*/*"))  # refused while planning
+    assert store.latest("run") is None
+
+
+def test_options_the_store_cannot_honour_are_refused(tmp_path):
+    store = make_store(tmp_path)
+    with pytest.raises(BaseException) as caught:
+        dcp.save({"w": torch.ones(2)}, storage_writer=dcp_writer(store, "run"), use_collectives=False)
+    assert isinstance(next(iter(rank_errors(caught.value).values())), DCPArgumentError)
+    with pytest.raises(DCPArgumentError):
+        dcp.save({"w": torch.ones(2)}, storage_writer=dcp_writer(store, "run"), checkpoint_id="other-run")
+
+
+def test_ranks_that_resolved_different_versions_are_refused(tmp_path):
+    from torch.distributed.checkpoint.planner import LoadPlan
+
+    store = make_store(tmp_path)
+    reader = dcp_reader(store, "run")
+    # What the coordinator gets from two ranks when a commit landed between their resolves.
+    plans = [
+        LoadPlan(items=[], storage_data="blake3:" + "a" * 64),
+        LoadPlan(items=[], storage_data="blake3:" + "b" * 64),
+    ]
+    with pytest.raises(DCPVersionMismatchError, match="version="):
+        reader.prepare_global_plan(plans)
+    assert reader.prepare_global_plan(plans[:1]) == plans[:1]
