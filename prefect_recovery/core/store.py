@@ -27,7 +27,7 @@ from .region_object import RegionIO
 from .signing import Keyring
 from .store_consistency import ManifestCopies, StoreConsistency
 from .store_reads import SLOW_PENALTY
-from .store_writer import DEFAULT_CHUNK_BYTES, MAX_STRAY_VERSIONS, EntryPlan, StoreWriter, WrittenEntries
+from .store_writer import DEFAULT_CHUNK_BYTES, MAX_STRAY_VERSIONS, EntryPlan, StoreWrites, WrittenEntries
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -50,7 +50,7 @@ def core_store(store: Any) -> Store:
     return store if core is None else core
 
 
-class Store(StoreWriter, StoreConsistency):
+class Store(StoreWrites, StoreConsistency):
     """Checkpoints of many lineages, replicated over several regions."""
 
     def __init__(

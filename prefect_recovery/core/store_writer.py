@@ -89,7 +89,7 @@ def _writer_info() -> dict[str, JsonValue]:
     return {"host": host, "pid": pid, "prefect_recovery": version}
 
 
-class StoreWriter(StoreListing):
+class StoreWrites(StoreListing):
     """Saving: blobs to every region, then one manifest published to a quorum."""
 
     write_quorum: int
