@@ -176,6 +176,17 @@ def test_a_state_saved_by_dcps_filesystem_writer_and_through_the_store_load_the_
     from_store = load_into(state_of(2), dcp_reader(store, "run"))
     assert_same(from_files, from_store)
     assert_same(saved, from_store)
+    # Without a template, DCP rebuilds the nesting from the planner's flattening map (planner_data),
+    # which the store keeps as JSON: the same structure as from DCP's pickled metadata.
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    rebuilt: list[dict[str, Any]] = [{}, {}]
+    readers = [dcp.FileSystemReader(str(tmp_path / "fs")), dcp_reader(store, "run")]
+    for into, reader in zip(rebuilt, readers, strict=True):
+        _load_state_dict(into, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    assert_same(rebuilt[0], rebuilt[1])
+    assert_same(saved["model"], rebuilt[1]["model"])
 
 
 def test_async_save_commits_through_the_same_writer(tmp_path):
