@@ -238,3 +238,17 @@ def test_a_checkpointer_given_another_lineages_resume_point_refuses(tmp_path):
     store = CheckpointStore.default(tmp_path / "home")
     with pytest.raises(ValueError, match="resume point of lineage 'other'"):
         Checkpointer(store, "mine", resume_from=ResumePoint(lineage="other"))
+
+
+def test_a_checkpointer_not_given_the_resume_point_in_a_run_still_resumes_and_journals_with_a_warning(tmp_path):
+    store = CheckpointStore.default(tmp_path / "home")
+    schedule = CheckpointSchedule(triggers=[EveryNSteps(every=1)], asynchronous=False)
+    with PipelineRun(store, "implicit", pipeline="p", parameters={}) as run:
+        assert run.resume_point() == ResumePoint("implicit", None, run.checkpoint_committed)
+        with pytest.warns(DeprecationWarning, match=r"resume_from=resume"):
+            checkpointer = Checkpointer(store, "implicit", model=torch.nn.Linear(2, 2), schedule=schedule,
+                                        handle_sigterm=False)  # fmt: skip
+        with checkpointer as ckpt:
+            ckpt.step()
+    events = Journal(store.core, "implicit").events()
+    assert [e.data["version"] for e in events if e.kind == "checkpoint_committed"] == [1]

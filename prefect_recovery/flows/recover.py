@@ -105,15 +105,15 @@ def _unrestorable(exc: BaseException, store: CheckpointStore, manifest: Manifest
     except CheckpointError:
         earlier = []
     instead = (
-        f"or recover from the earlier v{earlier[-1]}: `prefect-recovery recover --lineage {lineage} "
+        f", or recover from the earlier v{earlier[-1]}: `prefect-recovery recover --lineage {lineage} "
         f"--checkpoint {earlier[-1]}`"
         if earlier
-        else "or recover from the start by removing the damaged version"
+        else " (it has no earlier consistent version to resume from instead)"
     )
     return RecoveryError(
         f"checkpoint {lineage} v{version} cannot be restored: {cause} Nothing was restored from it. "
         f"Repair it from an intact copy with `prefect-recovery verify --repair --lineage {lineage}` and recover "
-        f"again, {instead}"
+        f"again{instead}"
     )
 
 
