@@ -47,6 +47,10 @@ _EXPORTS = {
     "dcp_reader": "prefect_recovery.distributed.dcp",
     "DCPCheckpointError": "prefect_recovery.distributed.errors",
     "NotADCPCheckpointError": "prefect_recovery.distributed.errors",
+    "ResumePoint": "prefect_recovery.training.context",
+    "DistributedResumableSampler": "prefect_recovery.distributed.sampler",
+    "run_ranks": "prefect_recovery.distributed.launch",
+    "RanksFailedError": "prefect_recovery.distributed.launch",
 }
 
 __all__ = [
@@ -59,6 +63,7 @@ __all__ = [
     "Checkpointer",
     "DCPCheckpointError",
     "DeterminismError",
+    "DistributedResumableSampler",
     "EveryNSteps",
     "LineageBusyError",
     "ManifestError",
@@ -68,10 +73,12 @@ __all__ = [
     "PipelineRun",
     "PreflightError",
     "QuorumNotMetError",
+    "RanksFailedError",
     "RecoveryError",
     "Region",
     "RegionUnavailableError",
     "ReplayError",
+    "ResumePoint",
     "RetentionPolicy",
     "StepInputError",
     "StepResultError",
@@ -82,6 +89,7 @@ __all__ = [
     "dcp_writer",
     "file_input",
     "register_pipeline",
+    "run_ranks",
     "seed_everything",
     "state_digest",
     "step",
@@ -103,6 +111,8 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from .distributed.dcp import dcp_reader, dcp_writer
     from .distributed.errors import DCPCheckpointError, NotADCPCheckpointError
+    from .distributed.launch import RanksFailedError, run_ranks
+    from .distributed.sampler import DistributedResumableSampler
     from .flows.registry import register_pipeline
     from .tasks.errors import (
         LineageBusyError,
@@ -115,6 +125,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .tasks.pipeline_run import PipelineRun, file_input, state_digest
     from .tasks.step import step
     from .training.checkpointer import Checkpointer
+    from .training.context import ResumePoint
     from .training.determinism import seed_everything
     from .training.loaders import UnsupportedLoaderError
     from .training.rng_guard import DeterminismError
