@@ -167,13 +167,26 @@ def test_not_a_manifest_is_rejected():
         decode_manifest(b"\xff\xfe not utf-8")
 
 
-@pytest.mark.parametrize("format_version", [2, 0, None])
+@pytest.mark.parametrize("format_version", [3, 0, None])
 def test_unknown_format_version_is_rejected_with_upgrade_hint(format_version):
     raw = _raw(_manifest())
     raw["format_version"] = format_version
     with pytest.raises(ManifestError, match=r"(?i)upgrade") as info:
         decode_manifest(_reseal(raw))
     assert "format_version" in str(info.value)
+
+
+def test_a_single_file_manifest_claiming_the_paged_version_is_rejected():
+    """Version 2 is the paged form (tests/test_manifest_pages.py): entries listed in the root
+    with format_version 2, or pages with format_version 1, are neither form."""
+    raw = _raw(_manifest())
+    raw["format_version"] = 2
+    with pytest.raises(ManifestError, match="lists pages and no entries"):
+        decode_manifest(_reseal(raw))
+    raw = _raw(_manifest())
+    raw["pages"] = []
+    with pytest.raises(ManifestError, match="only by paged manifests"):
+        decode_manifest(_reseal(raw))
 
 
 @pytest.mark.parametrize("name", BAD_ENTRY_NAMES)

@@ -1,6 +1,7 @@
 """GC of blobs: mark every blob any manifest names, then sweep the old unreferenced ones.
 
-*Mark*: every blob named by any manifest present in any region, committed or not, signed or
+*Mark*: every blob named by any manifest present in any region (for a paged manifest: its entry
+pages and every blob they name), committed or not, signed or
 not (a below-quorum manifest may be a publish in progress; a manifest whose signature does not
 check still names blobs a repair may need). A manifest file that cannot be parsed makes the
 whole run refuse to sweep: nobody knows what it references. So does an unreachable region: its
@@ -41,7 +42,7 @@ from .errors import (
 )
 from .gc_report import GcReport
 from .layout import blob_key, check_lineage, lineages_prefix, manifest_key, manifests_prefix, version_from_manifest_name
-from .manifest import MAX_MANIFEST_BYTES, decode_manifest
+from .manifest import MAX_MANIFEST_BYTES, PageRef, decode_manifest
 from .region_local import LocalRegionIO
 from .region_object import RegionIO
 from .store import Store
@@ -125,16 +126,42 @@ def _mark(store: Store, ignore: frozenset[tuple[str, int]] = frozenset()) -> _Ma
             with lock:
                 marks.unreadable.append(str(exc))
             return
+        named = [page.digest for page in manifest.pages] if manifest.pages is not None else manifest.blob_digests()
         with lock:
             marks.manifests += 1
-            marks.referenced.update(manifest.blob_digests())
-            marks.names.setdefault((lineage, version), set()).update(manifest.blob_digests())
+            marks.referenced.update(named)
+            marks.names.setdefault((lineage, version), set()).update(named)
             marks.placements.setdefault((lineage, version), set()).add(manifest.placement)
+            for page in manifest.pages or ():
+                pages.setdefault(page.digest, page)
+                paged.setdefault(page.digest, set()).add((lineage, version))
 
+    # A paged manifest's entry pages, each read once (from any region: they are content
+    # addressed), name the rest of its blobs. A page that cannot be read is a manifest that
+    # cannot be read: what it references is unknown, and nothing is swept.
+    pages: dict[str, PageRef] = {}
+    paged: dict[str, set[Version]] = {}
     if jobs:
         workers = max(1, min(len(jobs), store.io_threads * len(store.regions)))
         with ThreadPoolExecutor(workers, thread_name_prefix="gc-mark") as pool:
             list(pool.map(read, jobs))
+
+    def read_page(ref: PageRef) -> None:
+        try:
+            entries = store.read_pages([ref])[0]
+        except (ManifestError, RegionError) as exc:
+            with lock:
+                marks.unreadable.append(f"entry page {ref.digest} of {sorted(paged[ref.digest])}: {exc}")
+            return
+        named = {chunk.digest for entry in entries for chunk in entry.chunks}
+        with lock:
+            marks.referenced.update(named)
+            for version in paged[ref.digest]:
+                marks.names.setdefault(version, set()).update(named)
+
+    if pages:
+        with ThreadPoolExecutor(max(1, store.io_threads), thread_name_prefix="gc-page") as pool:
+            list(pool.map(read_page, pages.values()))
     return marks
 
 

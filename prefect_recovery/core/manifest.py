@@ -9,10 +9,13 @@ was found. No blob is read before all of that passed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
+import blake3
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
 from .digest import HashAlgorithm, check_digest, hash_bytes
@@ -23,7 +26,16 @@ from .signing import Keyring
 
 FORMAT_NAME = "prefect-recovery/manifest"
 FORMAT_VERSION = 1
+# Version 2 is the paged form (FORMAT.md, "Entry pages"): the root lists entry pages instead of
+# entries. Only manifests that use pages carry it, so every manifest a reader of version 1 could
+# read stays version 1; a version-1 reader refuses a paged root by its version instead of
+# reading it as a checkpoint with no entries.
+PAGED_FORMAT_VERSION = 2
+FORMAT_VERSIONS = (FORMAT_VERSION, PAGED_FORMAT_VERSION)
 MAX_MANIFEST_BYTES = 64 * 2**20
+PAGE_FORMAT_NAME = "prefect-recovery/entry-page"
+PAGE_FORMAT_VERSION = 1
+MAX_PAGE_BYTES = 64 * 2**20
 
 
 def canonical_json(value: Any) -> bytes:
@@ -100,9 +112,117 @@ class Signature(_Strict):
     value: str
 
 
+class PageRef(_Strict):
+    """One entry page a paged (version 2) manifest lists: a content-addressed blob holding
+    ``entries`` consecutive entries of the manifest (FORMAT.md, "Entry pages")."""
+
+    digest: str
+    size: int = Field(ge=1, le=MAX_PAGE_BYTES)
+    entries: int = Field(ge=1)
+    # Bytes of state the page's entries hold: the manifest's size is known without its pages.
+    entry_bytes: int = Field(ge=0)
+    # The torch.distributed ranks whose writer wrote the page's entries (empty: no rank, such
+    # as a single writer's state or a coordinator's metadata); a rank restoring its shards reads
+    # the pages of its rank and those of no rank.
+    ranks: list[int] = Field(default_factory=list)
+    first: str
+    last: str
+
+    @field_validator("digest")
+    @classmethod
+    def _digest(cls, value: str) -> str:
+        return check_digest(value)
+
+    @field_validator("first", "last")
+    @classmethod
+    def _names(cls, value: str) -> str:
+        return check_entry_name(value)
+
+
+class EntryPage(_Strict):
+    """The stored form of one entry page: canonical JSON, checked like a manifest (records.py)."""
+
+    format: Literal["prefect-recovery/entry-page"] = PAGE_FORMAT_NAME
+    format_version: Literal[1] = PAGE_FORMAT_VERSION
+    entries: list[Entry] = Field(min_length=1)
+
+
+def encode_page(encoded_entries: list[bytes]) -> bytes:
+    """The canonical JSON of an ``EntryPage`` from its entries' canonical JSON (sorted keys:
+    ``entries`` < ``format`` < ``format_version``); equal to ``canonical_json`` of the model."""
+    return (
+        b'{"entries":['
+        + b",".join(encoded_entries)
+        + b'],"format":"'
+        + PAGE_FORMAT_NAME.encode()
+        + b'","format_version":'
+        + str(PAGE_FORMAT_VERSION).encode()
+        + b"}"
+    )
+
+
+def decode_page(data: bytes, ref: PageRef, *, region: str | None = None, key: str | None = None) -> list[Entry]:
+    """The entries of a page whose bytes already hashed to ``ref.digest``; ManifestError unless
+    it parses strictly and agrees with what the (signed) root says of it."""
+
+    def fail(message: str) -> ManifestError:
+        return ManifestError(message, region=region, key=key)
+
+    page = parse_record(
+        data,
+        what="entry page",
+        format_name=PAGE_FORMAT_NAME,
+        format_version=PAGE_FORMAT_VERSION,
+        model=EntryPage,
+        max_bytes=MAX_PAGE_BYTES,
+        fail=fail,
+    )
+    entries = page.entries
+    ranks = sorted({e.shard.rank for e in entries if e.shard is not None and e.shard.rank is not None})
+    if (
+        len(entries) != ref.entries
+        or entries[0].name != ref.first
+        or entries[-1].name != ref.last
+        or sum(e.size for e in entries) != ref.entry_bytes
+        or not set(ranks) <= set(ref.ranks)
+    ):
+        raise fail(f"entry page {ref.digest} does not hold what its manifest lists for it")
+    return entries
+
+
+def check_entries(entries: Sequence[Entry]) -> None:
+    """What one manifest's entries must satisfy, in either form; ValueError if they do not."""
+    names = {entry.name for entry in entries}
+    if len(names) != len(entries):
+        raise ValueError("duplicate entry names")
+    # A blob named twice must be named with one size: readers check the size they are
+    # given against the object before they allocate, and must not be able to pick another.
+    sizes: dict[str, int] = {}
+    for entry in entries:
+        for chunk in entry.chunks:
+            if sizes.setdefault(chunk.digest, chunk.size) != chunk.size:
+                raise ValueError(
+                    f"blob {chunk.digest} is named with two sizes ({sizes[chunk.digest]} and {chunk.size})"
+                )
+
+
+def state_digest_of(entries: Iterable[Entry], tree: JsonValue, algorithm: HashAlgorithm) -> str:
+    """Digest of a saved state (its entries in order and its tree), whatever the manifest's form:
+    the canonical JSON of ``{"entries": [...], "tree": ...}`` hashed as it is built, so a paged
+    manifest and a single-file one of the same state give the same digest."""
+    hasher = blake3.blake3() if algorithm == "blake3" else hashlib.sha256()
+    hasher.update(b'{"entries":[')
+    for index, entry in enumerate(entries):
+        if index:
+            hasher.update(b",")
+        hasher.update(canonical_json(entry.model_dump(mode="json", exclude={"component"})))
+    hasher.update(b'],"tree":' + canonical_json(tree) + b"}")
+    return f"{algorithm}:{hasher.hexdigest()}"
+
+
 class ManifestBody(_Strict):
     format: Literal["prefect-recovery/manifest"] = FORMAT_NAME
-    format_version: Literal[1] = FORMAT_VERSION
+    format_version: Literal[1, 2] = FORMAT_VERSION
     lineage: str
     version: int = Field(ge=1)
     step: int | None = None
@@ -115,6 +235,9 @@ class ManifestBody(_Strict):
     components: list[Component] = Field(default_factory=list)
     metadata: dict[str, JsonValue] = Field(default_factory=dict)
     writer: dict[str, JsonValue] = Field(default_factory=dict)
+    # Paged form only (format_version 2): the entry pages, in entry order; ``entries`` is empty.
+    # Absent (None) in version 1, and left out of its JSON, so version-1 bytes are unchanged.
+    pages: list[PageRef] | None = None
 
     @field_validator("lineage")
     @classmethod
@@ -123,22 +246,33 @@ class ManifestBody(_Strict):
 
     @model_validator(mode="after")
     def _unique_names(self) -> ManifestBody:
-        names = [entry.name for entry in self.entries]
-        if len(names) != len(set(names)):
-            raise ValueError("duplicate entry names")
-        # A blob named twice must be named with one size: readers check the size they are
-        # given against the object before they allocate, and must not be able to pick another.
-        sizes: dict[str, int] = {}
-        for entry in self.entries:
-            for chunk in entry.chunks:
-                if sizes.setdefault(chunk.digest, chunk.size) != chunk.size:
-                    raise ValueError(
-                        f"blob {chunk.digest} is named with two sizes ({sizes[chunk.digest]} and {chunk.size})"
-                    )
+        if self.format_version == PAGED_FORMAT_VERSION:
+            if self.pages is None or not self.pages or self.entries:
+                raise ValueError("a paged manifest (format_version 2) lists pages and no entries")
+            digests = [page.digest for page in self.pages]
+            if len(digests) != len(set(digests)):
+                raise ValueError("a paged manifest lists one page twice")
+            return self
+        if self.pages is not None:
+            raise ValueError("pages are listed only by paged manifests (format_version 2)")
+        check_entries(self.entries)
         return self
 
+    @property
+    def paged(self) -> bool:
+        """Whether the entries are in entry pages (read them with ``Store.manifest_entries``)."""
+        return self.pages is not None
+
+    def _check_single_file(self, what: str) -> None:
+        if self.pages is not None:
+            raise ManifestError(
+                f"{what} of a paged manifest needs its entry pages: use Store.manifest_entries / Store.state_digest"
+            )
+
     def blob_digests(self) -> list[str]:
-        """Every blob this manifest names, each once, in entry order."""
+        """Every blob this manifest names, each once, in entry order (single-file form; a paged
+        manifest's are its pages' digests and those its pages name: ``Store.manifest_blobs``)."""
+        self._check_single_file("blob_digests")
         seen: dict[str, None] = {}
         for entry in self.entries:
             for chunk in entry.chunks:
@@ -147,16 +281,23 @@ class ManifestBody(_Strict):
 
     def state_digest(self) -> str:
         """Digest of the saved state alone (entries and tree): equal states, equal digests,
-        whatever the lineage, version, time or metadata."""
-        payload = {
-            "entries": [entry.model_dump(mode="json", exclude={"component"}) for entry in self.entries],
-            "tree": self.tree,
-        }
-        return hash_bytes(canonical_json(payload), self.hash_algorithm)
+        whatever the lineage, version, time or metadata (single-file form; ``Store.state_digest``
+        reads a paged manifest's pages and gives the same digest for the same state)."""
+        self._check_single_file("state_digest")
+        return state_digest_of(self.entries, self.tree, self.hash_algorithm)
 
     @property
     def total_bytes(self) -> int:
+        if self.pages is not None:
+            return sum(page.entry_bytes for page in self.pages)
         return sum(entry.size for entry in self.entries)
+
+    def body_dump(self) -> dict[str, Any]:
+        """The body as JSON values; ``pages`` only in the paged form (version-1 bytes unchanged)."""
+        exclude = {"manifest_digest", "signature"} if isinstance(self, Manifest) else set()
+        if self.pages is None:
+            exclude.add("pages")
+        return self.model_dump(mode="json", exclude=exclude)
 
 
 class Manifest(ManifestBody):
@@ -166,16 +307,17 @@ class Manifest(ManifestBody):
     @classmethod
     def build(cls, body: ManifestBody, keyring: Keyring | None = None) -> Manifest:
         """The manifest of ``body``: its self digest and, with a signing key, its signature."""
-        payload = body.model_dump(mode="json")
+        payload = body.body_dump()
         canonical = canonical_json(payload)
         signature = keyring.sign(canonical) if keyring is not None else None
         return cls(**payload, manifest_digest=hash_bytes(canonical, body.hash_algorithm), signature=signature)
 
     def body_payload(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude={"manifest_digest", "signature"})
+        return self.body_dump()
 
     def encode(self) -> bytes:
-        return canonical_json(self.model_dump(mode="json", exclude_none=False))
+        exclude = {"pages"} if self.pages is None else set()
+        return canonical_json(self.model_dump(mode="json", exclude_none=False, exclude=exclude))
 
 
 def decode_manifest(
@@ -203,7 +345,7 @@ def decode_manifest(
         data,
         what="manifest",
         format_name=FORMAT_NAME,
-        format_version=FORMAT_VERSION,
+        format_version=FORMAT_VERSIONS,
         model=Manifest,
         max_bytes=MAX_MANIFEST_BYTES,
         fail=fail,

@@ -45,7 +45,7 @@ def parse_record(
     *,
     what: str,
     format_name: str,
-    format_version: int,
+    format_version: int | tuple[int, ...],
     model: type[Record],
     max_bytes: int,
     fail: Callable[[str], Exception],
@@ -60,10 +60,12 @@ def parse_record(
     if not isinstance(raw, dict) or raw.get("format") != format_name:
         raise fail(f"not a prefect-recovery {what} (missing or wrong 'format')")
     version = raw.get("format_version")
-    if version != format_version or isinstance(version, bool):
+    known = format_version if isinstance(format_version, tuple) else (format_version,)
+    if version not in known or isinstance(version, bool):
+        readable = " and ".join(str(v) for v in known)
         raise fail(
             f"unknown {what} format_version {version!r}; this prefect-recovery reads version "
-            f"{format_version}. Upgrade prefect-recovery."
+            f"{readable}. Upgrade prefect-recovery."
         )
     try:
         return model.model_validate(raw, strict=True)

@@ -26,15 +26,19 @@ from .observe import StoreObserver
 from .region_object import RegionIO
 from .signing import Keyring
 from .store_consistency import ManifestCopies, StoreConsistency
+from .store_pages import DEFAULT_PAGE_ENTRIES, PAGE_BYTES, PageUnavailableError
 from .store_reads import SLOW_PENALTY
 from .store_writer import DEFAULT_CHUNK_BYTES, MAX_STRAY_VERSIONS, EntryPlan, StoreWrites, WrittenEntries
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
+    "DEFAULT_PAGE_ENTRIES",
     "MAX_STRAY_VERSIONS",
+    "PAGE_BYTES",
     "SLOW_PENALTY",
     "EntryPlan",
     "ManifestCopies",
+    "PageUnavailableError",
     "Store",
     "WrittenEntries",
     "core_store",
@@ -66,6 +70,7 @@ class Store(StoreWrites, StoreConsistency):
         read_deadline: float | None = 30.0,
         observers: Sequence[StoreObserver] = (),
         keyring: Keyring | None = None,
+        page_entries: int | None = DEFAULT_PAGE_ENTRIES,
     ):
         """
         Args:
@@ -88,6 +93,9 @@ class Store(StoreWrites, StoreConsistency):
             keyring: Signs the manifests this store commits and checks every manifest's
                 signature before any blob it names is read (core/signing.py). None: manifests
                 are not signed, and signatures found are not checked.
+            page_entries: A manifest naming more entries than this (or about ``PAGE_BYTES`` of
+                them) is committed in the paged form (core/store_pages.py): its entries in entry
+                pages of at most this many, the manifest listing the pages. None: never paged.
             observers: Called with a ``StoreEvent`` after each commit, failed save and
                 restore (core/observe.py); telemetry hooks in here.
         """
@@ -102,6 +110,8 @@ class Store(StoreWrites, StoreConsistency):
             )
         if chunk_bytes < 1:
             raise InvalidArgumentError("chunk_bytes must be positive")
+        if page_entries is not None and page_entries < 1:
+            raise InvalidArgumentError(f"page_entries must be positive (or None: never page), got {page_entries}")
         self.regions = list(regions)
         self.write_quorum = write_quorum
         self.hash_algorithm = hash_algorithm
@@ -112,6 +122,7 @@ class Store(StoreWrites, StoreConsistency):
         self.read_deadline = read_deadline
         self.observers = list(observers)
         self.keyring = keyring
+        self.page_entries = page_entries
         self._slow_until: dict[str, float] = {}
 
     def derive(self, regions: Sequence[RegionIO], *, write_quorum: int, placement: Literal["all", "primary"]) -> Store:
@@ -127,4 +138,5 @@ class Store(StoreWrites, StoreConsistency):
             read_deadline=self.read_deadline,
             observers=self.observers,
             keyring=self.keyring,
+            page_entries=self.page_entries,
         )

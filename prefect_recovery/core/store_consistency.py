@@ -3,11 +3,13 @@
 DESIGN.md invariant 3: a version is *consistent* when one identical, valid manifest is in at
 least ``write_quorum`` regions (a copy damaged after its write still proves the write; a
 region that cannot be asked lowers the requirement, to at least one) and every blob it names
-exists in at least one region. "Latest" is the latest consistent version, except that on a
-signing store a newest version no region holds a trusted copy of stops the load instead of
-rolling the lineage back. The rule lives apart from the reads it uses (core/store_reads.py)
-and the writer that must satisfy it (core/store_writer.py) so that verify, GC, retention and
-the audit can apply the same rule through ``ManifestCopies`` and ``Store.is_committed``.
+exists in at least one region (for a paged manifest: every entry page it lists; the blobs the
+pages name are checked as they are read, core/store_pages.py). "Latest" is the latest
+consistent version, except that on a signing store a newest version no region holds a
+trusted copy of stops the load instead of rolling the lineage back. The rule lives apart from
+the reads it uses (core/store_reads.py) and the writer that must satisfy it
+(core/store_writer.py) so that verify, GC, retention and the audit can apply the same rule
+through ``ManifestCopies`` and ``Store.is_committed``.
 """
 
 from __future__ import annotations
@@ -183,7 +185,14 @@ class StoreConsistency(StoreListing):
         manifest, holders = copies.best(self.region_names)
         if manifest is None or not self.is_committed(copies, manifest, holders, len(unreachable)):
             return None
-        sizes = {c.digest: c.size for e in manifest.entries for c in e.chunks}
+        if manifest.pages is not None:
+            # Paged form: the pages are checked here, not the blobs they name (reading every page
+            # on every resolve would make each rank read the whole checkpoint's entries, the cost
+            # the pages exist to avoid). Blobs were written before their pages, their digests are
+            # checked as they are read, and verify checks their presence (docs/SCALING.md).
+            sizes = {page.digest: page.size for page in manifest.pages}
+        else:
+            sizes = {c.digest: c.size for e in manifest.entries for c in e.chunks}
         if not all(self.blob_present(d, s) for d, s in sizes.items()):
             return None
         return manifest, holders

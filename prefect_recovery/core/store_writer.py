@@ -41,7 +41,21 @@ from .errors import (
 )
 from .layout import blob_key, check_entry_name, check_lineage, manifest_key
 from .liveness import host_and_pid
-from .manifest import MAX_MANIFEST_BYTES, Component, Entry, Manifest, ManifestBody, ShardInfo, decode_manifest
+from .manifest import (
+    MAX_MANIFEST_BYTES,
+    MAX_PAGE_BYTES,
+    PAGED_FORMAT_VERSION,
+    Component,
+    Entry,
+    Manifest,
+    ManifestBody,
+    PageRef,
+    ShardInfo,
+    canonical_json,
+    check_entries,
+    decode_manifest,
+    encode_page,
+)
 from .models import CheckpointInfo
 from .observe import StoreEvent, StoreObserver, notify
 from .publish import publish
@@ -49,6 +63,7 @@ from .region_common import PutOutcome
 from .region_object import RegionIO
 from .signing import Keyring
 from .store_listing import StoreListing
+from .store_pages import PAGE_BYTES, StorePages
 from .store_reads import SLOW_PENALTY
 
 DEFAULT_CHUNK_BYTES = 32 * 2**20
@@ -78,6 +93,9 @@ class WrittenEntries:
     entries: list[Entry]
     region_causes: dict[str, str]
     bytes_written: int
+    # The entry pages already written for these entries (``Store.write_entry_pages``, run by
+    # each rank so that the committer only lists them); None: paged at commit if needed.
+    pages: list[PageRef] | None = None
 
 
 def _writer_info() -> dict[str, JsonValue]:
@@ -89,7 +107,13 @@ def _writer_info() -> dict[str, JsonValue]:
     return {"host": host, "pid": pid, "prefect_recovery": version}
 
 
-class StoreWrites(StoreListing):
+def _estimated_json_bytes(entry: Entry) -> int:
+    """About the bytes of ``entry``'s canonical JSON, without encoding it (deciding to page)."""
+    shape = len(entry.shape or ()) + (2 * len(entry.shard.global_shape) if entry.shard else 0)
+    return 140 + len(entry.name) + 90 * len(entry.chunks) + 8 * shape
+
+
+class StoreWrites(StoreListing, StorePages):
     """Saving: blobs to every region, then one manifest published to a quorum."""
 
     write_quorum: int
@@ -99,6 +123,7 @@ class StoreWrites(StoreListing):
     straggler_grace: float | None
     observers: list[StoreObserver]
     keyring: Keyring | None
+    page_entries: int | None
 
     def commit(
         self,
@@ -227,19 +252,34 @@ class StoreWrites(StoreListing):
                 region_causes.setdefault(region, cause)
         manifest_entries = [entry for part in parts for entry in part.entries]
         bytes_written = sum(part.bytes_written for part in parts)
+        self._check_quorum(lineage, region_causes)
+        paged: dict[str, Any] = {}
+        if any(part.pages is not None for part in parts) or self._needs_pages(manifest_entries):
+            try:
+                check_entries(manifest_entries)  # what the single-file form's schema checks
+            except ValueError as exc:
+                raise InvalidNameError(f"save of lineage {lineage!r} refused: {exc}") from None
+            # Entry pages, like blobs, are in every region before the manifest that lists them.
+            pages: list[PageRef] = []
+            for part in parts:
+                if part.pages is None:
+                    paged_part = self.write_entry_pages(part)
+                    for region, cause in paged_part.region_causes.items():
+                        region_causes.setdefault(region, cause)
+                    bytes_written += paged_part.bytes_written - part.bytes_written
+                    part = paged_part
+                pages.extend(part.pages or ())
+            self._check_quorum(lineage, region_causes)
+            paged = dict(format_version=PAGED_FORMAT_VERSION, pages=pages)
+            manifest_entries = []
         healthy = [r for r in self.regions if r.name not in region_causes]
-        if len(healthy) < self.write_quorum:
-            raise QuorumNotMetError(
-                f"save of lineage {lineage!r} not committed: only {len(healthy)} of "
-                f"{len(self.regions)} regions took the data, write_quorum is {self.write_quorum}",
-                region_causes,
-            )
         body_fields: dict[str, Any] = dict(
             lineage=lineage,
             step=step,
             hash_algorithm=self.hash_algorithm,
             placement=self.placement,
             entries=manifest_entries,
+            **paged,
             tree=tree,
             components=list(components),
             metadata=metadata or {},
@@ -260,17 +300,88 @@ class StoreWrites(StoreListing):
             metadata=manifest.metadata,
         )
 
-    def _write_blobs(self, entries: Sequence[EntryPlan]) -> tuple[dict[str, str], int, list[list[Any]]]:
+    def _check_quorum(self, lineage: str, region_causes: dict[str, str]) -> None:
+        healthy = [r for r in self.regions if r.name not in region_causes]
+        if len(healthy) < self.write_quorum:
+            raise QuorumNotMetError(
+                f"save of lineage {lineage!r} not committed: only {len(healthy)} of "
+                f"{len(self.regions)} regions took the data, write_quorum is {self.write_quorum}",
+                region_causes,
+            )
+
+    def _needs_pages(self, entries: Sequence[Entry]) -> bool:
+        """Whether a manifest naming ``entries`` is committed in the paged form: more than
+        ``page_entries`` entries, or (about) more than ``PAGE_BYTES`` of JSON."""
+        if self.page_entries is None:
+            return False
+        if len(entries) > self.page_entries:
+            return True
+        return sum(_estimated_json_bytes(entry) for entry in entries) > PAGE_BYTES
+
+    def write_entry_pages(self, written: WrittenEntries) -> WrittenEntries:
+        """Write ``written``'s entries as entry pages (to every region, like blobs) and return
+        it with the pages listed, for ``commit_entries`` to list instead of encoding them.
+
+        A torch.distributed rank may run this after ``write_entries`` so that the pages of a
+        large checkpoint are encoded and written by every rank in parallel and the committer
+        only gathers page references; ``commit_entries`` pages the parts that did not.
+        """
+        entries = written.entries
+        if not entries:
+            return WrittenEntries(entries, dict(written.region_causes), written.bytes_written, [])
+        ranks = sorted({e.shard.rank for e in entries if e.shard is not None and e.shard.rank is not None})
+        limit = self.page_entries or len(entries)
+        groups: list[tuple[int, int, list[bytes]]] = []  # (start, end, encoded entries)
+        current: list[bytes] = []
+        size = start = 0
+        for index, entry in enumerate(entries):
+            encoded = canonical_json(entry.model_dump(mode="json"))
+            if current and (len(current) >= limit or size + len(encoded) > PAGE_BYTES):
+                groups.append((start, index, current))
+                current, size, start = [], 0, index
+            current.append(encoded)
+            size += len(encoded) + 1
+        groups.append((start, len(entries), current))
+        datas = [encode_page(encoded) for _, _, encoded in groups]
+        for data, (first, _, _) in zip(datas, groups, strict=True):
+            if len(data) > MAX_PAGE_BYTES:
+                raise InvalidNameError(
+                    f"entry {entries[first].name!r} alone makes an entry page larger than {MAX_PAGE_BYTES} bytes; "
+                    "store it with larger chunk_bytes"
+                )
+        plans = [EntryPlan(name=f"page-{i}", kind="bytes", data=memoryview(d)) for i, d in enumerate(datas)]
+        causes, page_bytes, refs = self._write_blobs(plans, chunk_bytes=MAX_PAGE_BYTES)
+        pages = [
+            PageRef(
+                digest=chunks[0].digest,
+                size=len(data),
+                entries=end - first,
+                entry_bytes=sum(e.size for e in entries[first:end]),
+                ranks=ranks,
+                first=entries[first].name,
+                last=entries[end - 1].name,
+            )
+            for data, chunks, (first, end, _) in zip(datas, refs, groups, strict=True)
+        ]
+        merged = dict(written.region_causes)
+        for region, cause in causes.items():
+            merged.setdefault(region, cause)
+        return WrittenEntries(entries, merged, written.bytes_written + page_bytes, pages)
+
+    def _write_blobs(
+        self, entries: Sequence[EntryPlan], chunk_bytes: int | None = None
+    ) -> tuple[dict[str, str], int, list[list[Any]]]:
         """Hash every chunk once and write it to every region; returns per-region failures."""
         from .manifest import ChunkRef
 
+        step = chunk_bytes or self.chunk_bytes
         slices: list[tuple[int, memoryview]] = []
         for index, plan in enumerate(entries):
             data = plan.data.cast("B") if plan.data.format != "B" or plan.data.ndim != 1 else plan.data
             if len(data) == 0:
                 continue
-            for start in range(0, len(data), self.chunk_bytes):
-                slices.append((index, data[start : start + self.chunk_bytes]))
+            for start in range(0, len(data), step):
+                slices.append((index, data[start : start + step]))
 
         causes: dict[str, str] = {}
         written = [0]

@@ -19,7 +19,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from .digest import hash_bytes
-from .errors import InvalidArgumentError, JournalError, ObjectNotFoundError, RegionError
+from .errors import InvalidArgumentError, JournalError, ManifestError, ObjectNotFoundError, RegionError
 from .journal import Journal
 from .layout import blob_key, manifest_key
 from .manifest import Manifest
@@ -102,6 +102,7 @@ def verify_store(
     up = [region.name for region in reachable]
 
     blobs: dict[str, int] = {}
+    pages: set[str] = set()  # entry pages (FORMAT.md, "Entry pages"): always read and hashed
     # Regions each blob must be in: every reachable one, unless only single-region
     # (placement "primary") manifests name it, which need it where they are.
     blob_regions: dict[str, set[str]] = {}
@@ -188,12 +189,30 @@ def verify_store(
                 under_replicated=False,
             )
             rows.append(row)
-            for chunk_entry in manifest.entries:
-                for chunk in chunk_entry.chunks:
-                    blobs[chunk.digest] = chunk.size
-                    blob_regions.setdefault(chunk.digest, set()).update(expected & set(up))
-                    if not blob_rows.get(chunk.digest) or blob_rows[chunk.digest][-1] is not row:
-                        blob_rows.setdefault(chunk.digest, []).append(row)
+            # A paged manifest's entry pages are blobs like the others (checked, always read in
+            # full, repaired from a verified copy); the blobs they name are read through them.
+            named = [(page.digest, page.size) for page in manifest.pages or ()]
+            pages.update(digest for digest, _ in named)
+            try:
+                entries = store.manifest_entries(manifest, prefer=holders)
+            except ManifestError as exc:
+                entries = []
+                problems.append(
+                    Problem(
+                        region=holders[0],
+                        object=key,
+                        kind="unreadable manifest",
+                        detail=f"its entries cannot be read, so the blobs they name were not checked: {exc}",
+                        lineage=name,
+                        version=version,
+                    )
+                )
+            named += [(chunk.digest, chunk.size) for chunk_entry in entries for chunk in chunk_entry.chunks]
+            for digest, size in named:
+                blobs[digest] = size
+                blob_regions.setdefault(digest, set()).update(expected & set(up))
+                if not blob_rows.get(digest) or blob_rows[digest][-1] is not row:
+                    blob_rows.setdefault(digest, []).append(row)
             good = copies.raw[holders[0]]
             for region in store.region_names:
                 if region in down:
@@ -228,7 +247,7 @@ def verify_store(
 
     ordered = sorted(blobs)
     sample_size = math.ceil(read_data * len(ordered))
-    to_read = set(random.Random(seed).sample(ordered, sample_size))
+    to_read = set(random.Random(seed).sample(ordered, sample_size)) | pages
     bytes_checked = [0]
     lock = threading.Lock()
 
@@ -327,7 +346,7 @@ def verify_store(
         lineages=len(lineages),
         versions=versions,
         blobs=len(blobs),
-        blobs_read=len(to_read),
+        blobs_read=len(to_read & set(blobs)),
         bytes_checked=bytes_checked[0],
         signing=_signing_status(store),
         problems=problems,

@@ -107,4 +107,4 @@ def finalize(
 
 def final_digest(store: CheckpointStore, lineage: str, version: int) -> str:
     manifest, _holders = store.core.resolve(lineage, version)
-    return manifest.state_digest()
+    return store.core.state_digest(manifest)

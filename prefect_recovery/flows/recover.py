@@ -97,7 +97,7 @@ def _unrestorable(exc: BaseException, store: CheckpointStore, manifest: Manifest
         cause = cause.__cause__ or cause.__context__
     if manifest is None or not isinstance(cause, BlobUnavailableError):
         return None
-    if cause.digest not in {chunk.digest for entry in manifest.entries for chunk in entry.chunks}:
+    if cause.digest not in store.core.manifest_blobs(manifest):  # pages and the blobs they name, either form
         return None
     lineage, version = manifest.lineage, manifest.version
     try:

@@ -127,8 +127,9 @@ def state_digest(store: Any, lineage: str, version: int | None = None) -> str:
 
     ``version`` defaults to the lineage's latest consistent checkpoint.
     """
-    manifest, _holders = core_store(store).resolve(lineage, version)
-    return manifest.state_digest()
+    core = core_store(store)
+    manifest, _holders = core.resolve(lineage, version)
+    return core.state_digest(manifest)
 
 
 def file_input(path: str) -> dict[str, JsonValue]:

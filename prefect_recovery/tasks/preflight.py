@@ -83,7 +83,8 @@ def check_dtypes(ctx: PreflightContext) -> CheckResult:
     """Every dtype the checkpoint stores exists in this torch build."""
     if ctx.manifest is None:
         return CheckResult(check="dtypes", status="pass", reason="no checkpoint to restore: training starts afresh")
-    stored = {entry.dtype for entry in ctx.manifest.entries if entry.kind == "tensor" and entry.dtype}
+    entries = ctx.store.manifest_entries(ctx.manifest, prefer=ctx.holders)
+    stored = {entry.dtype for entry in entries if entry.kind == "tensor" and entry.dtype}
     unknown = sorted(stored - set(DTYPES))
     if unknown:
         return CheckResult(
@@ -103,15 +104,18 @@ def check_checkpoint(ctx: PreflightContext) -> CheckResult:
     manifest = ctx.manifest
     if manifest is None:
         return CheckResult(check="checkpoint", status="pass", reason="no checkpoint to restore: training starts afresh")
-    blobs = {chunk.digest for entry in manifest.entries for chunk in entry.chunks}
     signed = ", signed" if manifest.signature is not None else ""
     where = ", ".join(ctx.holders) or "its regions"
+    if manifest.pages is not None:  # paged (FORMAT.md, "Entry pages"): resolve checked the pages only
+        present = f"its {len(manifest.pages)} entry pages present ({manifest.total_bytes:,} bytes of state)"
+    else:
+        blobs = {chunk.digest for entry in manifest.entries for chunk in entry.chunks}
+        present = f"its {len(blobs)} blobs present with their sizes ({manifest.total_bytes:,} bytes)"
     return CheckResult(
         check="checkpoint",
         status="pass",
         reason=f"v{manifest.version} (step {manifest.step}): manifest valid{signed} and committed in {where}; "
-        f"its {len(blobs)} blobs present with their sizes ({manifest.total_bytes:,} bytes), each checked "
-        "against its digest as the restore reads it",
+        f"{present}, each blob checked against its digest as the restore reads it",
     )
 
 

@@ -52,11 +52,11 @@ def _rank(name: str) -> tuple[int, str]:
     return (CAUSE_ORDER.index(top) if top in CAUSE_ORDER else len(CAUSE_ORDER), name)
 
 
-def _leaves(manifest: Manifest) -> dict[str, str]:
+def _leaves(store: Store, manifest: Manifest) -> dict[str, str]:
     """What each entry holds (its chunk digests, dtype, shape) and each component's plain values."""
     leaves = {
         entry.name: json.dumps([[c.digest for c in entry.chunks], entry.dtype, entry.shape])
-        for entry in manifest.entries
+        for entry in store.manifest_entries(manifest)
     }
     tree: Any = manifest.tree
     if isinstance(tree, dict) and isinstance(tree.get("dict"), list):
@@ -86,8 +86,8 @@ def first_divergence(store: Store, a: str, b: str) -> Divergence | None:
         version_a, version_b = ours.get(key), theirs.get(key)
         if version_a is None or version_b is None:
             return Divergence(step, tier, trigger, (version_a, version_b), compared=compared)
-        left = _leaves(store.resolve(a + ("" if tier == "heavy" else LIGHT_SUFFIX), version_a)[0])
-        right = _leaves(store.resolve(b + ("" if tier == "heavy" else LIGHT_SUFFIX), version_b)[0])
+        left = _leaves(store, store.resolve(a + ("" if tier == "heavy" else LIGHT_SUFFIX), version_a)[0])
+        right = _leaves(store, store.resolve(b + ("" if tier == "heavy" else LIGHT_SUFFIX), version_b)[0])
         differing = sorted(
             (name for name in set(left) | set(right) if left.get(name) != right.get(name)), key=_rank
         )  # fmt: skip

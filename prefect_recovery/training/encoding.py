@@ -345,17 +345,21 @@ _MISSING = object()
 
 
 def selected_entries(
-    manifest: Manifest, keys: Iterable[Key] | None
+    manifest: Manifest, keys: Iterable[Key] | None, entries: Sequence[Entry] | None = None
 ) -> list[tuple[Entry, tuple[str | int, ...] | None]]:
     """The entries a (partial) load must read, in manifest order, each with its path in the
-    state (None for an entry the tree does not reach); unknown keys are an error."""
+    state (None for an entry the tree does not reach); unknown keys are an error.
+
+    ``entries``: the manifest's entries as ``Store.manifest_entries`` read them (needed for a
+    paged manifest, whose root lists pages); default ``manifest.entries``."""
     selection = _Selection(keys)
     paths: dict[str, tuple[str | int, ...]] = {}
     _walk(manifest.tree, selection, lambda tag, name, path: paths.setdefault(name, path))
     selection.check_all_matched(manifest.tree)
+    listed = manifest.entries if entries is None else entries
     if keys is None:
-        return [(entry, paths.get(entry.name)) for entry in manifest.entries]
-    return [(entry, paths[entry.name]) for entry in manifest.entries if entry.name in paths]
+        return [(entry, paths.get(entry.name)) for entry in listed]
+    return [(entry, paths[entry.name]) for entry in listed if entry.name in paths]
 
 
 def find_target(into: Any, path: tuple[str | int, ...] | None) -> Any:

@@ -264,7 +264,7 @@ def compare_state(store: Store, manifest: Manifest, state: Any) -> Comparison:
     encoded = encode_state(state)
     walk = _Walk(
         store=store,
-        stored={entry.name: entry for entry in manifest.entries},
+        stored={entry.name: entry for entry in store.manifest_entries(manifest)},
         replayed={plan.name: plan for plan in encoded.entries},
         tensors=encoded.tensors,
     )

@@ -62,7 +62,9 @@ def load_state(
     keys = list(keys) if keys is not None else None
     values: dict[str, Any] = {}
     targets = []
-    for entry, path in selected_entries(manifest, keys):
+    # Every entry's page is read and verified here, before any blob (core/store_pages.py).
+    entries = store.manifest_entries(manifest, prefer=holders)
+    for entry, path in selected_entries(manifest, keys, entries):
         target = find_target(into, path) if into is not None else None
         if reusable(target, entry):
             value, view = target, tensor_bytes(target) if entry.size else memoryview(bytearray())
