@@ -24,7 +24,7 @@ import torch
 from prefect_recovery.core import EntryPlan, Keyring, LocalRegionIO, Store, hmac_key
 from prefect_recovery.core.audit import audit_store
 from prefect_recovery.core.digest import hash_bytes
-from prefect_recovery.core.errors import ManifestError
+from prefect_recovery.core.errors import InvalidNameError, ManifestError
 from prefect_recovery.core.gc import collect_garbage
 from prefect_recovery.core.layout import blob_key, manifest_key
 from prefect_recovery.core.manifest import ShardInfo, canonical_json
@@ -170,6 +170,15 @@ def test_ranks_may_write_their_own_pages_and_the_committer_only_lists_them(tmp_p
     manifest, _ = store.resolve("dist")
     assert [page.digest for page in manifest.pages] == [page.digest for part in parts for page in part.pages]
     assert [e.name for e in store.manifest_entries(manifest)] == [e.name for part in parts for e in part.entries]
+
+
+def test_two_writers_naming_one_entry_are_refused_before_a_manifest_is_written(tmp_path):
+    store = make_store(regions_at(tmp_path, "a"))
+    parts = rank_parts(store, ranks=2, per_rank=5)
+    parts[1].entries[0] = parts[0].entries[0]  # rank 1 claims rank 0's first entry name
+    with pytest.raises(InvalidNameError, match="two writers wrote entries of one name"):
+        store.commit_entries("dist", [store.write_entry_pages(part) for part in parts])
+    assert store.versions("dist") == {}
 
 
 def test_a_page_corrupted_in_one_region_is_read_from_the_other_and_repaired(tmp_path):

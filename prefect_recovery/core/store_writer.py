@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -255,10 +256,15 @@ class StoreWrites(StoreListing, StorePages):
         self._check_quorum(lineage, region_causes)
         paged: dict[str, Any] = {}
         if any(part.pages is not None for part in parts) or self._needs_pages(manifest_entries):
-            try:
-                check_entries(manifest_entries)  # what the single-file form's schema checks
-            except ValueError as exc:
-                raise InvalidNameError(f"save of lineage {lineage!r} refused: {exc}") from None
+            # What the single-file form's schema checks: each part was checked when paged
+            # (write_entry_pages); across parts, names must be unique (a blob digest names its
+            # bytes, so one digest in two parts has one size; readers check that too, per read).
+            if len({entry.name for entry in manifest_entries}) != len(manifest_entries):
+                counts = Counter(entry.name for entry in manifest_entries)
+                duplicates = sorted(name for name, count in counts.items() if count > 1)[:5]
+                raise InvalidNameError(
+                    f"save of lineage {lineage!r} refused: two writers wrote entries of one name {duplicates}"
+                )
             # Entry pages, like blobs, are in every region before the manifest that lists them.
             pages: list[PageRef] = []
             for part in parts:
@@ -329,6 +335,10 @@ class StoreWrites(StoreListing, StorePages):
         entries = written.entries
         if not entries:
             return WrittenEntries(entries, dict(written.region_causes), written.bytes_written, [])
+        try:
+            check_entries(entries)  # what the single-file form's schema checks
+        except ValueError as exc:
+            raise InvalidNameError(f"entries refused: {exc}") from None
         ranks = sorted({e.shard.rank for e in entries if e.shard is not None and e.shard.rank is not None})
         limit = self.page_entries or len(entries)
         groups: list[tuple[int, int, list[bytes]]] = []  # (start, end, encoded entries)
