@@ -10,7 +10,7 @@ position, the batches it trained on), which the tests compare between runs.
 Test instrumentation only (not what a user writes), by environment variable:
 
 * ``DIST_KILL_AT=<rank>:<step>``: that rank SIGKILLs itself right after ``ckpt.step()`` of that step;
-* ``DIST_KILL_IN_SAVE=<rank>:<n>``: that rank SIGKILLs itself in its n-th save, after writing part
+* ``DIST_KILL_IN_SAVE=<rank>:<n>``: that rank SIGKILLs itself in its n-th heavy save, after writing part
   of its blobs and before the commit (inside ``Store.write_entries``).
 """
 
@@ -72,6 +72,8 @@ def install_kill_in_save() -> None:
     calls = {"n": 0}
 
     def write_entries(self, entries):
+        if len(self.regions) == 1:  # a light save (first region only): not counted
+            return original(self, entries)
         calls["n"] += 1
         if calls["n"] == nth and len(entries) > 1:
             original(self, list(entries)[: len(entries) // 2])  # part of this rank's blobs land
@@ -120,7 +122,13 @@ def main() -> None:
     sampler = DistributedResumableSampler(SAMPLES, seed=args.seed, batch_size=BATCH)
     index = torch.arange(SAMPLES)  # which samples a batch holds: the tests check the data position with it
     loader = StatefulDataLoader(TensorDataset(x, y, index), sampler=sampler, batch_size=None)
-    schedule = CheckpointSchedule(triggers=[EveryNSteps(every=args.every), Milestones(names=["train_end"])])
+    schedule = CheckpointSchedule(
+        triggers=[
+            EveryNSteps(every=args.every),  # heavy, asynchronous (dcp.async_save)
+            EveryNSteps(every=3, tier="light"),  # light: weights, RNG, data position; first region
+            Milestones(names=["train_end"]),
+        ]
+    )
 
     # seed=args.seed + rank: each rank draws its own dropout masks and noise (a per-rank RNG stream)
     with Checkpointer(store, args.lineage, model=model, optimizer=optimizer, scheduler=scheduler, data=loader,

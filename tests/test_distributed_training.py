@@ -105,6 +105,8 @@ def test_ddp_rank_killed_mid_training_is_recovered_by_the_cli_bit_identically(ap
     before = latest(home, "run")
     assert before is not None and before.step < 20 and before.metadata["distributed"]["world_size"] == 2
     assert not dump.exists()  # the killed job never finished
+    light = latest(home, "run.light")  # light saves go through DCP too, to the first region
+    assert light.step % 3 == 0 and light.metadata["tier"] == "light" and len(light.regions) == 1
 
     recovered = subprocess.run([*CLI, "recover", "--json", "--lineage", "run"], cwd=REPO, env=env,
                                capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -239,7 +241,7 @@ def test_a_single_process_checkpoint_is_refused_by_ranks_with_the_reason(tmp_pat
     CheckpointStore.default(home).save_checkpoint({"model": {"w": torch.zeros(2)}}, lineage="single", step=1)
     args = ["--lineage", "single", "--restore-only", "--dump", str(tmp_path / "d")]
     code, exit_codes, output = torchrun(home, tmp_path / "logs", "single", nproc=2, args=args)
-    assert code != 0 and set(exit_codes.values()) == {1}, exit_codes
+    assert code != 0 and 1 in exit_codes.values(), exit_codes  # a rank raised (torchrun may stop the other first)
     assert "was written by a single process" in output
 
 
