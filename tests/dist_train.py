@@ -10,6 +10,7 @@ position, the batches it trained on), which the tests compare between runs.
 Test instrumentation only (not what a user writes), by environment variable:
 
 * ``DIST_KILL_AT=<rank>:<step>``: that rank SIGKILLs itself right after ``ckpt.step()`` of that step;
+* ``DIST_SIGTERM_AT=<rank>:<step>``: that rank sends itself SIGTERM (a preemption notice) after that step;
 * ``DIST_KILL_IN_SAVE=<rank>:<n>``: that rank SIGKILLs itself in its n-th heavy save, after writing part
   of its blobs and before the commit (inside ``Store.write_entries``).
 """
@@ -110,6 +111,7 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     install_kill_in_save()
     kill_rank, kill_step = (int(p) for p in os.environ.get("DIST_KILL_AT", "-1:-1").split(":"))
+    term_rank, term_step = (int(p) for p in os.environ.get("DIST_SIGTERM_AT", "-1:-1").split(":"))
 
     store = default_store()
     seed_everything(args.seed)  # before the model: its initial weights
@@ -160,6 +162,8 @@ def main() -> None:
                         print(f"step {ckpt.step_count} loss {loss.item():.4f}", flush=True)
                     if (rank, ckpt.step_count) == (kill_rank, kill_step):
                         os.kill(os.getpid(), signal.SIGKILL)
+                    if (rank, ckpt.step_count) == (term_rank, term_step):
+                        os.kill(os.getpid(), signal.SIGTERM)  # a preemption notice, on this rank only
                     if ckpt.step_count >= args.max_steps:
                         break
                 else:
