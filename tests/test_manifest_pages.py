@@ -362,3 +362,25 @@ def _hours_later(hours: float):
     from datetime import UTC, datetime
 
     return datetime.now(UTC) + timedelta(hours=hours)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_dcp_checkpoint_in_the_paged_form_loads_through_the_dcp_reader(tmp_path):
+    """dcp.save through the store's writer (single process) on a store that pages: the DCP
+    reader reads the entries through Store.manifest_entries and loads the same tensors."""
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    from prefect_recovery.distributed import dcp_reader, dcp_writer
+
+    store = make_store(regions_at(tmp_path, "a", "b"))
+    saved = {"model": state(7)["model"], "extra": {"step": torch.tensor(7)}}
+    dcp.save(saved, storage_writer=dcp_writer(store, "dcp", step=7))
+    manifest, _ = store.resolve("dcp")
+    assert manifest.paged and len(manifest.pages) > 1
+    target = {
+        "model": {name: torch.zeros_like(t) for name, t in saved["model"].items()},
+        "extra": {"step": torch.tensor(0)},
+    }
+    dcp.load(target, storage_reader=dcp_reader(store, "dcp"))
+    for name, tensor in saved["model"].items():
+        assert torch.equal(target["model"][name], tensor), name
+    assert int(target["extra"]["step"]) == 7

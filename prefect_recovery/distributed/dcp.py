@@ -309,7 +309,7 @@ class StoreWriter(StorageWriter):
         return False  # never picked from a path: a store writer is always passed explicitly
 
 
-def dcp_manifest_metadata_entry(manifest: Manifest) -> Entry:
+def dcp_manifest_metadata_entry(manifest: Manifest, entries: Sequence[Entry] | None = None) -> Entry:
     """The metadata entry of a DCP checkpoint's manifest, or ``NotADCPCheckpointError``."""
     where = f"lineage {manifest.lineage!r} version {manifest.version}"
     if manifest.tree != dcp_tree():
@@ -328,7 +328,7 @@ def dcp_manifest_metadata_entry(manifest: Manifest) -> Entry:
             f"{where} was not written by dcp_writer (a Checkpointer or save_checkpoint state?); "
             "load it with store.load_checkpoint, or pick a version saved through dcp.save"
         )
-    entry = next((e for e in manifest.entries if e.name == METADATA_ENTRY), None)
+    entry = next((e for e in (manifest.entries if entries is None else entries) if e.name == METADATA_ENTRY), None)
     if entry is None or entry.kind != "bytes":
         raise DCPMetadataError(f"{where} is marked as a distributed checkpoint but has no {METADATA_ENTRY} entry")
     return entry
@@ -374,6 +374,7 @@ class StoreReader(StorageReader):
         self.storage_data: dict[MetadataIndex, str] = {}
         self.load_id = uuid.uuid4().hex
         self._error: Exception | None = None
+        self._entries: dict[str, Entry] = {}  # the manifest's entries, read once (paged or not)
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         _check_checkpoint_id(self.lineage, checkpoint_id)
@@ -397,11 +398,13 @@ class StoreReader(StorageReader):
 
     def _read_metadata(self) -> Metadata:
         manifest, holders = self.store.resolve(self.lineage, self.version)
-        entry = dcp_manifest_metadata_entry(manifest)
+        listed = self.store.manifest_entries(manifest, prefer=holders)  # either form (FORMAT.md, "Entry pages")
+        entry = dcp_manifest_metadata_entry(manifest, listed)
         buffer = bytearray(entry.size)
         self.store.read_entries_into([(entry, memoryview(buffer))], prefer=holders)
         where = f"lineage {self.lineage!r} version {manifest.version}"
-        metadata = decode_metadata(bytes(buffer), {e.name: e for e in manifest.entries}, where)
+        metadata = decode_metadata(bytes(buffer), {e.name: e for e in listed}, where)
+        self._entries = {e.name: e for e in listed}
         self.manifest, self.holders = manifest, holders
         if metadata.storage_meta is None:
             metadata.storage_meta = StorageMeta()
@@ -435,7 +438,7 @@ class StoreReader(StorageReader):
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         if self.manifest is None:
             raise DCPArgumentError("read_data before read_metadata: the reader is used outside dcp.load's order")
-        entries = {entry.name: entry for entry in self.manifest.entries}
+        entries = self._entries
         wanted: dict[str, list[ReadItem]] = defaultdict(list)
         for item in plan.items:
             name = self.storage_data.get(item.storage_index)
