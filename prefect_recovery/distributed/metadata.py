@@ -177,7 +177,10 @@ def encode_metadata(metadata: Metadata, storage: Mapping[MetadataIndex, str]) ->
         if meta is None
         else StorageMetaJson(
             checkpoint_id=None if meta.checkpoint_id is None else str(meta.checkpoint_id),
-            save_id=meta.save_id,
+            # The save's id is a fresh uuid per save: stored, it would make two checkpoints of one
+            # state differ in state digest (a recovered lineage's final digest could never match an
+            # uninterrupted run's). It identifies the save in flight only, so it is not persisted.
+            save_id=None,
             modules=list(meta.modules),
         ),
     )
