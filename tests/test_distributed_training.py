@@ -325,12 +325,6 @@ def test_exit_codes_are_described_with_their_signal():
     assert describe_exit(0) == "exited 0" and describe_exit(1) == "exit code 1"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="distributed/dcp.py keeps DCP's metadata with the save's own id (a uuid) as an entry, so two "
-    "checkpoints of the same state differ in state digest: the journal's final_digest of a recovered "
-    "distributed lineage never equals an uninterrupted run's (the ranks' states do)",
-)
 def test_two_distributed_checkpoints_of_the_same_state_have_the_same_state_digest(tmp_path):
     import torch.distributed.checkpoint as dcp
 
