@@ -1,0 +1,213 @@
+"""What a checkpoint's manifest costs as ranks grow: commit latency, root size, what a rank reads.
+
+Simulated in one process (no torch.distributed): for each rank count (``--ranks``, default 1, 8,
+64, 256, 1024) and entries per rank (``--entries``, default 100 and 1000), ``N`` fake ranks each
+hand the committer a ``WrittenEntries`` of ``E`` DCP-like tensor shards (names with offsets,
+``shard`` = global shape, offsets, rank), as ``Store.write_entries`` returns them; plus one
+coordinator part (DCP's metadata). The entries' chunk digests are BLAKE3 digests of tiny
+distinct payloads; the data blobs themselves are not written (a commit never reads them: it
+writes the manifest, and in the paged form the entry pages, which are written for real, in two
+local regions at write quorum 2). Timed in the same run, side by side:
+
+* ``single_file``: ``commit_entries`` with paging off (``page_entries=None``): today's one JSON
+  manifest. Its size is what every rank reads on restore. Above ``MAX_MANIFEST_BYTES`` (64 MiB)
+  no reader accepts it; it is still written and measured, and flagged ``readable: false``.
+* ``default_store``: ``commit_entries`` with the default ``page_entries`` (4,096): small
+  manifests stay one file (``paged: false``); above, the committer encodes and writes every
+  rank's entry pages, then the root.
+* ``paged_by_ranks``: every rank runs ``write_entry_pages`` on its own part (timed per rank:
+  on a real cluster they run in parallel, so the slowest rank is the wall time), then the
+  committer's ``commit_entries`` only lists the pages: the commit overhead at scale.
+* ``rank_restore``: what one rank (rank N/2) reads to learn its entries: the root plus the
+  pages of its rank and of no rank (``Store.manifest_entries(manifest, ranks=[r])``), counted
+  at the region (``resolve`` reads the root from every region holding it: two here), against
+  the single-file manifest every rank reads whole (from both regions too).
+
+    python benchmarks/ranks.py --json [--ranks 1 8 64 256 1024] [--entries 100 1000] [--dir DIR]
+
+Part (b) of issue 14's benchmark (save and restore throughput at 1, 2 and 4 torchrun ranks
+through the store's DCP writer vs DCP's FileSystemWriter) is not here yet: it needs the
+distributed writer (prefect_recovery/distributed) finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import blake3
+
+from prefect_recovery.core import LocalRegionIO, Store
+from prefect_recovery.core.layout import manifest_key
+from prefect_recovery.core.manifest import MAX_MANIFEST_BYTES, ChunkRef, Entry, ShardInfo
+from prefect_recovery.core.store import WrittenEntries
+
+SHAPE = [1024, 256]  # each fake shard: a 1 MiB fp32 slice (the size only shows in the entry)
+
+
+class CountingRegion(LocalRegionIO):
+    """A local region that counts the bytes read from it."""
+
+    def __init__(self, url: str):
+        super().__init__(url)
+        self.read: Counter[str] = Counter()
+
+    def get(self, key: str, max_bytes: int | None = None) -> bytes:
+        data = super().get(key, max_bytes)
+        self.read[key] += len(data)
+        return data
+
+
+def fake_parts(ranks: int, per_rank: int) -> list[WrittenEntries]:
+    """What ``ranks`` ranks' ``write_entries`` would return for ``per_rank`` shards each."""
+    parts = []
+    size = SHAPE[0] * SHAPE[1] * 4
+    for rank in range(ranks):
+        entries = []
+        for i in range(per_rank):
+            digest = "blake3:" + blake3.blake3(f"{rank}/{i}".encode()).hexdigest()
+            entries.append(
+                Entry(
+                    name=f"model/layers.{i}.weight@{rank * SHAPE[0]},0",
+                    kind="tensor",
+                    size=size,
+                    chunks=[ChunkRef(digest=digest, size=size)],
+                    dtype="float32",
+                    shape=SHAPE,
+                    component="model",
+                    shard=ShardInfo(global_shape=[SHAPE[0] * ranks, SHAPE[1]], offsets=[rank * SHAPE[0], 0], rank=rank),
+                )
+            )
+        parts.append(WrittenEntries(entries, {}, 0))
+    meta = "blake3:" + blake3.blake3(b"dcp metadata").hexdigest()
+    parts.append(
+        WrittenEntries(
+            [Entry(name=".dcp_metadata", kind="bytes", size=4096, chunks=[ChunkRef(digest=meta, size=4096)])], {}, 0
+        )
+    )
+    return parts
+
+
+def make_store(root: Path, page_entries: int | None) -> tuple[Store, list[CountingRegion]]:
+    regions = []
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        regions.append(CountingRegion(str(root / name)))
+    return Store(regions, write_quorum=2, straggler_grace=None, page_entries=page_entries), regions
+
+
+def timed(fn: Any) -> tuple[Any, float]:
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def point(root: Path, ranks: int, per_rank: int, skip_single_above: int) -> dict[str, Any]:
+    parts = fake_parts(ranks, per_rank)
+    total = sum(len(part.entries) for part in parts)
+    out: dict[str, Any] = {"ranks": ranks, "entries_per_rank": per_rank, "entries": total}
+    lineage = f"r{ranks}-e{per_rank}"
+    rank = ranks // 2
+
+    if total <= skip_single_above:
+        single, regions = make_store(root, page_entries=None)
+        _, seconds = timed(lambda: single.commit_entries(lineage + "-single", parts))
+        size = (Path(regions[0].url) / manifest_key(lineage + "-single", 1)).stat().st_size
+        out["single_file"] = {
+            "commit_seconds": round(seconds, 4),
+            "manifest_bytes": size,
+            "readable": size <= MAX_MANIFEST_BYTES,
+            # Every rank reads the whole manifest, from each region holding it (resolve), as the root.
+            "rank_restore_bytes": size * len(regions),
+        }
+    else:
+        out["single_file"] = {"skipped": f"more than {skip_single_above} entries (--skip-single-above)"}
+    gc.collect()
+
+    store, regions = make_store(root, page_entries=4096)
+    info, seconds = timed(lambda: store.commit_entries(lineage + "-paged", parts))
+    path = Path(regions[0].url) / manifest_key(lineage + "-paged", info.version)
+    root_bytes = path.stat().st_size
+    out["default_store"] = {
+        "paged": json.loads(path.read_bytes())["format_version"] == 2,
+        "commit_seconds": round(seconds, 4),
+        "manifest_bytes": root_bytes,
+    }
+
+    paged_parts, page_seconds = [], []
+    for part in parts:
+        paged_part, seconds = timed(lambda part=part: store.write_entry_pages(part))
+        paged_parts.append(paged_part)
+        page_seconds.append(seconds)
+    info, seconds = timed(lambda: store.commit_entries(lineage + "-ranks", paged_parts))
+    manifest_path = Path(regions[0].url) / manifest_key(lineage + "-ranks", info.version)
+    out["paged_by_ranks"] = {
+        "rank_page_seconds_max": round(max(page_seconds), 4),
+        "rank_page_seconds_mean": round(sum(page_seconds) / len(page_seconds), 4),
+        "commit_seconds": round(seconds, 4),
+        "root_bytes": manifest_path.stat().st_size,
+        "pages": sum(len(part.pages or ()) for part in paged_parts),
+    }
+
+    for region in regions:
+        region.read.clear()
+    (manifest, holders), resolve_seconds = timed(lambda: store.resolve(lineage + "-ranks"))
+    mine, pages_seconds = timed(lambda: store.manifest_entries(manifest, ranks=[rank], prefer=holders))
+    read = sum(sum(region.read.values()) for region in regions)
+    page_bytes = sum(n for region in regions for key, n in region.read.items() if key.startswith("blobs/"))
+    out["rank_restore"] = {
+        "rank": rank,
+        "entries": len(mine),
+        "bytes_read": read,
+        "root_bytes_read": read - page_bytes,  # the root, from each region holding it (resolve)
+        "page_bytes_read": page_bytes,
+        "pages_read": sum(1 for region in regions for key in region.read if key.startswith("blobs/")),
+        "resolve_seconds": round(resolve_seconds, 4),
+        "read_pages_seconds": round(pages_seconds, 4),
+    }
+    if "rank_restore_bytes" in out["single_file"]:
+        out["rank_restore"]["vs_single_file"] = round(read / out["single_file"]["rank_restore_bytes"], 5)
+    gc.collect()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print JSON only")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 8, 64, 256, 1024])
+    parser.add_argument("--entries", type=int, nargs="+", default=[100, 1000], help="entries per rank")
+    parser.add_argument(
+        "--skip-single-above", type=int, default=2_000_000, help="entries; the single-file form is skipped above"
+    )
+    parser.add_argument("--dir", type=Path, default=None, help="where the regions live (default: a temp dir)")
+    args = parser.parse_args()
+
+    points = []
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        for per_rank in args.entries:
+            for ranks in args.ranks:
+                points.append(point(Path(tmp) / f"{ranks}-{per_rank}", ranks, per_rank, args.skip_single_above))
+                if not args.json:
+                    print(json.dumps(points[-1]))
+    result = {
+        "benchmark": "ranks",
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "simulated": "N ranks' write results built in one process; data blobs not written (digests of tiny "
+        "payloads); manifests and entry pages written for real to two local regions, quorum 2",
+        "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+        "points": points,
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
