@@ -33,7 +33,6 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from prefect_recovery import Checkpointer, CheckpointSchedule, EveryNSteps, Milestones, seed_everything
 from prefect_recovery.core.region import open_region
 from prefect_recovery.core.store import Store
-from prefect_recovery.distributed.checkpointer import DistributedCheckpointer as Checkpointer  # noqa: F811 (until dispatch)
 from prefect_recovery.distributed.sampler import DistributedResumableSampler
 
 SAMPLES, FEATURES, CLASSES, BATCH = 96, 8, 4, 4
@@ -105,6 +104,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--dump", required=True)
     parser.add_argument("--restore-only", action="store_true", help="restore, dump, look at the next batch, stop")
+    parser.add_argument("--distributed", action="store_true", help="Checkpointer(distributed=True): for one rank")
     args = parser.parse_args()
 
     dist.init_process_group("gloo")
@@ -134,7 +134,8 @@ def main() -> None:
 
     # seed=args.seed + rank: each rank draws its own dropout masks and noise (a per-rank RNG stream)
     with Checkpointer(store, args.lineage, model=model, optimizer=optimizer, scheduler=scheduler, data=loader,
-                      schedule=schedule, seed=args.seed + rank) as ckpt:  # fmt: skip
+                      schedule=schedule, seed=args.seed + rank,
+                      distributed=True if args.distributed else None) as ckpt:  # fmt: skip
         print(f"resumed from {ckpt.resumed_from} at world size {world}", flush=True)
         rng_at_restore = {
             "torch": torch.get_rng_state(),

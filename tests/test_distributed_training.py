@@ -14,11 +14,12 @@ optimizer, RNG, data position), and the tests compare dumps bit for bit:
   recovery is still bit-identical;
 * SIGTERM (a preemption notice) on one rank: every rank writes the emergency checkpoint at the same
   step and exits as ``Preempted``; the resumed job is bit-identical;
-* resume 4 -> 2 and 2 -> 4 ranks (FSDP2): model and optimizer equal to the saved ones after resharding,
+* resume 4 -> 2, 2 -> 4 and 2 -> 1 ranks (FSDP2): model and optimizer equal to the saved ones after resharding,
   the data position continues at the global cursor, ranks that existed keep their RNG, new ranks seed
   theirs from the seed and their rank (with a warning), and the recorded thread count is applied.
 
-About 13 torchrun jobs, marked ``slow``; the whole file takes 5 to 6 minutes on the 2-core machine.
+About 14 torchrun jobs, each test marked ``slow``; the file takes about 6 minutes on an idle 2-core machine
+(measured 4:45 before the SIGTERM and one-rank jobs were added), up to 10 under load.
 """
 
 from __future__ import annotations
@@ -243,7 +244,7 @@ def test_resume_4_to_2_ranks_reshards_and_continues_the_global_data_cursor(tmp_p
 
 
 @pytest.mark.slow
-def test_resume_2_to_4_ranks_derives_the_rng_of_new_ranks_with_a_warning(tmp_path, tmp_path_factory):
+def test_resume_2_to_4_and_1_ranks_derives_the_rng_of_new_ranks_with_a_warning(tmp_path, tmp_path_factory):
     base = reference("fsdp", tmp_path_factory)
     home = tmp_path / "home"
     shutil.copytree(base / "home", home)
@@ -252,6 +253,10 @@ def test_resume_2_to_4_ranks_derives_the_rng_of_new_ranks_with_a_warning(tmp_pat
     check_resharded(dumps(base / "dump"), dumps(tmp_path / "four"))
     assert "rank 2 did not exist" in output and "rank 3 did not exist" in output
     assert "rank 0 did not exist" not in output
+    # and on one rank: a one-rank job asks for the distributed Checkpointer (distributed=True)
+    args = ["--lineage", "ref", "--mode", "fsdp", "--restore-only", "--distributed", "--dump", str(tmp_path / "one")]
+    run_ok(home, tmp_path / "logs", "one", nproc=1, args=args, env={"OMP_NUM_THREADS": "2"})
+    check_resharded(dumps(base / "dump"), dumps(tmp_path / "one"))
 
 
 @pytest.mark.slow

@@ -117,6 +117,13 @@ def _implicit_resume_point(lineage: str) -> ResumePoint | None:
     return found
 
 
+def _distributed_world() -> int:
+    """The world size of an initialised ``torch.distributed``, else 1."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _watch_gradients(model: Any, callback: Callable[[Any], None]) -> list[Any]:
     """Hooks that tell the Checkpointer a backward() accumulated gradients into ``model``."""
     parameters = getattr(model, "parameters", None)
@@ -135,7 +142,19 @@ class Checkpointer:
     ``resume_from`` (a pipeline run's ``run.resume_point()``) says which version to restore (a
     recovery's choice; None: the latest) and journals each committed heavy checkpoint; an
     explicit ``resume_version`` wins over its version and ``on_commit`` is called as well.
+
+    Inside torchrun (``torch.distributed`` initialised with more than one rank) the same call
+    builds a ``DistributedCheckpointer``: every rank saves its part through DCP
+    (docs/DISTRIBUTED.md). ``distributed=True`` asks for it in a one-rank job, ``False`` keeps
+    this single-process one.
     """
+
+    def __new__(cls, *args: Any, distributed: bool | None = None, **kwargs: Any) -> Checkpointer:
+        if cls is Checkpointer and (distributed or (distributed is None and _distributed_world() > 1)):
+            from ..distributed.checkpointer import DistributedCheckpointer  # torch.distributed, loaded on use
+
+            return super().__new__(DistributedCheckpointer)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -158,6 +177,7 @@ class Checkpointer:
         resume_version: int | None = None,
         strict_determinism: bool | None = None,
         resume_from: ResumePoint | None = None,
+        distributed: bool | None = None,  # read by __new__
     ):
         self.store = core_store(store)
         self.lineage = check_base_lineage(lineage)  # exp.light / exp.steps are derived lineages, never by hand
