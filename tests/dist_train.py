@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument("--dump", required=True)
     parser.add_argument("--restore-only", action="store_true", help="restore, dump, look at the next batch, stop")
     parser.add_argument("--distributed", action="store_true", help="Checkpointer(distributed=True): for one rank")
+    parser.add_argument("--plain-sampler", action="store_true", help="torch's DistributedSampler instead")
     args = parser.parse_args()
 
     dist.init_process_group("gloo")
@@ -124,6 +125,11 @@ def main() -> None:
     sampler = DistributedResumableSampler(SAMPLES, seed=args.seed, batch_size=BATCH)
     index = torch.arange(SAMPLES)  # which samples a batch holds: the tests check the data position with it
     loader = StatefulDataLoader(TensorDataset(x, y, index), sampler=sampler, batch_size=None)
+    if args.plain_sampler:  # a per-rank position that cannot be re-split at another world size
+        from torch.utils.data import DistributedSampler
+
+        plain = DistributedSampler(TensorDataset(x, y, index), seed=args.seed)
+        loader = StatefulDataLoader(TensorDataset(x, y, index), sampler=plain, batch_size=BATCH)
     schedule = CheckpointSchedule(
         triggers=[
             EveryNSteps(every=args.every),  # heavy, asynchronous (dcp.async_save)

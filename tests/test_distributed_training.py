@@ -16,9 +16,10 @@ optimizer, RNG, data position), and the tests compare dumps bit for bit:
   step and exits as ``Preempted``; the resumed job is bit-identical;
 * resume 4 -> 2, 2 -> 4 and 2 -> 1 ranks (FSDP2): model and optimizer equal to the saved ones after resharding,
   the data position continues at the global cursor, ranks that existed keep their RNG, new ranks seed
-  theirs from the seed and their rank (with a warning), and the recorded thread count is applied.
+  theirs from the seed and their rank (with a warning), and the recorded thread count is applied;
+  a data position that cannot be re-split (torch's ``DistributedSampler``) is refused with the fix.
 
-About 14 torchrun jobs, each test marked ``slow``; the file takes about 6 minutes on an idle 2-core machine
+About 15 torchrun jobs, each test marked ``slow``; the file takes about 6 minutes on an idle 2-core machine
 (measured 4:45 before the SIGTERM and one-rank jobs were added), up to 10 under load.
 """
 
@@ -257,6 +258,17 @@ def test_resume_2_to_4_and_1_ranks_derives_the_rng_of_new_ranks_with_a_warning(t
     args = ["--lineage", "ref", "--mode", "fsdp", "--restore-only", "--distributed", "--dump", str(tmp_path / "one")]
     run_ok(home, tmp_path / "logs", "one", nproc=1, args=args, env={"OMP_NUM_THREADS": "2"})
     check_resharded(dumps(base / "dump"), dumps(tmp_path / "one"))
+
+
+@pytest.mark.slow
+def test_a_data_position_that_cannot_be_re_split_is_refused_at_another_world_size(tmp_path, tmp_path_factory):
+    home = tmp_path / "home"
+    shutil.copytree(reference("ddp", tmp_path_factory) / "home", home)
+    args = ["--lineage", "ref", "--restore-only", "--distributed", "--plain-sampler", "--dump", str(tmp_path / "d")]
+    code, exit_codes, output = torchrun(home, tmp_path / "logs", "plain", nproc=1, args=args)
+    assert code != 0 and exit_codes == {0: 1}, exit_codes
+    assert "WorldSizeChangeError" in output and "written by 2 ranks and this job has 1" in output
+    assert "DistributedResumableSampler" in output  # the fix
 
 
 @pytest.mark.slow
