@@ -25,9 +25,14 @@ local regions at write quorum 2). Timed in the same run, side by side:
 
     python benchmarks/ranks.py --json [--ranks 1 8 64 256 1024] [--entries 100 1000] [--dir DIR]
 
-Part (b) of issue 14's benchmark (save and restore throughput at 1, 2 and 4 torchrun ranks
-through the store's DCP writer vs DCP's FileSystemWriter) is not here yet: it needs the
-distributed writer (prefect_recovery/distributed) finished.
+With ``--dcp`` it measures instead (issue 14's part (b)) save and restore throughput through
+torch.distributed.checkpoint at 1, 2 and 4 ranks (``--dcp-ranks``; torchrun, gloo, CPU): the
+store's ``dcp_writer``/``dcp_reader`` (one local region; every byte BLAKE3-hashed on save and
+re-hashed on load) against DCP's ``FileSystemWriter``/``FileSystemReader`` (fsync on) to the
+same disk, in the same run, each rank holding ``--mib`` / ranks MiB of fp32 tensors of its own
+(``--tensors`` per rank); the clock runs from a barrier before to a barrier after:
+
+    python benchmarks/ranks.py --json --dcp [--dcp-ranks 1 2 4] [--mib 256] [--tensors 16]
 """
 
 from __future__ import annotations
@@ -180,8 +185,94 @@ def point(root: Path, ranks: int, per_rank: int, skip_single_above: int) -> dict
     return out
 
 
+def dcp_worker(args: argparse.Namespace) -> None:
+    """One torchrun rank of ``--dcp``: save and load through both backends, rank 0 reports."""
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    from prefect_recovery.distributed import dcp_reader, dcp_writer
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    numel = args.mib * 2**18 // world // args.tensors
+    root = args.dir
+    store = Store([LocalRegionIO(str(root / "store"))], write_quorum=1)
+    timings: dict[str, float] = {}
+
+    def clock(name: str, fn: Any, *fn_args: Any, **fn_kwargs: Any) -> None:
+        dist.barrier()
+        start = time.perf_counter()
+        fn(*fn_args, **fn_kwargs)
+        dist.barrier()
+        timings[name] = time.perf_counter() - start
+
+    def fresh(state: dict[str, Any]) -> dict[str, Any]:
+        return {name: torch.empty_like(tensor) for name, tensor in state.items()}
+
+    for attempt in range(args.repeat):
+        # Fresh values every attempt: a second save of equal tensors would write nothing to the
+        # store (content-addressed blobs are deduplicated), which is not what is measured here.
+        generator = torch.Generator().manual_seed(1000 * attempt + rank)
+        state = {f"rank{rank}/w{i}": torch.randn(numel, generator=generator) for i in range(args.tensors)}
+        fs_dir, lineage = str(root / f"fs-{attempt}"), f"bench{attempt}"
+        clock(f"fs_save_{attempt}", dcp.save, state, storage_writer=dcp.FileSystemWriter(fs_dir))
+        clock(f"store_save_{attempt}", dcp.save, state, storage_writer=dcp_writer(store, lineage))
+        fs_loaded, store_loaded = fresh(state), fresh(state)
+        clock(f"fs_load_{attempt}", dcp.load, fs_loaded, storage_reader=dcp.FileSystemReader(fs_dir))
+        clock(f"store_load_{attempt}", dcp.load, store_loaded, storage_reader=dcp_reader(store, lineage))
+        for name, tensor in state.items():
+            assert torch.equal(fs_loaded[name], tensor) and torch.equal(store_loaded[name], tensor), name
+    if rank == 0:
+        best = {
+            kind: min(timings[f"{kind}_{a}"] for a in range(args.repeat))
+            for kind in ("fs_save", "store_save", "fs_load", "store_load")
+        }
+        mib = numel * 4 * args.tensors * world / 2**20
+        args.out.write_text(
+            json.dumps(
+                {
+                    "ranks": world,
+                    "mib": round(mib, 1),
+                    **{f"{kind}_seconds": round(seconds, 4) for kind, seconds in best.items()},
+                    **{f"{kind}_mib_s": round(mib / seconds, 1) for kind, seconds in best.items()},
+                    "save_vs_dcp": round(best["fs_save"] / best["store_save"], 3),
+                    "load_vs_dcp": round(best["fs_load"] / best["store_load"], 3),
+                }
+            )
+        )
+    dist.destroy_process_group()
+
+
+def dcp_points(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import subprocess
+    import sys
+
+    points = []
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        for ranks in args.dcp_ranks:
+            where = Path(tmp) / f"dcp-{ranks}"
+            (where / "store").mkdir(parents=True)
+            out = where / "result.json"
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+            command += [__file__, "--dcp-worker", "--dir", str(where), "--out", str(out)]
+            command += ["--mib", str(args.mib), "--tensors", str(args.tensors), "--repeat", str(args.repeat)]
+            subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            points.append(json.loads(out.read_text()))
+            if not args.json:
+                print(json.dumps(points[-1]))
+    return points
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dcp", action="store_true", help="DCP save/restore throughput at 1, 2, 4 ranks instead")
+    parser.add_argument("--dcp-ranks", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--mib", type=int, default=256, help="--dcp: MiB of state over all ranks")
+    parser.add_argument("--tensors", type=int, default=16, help="--dcp: tensors per rank")
+    parser.add_argument("--repeat", type=int, default=2, help="--dcp: best of this many")
+    parser.add_argument("--dcp-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true", help="print JSON only")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 8, 64, 256, 1024])
     parser.add_argument("--entries", type=int, nargs="+", default=[100, 1000], help="entries per rank")
@@ -190,6 +281,17 @@ def main() -> None:
     )
     parser.add_argument("--dir", type=Path, default=None, help="where the regions live (default: a temp dir)")
     args = parser.parse_args()
+    if args.dcp_worker:
+        dcp_worker(args)
+        return
+    if args.dcp:
+        result = {
+            "benchmark": "ranks --dcp",
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+            "points": dcp_points(args),
+        }
+        print(json.dumps(result, indent=2))
+        return
 
     points = []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
