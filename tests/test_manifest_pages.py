@@ -384,3 +384,19 @@ def test_a_dcp_checkpoint_in_the_paged_form_loads_through_the_dcp_reader(tmp_pat
     for name, tensor in saved["model"].items():
         assert torch.equal(target["model"][name], tensor), name
     assert int(target["extra"]["step"]) == 7
+
+
+def test_replay_comparison_reads_a_paged_manifests_entries(tmp_path):
+    from prefect_recovery.training.replay import compare_state
+
+    store = make_store(regions_at(tmp_path, "a"))
+    saved = state(8)
+    save_state(store, saved, lineage="run", step=8)
+    manifest, _ = store.resolve("run")
+    assert manifest.paged
+    same = compare_state(store, manifest, saved)
+    assert same.identical and same.entries_compared == 12
+    changed = state(8)
+    changed["model"]["layer5.weight"][0, 0] += 1
+    differs = compare_state(store, manifest, changed)
+    assert differs.entries_differing == 1 and "layer5.weight" in differs.differing[0]
