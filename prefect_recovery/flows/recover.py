@@ -20,12 +20,10 @@ with a ``RecoveryError`` naming the version and what to do (repair, or an earlie
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
 
 from ..blocks import CheckpointStore, open_store, shared_store
 from ..core.errors import BlobUnavailableError, CheckpointError, CheckpointNotFoundError
@@ -35,33 +33,11 @@ from ..core.manifest import Manifest
 from ..tasks.code import code_modules
 from ..tasks.errors import PreflightError, RecoveryError
 from ..tasks.pipeline_run import RecoveryPlan, claim_lineage, current_run_id, recovery_plan
-from ..tasks.preflight import CheckResult, PreflightContext, as_rows, run_checks
+from ..tasks.preflight import PreflightContext, artifact_key, as_rows, preflight_task
 from ..tasks.step import STEP_CODE, code_digest
 from ..telemetry import emit_recovery_finished, emit_recovery_started
 from .lineage_status import LineageStatus, finished_result, lineage_status
 from .registry import resolve_pipeline
-
-_TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
-
-
-def artifact_key(prefix: str, lineage: str) -> str:
-    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
-    return f"{prefix}-" + (re.sub(r"[^a-z0-9-]+", "-", lineage.lower()).strip("-") or "lineage")
-
-
-@task(name="preflight", **_TASK_OPTIONS)
-def preflight_task(ctx: PreflightContext, lineage: str) -> list[CheckResult]:
-    results = run_checks(ctx)
-    create_table_artifact(
-        table=as_rows(results),
-        key=artifact_key("preflight", lineage),
-        description=f"Preflight checks of the recovery of lineage `{lineage}`",
-    )
-    logger = get_run_logger()
-    for result in results:
-        log = logger.error if result.status == "fail" else logger.warning if result.status == "warn" else logger.info
-        log("preflight %s: %s (%s)", result.check, result.status, result.reason)
-    return results
 
 
 def _select(store: CheckpointStore, status: LineageStatus, checkpoint: str | int) -> tuple[Manifest | None, list[str]]:

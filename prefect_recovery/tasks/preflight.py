@@ -9,6 +9,7 @@ region, deleted again.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -16,6 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+from prefect import get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from ..core.errors import CheckpointError
@@ -257,4 +261,25 @@ def as_rows(results: list[CheckResult]) -> list[dict[str, Any]]:
     return [result.model_dump() for result in results]
 
 
-__all__ = ["CHECKS", "CheckResult", "PreflightContext", "as_rows", "run_checks"]
+def artifact_key(prefix: str, lineage: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return f"{prefix}-" + (re.sub(r"[^a-z0-9-]+", "-", lineage.lower()).strip("-") or "lineage")
+
+
+@task(name="preflight", cache_policy=NO_CACHE, persist_result=False)
+def preflight_task(ctx: PreflightContext, lineage: str) -> list[CheckResult]:
+    """The checks as a Prefect task: a table artifact in the UI and one log line per check."""
+    results = run_checks(ctx)
+    create_table_artifact(
+        table=as_rows(results),
+        key=artifact_key("preflight", lineage),
+        description=f"Preflight checks of the recovery of lineage `{lineage}`",
+    )
+    logger = get_run_logger()
+    for result in results:
+        log = logger.error if result.status == "fail" else logger.warning if result.status == "warn" else logger.info
+        log("preflight %s: %s (%s)", result.check, result.status, result.reason)
+    return results
+
+
+__all__ = ["CHECKS", "CheckResult", "PreflightContext", "artifact_key", "as_rows", "preflight_task", "run_checks"]
