@@ -113,13 +113,29 @@ def run_to_end(args: list[str], env: dict[str, str], logs: Path, name: str) -> s
 
 
 def outcome(home: Path, lineage: str) -> dict[str, Any]:
-    """What a run ended with, from the store: the journal's final digest and each step's last output digest."""
-    from prefect_recovery import CheckpointStore
+    """What a run ended with, from the store: the journal's final digest and each step's last result.
 
-    events = Journal(CheckpointStore.default(home).core, lineage).events()
+    A result is compared by its digest, except that a checkpoint version in it (train's ``{"version": ...}``)
+    is replaced by the state digest of the checkpoint it names: a version number counts the checkpoints a run
+    wrote, and the 0.5 s ``Timebox`` trigger writes one more whenever a stretch of steps takes longer, so two
+    runs that trained bit-identically (equal states) on a loaded machine may number their last one v7 and v8.
+    """
+    from prefect_recovery import CheckpointStore, state_digest
+    from prefect_recovery.tasks.step import value_digest
+    from prefect_recovery.training.state_io import load_state
+
+    store = CheckpointStore.default(home)
+    events = Journal(store.core, lineage).events()
     finished = [e for e in events if e.kind == "run_finished"]
     assert finished, f"{lineage} has no run_finished"
-    outputs = {e.data["step"]: e.data["output_digest"] for e in events if e.kind == "step_completed"}
+    outputs = {}
+    for event in (e for e in events if e.kind == "step_completed"):
+        state, _ = load_state(store.core, lineage=f"{lineage}.steps", version=event.data["result_version"])
+        result = state["result"]
+        assert value_digest(result) == event.data["output_digest"], f"{event}: the journal names another result"
+        if isinstance(result, dict) and "version" in result:
+            result = {**result, "version": state_digest(store, lineage, result["version"])}
+        outputs[event.data["step"]] = value_digest(result)
     return {"final_digest": finished[-1].data["final_digest"], "outputs": outputs}
 
 
