@@ -400,3 +400,70 @@ def test_replay_comparison_reads_a_paged_manifests_entries(tmp_path):
     changed["model"]["layer5.weight"][0, 0] += 1
     differs = compare_state(store, manifest, changed)
     assert differs.entries_differing == 1 and "layer5.weight" in differs.differing[0]
+
+
+def _spy_page_writes(store: Store) -> list[list[str]]:
+    """The entry names of each ``write_entry_pages`` call on ``store`` (who paged what)."""
+    calls: list[list[str]] = []
+    real = store.write_entry_pages
+
+    def spy(written):
+        calls.append([e.name for e in written.entries])
+        return real(written)
+
+    store.write_entry_pages = spy  # type: ignore[method-assign]
+    return calls
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_dcp_rank_pages_its_own_part_and_the_coordinator_pages_only_the_metadata(tmp_path):
+    """A DCP save that will be paged: the rank writes its part's pages in write_data, the
+    coordinator's commit only lists them and pages its own metadata entry; it loads bit-identically."""
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    from prefect_recovery.distributed import dcp_reader, dcp_writer
+    from prefect_recovery.distributed.dcp import METADATA_ENTRY
+
+    store = make_store(regions_at(tmp_path, "a", "b"))
+    calls = _spy_page_writes(store)
+    saved = {"model": state(9)["model"], "extra": {"step": torch.tensor(9)}}
+    dcp.save(saved, storage_writer=dcp_writer(store, "dcp", step=9))
+
+    manifest, holders = store.resolve("dcp")
+    assert manifest.paged
+    assert len(calls) == 2  # the rank's part, then (at commit) the metadata's part alone
+    assert len(calls[0]) == 13 and METADATA_ENTRY not in calls[0]
+    assert calls[1] == [METADATA_ENTRY]
+    rank_pages = [p for p in manifest.pages if p.ranks == [0]]
+    assert len(rank_pages) == 4  # 13 entries at 4 per page, written by the rank
+    coordinator_pages = [p for p in manifest.pages if not p.ranks]
+    assert [(p.first, p.last, p.entries) for p in coordinator_pages] == [(METADATA_ENTRY, METADATA_ENTRY, 1)]
+    listed = store.manifest_entries(manifest, prefer=holders)
+    assert len(listed) == 14 and manifest.total_bytes == sum(e.size for e in listed)
+
+    target = {
+        "model": {name: torch.zeros_like(t) for name, t in saved["model"].items()},
+        "extra": {"step": torch.tensor(0)},
+    }
+    dcp.load(target, storage_reader=dcp_reader(store, "dcp"))
+    for name, tensor in saved["model"].items():
+        assert target["model"][name].numpy().tobytes() == tensor.numpy().tobytes(), name
+    assert int(target["extra"]["step"]) == 9
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_small_dcp_checkpoint_stays_one_manifest_file_and_no_rank_pages(tmp_path):
+    """Below page_entries the ranks page nothing: the manifest is the single-file form it always was."""
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    from prefect_recovery.distributed import dcp_writer
+
+    store = make_store(regions_at(tmp_path, "a"), page_entries=14)  # 12 tensors + 1 bytes item + metadata
+    calls = _spy_page_writes(store)
+    saved = {"model": state(10)["model"], "extra": {"step": torch.tensor(10)}}
+    dcp.save(saved, storage_writer=dcp_writer(store, "dcp", step=10))
+    manifest, _ = store.resolve("dcp")
+    assert not manifest.paged and len(manifest.entries) == 14 and calls == []
+    # One more entry and the whole checkpoint is paged, the rank's part by the rank.
+    saved["model"]["one.more"] = torch.ones(3)
+    dcp.save(saved, storage_writer=dcp_writer(store, "dcp", step=11))
+    manifest, _ = store.resolve("dcp")
+    assert manifest.paged and len(calls) == 2 and len(calls[0]) == 14

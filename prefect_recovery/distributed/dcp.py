@@ -8,11 +8,14 @@ load); the store decides how it is kept (FORMAT.md, "Distributed (DCP) checkpoin
 Commit protocol, in DCP's own call order (torch/distributed/checkpoint/storage.py):
 
 1. every rank, ``write_data``: its items through ``Store.write_entries``: hashed, written
-   create-only to every region, published nowhere; the ``WriteResult``s carry the manifest
-   entries (and the regions that failed) back to the coordinator in DCP's own gather;
+   create-only to every region, published nowhere; when the checkpoint will be committed in
+   the paged form (FORMAT.md, "Entry pages"), the rank also writes its part's entry pages
+   (``Store.write_entry_pages``), so pages are encoded by every rank in parallel; the
+   ``WriteResult``s carry the manifest entries, the pages and the regions that failed back
+   to the coordinator in DCP's own gather;
 2. the coordinator, ``finish``: DCP's global ``Metadata`` as JSON (no pickle), then ONE
-   manifest through ``Store.commit_entries`` naming every rank's entries (arbiter first,
-   quorum, signed).
+   manifest through ``Store.commit_entries`` naming every rank's entries, or listing the
+   ranks' pages (arbiter first, quorum, signed).
 
 DCP calls ``finish`` only after every rank's ``write_data`` returned, so a rank that dies or
 hangs before that means no manifest: the previous version stays the latest, and the blobs the
@@ -52,7 +55,7 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 from torch.futures import Future
 
 from ..core.layout import check_lineage
-from ..core.manifest import Component, Entry, Manifest, ShardInfo
+from ..core.manifest import Component, Entry, Manifest, PageRef, ShardInfo
 from ..core.models import CheckpointInfo
 from ..core.observe import StoreEvent, notify
 from ..core.store import EntryPlan, Store, WrittenEntries, core_store
@@ -115,6 +118,19 @@ class StoredItem:
     entry: Entry
     region_causes: dict[str, str]
     bytes_written: int
+    # The entry pages the rank wrote for its whole part (on its first item; None on the others,
+    # and when the rank did not page): the coordinator lists them instead of paging the part.
+    pages: list[PageRef] | None = None
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """``SavePlan.storage_data`` the coordinator hands each rank: its rank, and whether it pages
+    its own part (the whole checkpoint names more than the store's ``page_entries`` entries, so
+    ``commit_entries`` would page it anyway)."""
+
+    rank: int
+    page: bool = False
 
 
 def _component(fqn: str) -> str:
@@ -189,11 +205,19 @@ class StoreWriter(StorageWriter):
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         for plan in plans:  # refuse planner data JSON cannot carry now, not after every rank wrote
             check_planner_data(plan.planner_data)
+        # Ranks page their own parts only when the manifest will be paged whatever they do (its
+        # entries, the metadata's included, exceed page_entries): a smaller checkpoint stays the
+        # single-file manifest it was, byte for byte. (One paged only for its JSON size is still
+        # paged, by the coordinator, at commit.)
+        limit = self.store.page_entries
+        page = limit is not None and sum(len(plan.items) for plan in plans) + 1 > limit
         # Each rank learns its rank from its plan: the shard metadata records it.
-        return [dataclasses.replace(plan, storage_data=rank) for rank, plan in enumerate(plans)]
+        return [dataclasses.replace(plan, storage_data=RankPlan(rank, page)) for rank, plan in enumerate(plans)]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        rank = plan.storage_data if isinstance(plan.storage_data, int) else self.rank
+        data = plan.storage_data
+        rank = data.rank if isinstance(data, RankPlan) else data if isinstance(data, int) else self.rank
+        page = isinstance(data, RankPlan) and data.page
         plans: list[EntryPlan] = []
         keep_alive: list[Any] = []  # the bytes the entry plans view, until they are written
         for item in plan.items:
@@ -202,11 +226,20 @@ class StoreWriter(StorageWriter):
             keep_alive.append(data)
             plans.append(entry_plan)
         written = self.store.write_entries(plans)
+        if page and written.entries:
+            # This rank's entry pages, written (to every region, like blobs) in parallel with the
+            # other ranks': the coordinator only lists them (benchmarks/ranks.py, SCALING.md).
+            written = self.store.write_entry_pages(written)
         results = [
             WriteResult(
                 index=item.index,
                 size_in_bytes=entry.size,
-                storage_data=StoredItem(entry, dict(written.region_causes), written.bytes_written if i == 0 else 0),
+                storage_data=StoredItem(
+                    entry,
+                    dict(written.region_causes),
+                    written.bytes_written if i == 0 else 0,
+                    written.pages if i == 0 else None,
+                ),
             )
             for i, (item, entry) in enumerate(zip(plan.items, written.entries, strict=True))
         ]
@@ -243,7 +276,7 @@ class StoreWriter(StorageWriter):
         parts: list[WrittenEntries] = []
         storage: dict[MetadataIndex, str] = {}
         for rank_results in results:
-            entries, causes, written = [], {}, 0
+            entries, causes, written, pages = [], {}, 0, None
             for result in rank_results:
                 stored = result.storage_data
                 if not isinstance(stored, StoredItem):
@@ -254,8 +287,10 @@ class StoreWriter(StorageWriter):
                 entries.append(stored.entry)
                 causes.update(stored.region_causes)
                 written += stored.bytes_written
+                if stored.pages is not None:
+                    pages = list(stored.pages)
                 storage[result.index] = stored.entry.name
-            parts.append(WrittenEntries(entries, causes, written))
+            parts.append(WrittenEntries(entries, causes, written, pages))
         metadata.version = DCP_VERSION
         metadata.storage_data = storage
         if metadata.storage_meta is None:
