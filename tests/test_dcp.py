@@ -342,6 +342,25 @@ def test_ddp_on_two_ranks_saves_once_per_tensor_and_loads_bit_identical(two_rank
     assert [info.step for info in store.list("ddp")] == [3, 4]
 
 
+def test_ddp_on_two_ranks_with_a_paged_manifest_pages_on_each_rank_and_loads_bit_identical(tmp_path):
+    """A store with a low page_entries: each rank writes its own part's pages in write_data, the
+    coordinator's manifest lists them (and the metadata's page), and both ranks load bit-identically."""
+    from prefect_recovery.distributed.dcp import METADATA_ENTRY
+
+    done = torchrun(tmp_path, 2, "ddp-save,ddp-load", "--page-entries", "4")
+    assert done.returncode == 0, done.stderr[-4000:]
+    loaded = reports(tmp_path, "ddp-load")
+    assert len(loaded) == 2 and all(r["differences"] == {"1": [], "2": []} for r in loaded)
+    store = make_store(tmp_path)
+    manifest, holders = store.resolve("ddp", 1)
+    assert manifest.paged
+    assert {tuple(page.ranks) for page in manifest.pages} >= {(0,), (1,)}  # a part per rank, paged apart
+    meta = [page for page in manifest.pages if page.first <= METADATA_ENTRY <= page.last and not page.ranks]
+    assert [(page.first, page.last, page.entries) for page in meta] == [(METADATA_ENTRY, METADATA_ENTRY, 1)]
+    entries = store.manifest_entries(manifest, prefer=holders)
+    assert len({e.name for e in entries}) == len(entries) == sum(page.entries for page in manifest.pages)
+
+
 def test_fsdp2_saved_on_two_ranks_loads_resharded_on_four(resharded_jobs):
     four = reports(resharded_jobs, "fsdp-load")
     assert len(four) == 4 and four[0]["world"] == 4

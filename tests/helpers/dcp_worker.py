@@ -35,13 +35,17 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from prefect_recovery.core.region import LocalRegionIO
 from prefect_recovery.core.store import Store
+from prefect_recovery.core.store_pages import DEFAULT_PAGE_ENTRIES
 from prefect_recovery.distributed import StoreWriter, committed_version, dcp_reader, dcp_writer
 
 
-def open_store(regions: str) -> Store:
+def open_store(regions: str, page_entries: int | None = DEFAULT_PAGE_ENTRIES) -> Store:
     roots = regions.split(",")
     return Store(
-        [LocalRegionIO(root, name=Path(root).name) for root in roots], write_quorum=len(roots), chunk_bytes=512
+        [LocalRegionIO(root, name=Path(root).name) for root in roots],
+        write_quorum=len(roots),
+        chunk_bytes=512,
+        page_entries=page_entries,
     )
 
 
@@ -263,12 +267,13 @@ def main() -> None:
     parser.add_argument("--version", type=int, default=None)
     parser.add_argument("--saved-world", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--page-entries", type=int, default=DEFAULT_PAGE_ENTRIES, help="low: paged")
     args = parser.parse_args()
     dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout))
     try:
         for scenario in args.scenarios.split(","):
             args.scenario = scenario
-            SCENARIOS[scenario](args, open_store(args.regions))
+            SCENARIOS[scenario](args, open_store(args.regions, args.page_entries))
     finally:
         dist.destroy_process_group()
 
