@@ -557,8 +557,8 @@ def _damaged(good: bytes, how: str) -> bytes:
     raw = json.loads(good)
     if how == "truncated":
         return good[: len(good) // 2]
-    if how == "format_version 2":
-        raw["format_version"] = 2
+    if how == "format_version 3":
+        raw["format_version"] = 3
         return reseal(raw)
     if how == "entry size disagrees with its chunks":
         raw["entries"][0]["size"] += 1
@@ -574,7 +574,7 @@ def _damaged(good: bytes, how: str) -> bytes:
 
 DAMAGE = {  # how -> what the rejection says (lowercase)
     "truncated": "json",
-    "format_version 2": "upgrade prefect-recovery",
+    "format_version 3": "upgrade prefect-recovery",
     "entry size disagrees with its chunks": "chunk sizes do not add up",
     "sizes changed, digest stale": "manifest_digest",
     "sizes changed and resealed": None,  # a valid manifest that lies: caught by the blob size check
@@ -584,7 +584,7 @@ DAMAGE = {  # how -> what the rejection says (lowercase)
 @pytest.mark.parametrize("how", list(DAMAGE))
 def test_case06_damaged_manifest_is_rejected_before_any_blob_is_read(tmp_path, faults, how):
     """Done: v1 and v2 committed to a, b (faulty://); v2's manifest is then damaged in both
-    regions: truncated, format_version 2 (resealed), an entry size that disagrees with its
+    regions: truncated, format_version 3 (a future format, resealed), an entry size that disagrees with its
     chunks (resealed), entry and chunk sizes changed without updating manifest_digest, or
     changed and resealed (a valid manifest whose sizes lie about the blobs). The wrapper logs
     every call on blobs/. Pass: resolving v2 fails with
