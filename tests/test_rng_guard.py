@@ -22,6 +22,7 @@ import torch
 from helpers.step_values import differing_leaves
 
 from prefect_recovery import CheckpointStore, DeterminismError
+from prefect_recovery.core.errors import CheckpointNotFoundError
 from prefect_recovery.training.checkpointer import Checkpointer
 from prefect_recovery.training.schedule import CheckpointSchedule, EveryNSteps
 
@@ -210,3 +211,17 @@ def test_history_against_names_the_first_step_and_cause_of_a_divergence(tmp_path
 
     human = CliRunner().invoke(app, ["history", "--lineage", "quiet", "--against", "moved", *store_args])
     assert "first differ at step 8" in human.output and "rng" in human.output
+
+
+def test_a_checkpointer_whose_restore_fails_releases_the_guard(tmp_path: Path) -> None:
+    """A restore that raises inside ``with Checkpointer(...)`` (a version that does not exist, a
+    blob with no intact copy) must leave the global generators shared, as a closed one does."""
+    store = CheckpointStore.default(tmp_path)
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(CheckpointNotFoundError), Checkpointer(store, "run", model=model, seed=1, resume_version=99):
+        pass
+    random.seed(1)
+    drawn: list[float] = []
+    in_thread(lambda: drawn.append(random.random()))
+    assert drawn == [random.Random(1).random()], "a failed restore left the RNG guard installed"
+    assert type(random._inst) is random.Random  # type: ignore[attr-defined]

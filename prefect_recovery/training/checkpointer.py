@@ -497,7 +497,13 @@ class Checkpointer:
     def __enter__(self) -> Checkpointer:
         rng_guard.claim()
         self._claimed = True
-        self.restore(self.resume_version)
+        try:
+            self.restore(self.resume_version)
+        except BaseException:
+            # `with` calls __exit__ only after __enter__ returned: a failed restore must release
+            # the RNG guard and stop the writer itself, or other threads stay on private generators.
+            self.close()
+            raise
         if self.handle_sigterm and threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         elif self.handle_sigterm:
