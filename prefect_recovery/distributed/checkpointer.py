@@ -47,7 +47,7 @@ from ..core.errors import CheckpointError, CheckpointNotFoundError
 from ..core.layout import LIGHT_SUFFIX
 from ..core.models import CheckpointInfo
 from ..training import rng_guard
-from ..training.checkpointer import Checkpointer, UnseededInitWarning
+from ..training.checkpointer import Checkpointer
 from ..training.determinism import apply_settings, capture_rng, capture_settings, restore_rng, seed_everything
 from ..training.schedule import Tier
 from .context import rank_context
@@ -201,20 +201,9 @@ class DistributedCheckpointer(Checkpointer):
         )
         return self.resumed_from
 
-    def _first_run(self) -> None:
-        if self._unseeded_init and self.rank == 0:
-            message = (
-                f"Checkpointer({self.lineage!r}, seed={self.seed}): the model was built before torch was seeded "
-                f"with {self.seed}, so a job killed before its first checkpoint cannot restart bit-identically. "
-                f"Call `prefect_recovery.seed_everything({self.seed})` before building the model."
-            )
-            logger.warning(message)
-            warnings.warn(message, UnseededInitWarning, stacklevel=4)
-        if self.seed is not None:
-            seed_everything(self.seed)
-        self._settings = capture_settings(self.seed)
-        self.resumed_from = None
-        return None
+    @property
+    def _reports_warnings(self) -> bool:  # type: ignore[override]
+        return self.rank == 0
 
     def _live_tensors(self) -> dict[str, torch.Tensor]:
         """The model's and optimizer's tensors under their DCP keys, sharded as they live now."""

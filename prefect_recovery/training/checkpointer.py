@@ -247,6 +247,26 @@ class Checkpointer:
         self._grads_pending = True
 
     # -- restore ---------------------------------------------------------------------------
+    # Whether this process reports run-wide warnings (every rank of a distributed job would repeat them).
+    _reports_warnings = True
+
+    def _first_run(self) -> None:
+        """No checkpoint to resume: seed (when given) and record the settings of a fresh start."""
+        if self._unseeded_init and self._reports_warnings:
+            message = (
+                f"Checkpointer({self.lineage!r}, seed={self.seed}): the model was built before torch was seeded "
+                f"with {self.seed}, so its initial weights differ from run to run and a run killed before its "
+                "first checkpoint cannot restart bit-identically. Call "
+                f"`prefect_recovery.seed_everything({self.seed})` before building the model."
+            )
+            logger.warning(message)
+            warnings.warn(message, UnseededInitWarning, stacklevel=4)
+        if self.seed is not None:
+            seed_everything(self.seed)
+        self._settings = capture_settings(self.seed)
+        self.resumed_from = None
+        return None
+
     def restore(self, version: int | None = None) -> dict[str, int | None] | None:
         """Load the latest consistent checkpoint (or ``version``) into the live objects.
 
@@ -258,20 +278,7 @@ class Checkpointer:
         except CheckpointNotFoundError:
             if version is not None:
                 raise
-            if self._unseeded_init:
-                message = (
-                    f"Checkpointer({self.lineage!r}, seed={self.seed}): the model was built before torch was seeded "
-                    f"with {self.seed}, so its initial weights differ from run to run and a run killed before its "
-                    "first checkpoint cannot restart bit-identically. Call "
-                    f"`prefect_recovery.seed_everything({self.seed})` before building the model."
-                )
-                logger.warning(message)
-                warnings.warn(message, UnseededInitWarning, stacklevel=3)
-            if self.seed is not None:
-                seed_everything(self.seed)
-            self._settings = capture_settings(self.seed)
-            self.resumed_from = None
-            return None
+            return self._first_run()
         for name, target in self.objects.items():
             if name not in state:
                 raise CheckpointNotFoundError(
