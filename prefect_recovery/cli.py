@@ -716,19 +716,37 @@ app.add_typer(automations_app, name="automations")
 
 @automations_app.command("install")
 def automations_install(
+    deployment: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--deployment",
+            help="Watch and recover runs of this deployment, FLOW/DEPLOYMENT (repeatable).",
+        ),
+    ] = None,
+    tag: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--tag",
+            help="Watch and recover runs carrying this tag (repeatable). Default, with no --deployment: "
+            "prefect-recovery.",
+        ),
+    ] = None,
     zombie_after: Annotated[
         int, typer.Option("--zombie-after", help="Seconds without a heartbeat before a run is marked Crashed.")
     ] = 120,
     as_json: JsonOpt = False,
 ) -> None:
-    """Create (or update) the zombie-run detector and the auto-recover trigger; safe to re-run."""
+    """Create (or update) the zombie-run detector and the auto-recover trigger for your deployments; safe
+    to re-run (the last install's scope wins)."""
     from datetime import timedelta
 
-    from .deploy import install_automations
+    from .deploy import AutomationScopeError, install_automations
 
     try:
-        results = install_automations(zombie_after=timedelta(seconds=zombie_after))
-    except Exception as exc:  # the server's answer (no deployment yet, no API) is the message
+        results = install_automations(deployment or [], tag or [], zombie_after=timedelta(seconds=zombie_after))
+    except AutomationScopeError as exc:
+        _fail(f"cannot install automations: {exc}", as_json)
+    except Exception as exc:  # the server's answer (no API, refused) is the message
         _fail(
             f"cannot install automations: {exc}. Serve or deploy the deployments first "
             "(`prefect-recovery serve` or `prefect deploy --all`) and check PREFECT_API_URL",
@@ -738,7 +756,9 @@ def automations_install(
         _emit(results)
         return
     for row in results:
-        console.print(f"{row['action']}: {row['automation']}")
+        scope = row["scope"]
+        matched = ", ".join([*scope["deployments"], *(f"tag {t}" for t in scope["tags"])])
+        console.print(f"{row['action']}: {row['automation']} (runs of {matched})")
 
 
 @app.command("crash-test")

@@ -1,21 +1,26 @@
 """Deployments and automations: what ``prefect-recovery serve`` and ``automations install`` set up.
 
 The same three deployments as ``deployments/prefect.yaml``: the example pipeline, ``recover``
-and a daily ``audit``. The automations:
+and a daily ``audit``. The automations, scoped to the flow runs of the deployments and tags the
+user names (default: the ``prefect-recovery`` tag), never to every run in the workspace:
 
-* **zombie detector**: a flow run of any deployment that stops sending heartbeats
+* **zombie detector**: a scoped flow run (or a ``recover`` run) that stops sending heartbeats
   (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``, at least 30 s) for ``zombie_after`` is marked Crashed
   (Prefect's documented zombie-flow automation);
-* **auto-recover**: when a run of the pipeline deployment becomes Crashed or Failed, run the
-  ``recover`` deployment with that run's ``lineage`` parameter.
+* **auto-recover**: when a scoped run becomes Crashed or Failed, run the ``recover`` deployment
+  with that run's ``lineage`` parameter (never for runs of ``recover`` or the audit themselves).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
 PIPELINE_DEPLOYMENT = "example-pipeline/example-pipeline"
+AUDIT_DEPLOYMENT = "audit/audit-daily"
+# Every shipped deployment carries it; `automations install` without --deployment/--tag scopes to it.
+SHIPPED_TAG = "prefect-recovery"
 RECOVER_DEPLOYMENT = "recover/recover"
 AUDIT_CRON = "0 3 * * *"
 ZOMBIE_AUTOMATION = "prefect-recovery: crash zombie flow runs"
@@ -37,13 +42,13 @@ def build_deployments() -> list[Any]:
             name="example-pipeline",
             entrypoint_type=module,
             description="The example training pipeline; an unfinished lineage resumes.",
-            tags=["prefect-recovery"],
+            tags=[SHIPPED_TAG],
         ),
         recover.to_deployment(
             name="recover",
             entrypoint_type=module,
             description="Recover a crashed pipeline run: preflight, restore, resume at the failed step.",
-            tags=["prefect-recovery"],
+            tags=[SHIPPED_TAG],
         ),
         audit.to_deployment(
             name="audit-daily",
@@ -52,7 +57,7 @@ def build_deployments() -> list[Any]:
             "repair from verified copies, apply the retention policy, collect garbage; publish the report.",
             parameters={"read_data": 0.1, "repair": True, "apply_retention": True},
             cron=AUDIT_CRON,
-            tags=["prefect-recovery"],
+            tags=[SHIPPED_TAG],
         ),
     ]
 
@@ -77,25 +82,96 @@ def _upsert(client: Any, automation: Any) -> tuple[str, str]:
     return automation.name, "created"
 
 
+class AutomationScopeError(ValueError):
+    """``automations install`` was pointed at something it cannot scope to (unknown or own deployment)."""
+
+
+def _deployment_id(client: Any, name: str, what: str) -> Any:
+    from prefect.exceptions import ObjectNotFound
+
+    if "/" not in name:
+        raise AutomationScopeError(f"{what} {name!r} is not a deployment name: write it as FLOW_NAME/DEPLOYMENT_NAME")
+    try:
+        return client.read_deployment_by_name(name).id
+    except ObjectNotFound:
+        raise AutomationScopeError(
+            f"{what} {name!r} does not exist on {_api_url()}: deploy it first (`prefect deploy` or "
+            "`prefect-recovery serve`), or check the name with `prefect deployment ls`"
+        ) from None
+
+
+def _api_url() -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or "the temporary local server"
+
+
+def automation_scope(deployment_ids: Sequence[Any] = (), tags: Sequence[str] = ()) -> dict[str, list[str]]:
+    """The ``match_related`` that selects flow runs of any of ``deployment_ids`` *or* carrying any of ``tags``.
+
+    One resource specification whose ``prefect.resource.id`` lists them all: Prefect matches a related
+    resource against any of the listed values, so this is a union (a list of specifications would be an
+    intersection). Deployment and tag ids never collide (``prefect.deployment.<uuid>``, ``prefect.tag.<tag>``).
+    """
+    ids = [f"prefect.deployment.{i}" for i in deployment_ids] + [f"prefect.tag.{tag}" for tag in tags]
+    if not ids:
+        raise AutomationScopeError("an automation needs at least one deployment or tag to match")
+    return {"prefect.resource.id": ids}
+
+
+def _not_deployment(deployment_id: Any) -> dict[str, str]:
+    """A ``match_related`` part that holds for runs of a deployment other than ``deployment_id``."""
+    return {"prefect.resource.role": "deployment", "prefect.resource.id": f"!prefect.deployment.{deployment_id}"}
+
+
 def install_automations(
-    pipeline_deployment: str = PIPELINE_DEPLOYMENT,
+    deployments: Sequence[str] = (),
+    tags: Sequence[str] = (),
     recover_deployment: str = RECOVER_DEPLOYMENT,
     zombie_after: timedelta = timedelta(seconds=120),
-) -> list[dict[str, str]]:
-    """Create (or update) the zombie detector and the auto-recover trigger; idempotent."""
+) -> list[dict[str, Any]]:
+    """Create (or update) the zombie detector and the auto-recover trigger; idempotent.
+
+    Both match only flow runs of ``deployments`` (``FLOW/DEPLOYMENT`` names) or carrying one of
+    ``tags``; with neither, runs tagged ``prefect-recovery`` (the tag every shipped deployment
+    carries). The zombie detector also watches the ``recover`` deployment's runs; auto-recover
+    never fires for a run of ``recover`` itself or of the audit (a failing recovery would start
+    another forever), and starts ``recover_deployment`` with the crashed run's ``lineage``
+    parameter: ``recover`` finds the pipeline that wrote the lineage in its journal and resumes it
+    through the registry (flows/registry.py), whatever pipeline it is.
+    """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import StateType
     from prefect.events.actions import ChangeFlowRunState, RunDeployment
     from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
     from prefect.events.schemas.events import ResourceSpecification
+    from prefect.exceptions import ObjectNotFound
     from prefect.states import Crashed
 
+    deployments = list(dict.fromkeys(deployments))
+    tags = list(dict.fromkeys(tags)) or ([] if deployments else [SHIPPED_TAG])
     with get_client(sync_client=True) as client:
-        pipeline = client.read_deployment_by_name(pipeline_deployment)
-        recover = client.read_deployment_by_name(recover_deployment)
+        recover = _deployment_id(client, recover_deployment, "the recover deployment")
+        pipeline_ids = []
+        for name in deployments:
+            deployment_id = _deployment_id(client, name, "deployment")
+            if deployment_id == recover:
+                raise AutomationScopeError(
+                    f"{name!r} is the recover deployment itself: name the deployments of your pipelines"
+                )
+            pipeline_ids.append(deployment_id)
+        excluded = [recover]
+        try:
+            excluded.append(client.read_deployment_by_name(AUDIT_DEPLOYMENT).id)
+        except ObjectNotFound:
+            pass  # not deployed here: nothing to exclude
+        scope = automation_scope(pipeline_ids, tags)
+        watched = automation_scope([*pipeline_ids, recover], tags)  # a crashed recovery shows as Crashed too
+        what = ", ".join([*deployments, *(f"tag {t}" for t in tags)])
         zombie = AutomationCore(
             name=ZOMBIE_AUTOMATION,
-            description="Marks flow runs Crashed when their heartbeats stop (a killed process or a lost node).",
+            description="Marks flow runs Crashed when their heartbeats stop (a killed process or a lost node): "
+            f"runs of {what} and of {recover_deployment}.",
             trigger=EventTrigger(
                 after={"prefect.flow-run.heartbeat"},
                 expect={
@@ -106,6 +182,7 @@ def install_automations(
                     "prefect.flow-run.Crashed",
                 },
                 match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+                match_related=ResourceSpecification(watched),
                 for_each={"prefect.resource.id"},
                 posture=Posture.Proactive,
                 threshold=1,
@@ -121,12 +198,14 @@ def install_automations(
         )
         auto_recover = AutomationCore(
             name=RECOVER_AUTOMATION,
-            description=f"Runs {recover_deployment} with the lineage of a crashed or failed {pipeline_deployment} run.",
+            description=f"Runs {recover_deployment} with the lineage of a crashed or failed run of {what}.",
             trigger=EventTrigger(
                 expect={"prefect.flow-run.Crashed", "prefect.flow-run.Failed"},
-                match_related=ResourceSpecification(
-                    {"prefect.resource.id": f"prefect.deployment.{pipeline.id}", "prefect.resource.role": "deployment"}
-                ),
+                match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+                match_related=[
+                    ResourceSpecification(scope),
+                    *(ResourceSpecification(_not_deployment(i)) for i in excluded),
+                ],
                 posture=Posture.Reactive,
                 threshold=1,
                 within=timedelta(0),
@@ -134,7 +213,7 @@ def install_automations(
             actions=[
                 RunDeployment(
                     source="selected",
-                    deployment_id=recover.id,
+                    deployment_id=recover,
                     parameters={
                         "lineage": {"template": "{{ flow_run.parameters['lineage'] }}", "__prefect_kind": "jinja"},
                         "store_block": {
@@ -146,4 +225,5 @@ def install_automations(
             ],
         )
         results = [_upsert(client, zombie), _upsert(client, auto_recover)]
-    return [{"automation": name, "action": action} for name, action in results]
+    scoped = {"deployments": deployments, "tags": tags}
+    return [{"automation": name, "action": action, "scope": scoped} for name, action in results]

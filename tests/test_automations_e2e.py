@@ -261,7 +261,8 @@ def test_automations_install_is_idempotent(live: Live) -> None:
         names = [ZOMBIE_AUTOMATION, RECOVER_AUTOMATION]
         assert [row["automation"] for row in first] == names
         assert [row["action"] for row in first] == ["updated" if n in before else "created" for n in names]
-        assert second == [{"automation": n, "action": "updated"} for n in names]
+        scope = {"deployments": [], "tags": ["prefect-recovery"]}  # no --deployment/--tag: the shipped tag
+        assert second == [{"automation": n, "action": "updated", "scope": scope} for n in names]
 
         found = automations(live)
         assert sorted(a["name"] for a in found if a["name"] in names) == sorted(names), [a["name"] for a in found]
@@ -279,8 +280,12 @@ def test_automations_install_is_idempotent(live: Live) -> None:
         assert recover["enabled"] is True
         assert recover["trigger"]["posture"] == "Reactive"
         assert set(recover["trigger"]["expect"]) == {"prefect.flow-run.Crashed", "prefect.flow-run.Failed"}
-        pipeline_id = deployment_id(live.server, "example-pipeline/example-pipeline")
-        assert recover["trigger"]["match_related"]["prefect.resource.id"] == f"prefect.deployment.{pipeline_id}"
+        scoped, *excluded = recover["trigger"]["match_related"]
+        assert scoped == {"prefect.resource.id": ["prefect.tag.prefect-recovery"]}  # example-pipeline's tag
+        assert [spec["prefect.resource.id"] for spec in excluded] == [
+            f"!prefect.deployment.{deployment_id(live.server, name)}"
+            for name in ("recover/recover", "audit/audit-daily")
+        ]
         (run_deployment,) = recover["actions"]
         assert run_deployment["type"] == "run-deployment"
         assert run_deployment["source"] == "selected"
