@@ -134,7 +134,8 @@ def test_block_load_and_checkpoints_inside_a_flow(prefect_server, tmp_path: Path
     @flow
     async def restore(block_name: str) -> list[float]:
         store = await CheckpointStore.load(block_name)  # Prefect's async dispatch in async code
-        return store.load(lineage="flow")["w"].tolist()
+        state = await store.load_checkpoint(lineage="flow")  # and the store's own (blocks/async_api.py)
+        return state["w"].tolist()
 
     assert train(name) == 1
     assert asyncio.run(restore(name)) == [0.0, 1.0, 2.0, 3.0]

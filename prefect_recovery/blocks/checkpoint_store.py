@@ -23,11 +23,23 @@ import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
+from prefect._internal.compatibility.async_dispatch import async_dispatch
 from prefect.blocks.core import Block, schema_extra
+from prefect.filesystems import WritableFileSystem
 from prefect.types import SecretDict
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, PrivateAttr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    PrivateAttr,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import SkipJsonSchema
 
 from ..core import CheckpointInfo, Store, VerifyReport, open_region, verify_store
 from ..core.audit import AuditReport, audit_store
@@ -40,6 +52,8 @@ from ..core.signing import Keyring, ManifestKey, SignatureAlgorithm, load_key
 from ..core.store import DEFAULT_CHUNK_BYTES
 from ..telemetry import default_observers
 from ..training.state_io import load_state, save_state
+from .async_api import AsyncStoreApi
+from .result_storage import ResultStorage
 
 HOME_ENV = "PREFECT_RECOVERY_HOME"
 DEFAULT_HOME = ".prefect-recovery"
@@ -78,9 +92,8 @@ def _check_region_input(value: Any) -> Any:
         raise RegionConfigError(
             f"{where}: storage_options must be a mapping of fsspec options, not {type(options).__name__}{hint}"
         )
-    for key in ("name", "credentials"):
-        if value.get(key) is not None and not isinstance(value[key], str):
-            raise RegionConfigError(f"{where}: {key!r} must be a string, not {type(value[key]).__name__}")
+    if value.get("name") is not None and not isinstance(value["name"], str):
+        raise RegionConfigError(f"{where}: 'name' must be a string, not {type(value['name']).__name__}")
     return value
 
 
@@ -91,17 +104,23 @@ class Region(BaseModel):
     model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     url: str = Field(description="fsspec URL or local path, e.g. `/mnt/ckpt`, `gs://bucket/ckpt`, `s3://bucket/ckpt`.")
-    storage_options: SecretDict = Field(
-        default_factory=lambda: SecretDict({}),
-        description="Options passed to the fsspec filesystem (credentials, endpoint). Kept secret.",
-    )
     name: str | None = Field(
         default=None, description="Display name in reports; defaults to the URL without credentials."
     )
-    credentials: str | None = Field(
+    # Not in the JSON schema: Prefect's server masks secrets by dotted path and never looks inside a list, so
+    # options typed into the UI here would be shown in clear. A saved store keeps them in its top-level
+    # region_storage_options (masked value by value); CheckpointStore moves them there and back.
+    storage_options: SkipJsonSchema[SecretDict] = Field(
+        default_factory=lambda: SecretDict({}),
+        description="Options passed to the fsspec filesystem (credentials, endpoint). Kept secret.",
+    )
+    # The UI schema (a picker of credentials blocks, or text) is set by CheckpointStore.model_json_schema:
+    # pydantic cannot name the integrations' block schemas without importing them (seconds for prefect-azure).
+    credentials: Annotated[Any, WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "null"}]})] = Field(
         default=None,
-        description="A saved credentials block, '<type>/<name>': aws-credentials, gcp-credentials or "
-        "azure-blob-storage-credentials (needs prefect-aws/-gcp/-azure). storage_options win over it.",
+        description="A credentials block (AwsCredentials, GcpCredentials or AzureBlobStorageCredentials, from "
+        "prefect-aws/-gcp/-azure), or a saved one named '<type>/<name>', e.g. 'aws-credentials/prod'. The store "
+        "keeps a reference, never a copy of its secrets. storage_options win over it.",
     )
 
     @model_validator(mode="before")
@@ -109,29 +128,51 @@ class Region(BaseModel):
     def _check_input(cls, value: Any) -> Any:
         return _check_region_input(value)
 
+    @field_validator("credentials", mode="before")
+    @classmethod
+    def _check_credentials(cls, value: Any) -> Any:
+        from .credentials import check_credentials
+
+        return check_credentials(value)
+
+    @property
+    def key(self) -> str:
+        """How ``CheckpointStore.region_storage_options`` names this region: its name, else its URL."""
+        return self.name or self.url
+
     def __repr_args__(self) -> Any:  # the URL without user info or query (they may hold credentials)
         for key, value in super().__repr_args__():
             yield key, redact_url(value) if key == "url" and isinstance(value, str) else value
 
     def fsspec_options(self) -> dict[str, Any]:
         options = dict(self.storage_options.get_secret_value())
-        if self.credentials:
-            from .credentials import options_from_block
+        if self.credentials is not None:
+            from .credentials import options_from_credentials
 
-            options = {**options_from_block(self.credentials), **options}
+            options = {**options_from_credentials(self.credentials), **options}
         return options
 
 
 def _schema_extra(schema: dict[str, Any], model: type[Block]) -> None:
-    """Prefect's block schema, with the whole region list marked secret.
+    """Prefect's block schema, without secret paths inside the region list.
 
-    Prefect's server obfuscates secret fields by dotted path and does not look inside lists,
-    so ``regions.storage_options.*`` alone would leave credentials readable in the API and UI.
-    Marking ``regions.*`` masks the list (URLs included) unless secrets are asked for.
+    Prefect's server obfuscates secret fields by dotted path and does not look inside lists, so
+    ``regions.storage_options.*`` would promise a masking that never happens. No secret is kept in
+    the list: a saved store keeps the regions' storage options in ``region_storage_options`` (masked
+    value by value) and their credentials blocks as references to their own (masked) documents.
     """
     schema_extra(schema, model)
-    secrets = [field for field in schema.get("secret_fields", []) if not field.startswith("regions.")]
-    schema["secret_fields"] = [*secrets, "regions.*"]
+    schema["secret_fields"] = [field for field in schema.get("secret_fields", []) if not field.startswith("regions.")]
+
+
+def _credential_definitions() -> dict[str, dict[str, Any]]:
+    """JSON schema definitions the UI turns into a picker of saved credentials blocks (by block type slug)."""
+    from .credentials import CREDENTIAL_BLOCKS
+
+    return {
+        name: {"title": name, "type": "object", "block_type_slug": slug, "description": f"A {name} block ({dist})."}
+        for slug, (_module, name, dist) in CREDENTIAL_BLOCKS.items()
+    }
 
 
 _DEPRECATED = (
@@ -159,7 +200,7 @@ class _CheckpointOrBlockLoad:
         return deprecated_load
 
 
-class CheckpointStore(Block):
+class CheckpointStore(ResultStorage, AsyncStoreApi, WritableFileSystem):
     """Immutable, versioned, content-verified checkpoints replicated over several regions.
 
     A save writes every blob to every region in parallel and commits when ``write_quorum``
@@ -182,13 +223,21 @@ class CheckpointStore(Block):
 
     _block_type_name: ClassVar[str] = "Checkpoint Store"
     _block_type_slug: ClassVar[str] = "checkpoint-store"
-    _logo_url: ClassVar[str] = "https://avatars.githubusercontent.com/u/39270919?s=200&v=4"
-    _documentation_url: ClassVar[str] = "https://github.com/prefect-recovery/prefect-recovery#readme"
+    # No logo of its own yet: the UI shows its generic block icon (the former one was PrefectHQ's avatar).
+    _logo_url: ClassVar[str | None] = None
+    _documentation_url: ClassVar[str] = "https://github.com/prefect-recovery/prefect-recovery/blob/main/docs/REGIONS.md"
     _description: ClassVar[str] = "Versioned, verified, multi-region checkpoints for recoverable ML pipelines."
 
     regions: builtins.list[Region] = Field(
         description="Where copies of every checkpoint are written (two or more for safety).",
         min_length=1,
+    )
+    region_storage_options: SecretDict = Field(
+        default_factory=lambda: SecretDict({}),
+        description="fsspec storage options of each region (keys, tokens, endpoints) by region name, or by URL for "
+        'a region without a name, e.g. {"eu": {"key": "...", "secret": "..."}}. Every value is kept secret: the '
+        "UI masks it, and a masked value left as it is keeps the saved one. Options a Region is given in Python "
+        "are saved here.",
     )
     write_quorum: int = Field(default=1, ge=1, description="How many regions must commit a save for it to count.")
     hash_algorithm: Literal["blake3", "sha256"] = Field(
@@ -225,6 +274,7 @@ class CheckpointStore(Block):
     )
     retention: RetentionPolicy | None = Field(
         default=None,
+        title="Retention (empty: keep every version)",
         description="Which versions the audit keeps (keep_last, keep_every_steps, keep_milestones, keep_within). "
         "Empty: the audit deletes no version.",
     )
@@ -253,6 +303,71 @@ class CheckpointStore(Block):
         if isinstance(value, (str, Region, dict)):
             value = [value]
         return [Region(url=item) if isinstance(item, str) else _check_region_input(item) for item in value]
+
+    @model_validator(mode="after")
+    def _storage_options_into_regions(self) -> CheckpointStore:
+        """A saved document's ``region_storage_options`` go back into its regions (``_to_block_document``
+        takes them out); a key that names no region is an error, so no option is silently dropped."""
+        by_key = self.region_storage_options.get_secret_value()
+        if not by_key:
+            return self
+        keys = [region.key for region in self.regions]
+        for key, options in by_key.items():
+            matches = [region for region in self.regions if region.key == key]
+            if len(matches) != 1:
+                problem = "names no region" if not matches else "names several regions"
+                raise RegionConfigError(
+                    f"region_storage_options: key {str(key)[:60]!r} {problem}; keys are region names (or URLs for "
+                    f"regions without a name): {', '.join(redact_url(k) for k in keys)}"
+                )
+            if not isinstance(options, Mapping):
+                raise RegionConfigError(
+                    f"region_storage_options[{str(key)[:60]!r}] must be an object of fsspec options, "
+                    f"not {type(options).__name__}"
+                )
+            # options on the Region itself win, as they do over its credentials block
+            matches[0].storage_options = SecretDict({**options, **matches[0].storage_options.get_secret_value()})
+        self.region_storage_options = SecretDict({})
+        return self
+
+    @classmethod
+    def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Prefect's block schema, with a region's credentials offered as a picker of saved credentials blocks
+        (the definitions carry their block type slugs) or a text reference."""
+        schema = super().model_json_schema(*args, **kwargs)
+        region = schema.get("definitions", {}).get("Region")
+        if region is not None:
+            definitions = _credential_definitions()
+            region["properties"]["credentials"]["anyOf"] = [
+                *({"$ref": f"#/definitions/{name}"} for name in definitions),
+                {"type": "string"},
+                {"type": "null"},
+            ]
+            schema["definitions"].update(definitions)
+        return schema
+
+    def _to_block_document(self, *args: Any, **kwargs: Any) -> Any:
+        """Prefect's block document, with no secret inside the region list (the server masks none there): each
+        region's storage options move to ``region_storage_options`` and a credentials block becomes a reference
+        to its own saved document, as the UI's picker writes it."""
+        document = super()._to_block_document(*args, **kwargs)
+        items = document.data.get("regions")
+        if not isinstance(items, builtins.list) or len(items) != len(self.regions):
+            return document
+        moved = dict(document.data.get("region_storage_options") or {})
+        for region, item in zip(self.regions, items, strict=True):
+            options = item.pop("storage_options", None)
+            if region.storage_options.get_secret_value():
+                moved[region.key] = {**moved.get(region.key, {}), **options}
+            if isinstance(region.credentials, Block):
+                if region.credentials._block_document_id is None:
+                    raise RegionConfigError(
+                        f"region {redact_url(region.url)}: its credentials block is not saved; save it first "
+                        "(credentials.save('NAME')): the store keeps a reference to it, never a copy of its secrets"
+                    )
+                item["credentials"] = {"$ref": {"block_document_id": str(region.credentials._block_document_id)}}
+        document.data["region_storage_options"] = moved
+        return document
 
     @classmethod
     def default(cls, home: str | os.PathLike[str] | None = None) -> CheckpointStore:
@@ -354,6 +469,7 @@ class CheckpointStore(Block):
         )
         return self.save_checkpoint(state, lineage=lineage, step=step, metadata=metadata)
 
+    @async_dispatch(AsyncStoreApi.asave_checkpoint)
     def save_checkpoint(
         self,
         state: Any,
@@ -373,6 +489,7 @@ class CheckpointStore(Block):
         check_base_lineage(lineage)
         return save_state(self.core, state, lineage=lineage, step=step, metadata=metadata)
 
+    @async_dispatch(AsyncStoreApi.aload_checkpoint)
     def load_checkpoint(
         self,
         *,
@@ -418,18 +535,22 @@ class CheckpointStore(Block):
 
         return dcp_reader(self, lineage, version)
 
+    @async_dispatch(AsyncStoreApi.alist)
     def list(self, lineage: str | None = None) -> builtins.list[CheckpointInfo]:
         """Every consistent checkpoint, oldest first (of one lineage, or all)."""
         return self.core.list(lineage)
 
+    @async_dispatch(AsyncStoreApi.alineages)
     def lineages(self) -> builtins.list[str]:
         return self.core.lineages()
 
+    @async_dispatch(AsyncStoreApi.alatest)
     def latest(self, lineage: str) -> CheckpointInfo | None:
         """The latest consistent checkpoint of ``lineage``, or None; a newest version that no
         region holds a trusted copy of raises, as a load would (``Store.latest``)."""
         return self.core.latest(lineage)
 
+    @async_dispatch(AsyncStoreApi.aaudit)
     def audit(
         self,
         *,
@@ -455,6 +576,7 @@ class CheckpointStore(Block):
             seed=seed,
         )
 
+    @async_dispatch(AsyncStoreApi.averify)
     def verify(self, repair: bool = False, lineage: str | None = None) -> VerifyReport:
         """Re-hash every manifest and blob in every region; ``repair`` heals from good copies."""
         return verify_store(self.core, repair=repair, lineage=lineage)

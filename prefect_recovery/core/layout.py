@@ -6,6 +6,7 @@ outside its region.
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from .digest import check_digest
@@ -23,12 +24,29 @@ LIGHT_SUFFIX = ".light"
 STEPS_SUFFIX = ".steps"
 DERIVED_SUFFIXES = (LIGHT_SUFFIX, STEPS_SUFFIX)
 
+# Prefect result storage (blocks/result_storage.py): the object Prefect writes under path P is
+# the latest version of the lineage ``prefect-result.<sha256(P) hex>`` (FORMAT.md, "Prefect
+# results"). A fixed hash, not the store's digest, so the name survives a hash_algorithm change.
+RESULT_PREFIX = "prefect-result."
+
+
+def result_lineage(path: str) -> str:
+    """The lineage holding what Prefect stored under ``path`` (any non-empty string)."""
+    if not isinstance(path, str) or not path or len(path) > 4096 or "\x00" in path:
+        raise InvalidNameError(f"invalid result path {path!r}: must be 1-4096 characters without NUL")
+    return RESULT_PREFIX + hashlib.sha256(path.encode("utf-8", "surrogatepass")).hexdigest()
+
 
 def check_base_lineage(lineage: str) -> str:
     """A lineage a user names (a run's, a plain save's): a valid name not ending in a derived
     suffix, which is reserved, since retention, replay and the audit treat those lineages as
     derived from another one (a plain ``exp.steps`` would be exempt from retention)."""
     check_lineage(lineage)
+    if lineage.startswith(RESULT_PREFIX):
+        raise InvalidNameError(
+            f"invalid lineage {lineage!r}: the prefix {RESULT_PREFIX!r} is reserved for Prefect results stored "
+            "in this store (result_storage=store); choose another name"
+        )
     if lineage.endswith(DERIVED_SUFFIXES):
         raise InvalidNameError(
             f"invalid lineage {lineage!r}: the suffixes {', '.join(DERIVED_SUFFIXES)} are reserved for the lineages "

@@ -17,10 +17,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from .chunks import resolve_into
 from .digest import hash_bytes
 from .errors import BlobUnavailableError, RegionError, RegionUnavailableError
 from .layout import blob_key
-from .manifest import Entry
+from .manifest import ChunkRef, Entry
 from .region_local import LocalRegionIO
 from .region_object import RegionIO
 
@@ -93,10 +94,16 @@ class StoreReads:
                 continue
         return False
 
-    def read_blob_into(self, digest: str, buffer: memoryview, prefer: Sequence[str] = ()) -> str:
-        """Fill ``buffer`` with an intact copy of blob ``digest``; return the region it came from."""
+    def read_blob_into(
+        self, digest: str, buffer: memoryview, prefer: Sequence[str] = (), skipped: dict[str, str] | None = None
+    ) -> str:
+        """Fill ``buffer`` with an intact copy of blob ``digest``; return the region it came from.
+
+        ``skipped``, when given, receives each region whose copy was passed over and why, so a
+        caller that was served from another region can say which copy is damaged.
+        """
         key = blob_key(digest)
-        causes: dict[str, str] = {}
+        causes: dict[str, str] = {} if skipped is None else skipped
         for region in self._read_order(prefer):
             try:
                 if isinstance(region, LocalRegionIO):  # straight into the buffer
@@ -118,21 +125,26 @@ class StoreReads:
             return region.name
         raise BlobUnavailableError(digest, causes)
 
+    def read_chunk_into(self, chunk: ChunkRef, buffer: memoryview, prefer: Sequence[str] = ()) -> None:
+        """Fill ``buffer`` with one chunk's verified bytes, whatever its stored form (raw, a
+        codec, a delta chain: core/chunks.py)."""
+        resolve_into(lambda digest, view: self.read_blob_into(digest, view, prefer), chunk, buffer)
+
     def read_entries_into(self, targets: Sequence[tuple[Entry, memoryview]], prefer: Sequence[str] = ()) -> None:
         """Fill each buffer with its entry's bytes, chunks read in parallel and verified."""
-        jobs = []
+        jobs: list[tuple[ChunkRef, memoryview]] = []
         for entry, buffer in targets:
             flat = buffer.cast("B") if buffer.format != "B" or buffer.ndim != 1 else buffer
             if len(flat) != entry.size:
                 raise ValueError(f"buffer of {len(flat)} bytes for entry {entry.name!r} of {entry.size}")
             offset = 0
             for chunk in entry.chunks:
-                jobs.append((chunk.digest, flat[offset : offset + chunk.size]))
+                jobs.append((chunk, flat[offset : offset + chunk.size]))
                 offset += chunk.size
         if len(jobs) <= 1:
-            for digest, view in jobs:
-                self.read_blob_into(digest, view, prefer)
+            for chunk, view in jobs:
+                self.read_chunk_into(chunk, view, prefer)
             return
         with ThreadPoolExecutor(self.io_threads, thread_name_prefix="ckpt-get") as pool:
-            for future in [pool.submit(self.read_blob_into, d, v, prefer) for d, v in jobs]:
+            for future in [pool.submit(self.read_chunk_into, c, v, prefer) for c, v in jobs]:
                 future.result()

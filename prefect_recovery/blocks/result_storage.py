@@ -1,0 +1,205 @@
+"""The ``CheckpointStore`` as Prefect result storage: ``read_path`` / ``write_path``.
+
+Prefect's ``ResultStore`` persists task and flow results, cache records and transaction
+records through the two methods of ``prefect.filesystems.WritableFileSystem`` (and their
+``aread_path`` / ``awrite_path`` forms in async code, found by name). ``S3Bucket`` and
+``GcsBucket`` implement them over one bucket; here every path goes through the store, so a
+result gets what a checkpoint gets (FORMAT.md, "Prefect results"):
+
+* ``write_path(path, content)`` commits ``content`` as the next version of the lineage
+  ``prefect-result.<sha256(path)>``: the bytes as a content-addressed blob in every region, the
+  manifest (which records ``path``) published at the store's write quorum. A failed quorum
+  raises, never a silent half-write.
+* ``read_path(path)`` reads the latest consistent version and re-hashes every byte before
+  returning it. A corrupt or missing copy in one region is skipped (and logged, naming the
+  region) and another region's copy is served; no intact copy anywhere is
+  ``ResultUnavailableError``, never a wrong value.
+
+Prefect's own semantics are kept: a path is overwritten by writing it again (a new version;
+the old one is left to retention), and reading a path never written raises
+``ResultNotFoundError`` (a ``FileNotFoundError``), which Prefect's cache lookup reads as a
+miss. Note that Prefect's cache lookup also treats a read *error* as a miss and recomputes the
+task: the error is logged first (run logger), so the damage is visible in the run's logs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from prefect._internal.compatibility.async_dispatch import async_dispatch
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
+from prefect.utilities.asyncutils import run_sync_in_worker_thread
+
+from ..core import Store
+from ..core.errors import BlobUnavailableError, CheckpointError, CheckpointNotFoundError
+from ..core.layout import result_lineage
+
+CONTENT_ENTRY = "content"
+PATH_METADATA = "prefect_result_path"
+
+logger = logging.getLogger(__name__)
+
+
+class ResultNotFoundError(CheckpointNotFoundError, FileNotFoundError):
+    """Nothing was ever stored under this result path (or every version of it is gone)."""
+
+    def __init__(self, path: str, lineage: str, regions: list[str]):
+        super().__init__(
+            f"no Prefect result stored under {path!r} (lineage {lineage!r}) in regions {regions}; "
+            "Prefect treats this as a cache miss. If you expected one, check that the flow's result_storage "
+            "is this store and that retention has not removed it."
+        )
+        self.path = path
+        self.lineage = lineage
+
+
+class ResultUnavailableError(CheckpointError):
+    """A result exists but no region holds an intact copy of it: the value is not returned."""
+
+    def __init__(self, path: str, lineage: str, causes: dict[str, str]):
+        detail = "; ".join(f"{region}: {cause}" for region, cause in causes.items())
+        super().__init__(
+            f"Prefect result {path!r} (lineage {lineage!r}) has no intact copy in any region ({detail}). "
+            "No value is returned (a cached task is recomputed). See the damage with "
+            f"`prefect-recovery verify --lineage {lineage}`."
+        )
+        self.path = path
+        self.lineage = lineage
+        self.causes = causes
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    """The run's logger (shown in the UI) inside a flow or task, else the module's."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logger
+
+
+def write_result(store: Store, path: str, content: bytes) -> None:
+    """Commit ``content`` as the next version of ``path``'s result lineage (FORMAT.md, "Prefect results")."""
+    from ..training.state_io import save_state  # the state encoding, shared with checkpoints
+
+    if not isinstance(content, (bytes, bytearray, memoryview)):
+        raise TypeError(f"write_path({path!r}) takes bytes, not {type(content).__name__}")
+    save_state(store, {CONTENT_ENTRY: bytes(content)}, lineage=result_lineage(path), metadata={PATH_METADATA: path})
+
+
+def read_result(store: Store, path: str) -> bytes:
+    """The bytes of ``path``'s latest consistent version, every chunk verified (other regions on a bad copy)."""
+    lineage = result_lineage(path)
+    try:
+        manifest, holders = store.resolve(lineage)
+    except CheckpointNotFoundError:
+        raise ResultNotFoundError(path, lineage, store.region_names) from None
+    entries = store.manifest_entries(manifest, prefer=holders)
+    if [(entry.name, entry.kind) for entry in entries] != [(CONTENT_ENTRY, "bytes")]:
+        raise ResultUnavailableError(
+            path, lineage, {name: "the lineage holds a checkpoint, not a Prefect result" for name in holders}
+        )
+    [entry] = entries
+    buffer = bytearray(entry.size)
+    view = memoryview(buffer)
+    skipped: dict[str, str] = {}
+    offset = 0
+    for chunk in entry.chunks:
+        passed_over: dict[str, str] = {}
+        try:
+            served = store.read_blob_into(
+                chunk.digest, view[offset : offset + chunk.size], prefer=holders, skipped=passed_over
+            )
+        except BlobUnavailableError as exc:
+            error = ResultUnavailableError(path, lineage, exc.causes)
+            _logger().error("%s", error)  # Prefect's cache lookup swallows read errors: say it here
+            raise error from None
+        skipped.update({name: f"{cause}; served from {served}" for name, cause in passed_over.items()})
+        offset += chunk.size
+    if skipped:
+        _logger().warning(
+            "Prefect result %r (lineage %r): a copy was passed over and a verified copy from another region "
+            "served instead (%s). Heal the store with `prefect-recovery verify --repair`.",
+            path,
+            lineage,
+            "; ".join(f"{name}: {cause}" for name, cause in skipped.items()),
+        )
+    return bytes(buffer)
+
+
+class ResultStorage:
+    """What makes a ``CheckpointStore`` a ``WritableFileSystem`` (Prefect result storage).
+
+    Mixed into the block before ``WritableFileSystem``; the methods need only ``self.core``.
+    """
+
+    # No class annotation here: pydantic would take it for a block field.
+    if TYPE_CHECKING:
+        core: Store
+
+    def _resolve_path(self, path: str) -> str:
+        # Prefect asks an unsaved storage block for this to build its keys (results.py,
+        # create_result_record): paths are names in the store, used as given, like S3Bucket's
+        # keys without a bucket folder.
+        return path
+
+    async def aread_path(self, path: str) -> bytes:
+        """Read the result stored under ``path``, verified, without blocking the event loop.
+
+        Raises:
+            ResultNotFoundError: nothing is stored under ``path``.
+            ResultUnavailableError: no region holds an intact copy.
+        """
+        return await run_sync_in_worker_thread(read_result, self.core, path)
+
+    @async_dispatch(aread_path)
+    def read_path(self, path: str) -> bytes:
+        """Read the result stored under ``path``: the latest version, every byte checked against its
+        digest, another region's copy served when one is corrupt or missing.
+
+        Example:
+            ```python
+            store = CheckpointStore.load("BLOCK_NAME")
+            store.write_path("reports/latest.json", b"{}")
+            assert store.read_path("reports/latest.json") == b"{}"
+            ```
+
+        Raises:
+            ResultNotFoundError: nothing is stored under ``path``.
+            ResultUnavailableError: no region holds an intact copy.
+        """
+        return read_result(self.core, path)
+
+    async def awrite_path(self, path: str, content: bytes) -> str:
+        """Store ``content`` under ``path`` (a new version) without blocking the event loop."""
+        await run_sync_in_worker_thread(write_result, self.core, path, content)
+        return path
+
+    @async_dispatch(awrite_path)
+    def write_path(self, path: str, content: bytes) -> str:
+        """Store ``content`` under ``path``: a new version of its result lineage, in every region,
+        committed at the write quorum (``QuorumNotMetError`` otherwise). Returns ``path``."""
+        write_result(self.core, path, content)
+        return path
+
+    def result_lineage(self, path: str) -> str:
+        """The lineage that holds the result stored under ``path`` (for ``list``, ``verify``, the CLI)."""
+        return result_lineage(path)
+
+
+def result_paths(store: Any) -> dict[str, str]:
+    """Every result path stored in ``store`` (a core ``Store`` or the block), mapped to its lineage.
+
+    Reads the latest manifest of every ``prefect-result.*`` lineage: for inspection, not a hot path.
+    """
+    from ..core.layout import RESULT_PREFIX
+    from ..core.store import core_store
+
+    core = core_store(store)
+    found: dict[str, str] = {}
+    for lineage in core.lineages():
+        if lineage.startswith(RESULT_PREFIX):
+            info = core.latest(lineage)
+            if info is not None and isinstance(info.metadata.get(PATH_METADATA), str):
+                found[str(info.metadata[PATH_METADATA])] = lineage
+    return found
