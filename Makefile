@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT := false
 
-.PHONY: install install-dev chromium azurite demo test lint format bench clean
+.PHONY: install install-dev chromium azurite postgres demo test lint format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,20 @@ $(AZURITE_DIR)/.installed-$(AZURITE_VERSION):
 
 azurite: $(AZURITE_DIR)/.installed-$(AZURITE_VERSION)
 
+# PostgreSQL on 127.0.0.1:5432 for the production-shaped Prefect server of tests/test_production.py (it creates
+# and drops a database of its own). Starts the machine's cluster when one is installed but stopped; installs
+# Debian's postgresql on a machine without one and gives the postgres role the password that
+# tests/helpers/postgres.py uses (another server: PREFECT_RECOVERY_TEST_POSTGRES).
+postgres:
+	@pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null || { \
+	  if [ "$$(id -u)" -eq 0 ]; then sudo=; elif command -v sudo >/dev/null 2>&1; then sudo=sudo; \
+	  else echo "PostgreSQL is not running: install and start it as root (apt-get install -y postgresql)" >&2; exit 1; fi; \
+	  if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then \
+	    $$sudo apt-get update && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; fi; \
+	  $$sudo pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql | tail -1) main start; \
+	  $$sudo -u postgres psql -q -c "ALTER USER postgres PASSWORD 'postgres'" 2>/dev/null || \
+	    $$sudo su postgres -c "psql -q -c \"ALTER USER postgres PASSWORD 'postgres'\""; }
+
 # The main job: the example pipeline run uninterrupted, then killed with SIGKILL part-way and
 # resumed; it fails unless the resumed result is bit-identical to the uninterrupted one.
 demo: install
@@ -60,7 +74,7 @@ format: install-dev
 	$(BIN)/ruff format prefect_recovery tests benchmarks
 	$(BIN)/ruff check --fix prefect_recovery tests benchmarks
 
-test: lint
+test: lint postgres
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install-dev
