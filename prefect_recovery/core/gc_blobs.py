@@ -42,7 +42,7 @@ from .errors import (
 )
 from .gc_report import GcReport
 from .layout import blob_key, check_lineage, lineages_prefix, manifest_key, manifests_prefix, version_from_manifest_name
-from .manifest import MAX_MANIFEST_BYTES, PageRef, decode_manifest
+from .manifest import MAX_MANIFEST_BYTES, PageRef, decode_manifest, entry_blob_sizes
 from .region_local import LocalRegionIO
 from .region_object import RegionIO
 from .store import Store
@@ -153,7 +153,7 @@ def _mark(store: Store, ignore: frozenset[tuple[str, int]] = frozenset()) -> _Ma
             with lock:
                 marks.unreadable.append(f"entry page {ref.digest} of {sorted(paged[ref.digest])}: {exc}")
             return
-        named = {chunk.digest for entry in entries for chunk in entry.chunks}
+        named = set(entry_blob_sizes(entries))  # a delta chunk's parents are live with it
         with lock:
             marks.referenced.update(named)
             for version in paged[ref.digest]:

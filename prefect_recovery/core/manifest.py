@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import blake3
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_serializer, model_validator
 
 from .digest import HashAlgorithm, check_digest, hash_bytes
 from .errors import ManifestError, ManifestSignatureError
@@ -47,16 +47,92 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Longest chain of delta parents a chunk may name (FORMAT.md, "Delta chunks"): a read
+# resolves at most this many blobs for one chunk, and the writer starts a full chunk after it.
+MAX_DELTA_CHAIN = 8
+
+
 class ChunkRef(_Strict):
-    """One content-addressed blob holding ``size`` consecutive bytes of an entry."""
+    """One content-addressed blob holding ``size`` consecutive bytes of an entry.
+
+    ``digest`` names the blob: the digest of the bytes as stored. A raw chunk (no codec, no
+    parent; every checkpoint written before codecs) stores its bytes as they are, so the blob's
+    digest and size are the chunk's. A chunk stored with a ``codec`` and/or as a delta against a
+    ``parent`` records the blob's ``stored_size`` and the ``decoded_digest`` of the chunk's bytes
+    (FORMAT.md, "Codecs" and "Delta chunks"); a load checks the blob, then the decoded bytes.
+    """
 
     digest: str
     size: int = Field(ge=0)
+    codec: Literal["zstd", "bytegroup-zstd"] | None = None
+    # Element width of a ``bytegroup-zstd`` chunk (the byte planes it was grouped into).
+    width: Literal[2, 4, 8] | None = None
+    stored_size: int | None = Field(default=None, ge=0)
+    decoded_digest: str | None = None
+    # Delta chunk: the stored bytes decode to ``chunk XOR parent`` (same size).
+    parent: ChunkRef | None = None
 
-    @field_validator("digest")
+    @field_validator("digest", "decoded_digest")
     @classmethod
-    def _digest(cls, value: str) -> str:
-        return check_digest(value)
+    def _digest(cls, value: str | None) -> str | None:
+        return None if value is None else check_digest(value)
+
+    @model_validator(mode="after")
+    def _stored_form(self) -> ChunkRef:
+        if self.codec is None and self.parent is None:
+            if self.stored_size is not None or self.decoded_digest is not None or self.width is not None:
+                raise ValueError("a raw chunk names no stored_size, decoded_digest or width")
+            return self
+        if self.stored_size is None or self.decoded_digest is None:
+            raise ValueError("a chunk with a codec or a parent names its stored_size and decoded_digest")
+        if (self.codec == "bytegroup-zstd") != (self.width is not None):
+            raise ValueError("width is named by bytegroup-zstd chunks, and only by them")
+        if self.width is not None and self.size % self.width:
+            raise ValueError(
+                f"a bytegroup-zstd chunk of {self.size} bytes is no whole number of {self.width}-byte elements"
+            )
+        if self.parent is not None:
+            if self.parent.size != self.size:
+                raise ValueError("a delta chunk's parent has the chunk's size")
+            if self.chain_length() > MAX_DELTA_CHAIN:
+                raise ValueError(f"a delta chain longer than {MAX_DELTA_CHAIN}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: Any) -> dict[str, Any]:
+        # A raw chunk serializes as {digest, size} exactly as before codecs existed, so the
+        # manifest and state digests of every earlier checkpoint are unchanged.
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+    @property
+    def blob_size(self) -> int:
+        """Bytes of the blob ``digest`` names (what a region holds)."""
+        return self.size if self.stored_size is None else self.stored_size
+
+    @property
+    def content_digest(self) -> str:
+        """Digest of the chunk's bytes (decoded), whatever form they are stored in."""
+        return self.digest if self.decoded_digest is None else self.decoded_digest
+
+    @property
+    def stored_raw(self) -> bool:
+        return self.codec is None and self.parent is None
+
+    def chain_length(self) -> int:
+        """Blobs a read of this chunk resolves (1 for a chunk with no parent)."""
+        length, ref = 1, self.parent
+        while ref is not None:
+            length, ref = length + 1, ref.parent
+        return length
+
+    def blobs(self) -> list[tuple[str, int]]:
+        """(digest, blob size) of this chunk's blob and of every delta parent's, nearest first:
+        all of them must stay (GC, retention, verify and export count each)."""
+        found, ref = [], self
+        while ref is not None:
+            found.append((ref.digest, ref.blob_size))
+            ref = ref.parent
+        return found
 
 
 class ShardInfo(_Strict):
@@ -200,22 +276,37 @@ def check_entries(entries: Sequence[Entry]) -> None:
     sizes: dict[str, int] = {}
     for entry in entries:
         for chunk in entry.chunks:
-            if sizes.setdefault(chunk.digest, chunk.size) != chunk.size:
-                raise ValueError(
-                    f"blob {chunk.digest} is named with two sizes ({sizes[chunk.digest]} and {chunk.size})"
-                )
+            for digest, size in chunk.blobs():
+                if sizes.setdefault(digest, size) != size:
+                    raise ValueError(f"blob {digest} is named with two sizes ({sizes[digest]} and {size})")
+
+
+def entry_blob_sizes(entries: Iterable[Entry]) -> dict[str, int]:
+    """Every blob ``entries`` name (delta parents included), each once in entry order, with the
+    size the blob has in a region."""
+    sizes: dict[str, int] = {}
+    for entry in entries:
+        for chunk in entry.chunks:
+            for digest, size in chunk.blobs():
+                sizes.setdefault(digest, size)
+    return sizes
 
 
 def state_digest_of(entries: Iterable[Entry], tree: JsonValue, algorithm: HashAlgorithm) -> str:
     """Digest of a saved state (its entries in order and its tree), whatever the manifest's form:
     the canonical JSON of ``{"entries": [...], "tree": ...}`` hashed as it is built, so a paged
-    manifest and a single-file one of the same state give the same digest."""
+    manifest and a single-file one of the same state give the same digest (and a chunk counts
+    by its decoded digest, so codecs and delta parents do not change it either)."""
     hasher = blake3.blake3() if algorithm == "blake3" else hashlib.sha256()
     hasher.update(b'{"entries":[')
     for index, entry in enumerate(entries):
         if index:
             hasher.update(b",")
-        hasher.update(canonical_json(entry.model_dump(mode="json", exclude={"component"})))
+        dumped = entry.model_dump(mode="json", exclude={"component"})
+        # The state, not how it is stored: a chunk counts by its decoded bytes, so one state
+        # saved raw, compressed or as a delta has one digest (raw chunks dump as before).
+        dumped["chunks"] = [{"digest": c.content_digest, "size": c.size} for c in entry.chunks]
+        hasher.update(canonical_json(dumped))
     hasher.update(b'],"tree":' + canonical_json(tree) + b"}")
     return f"{algorithm}:{hasher.hexdigest()}"
 
@@ -273,11 +364,7 @@ class ManifestBody(_Strict):
         """Every blob this manifest names, each once, in entry order (single-file form; a paged
         manifest's are its pages' digests and those its pages name: ``Store.manifest_blobs``)."""
         self._check_single_file("blob_digests")
-        seen: dict[str, None] = {}
-        for entry in self.entries:
-            for chunk in entry.chunks:
-                seen.setdefault(chunk.digest, None)
-        return list(seen)
+        return list(entry_blob_sizes(self.entries))
 
     def state_digest(self) -> str:
         """Digest of the saved state alone (entries and tree): equal states, equal digests,

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
+from .codecs import DEFAULT_MIN_SAVING, CodecName, check_codec
 from .digest import HashAlgorithm
 from .errors import InvalidArgumentError
 from .observe import StoreObserver
@@ -71,6 +72,9 @@ class Store(StoreWrites, StoreConsistency):
         observers: Sequence[StoreObserver] = (),
         keyring: Keyring | None = None,
         page_entries: int | None = DEFAULT_PAGE_ENTRIES,
+        codec: CodecName = "none",
+        codec_min_saving: float = DEFAULT_MIN_SAVING,
+        delta: bool = False,
     ):
         """
         Args:
@@ -98,6 +102,14 @@ class Store(StoreWrites, StoreConsistency):
                 pages of at most this many, the manifest listing the pages. None: never paged.
             observers: Called with a ``StoreEvent`` after each commit, failed save and
                 restore (core/observe.py); telemetry hooks in here.
+            codec: How chunks are stored (core/codecs.py): ``none`` (raw), ``zstd``,
+                ``bytegroup-zstd`` (byte planes of floating-point tensors, then zstd) or
+                ``auto`` (per chunk, the codec only where it saves ``codec_min_saving``).
+                Loads decode whatever codec each chunk names, so it can change at any save.
+            codec_min_saving: The fraction of a chunk ``auto`` (and a delta) must save.
+            delta: Store a chunk that changed since the lineage's latest version as the XOR
+                with that version's chunk, encoded, where that saves (core/chunks.py); a read
+                resolves at most ``MAX_DELTA_CHAIN`` parents, GC keeps every parent.
         """
         if not regions:
             raise InvalidArgumentError("a store needs at least one region")
@@ -110,6 +122,9 @@ class Store(StoreWrites, StoreConsistency):
             )
         if chunk_bytes < 1:
             raise InvalidArgumentError("chunk_bytes must be positive")
+        check_codec(codec)
+        if not 0.0 <= codec_min_saving < 1.0:
+            raise InvalidArgumentError(f"codec_min_saving must be in [0, 1), got {codec_min_saving}")
         if page_entries is not None and page_entries < 1:
             raise InvalidArgumentError(f"page_entries must be positive (or None: never page), got {page_entries}")
         self.regions = list(regions)
@@ -123,6 +138,9 @@ class Store(StoreWrites, StoreConsistency):
         self.observers = list(observers)
         self.keyring = keyring
         self.page_entries = page_entries
+        self.codec = codec
+        self.codec_min_saving = codec_min_saving
+        self.delta = delta
         self._slow_until: dict[str, float] = {}
 
     def derive(self, regions: Sequence[RegionIO], *, write_quorum: int, placement: Literal["all", "primary"]) -> Store:
@@ -139,4 +157,7 @@ class Store(StoreWrites, StoreConsistency):
             observers=self.observers,
             keyring=self.keyring,
             page_entries=self.page_entries,
+            codec=self.codec,
+            codec_min_saving=self.codec_min_saving,
+            delta=self.delta,
         )

@@ -27,7 +27,7 @@ from .errors import (
     RegionError,
 )
 from .layout import check_lineage, manifest_key
-from .manifest import MAX_MANIFEST_BYTES, Manifest, decode_manifest
+from .manifest import MAX_MANIFEST_BYTES, Manifest, decode_manifest, entry_blob_sizes
 from .models import CheckpointInfo
 from .region_object import RegionIO
 from .signing import Keyring
@@ -192,7 +192,7 @@ class StoreConsistency(StoreListing):
             # checked as they are read, and verify checks their presence (docs/SCALING.md).
             sizes = {page.digest: page.size for page in manifest.pages}
         else:
-            sizes = {c.digest: c.size for e in manifest.entries for c in e.chunks}
+            sizes = entry_blob_sizes(manifest.entries)  # delta parents included
         if not all(self.blob_present(d, s) for d, s in sizes.items()):
             return None
         return manifest, holders

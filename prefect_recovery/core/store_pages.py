@@ -81,7 +81,8 @@ class StorePages(StoreReads):
         found: dict[str, int] = {page.digest: page.size for page in manifest.pages or ()}
         for entry in self.manifest_entries(manifest, prefer=prefer):
             for chunk in entry.chunks:
-                found.setdefault(chunk.digest, chunk.size)
+                for digest, size in chunk.blobs():  # delta parents are referenced too
+                    found.setdefault(digest, size)
         return found
 
     def state_digest(self, manifest: Manifest) -> str:

@@ -30,8 +30,11 @@ from typing import Any, Literal
 
 from pydantic import JsonValue
 
+from .chunks import StoredChunk, parents_of, prepare
+from .codecs import CodecName
 from .digest import HashAlgorithm, hash_bytes
 from .errors import (
+    BlobUnavailableError,
     ForeignObjectError,
     InvalidNameError,
     ManifestError,
@@ -46,6 +49,7 @@ from .manifest import (
     MAX_MANIFEST_BYTES,
     MAX_PAGE_BYTES,
     PAGED_FORMAT_VERSION,
+    ChunkRef,
     Component,
     Entry,
     Manifest,
@@ -125,6 +129,9 @@ class StoreWrites(StoreListing, StorePages):
     observers: list[StoreObserver]
     keyring: Keyring | None
     page_entries: int | None
+    codec: CodecName
+    codec_min_saving: float
+    delta: bool
 
     def commit(
         self,
@@ -183,7 +190,7 @@ class StoreWrites(StoreListing, StorePages):
         metadata: dict[str, JsonValue] | None,
     ) -> CheckpointInfo:
         self._check_can_commit(lineage)  # before a single byte is written
-        written = self.write_entries(entries)
+        written = self.write_entries(entries, base=self._delta_base(lineage) if self.delta else None)
         return self.commit_entries(
             lineage,
             written,
@@ -202,8 +209,21 @@ class StoreWrites(StoreListing, StorePages):
                 "every reader would reject what it writes; set the store's signing key (or accept_unsigned)"
             )
 
-    def write_entries(self, entries: Sequence[EntryPlan]) -> WrittenEntries:
+    def _delta_base(self, lineage: str) -> list[Entry] | None:
+        """The entries of ``lineage``'s latest consistent version (the parents a delta save's
+        chunks may name), or None when it has none that can be read."""
+        try:
+            manifest, holders = self.resolve(lineage)  # type: ignore[attr-defined]
+            return self.manifest_entries(manifest, prefer=holders)
+        except Exception:  # no base (a first save, a damaged latest): the save is written whole
+            return None
+
+    def write_entries(self, entries: Sequence[EntryPlan], *, base: Sequence[Entry] | None = None) -> WrittenEntries:
         """Phase one of a save: hash every chunk once and write it to every region.
+
+        With the store's ``codec`` each chunk is encoded first; with ``base`` (an earlier
+        version's entries) a chunk of an entry of the same name, size and dtype may be stored
+        as a delta against the base's chunk at its offset (core/chunks.py).
 
         Nothing is published: the blobs are content-addressed and create-only, so until a
         manifest names them (``commit_entries``) they are invisible and GC may sweep them once
@@ -214,7 +234,9 @@ class StoreWrites(StoreListing, StorePages):
         if len(set(names)) != len(names):
             duplicates = sorted({name for name in names if names.count(name) > 1})
             raise InvalidNameError(f"duplicate entry names {duplicates}")
-        region_causes, bytes_written, chunk_refs = self._write_blobs(entries)
+        region_causes, bytes_written, chunk_refs = self._write_blobs(
+            entries, codec=self.codec, base={entry.name: entry for entry in base} if base else None
+        )
         manifest_entries = [
             Entry(
                 name=plan.name,
@@ -379,44 +401,75 @@ class StoreWrites(StoreListing, StorePages):
         return WrittenEntries(entries, merged, written.bytes_written + page_bytes, pages)
 
     def _write_blobs(
-        self, entries: Sequence[EntryPlan], chunk_bytes: int | None = None
-    ) -> tuple[dict[str, str], int, list[list[Any]]]:
-        """Hash every chunk once and write it to every region; returns per-region failures."""
-        from .manifest import ChunkRef
-
+        self,
+        entries: Sequence[EntryPlan],
+        chunk_bytes: int | None = None,
+        *,
+        codec: CodecName = "none",
+        base: dict[str, Entry] | None = None,
+    ) -> tuple[dict[str, str], int, list[list[ChunkRef]]]:
+        """Encode and hash every chunk once and write it to every region; returns per-region
+        failures. ``codec`` and ``base`` (the entries a delta chunk may name as parents, by
+        name) decide each chunk's stored form (core/chunks.py); the manifest's own entry pages
+        are always raw."""
         step = chunk_bytes or self.chunk_bytes
-        slices: list[tuple[int, memoryview]] = []
+        slices: list[tuple[int, memoryview, ChunkRef | None]] = []
         for index, plan in enumerate(entries):
             data = plan.data.cast("B") if plan.data.format != "B" or plan.data.ndim != 1 else plan.data
             if len(data) == 0:
                 continue
-            for start in range(0, len(data), step):
-                slices.append((index, data[start : start + step]))
+            known = base.get(plan.name) if base else None
+            parents = parents_of(len(data), plan.dtype, known, step)
+            for number, start in enumerate(range(0, len(data), step)):
+                slices.append((index, data[start : start + step], parents[number]))
+        raw = codec == "none" and not base
+
+        def prepare_slice(index: int, data: memoryview, parent: ChunkRef | None) -> StoredChunk:
+            if raw:  # the path of every save before codecs: one hash, the blob is the chunk
+                return StoredChunk(ChunkRef(digest=hash_bytes(data, self.hash_algorithm), size=len(data)), data)
+            return prepare(
+                data,
+                codec=codec,
+                dtype=entries[index].dtype,
+                algorithm=self.hash_algorithm,
+                parent=parent,
+                read_blob=self._read_parent_blob,
+                min_saving=self.codec_min_saving,
+            )
 
         causes: dict[str, str] = {}
         written = [0]
         lock = threading.Lock()
         claimed: dict[str, set[str]] = {region.name: set() for region in self.regions}
 
-        def put(region: RegionIO, digest_future: Future[str], data: memoryview) -> None:
+        def put(region: RegionIO, stored_future: Future[StoredChunk]) -> None:
             if region.name in causes:
                 return
-            digest = digest_future.result()
+            stored = stored_future.result()
+            digest = stored.ref.digest
             with lock:
                 if digest in claimed[region.name]:
                     return
                 claimed[region.name].add(digest)
             try:
-                if self._ensure_blob(region, digest, data):
+                if stored.data is not None and self._ensure_blob(region, digest, memoryview(stored.data)):
                     with lock:
-                        written[0] += len(data)
-            except RegionError as exc:
+                        written[0] += len(stored.data)
+                # A delta's parents (or an unchanged chunk's stored blobs) must be in every
+                # region that counts this save, as its own blob is (DESIGN.md invariant 3).
+                chain = stored.ref.blobs()[0 if stored.data is None else 1 :]
+                for parent_digest, parent_size in chain:
+                    self._ensure_copied(region, parent_digest, parent_size)
+            except (RegionError, BlobUnavailableError) as exc:
                 with lock:
                     causes.setdefault(region.name, str(exc))
 
-        hash_threads = min(2, os.cpu_count() or 1)
+        # Hashing (and encoding: zstd and numpy release the GIL) on io_threads workers, at
+        # most the cores there are; raw saves keep the two hashing threads they always had.
+        cores = os.cpu_count() or 1
+        hash_threads = min(2, cores) if raw else max(1, min(self.io_threads, cores))
         with ThreadPoolExecutor(hash_threads, thread_name_prefix="ckpt-hash") as hasher:
-            digests = [hasher.submit(hash_bytes, data, self.hash_algorithm) for _, data in slices]
+            digests = [hasher.submit(prepare_slice, index, data, parent) for index, data, parent in slices]
             pools = [
                 ThreadPoolExecutor(self.io_threads, thread_name_prefix=f"ckpt-put-{i}")
                 for i in range(len(self.regions))
@@ -424,9 +477,9 @@ class StoreWrites(StoreListing, StorePages):
             stragglers: set[str] = set()
             try:
                 by_region: dict[str, list[Future[None]]] = {region.name: [] for region in self.regions}
-                for (_, data), digest in zip(slices, digests, strict=True):
+                for digest in digests:
                     for region, pool in zip(self.regions, pools, strict=True):
-                        by_region[region.name].append(pool.submit(put, region, digest, data))
+                        by_region[region.name].append(pool.submit(put, region, digest))
                 stragglers = self._await_puts(by_region, causes, lock)
             finally:
                 for region, pool in zip(self.regions, pools, strict=True):
@@ -434,9 +487,21 @@ class StoreWrites(StoreListing, StorePages):
                     # content-addressed, so a late copy is still a right copy).
                     pool.shutdown(wait=region.name not in stragglers, cancel_futures=region.name in stragglers)
             refs: list[list[ChunkRef]] = [[] for _ in entries]
-            for (index, data), digest in zip(slices, digests, strict=True):
-                refs[index].append(ChunkRef(digest=digest.result(), size=len(data)))
+            for (index, _, _), digest in zip(slices, digests, strict=True):
+                refs[index].append(digest.result().ref)
         return causes, written[0], refs
+
+    def _read_parent_blob(self, digest: str, buffer: memoryview) -> object:
+        return self.read_blob_into(digest, buffer)  # type: ignore[attr-defined]
+
+    def _ensure_copied(self, region: RegionIO, digest: str, size: int) -> None:
+        """Make ``region`` hold blob ``digest`` (an existing blob a new chunk names), copying
+        a verified copy from another region when it lacks one."""
+        if region.size(blob_key(digest)) == size:
+            return
+        data = bytearray(size)
+        self.read_blob_into(digest, memoryview(data))  # type: ignore[attr-defined]
+        self._ensure_blob(region, digest, memoryview(data))
 
     def _await_puts(
         self, by_region: dict[str, list[Future[None]]], causes: dict[str, str], lock: threading.Lock

@@ -22,7 +22,7 @@ from .digest import hash_bytes
 from .errors import InvalidArgumentError, JournalError, ManifestError, ObjectNotFoundError, RegionError
 from .journal import Journal
 from .layout import blob_key, manifest_key
-from .manifest import Manifest
+from .manifest import Manifest, entry_blob_sizes
 from .models import CheckpointAudit, Problem, VerifyReport
 from .region_object import RegionIO
 from .store import Store
@@ -207,7 +207,7 @@ def verify_store(
                         version=version,
                     )
                 )
-            named += [(chunk.digest, chunk.size) for chunk_entry in entries for chunk in chunk_entry.chunks]
+            named += list(entry_blob_sizes(entries).items())  # blobs as stored; delta parents too
             for digest, size in named:
                 blobs[digest] = size
                 blob_regions.setdefault(digest, set()).update(expected & set(up))

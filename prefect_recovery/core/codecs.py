@@ -1,0 +1,192 @@
+"""Chunk codecs: how a chunk's bytes are stored in its blob (FORMAT.md, "Codecs").
+
+A store (or one region of it) picks a codec; each chunk records the one it was stored with:
+
+- ``none``: the blob is the chunk's bytes (every checkpoint written before codecs existed).
+- ``zstd``: one zstd frame of the chunk's bytes.
+- ``bytegroup-zstd``: for floating-point tensors, each element's bits are rotated left by one
+  (the sign bit moves to the bottom, so the top byte is the exponent's high bits), then the
+  bytes are grouped into planes (all top bytes, then the next...), then one zstd frame. Trained
+  weights and optimizer moments have few distinct exponents, so the exponent plane shrinks
+  far more than interleaved bytes would; the mantissa planes are near random and zstd stores
+  their blocks raw. This is the grouping ZipNN (arXiv 2411.05239) measured, with zstd for the
+  entropy coding.
+- ``auto``: per chunk, ``bytegroup-zstd`` for floating-point dtypes and ``zstd`` otherwise,
+  kept only when it saves at least ``min_saving`` of the bytes; else the chunk is stored raw.
+
+Codecs work on bytes plus the dtype name the manifest records (core knows no torch). A
+decode is bounded by the size the manifest declares: a frame that declares another size, or
+would inflate past it, is refused before more than that much memory is written
+(``CodecError``), and the decoded bytes are hashed against the manifest's digest by the
+caller before anything is handed out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import zstandard
+
+from .errors import InvalidArgumentError
+
+CodecName = Literal["none", "zstd", "bytegroup-zstd", "auto"]
+StoredCodec = Literal["zstd", "bytegroup-zstd"]
+CODECS: tuple[str, ...] = ("none", "zstd", "bytegroup-zstd", "auto")
+# zstd level: 1 is the speed ZipNN's default is measured against (benchmarks/codecs.py);
+# higher levels buy a few per cent on weights at several times the CPU.
+DEFAULT_LEVEL = 1
+# ``auto`` keeps a codec only when the blob is at least this much smaller than the chunk.
+DEFAULT_MIN_SAVING = 0.05
+# Floating-point dtype names (torch's, as the manifest records them) -> element width. The
+# unsigned view of each width rotates the sign bit to the bottom before grouping.
+_FLOAT_WIDTHS = {
+    "bfloat16": 2,
+    "float16": 2,
+    "float32": 4,
+    "float64": 8,
+    "torch.bfloat16": 2,
+    "torch.float16": 2,
+    "torch.float32": 4,
+    "torch.float64": 8,
+}
+_UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+class CodecError(ValueError):
+    """A blob that does not decode to the chunk its manifest declares (corrupt, or a bomb)."""
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A chunk as it will be stored: the codec (None: raw), the element width for
+    ``bytegroup-zstd``, and the blob's bytes."""
+
+    codec: StoredCodec | None
+    width: int | None
+    data: bytes | memoryview
+
+
+def check_codec(name: str) -> CodecName:
+    if name not in CODECS:
+        raise InvalidArgumentError(f"unknown codec {name!r}: use one of {', '.join(CODECS)}")
+    return name  # type: ignore[return-value]
+
+
+def float_width(dtype: str | None) -> int | None:
+    """The element width of a floating-point dtype name, None for anything else."""
+    return _FLOAT_WIDTHS.get(dtype or "")
+
+
+def _rotl(words: np.ndarray, width: int) -> np.ndarray:
+    bits = width * 8
+    return (words << 1) | (words >> (bits - 1))
+
+
+def _rotr(words: np.ndarray, width: int) -> np.ndarray:
+    bits = width * 8
+    return (words >> 1) | (words << (bits - 1))
+
+
+def group_bytes(data: memoryview, width: int) -> bytes:
+    """``data`` (little-endian elements of ``width`` bytes) as byte planes, the most significant
+    (the exponent, after the sign bit is rotated to the bottom) first. Shifts of whole words,
+    not a strided transpose: numpy runs them at memory speed."""
+    words = _rotl(np.frombuffer(data, dtype=_UINT[width]), width)
+    planes = np.empty((width, len(words)), dtype=np.uint8)
+    for plane in range(width):
+        shift = 8 * (width - 1 - plane)
+        planes[plane] = words >> shift if shift else words  # the cast keeps the low byte
+    return planes.tobytes()
+
+
+def ungroup_bytes(planes: bytes | memoryview, width: int, out: memoryview) -> None:
+    """Inverse of ``group_bytes``, written into ``out``."""
+    uint = _UINT[width]
+    grouped = np.frombuffer(planes, dtype=np.uint8).reshape(width, -1)
+    words = np.frombuffer(out, dtype=uint)
+    words[:] = grouped[0]
+    for plane in range(1, width):
+        words <<= uint(8)
+        words |= grouped[plane]
+    words[:] = _rotr(words, width)
+
+
+def _compress(data: bytes | memoryview, level: int) -> bytes:
+    # write_content_size: the frame declares its decoded size, which decode checks first.
+    return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(data)
+
+
+# For byte planes: long minimum matches and a tiny hash table make zstd skip the short
+# matches that cost more than they save in an exponent plane, so most bytes go to its
+# Huffman-coded literals (near the plane's entropy), and fast. Measured in benchmarks/codecs.py.
+_PLANE_PARAMS = zstandard.ZstdCompressionParameters(
+    window_log=17,
+    hash_log=6,
+    chain_log=6,
+    search_log=1,
+    min_match=7,
+    target_length=0,
+    strategy=zstandard.STRATEGY_FAST,
+    write_content_size=True,
+)
+
+
+def _compress_planes(data: bytes) -> bytes:
+    return zstandard.ZstdCompressor(compression_params=_PLANE_PARAMS).compress(data)
+
+
+def encode(
+    data: memoryview,
+    codec: CodecName,
+    dtype: str | None,
+    *,
+    level: int = DEFAULT_LEVEL,
+    min_saving: float = DEFAULT_MIN_SAVING,
+) -> Encoded:
+    """How to store one chunk under ``codec`` (``auto`` picks per chunk, keeping a codec only
+    when it saves at least ``min_saving``; an explicit codec is always kept)."""
+    if codec == "none" or len(data) == 0:
+        return Encoded(None, None, data)
+    width = float_width(dtype)
+    if width is not None and len(data) % width:
+        width = None  # a chunk boundary inside an element (odd chunk_bytes): group nothing
+    if codec == "zstd" or (codec == "auto" and width is None) or (codec == "bytegroup-zstd" and width is None):
+        encoded = Encoded("zstd", None, _compress(data, level))
+    else:
+        encoded = Encoded("bytegroup-zstd", width, _compress_planes(group_bytes(data, width)))  # type: ignore[arg-type]
+    if codec == "auto" and len(encoded.data) > (1.0 - min_saving) * len(data):
+        return Encoded(None, None, data)
+    return encoded
+
+
+def decode_into(blob: bytes | memoryview, codec: StoredCodec, width: int | None, out: memoryview) -> None:
+    """Decode ``blob`` into ``out``, whose length is the size the manifest declares; CodecError
+    when the blob is no frame of exactly that size (corrupt, or declared small but inflating
+    large: zstd is told the bound, so it never writes past it)."""
+    size = len(out)
+    try:
+        declared = zstandard.frame_content_size(blob)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"not a zstd frame ({exc})") from None
+    if declared != size:
+        raise CodecError(f"the frame declares {declared} decoded bytes, the manifest {size}")
+    try:
+        decoded = zstandard.ZstdDecompressor().decompress(blob, max_output_size=size)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"zstd frame does not decode ({exc})") from None
+    if len(decoded) != size:
+        raise CodecError(f"decoded to {len(decoded)} bytes, the manifest declares {size}")
+    if codec == "zstd":
+        out[:] = decoded
+    elif codec == "bytegroup-zstd" and width in _UINT:
+        ungroup_bytes(decoded, width, out)  # type: ignore[arg-type]
+    else:
+        raise CodecError(f"unknown stored codec {codec!r} (width {width})")
+
+
+def xor_into(target: memoryview, other: bytes | memoryview) -> None:
+    """``target ^= other`` byte for byte (delta chunks, core/delta.py)."""
+    mine = np.frombuffer(target, dtype=np.uint8)
+    np.bitwise_xor(mine, np.frombuffer(other, dtype=np.uint8), out=mine)
