@@ -249,6 +249,16 @@ class CheckpointStore(ResultStorage, AsyncStoreApi, WritableFileSystem):
         description="Tensors larger than this are split into chunks of this many bytes.",
     )
     io_threads: int = Field(default=4, ge=1, le=64, description="Parallel transfers per region.")
+    codec: Literal["none", "zstd", "bytegroup-zstd", "auto"] = Field(
+        default="none",
+        description="How chunks are stored: none (raw), zstd, bytegroup-zstd (byte planes of floating-point "
+        "tensors, then zstd) or auto (per chunk, compressed only where it saves; docs/FORMAT.md, Codecs).",
+    )
+    delta: bool = Field(
+        default=False,
+        description="Store changed chunks as the XOR with the lineage's previous version, compressed, where "
+        "that saves (fine-tunes; at most 8 parents per chunk, which garbage collection keeps).",
+    )
     straggler_grace_seconds: float | None = Field(
         default=30.0,
         ge=0,
@@ -396,6 +406,8 @@ class CheckpointStore(ResultStorage, AsyncStoreApi, WritableFileSystem):
                 hash_algorithm=self.hash_algorithm,
                 chunk_bytes=self.chunk_bytes,
                 io_threads=self.io_threads,
+                codec=self.codec,
+                delta=self.delta,
                 straggler_grace=self.straggler_grace_seconds,
                 keyring=self.keyring(),
                 observers=default_observers(),
