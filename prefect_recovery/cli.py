@@ -705,8 +705,14 @@ def serve_command(
     limit: Annotated[int | None, typer.Option("--limit", help="At most this many concurrent runs.")] = None,
 ) -> None:
     """Serve the example-pipeline, recover and daily audit deployments from this process."""
-    from .deploy import serve
+    from .deploy import deployment_home, serve
 
+    # The served runs' default store is not the CLI's (./.prefect-recovery): say where it is.
+    err_console.print(
+        f"runs without a store block keep checkpoints under {deployment_home()} "
+        "(set PREFECT_RECOVERY_HOME to choose; the same value lets `prefect-recovery ls` see them)",
+        soft_wrap=True,
+    )
     serve(limit=limit)
 
 

@@ -13,8 +13,11 @@ user names (default: the ``prefect-recovery`` tag), never to every run in the wo
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 PIPELINE_DEPLOYMENT = "example-pipeline/example-pipeline"
@@ -23,8 +26,42 @@ AUDIT_DEPLOYMENT = "audit/audit-daily"
 SHIPPED_TAG = "prefect-recovery"
 RECOVER_DEPLOYMENT = "recover/recover"
 AUDIT_CRON = "0 3 * * *"
+WORKDIR_ENV = "PREFECT_RECOVERY_WORKDIR"
 ZOMBIE_AUTOMATION = "prefect-recovery: crash zombie flow runs"
 RECOVER_AUTOMATION = "prefect-recovery: recover crashed pipeline runs"
+
+
+def deployment_home() -> Path:
+    """Where a deployed or served run keeps the embedded default store: ``$PREFECT_RECOVERY_HOME``, else
+    ``~/.prefect-recovery``. Never the run's working directory, which is often a code checkout (a worker's
+    runs there grew one to 272 MB) and differs between hosts and runs."""
+    from .blocks.checkpoint_store import HOME_ENV
+
+    return Path(os.environ.get(HOME_ENV) or Path.home() / ".prefect-recovery").expanduser().absolute()
+
+
+def prepare_run(directory: str | None = None) -> dict[str, str]:
+    """A deployment pull step (``prefect_recovery.deploy.prepare_run`` in prefect.yaml) for workers on any host.
+
+    Runs in the flow-run process before the flow is imported: pins ``PREFECT_RECOVERY_HOME`` to
+    ``deployment_home()`` when unset, then makes ``directory`` (default ``$PREFECT_RECOVERY_WORKDIR``,
+    else the worker's own working directory) the working directory and puts it first on ``sys.path``, so
+    pipeline modules named by ``PREFECT_RECOVERY_PIPELINES`` import from there. Nothing of the deploying
+    machine is recorded: its paths do not exist on other hosts.
+    """
+    from .blocks.checkpoint_store import HOME_ENV
+
+    os.environ[HOME_ENV] = str(deployment_home())
+    target = directory or os.environ.get(WORKDIR_ENV) or os.getcwd()
+    path = Path(target).expanduser().absolute()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"the working directory {str(path)!r} (from {'the pull step' if directory else WORKDIR_ENV}) does not "
+            f"exist on this worker; create it (e.g. a checkout of your pipelines' code) or change {WORKDIR_ENV}"
+        )
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+    return {"directory": str(path)}
 
 
 def build_deployments() -> list[Any]:
@@ -66,6 +103,10 @@ def serve(limit: int | None = None) -> None:
     """Serve the deployments from this process (blocks until interrupted)."""
     from prefect import serve as prefect_serve
 
+    from .blocks.checkpoint_store import HOME_ENV
+
+    # Every served run (a child process, whatever its working directory) uses one store, outside the checkout.
+    os.environ[HOME_ENV] = str(deployment_home())
     prefect_serve(*build_deployments(), limit=limit)
 
 

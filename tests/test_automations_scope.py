@@ -10,19 +10,25 @@ recovery end to end). Runs are crashed by setting their state through the API, w
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CLI
-from helpers.live_prefect import LiveServer, api, deployment_id, flow_runs, live_server, wait_for
+from conftest import CLI, REPO
+from helpers.live_prefect import BIN, LiveServer, api, deployment_id, flow_runs, live_server, wait_for
 
 from prefect_recovery.deploy import (
     RECOVER_AUTOMATION,
+    WORKDIR_ENV,
     ZOMBIE_AUTOMATION,
     AutomationScopeError,
     install_automations,
+    prepare_run,
 )
 
 
@@ -56,6 +62,14 @@ def install(server: LiveServer, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def install_here(server: LiveServer, *deployments: str, **kw: Any) -> list[dict[str, Any]]:
+    """``install_automations`` in this process: a CLI start costs seconds; the CLI is tested once per case."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: server.api_url}):
+        return install_automations(list(deployments), **kw)
+
+
 def by_name(server: LiveServer) -> dict[str, list[dict[str, Any]]]:
     found: dict[str, list[dict[str, Any]]] = {}
     for automation in api(server, "POST", "/automations/filter", {}):  # type: ignore[union-attr]
@@ -80,9 +94,9 @@ def recover_lineages(server: LiveServer) -> list[str]:
 
 
 def test_default_scope_is_the_shipped_tag(server: LiveServer) -> None:
-    done = install(server)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert {row["automation"] for row in json.loads(done.stdout)} == {ZOMBIE_AUTOMATION, RECOVER_AUTOMATION}
+    rows = install_here(server)
+    assert {row["automation"] for row in rows} == {ZOMBIE_AUTOMATION, RECOVER_AUTOMATION}
+    assert rows[0]["scope"] == {"deployments": [], "tags": ["prefect-recovery"]}
     found = by_name(server)
     recover_id = deployment_id(server, "recover/recover")
     zombie = found[ZOMBIE_AUTOMATION][0]["trigger"]
@@ -97,20 +111,19 @@ def test_unknown_deployment_is_refused(server: LiveServer) -> None:
     done = install(server, "--deployment", "no-such/flow")
     assert done.returncode == 2
     assert "'no-such/flow' does not exist" in json.loads(done.stdout)["error"]
-    # in this process (a CLI start costs seconds): the recover deployment cannot recover itself
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings({PREFECT_API_URL: server.api_url}), pytest.raises(AutomationScopeError, match="itself"):
-        install_automations(["recover/recover"])
-    with temporary_settings({PREFECT_API_URL: server.api_url}), pytest.raises(AutomationScopeError, match="FLOW"):
-        install_automations(["nightly"])
+    with pytest.raises(AutomationScopeError, match="itself"):
+        install_here(server, "recover/recover")
+    with pytest.raises(AutomationScopeError, match="FLOW"):
+        install_here(server, "nightly")
 
 
 def test_scoped_install_updates_and_recovers_only_its_runs(server: LiveServer) -> None:
     args = ("--deployment", "my-training/nightly", "--tag", "recoverable", "--zombie-after", "90")
-    first, second = install(server, *args), install(server, *args)
-    assert first.returncode == 0 and second.returncode == 0, (first.stderr[-3000:], second.stderr[-3000:])
-    assert [row["action"] for row in json.loads(second.stdout)] == ["updated", "updated"]
+    first = install(server, *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert json.loads(first.stdout)[0]["scope"] == {"deployments": ["my-training/nightly"], "tags": ["recoverable"]}
+    second = install_here(server, "my-training/nightly", tags=["recoverable"], zombie_after=timedelta(seconds=90))
+    assert [row["action"] for row in second] == ["updated", "updated"]
     found = by_name(server)
     assert len(found[ZOMBIE_AUTOMATION]) == 1 and len(found[RECOVER_AUTOMATION]) == 1, "install duplicated"
 
@@ -145,3 +158,72 @@ def test_scoped_install_updates_and_recovers_only_its_runs(server: LiveServer) -
     lineages = recover_lineages(server)
     # the two runs set above, plus exactly one recovery for each scoped crash
     assert sorted(lineages) == ["mine", "recovering-lineage", "tagged"], lineages
+
+
+def test_prepare_run_pull_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pull step of deployments/prefect.yaml, in this process: no PREFECT_RECOVERY_HOME means the user's home,
+    never the working directory; the working directory comes from PREFECT_RECOVERY_WORKDIR and is importable."""
+    import yaml
+
+    shipped = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
+    assert shipped["pull"] == [{"prefect_recovery.deploy.prepare_run": {}}]
+    assert all("pull" not in d for d in shipped["deployments"])  # every deployment takes the shared step
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("PREFECT_RECOVERY_HOME")
+    monkeypatch.delenv(WORKDIR_ENV, raising=False)
+    assert prepare_run() == {"directory": str(tmp_path)}
+    assert os.environ["PREFECT_RECOVERY_HOME"] == str(tmp_path / "home" / ".prefect-recovery")
+
+    code = tmp_path / "checkout"
+    (code / "mypipes").mkdir(parents=True)
+    (code / "mypipes" / "__init__.py").write_text("NAME = 'mine'\n")
+    monkeypatch.setenv(WORKDIR_ENV, str(code))
+    monkeypatch.setenv("PREFECT_RECOVERY_HOME", str(tmp_path / "store"))  # an explicit home is kept
+    assert prepare_run() == {"directory": str(code)}
+    assert os.environ["PREFECT_RECOVERY_HOME"] == str(tmp_path / "store")
+    assert __import__("mypipes").NAME == "mine"
+    sys.modules.pop("mypipes")
+
+    monkeypatch.setenv(WORKDIR_ENV, str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="PREFECT_RECOVERY_WORKDIR"):
+        prepare_run()
+
+
+@pytest.mark.slow
+def test_shipped_deployments_pull_portably_and_keep_checkpoints_out_of_the_checkout(
+    server: LiveServer, tmp_path: Path
+) -> None:
+    """`prefect deploy` of deployments/prefect.yaml records no path of the deploying machine; a worker on
+    another "host" (its own directory and HOME, no PREFECT_RECOVERY_HOME) runs the audit deployment through the
+    pull step: the store lands under that HOME, not in the worker's working directory."""
+    env = server.env()
+    env.pop("PREFECT_RECOVERY_HOME", None)
+
+    def prefect(*args: str, env: dict[str, str], cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [str(BIN / "prefect"), *args], capture_output=True, text=True, timeout=300, cwd=cwd, env=env
+        )
+        assert done.returncode == 0, f"prefect {' '.join(args)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        return done
+
+    prefect("work-pool", "create", "recovery-pool", "--type", "process", env=env)
+    prefect("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml", env=env)
+    for name in ("example-pipeline/example-pipeline", "recover/recover", "audit/audit-daily"):
+        deployment = api(server, "GET", f"/deployments/name/{name}")
+        assert deployment["pull_steps"] == [{"prefect_recovery.deploy.prepare_run": {}}], deployment  # type: ignore[index]
+        assert str(REPO) not in json.dumps(deployment), f"{name} records the deploying machine's checkout"
+
+    host = tmp_path / "worker-host"
+    workdir, home = host / "work", host / "home"
+    workdir.mkdir(parents=True)
+    home.mkdir()
+    audit = api(server, "POST", f"/deployments/{deployment_id(server, 'audit/audit-daily')}/create_flow_run", {})
+    worker_env = {**env, "HOME": str(home), "PREFECT_RECOVERY_WORKDIR": str(workdir), "PREFECT_HOME": str(host / "ph")}
+    prefect("worker", "start", "--pool", "recovery-pool", "--run-once", env=worker_env, cwd=host)
+    run = api(server, "GET", f"/flow_runs/{audit['id']}")  # type: ignore[index]
+    assert run["state_type"] == "COMPLETED", run["state"]  # type: ignore[index]
+    assert (home / ".prefect-recovery" / "regions").is_dir(), sorted(p.name for p in home.rglob("*"))[:20]
+    assert not (workdir / ".prefect-recovery").exists() and not (host / ".prefect-recovery").exists()
