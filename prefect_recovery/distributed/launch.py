@@ -184,6 +184,7 @@ def run_ranks(
             timer.daemon = True
             timer.start()
         tail: list[str] = []
+        rank_tail: list[str] = []  # the ranks' own lines: what a stopped job was doing
         try:
             assert process.stdout is not None
             for line in process.stdout:
@@ -191,6 +192,7 @@ def run_ranks(
                 match = _RANK_LINE.match(line)
                 if match:
                     log.info("[rank %s] %s", match["rank"], match["text"])
+                    rank_tail = [*rank_tail[-19:], line]
                 else:
                     log.info("[torchrun] %s", line)
                 tail = [*tail[-19:], line]
@@ -213,7 +215,12 @@ def run_ranks(
         log.info("all %s ranks of %s exited 0 in %.1fs", nproc_per_node, target, seconds)
         return RanksResult(world_size=len(exit_codes) or nproc_per_node, exit_codes=exit_codes, seconds=seconds)
     ranks = ", ".join(f"rank {rank} {describe_exit(code)}" for rank, code in sorted(exit_codes.items()))
-    what = f"timed out after {timeout}s and was stopped" if timed_out.is_set() else "failed"
+    if timed_out.is_set():
+        # torchrun, stopped, forwards SIGTERM to every rank and reports no exit codes; its own
+        # traceback (SignalException) says nothing about where the ranks were.
+        what = f"timed out after {timeout}s and was stopped"
+        ranks = ranks or f"every rank was sent SIGTERM ({nproc_per_node} per node)"
+        tail = rank_tail
     lineage_name = handoff.get("PREFECT_RECOVERY_LINEAGE")
     message = (
         f"torchrun job {target} {what}: {ranks or f'torchrun exited {returncode} before any rank ran'}. "
