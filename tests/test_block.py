@@ -164,8 +164,88 @@ def test_storage_options_are_secret_in_python(prefect_server, tmp_path: Path) ->
 
 
 def test_block_schema_declares_storage_options_secret() -> None:
-    schema = CheckpointStore._to_block_schema()
-    assert "regions.*" in schema.fields["secret_fields"]  # Prefect cannot mask a path inside a list
+    fields = CheckpointStore._to_block_schema().fields
+    # Prefect's server masks by dotted path and never inside a list: the secrets live outside it
+    assert "region_storage_options.*" in fields["secret_fields"]
+    assert not [field for field in fields["secret_fields"] if field.startswith("regions")]
+    region = fields["definitions"]["Region"]
+    assert set(region["properties"]) == {"url", "name", "credentials"}  # storage options are not typed in a list
+    pickers = [
+        option["$ref"].split("/")[-1] for option in region["properties"]["credentials"]["anyOf"] if "$ref" in option
+    ]
+    slugs = {fields["definitions"][name]["block_type_slug"] for name in pickers}
+    assert slugs == {"aws-credentials", "gcp-credentials", "azure-blob-storage-credentials"}
+    assert {"type": "string"} in region["properties"]["credentials"]["anyOf"]  # "aws-credentials/prod" still works
+
+
+def test_the_api_document_shows_regions_and_masks_only_secrets_and_an_edit_keeps_them(
+    prefect_server, tmp_path: Path
+) -> None:
+    """What the UI does: read the document without secrets, change one region, write every field back
+    (masked values included); the server restores the masked values, the edit lands."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import BlockDocumentUpdate
+
+    a, b = make_regions(tmp_path)
+    c = tmp_path / "region-c"
+    c.mkdir()
+    store = CheckpointStore(
+        regions=[Region(url=str(a), name="eu", storage_options={"key": SECRET, "anon": False}), Region(url=str(b))]
+    )
+    name = unique("ui-edit")
+    store.save(name)
+    with get_client(sync_client=True) as client:
+        shown = client.read_block_document_by_name(name, "checkpoint-store", include_secrets=False)
+        assert SECRET not in json.dumps(shown.data, default=str)
+        assert [region["url"] for region in shown.data["regions"]] == [str(a), str(b)]  # readable, editable
+        assert shown.data["region_storage_options"] == {"eu": {"key": "********", "anon": "********"}}
+        data = json.loads(json.dumps(shown.data))
+        data["regions"][1]["url"] = str(c)
+        client.update_block_document(shown.id, BlockDocumentUpdate(block_schema_id=shown.block_schema_id, data=data))
+    loaded = CheckpointStore.load(name)
+    assert [region.url for region in loaded.regions] == [str(a), str(c)]
+    assert loaded.regions[0].storage_options.get_secret_value() == {"key": SECRET, "anon": False}
+    assert loaded.region_storage_options.get_secret_value() == {}  # back inside the regions
+
+
+def test_a_document_saved_by_the_previous_version_still_loads(prefect_server, tmp_path: Path) -> None:
+    """0.1 kept storage options and a text credentials reference inside the region list."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import BlockDocumentCreate
+
+    a, b = make_regions(tmp_path)
+    CheckpointStore.register_type_and_schema()
+    old = {
+        "regions": [
+            {"url": str(a), "storage_options": {"key": SECRET}, "name": "eu", "credentials": None},
+            {"url": str(b), "storage_options": {}, "name": None, "credentials": "aws-credentials/prod"},
+        ],
+        "write_quorum": 2,
+        "retention": None,
+    }
+    name = unique("v01")
+    with get_client(sync_client=True) as client:
+        block_type = client.read_block_type_by_slug("checkpoint-store")
+        schema = client.get_most_recent_block_schema_for_block_type(block_type.id)
+        client.create_block_document(
+            BlockDocumentCreate(name=name, data=old, block_schema_id=schema.id, block_type_id=block_type.id)
+        )
+    loaded = CheckpointStore.load(name)
+    assert [(r.url, r.name, r.credentials) for r in loaded.regions] == [
+        (str(a), "eu", None),
+        (str(b), None, "aws-credentials/prod"),
+    ]
+    assert loaded.regions[0].storage_options.get_secret_value() == {"key": SECRET}
+    assert loaded.write_quorum == 2
+
+
+def test_region_storage_options_for_no_region_are_an_error_not_lost(tmp_path: Path) -> None:
+    from prefect_recovery.core.errors import RegionConfigError
+
+    a, b = make_regions(tmp_path)
+    with pytest.raises(RegionConfigError, match="'us' names no region") as failure:
+        CheckpointStore(regions=[Region(url=str(a), name="eu"), str(b)], region_storage_options={"us": {"key": SECRET}})
+    assert SECRET not in str(failure.value)
 
 
 def test_storage_options_are_obfuscated_in_the_api_document(prefect_server, tmp_path: Path) -> None:
@@ -300,7 +380,17 @@ class TestCheckpointStoreStandards(BlockStandardTestSuite):
         return CheckpointStore
 
     def test_has_a_valid_image(self, block: type[CheckpointStore]) -> None:  # the original downloads the logo
-        assert str(block._logo_url).startswith("https://")
+        # none yet (the UI's generic icon), and never PrefectHQ's own avatar again
+        assert block._logo_url is None
+
+    def test_documentation_url_names_a_file_of_this_repository(self, block: type[CheckpointStore]) -> None:
+        prefix = "https://github.com/prefect-recovery/prefect-recovery/blob/main/"
+        assert block._documentation_url.startswith(prefix)
+        assert (Path(__file__).parents[1] / block._documentation_url.removeprefix(prefix)).is_file()
+
+    def test_retention_left_empty_says_what_it_means(self, block: type[CheckpointStore]) -> None:
+        # the block page shows the title beside the value: not a bare "None"
+        assert "keep every version" in block.model_json_schema()["properties"]["retention"]["title"]
 
     def test_region_fields_have_descriptions(self) -> None:
         for name, field in Region.model_fields.items():

@@ -29,6 +29,7 @@ from prefect._internal.compatibility.async_dispatch import async_dispatch
 from prefect.blocks.core import Block, schema_extra
 from prefect.filesystems import WritableFileSystem
 from prefect.types import SecretDict
+from prefect.utilities.names import obfuscate
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -364,11 +365,14 @@ class CheckpointStore(ResultStorage, AsyncStoreApi, WritableFileSystem):
         items = document.data.get("regions")
         if not isinstance(items, builtins.list) or len(items) != len(self.regions):
             return document
+        include_secrets = bool(kwargs.get("include_secrets", args[4] if len(args) > 4 else False))
         moved = dict(document.data.get("region_storage_options") or {})
         for region, item in zip(self.regions, items, strict=True):
-            options = item.pop("storage_options", None)
-            if region.storage_options.get_secret_value():
-                moved[region.key] = {**moved.get(region.key, {}), **options}
+            item.pop("storage_options", None)
+            if options := region.storage_options.get_secret_value():
+                moved[region.key] = (
+                    options if include_secrets else {key: obfuscate(value) for key, value in options.items()}
+                )
             if isinstance(region.credentials, Block):
                 if region.credentials._block_document_id is None:
                     raise RegionConfigError(
