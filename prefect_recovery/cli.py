@@ -128,6 +128,32 @@ class _NoFlowTracebacks(logging.Filter):
         return True
 
 
+class _NoDrainNoise(logging.Filter):
+    """Drops Prefect's "Still processing items: N items remaining..." (a queue service draining its events or
+    logs at exit; the items are still sent). Other warnings of those services, such as dropped items, pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Still processing items")
+
+
+def _quiet_queue_services() -> None:
+    """Each of Prefect's queue services (prefect/_internal/concurrency/services.py) logs through a logger named
+    after its class (``EventsWorker``, ``APILogWorker``...), outside the ``prefect`` logger tree: filter them all."""
+    from prefect._internal.concurrency.services import QueueService
+    from prefect.events import worker as _events_worker  # noqa: F401 - defines EventsWorker
+    from prefect.logging import handlers as _log_handlers  # noqa: F401 - defines APILogWorker
+
+    pending, names = [QueueService], set()
+    while pending:
+        service = pending.pop()
+        names.add(service.__name__)
+        pending.extend(service.__subclasses__())
+    for name in names:
+        service_logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoDrainNoise) for f in service_logger.filters):
+            service_logger.addFilter(_NoDrainNoise())
+
+
 @app.callback()
 def _main_options(
     debug: Annotated[bool, typer.Option("--debug", help=f"Show tracebacks of errors (also: {DEBUG_ENV}=1).")] = False,
@@ -135,6 +161,7 @@ def _main_options(
     """Recoverable ML pipelines on Prefect: multi-region, verified checkpoints."""
     global _debug_flag
     _debug_flag = debug
+    _quiet_queue_services()
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         run_logger = logging.getLogger(name)
         if not any(isinstance(f, _NoFlowTracebacks) for f in run_logger.filters):
