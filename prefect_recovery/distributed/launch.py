@@ -215,6 +215,7 @@ def run_ranks(
         log.info("all %s ranks of %s exited 0 in %.1fs", nproc_per_node, target, seconds)
         return RanksResult(world_size=len(exit_codes) or nproc_per_node, exit_codes=exit_codes, seconds=seconds)
     ranks = ", ".join(f"rank {rank} {describe_exit(code)}" for rank, code in sorted(exit_codes.items()))
+    what = "failed"
     if timed_out.is_set():
         # torchrun, stopped, forwards SIGTERM to every rank and reports no exit codes; its own
         # traceback (SignalException) says nothing about where the ranks were.
