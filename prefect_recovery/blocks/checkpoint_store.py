@@ -348,13 +348,13 @@ class CheckpointStore(ResultStorage, AsyncStoreApi, WritableFileSystem):
         schema = super().model_json_schema(*args, **kwargs)
         region = schema.get("definitions", {}).get("Region")
         if region is not None:
-            definitions = _credential_definitions()
+            # inline, not under definitions: Prefect's server drops a block's definitions and rebuilds them from
+            # registered nested block schemas, which a block inside a list item cannot have
             region["properties"]["credentials"]["anyOf"] = [
-                *({"$ref": f"#/definitions/{name}"} for name in definitions),
+                *_credential_definitions().values(),
                 {"type": "string"},
                 {"type": "null"},
             ]
-            schema["definitions"].update(definitions)
         return schema
 
     def _to_block_document(self, *args: Any, **kwargs: Any) -> Any:
