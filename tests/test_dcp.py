@@ -391,7 +391,10 @@ def test_a_rank_lost_between_its_blobs_and_the_commit_leaves_no_version_and_gc_r
     # The survivor got an error rather than a hang: at once for a killed gloo peer, after the timeout for a hung one.
     survivor = reports(tmp_path, how)
     assert len(survivor) <= 1
-    if survivor:  # torchrun may stop it (SIGTERM) before it reports
+    # A hung peer never makes torchrun stop the survivor, so its timeout error is always reported;
+    # a killed one may make torchrun stop it (SIGTERM) before it reports.
+    assert survivor or how == "kill", "the survivor of a hung rank hung or died without an error"
+    if survivor:
         assert survivor[0]["rank"] == 0 and survivor[0]["error"] == "RuntimeError"
         # kill: gloo says "Connection closed by peer" or "Connection reset by peer"; hang: "Timed out waiting".
         assert ("by peer" if how == "kill" else "Timed out") in survivor[0]["message"]
