@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "CheckpointStore": "prefect_recovery.blocks",
     "Region": "prefect_recovery.blocks",
+    "ResultNotFoundError": "prefect_recovery.blocks.result_storage",
+    "ResultUnavailableError": "prefect_recovery.blocks.result_storage",
     "Checkpointer": "prefect_recovery.training.checkpointer",
     "CheckpointSchedule": "prefect_recovery.training.schedule",
     "EveryNSteps": "prefect_recovery.training.schedule",
@@ -78,6 +80,8 @@ __all__ = [
     "Region",
     "RegionUnavailableError",
     "ReplayError",
+    "ResultNotFoundError",
+    "ResultUnavailableError",
     "ResumePoint",
     "RetentionPolicy",
     "StepInputError",
@@ -97,6 +101,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover
     from .blocks import CheckpointStore, Region
+    from .blocks.result_storage import ResultNotFoundError, ResultUnavailableError
     from .core import (
         BlobUnavailableError,
         CheckpointError,

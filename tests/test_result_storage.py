@@ -21,8 +21,8 @@ from helpers.result_flow import pipeline
 from helpers.tamper import flip_byte
 from prefect.results import ResultRecord
 
-from prefect_recovery import CheckpointStore, QuorumNotMetError
-from prefect_recovery.blocks.result_storage import ResultNotFoundError, ResultUnavailableError, result_paths
+from prefect_recovery import CheckpointStore, QuorumNotMetError, ResultNotFoundError, ResultUnavailableError
+from prefect_recovery.blocks.result_storage import result_paths
 from prefect_recovery.core.errors import InvalidNameError
 from prefect_recovery.core.layout import blob_key
 

@@ -33,6 +33,7 @@ from prefect.logging import get_run_logger
 from prefect.utilities.asyncutils import run_sync_in_worker_thread
 
 from ..core import Store
+from ..core.chunks import resolve_into
 from ..core.errors import BlobUnavailableError, CheckpointError, CheckpointNotFoundError
 from ..core.layout import result_lineage
 
@@ -102,37 +103,30 @@ def read_result(store: Store, path: str) -> bytes:
     [entry] = entries
     buffer = bytearray(entry.size)
     view = memoryview(buffer)
-    if not all(getattr(chunk, "stored_raw", True) for chunk in entry.chunks):
-        # A chunk stored in another form (a codec, a delta: core/chunks.py) is decoded and
-        # verified by the core's own read; it does not say which copies it passed over.
-        try:
-            store.read_entries_into([(entry, view)], prefer=holders)
-        except BlobUnavailableError as exc:
-            error = ResultUnavailableError(path, lineage, exc.causes)
-            _logger().error("%s", error)
-            raise error from None
-        return bytes(buffer)
-    skipped: dict[str, str] = {}
+    skipped: dict[str, str] = {}  # region -> why its copy was passed over
+    served: list[str] = []  # the regions the verified bytes came from
+
+    def read_blob(digest: str, out: memoryview) -> None:
+        served.append(store.read_blob_into(digest, out, prefer=holders, skipped=skipped))
+
     offset = 0
     for chunk in entry.chunks:
-        passed_over: dict[str, str] = {}
         try:
-            served = store.read_blob_into(
-                chunk.digest, view[offset : offset + chunk.size], prefer=holders, skipped=passed_over
-            )
+            # Whatever the chunk's stored form (raw, a codec, a delta: core/chunks.py), decoded and verified.
+            resolve_into(read_blob, chunk, view[offset : offset + chunk.size])
         except BlobUnavailableError as exc:
             error = ResultUnavailableError(path, lineage, exc.causes)
             _logger().error("%s", error)  # Prefect's cache lookup swallows read errors: say it here
             raise error from None
-        skipped.update({name: f"{cause}; served from {served}" for name, cause in passed_over.items()})
         offset += chunk.size
     if skipped:
         _logger().warning(
-            "Prefect result %r (lineage %r): a copy was passed over and a verified copy from another region "
-            "served instead (%s). Heal the store with `prefect-recovery verify --repair`.",
+            "Prefect result %r (lineage %r): a copy was passed over (%s); a verified copy was served from %s. "
+            "Heal the store with `prefect-recovery verify --repair`.",
             path,
             lineage,
             "; ".join(f"{name}: {cause}" for name, cause in skipped.items()),
+            ", ".join(dict.fromkeys(served)),
         )
     return bytes(buffer)
 
