@@ -12,6 +12,8 @@ import logging
 import os
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 # Before Prefect is imported: no telemetry calls from an offline machine, and room for the
 # temporary local server to start on a busy 2-core box (its default is 20 s).
@@ -199,6 +201,32 @@ def open_store(regions: list[str] | None, store: str | None, quorum: int = 1) ->
     return CheckpointStore.default()
 
 
+@contextmanager
+def _progress(as_json: bool, label: str) -> Iterator[None]:
+    """A rich progress bar for the store operations run inside (core/progress.py), when stdout is a terminal:
+    never in --json or piped output, which scripts read."""
+    if as_json or not console.is_terminal:
+        yield
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .core.progress import reporting
+
+    tasks: dict[str, Any] = {}
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=True,
+    ) as bar:  # fmt: skip
+
+        def report(operation: str, done: int, total: int) -> None:
+            if operation not in tasks:
+                tasks[operation] = bar.add_task(f"{label} ({operation})", total=total)
+            bar.update(tasks[operation], completed=done, total=total)
+
+        with reporting(report):
+            yield
+
+
 def _emit(payload: Any) -> None:
     print(json.dumps(scrub_obj(json.loads(json.dumps(payload, default=str))), indent=2, sort_keys=True))
 
@@ -297,7 +325,8 @@ def verify(
 ) -> None:
     """Re-hash every manifest and blob in every region. Exit 0 when healthy, 1 otherwise."""
     try:
-        report = open_store(region, store, quorum).verify(repair=repair, lineage=lineage)
+        with _progress(as_json, "verifying blobs"):
+            report = open_store(region, store, quorum).verify(repair=repair, lineage=lineage)
     except CheckpointError as exc:
         _fail(str(exc), as_json)
     if as_json:
@@ -346,14 +375,15 @@ def audit_command(
 ) -> None:
     """Scrub, repair and prune the store (the audit flow's work, without Prefect). Exit 0 when healthy."""
     try:
-        report = open_store(region, store, quorum).audit(
-            read_data=read_data,
-            repair=repair,
-            apply_retention=retention,
-            lineage=lineage,
-            dry_run=dry_run,
-            seed=seed,
-        )
+        with _progress(as_json, "auditing blobs"):
+            report = open_store(region, store, quorum).audit(
+                read_data=read_data,
+                repair=repair,
+                apply_retention=retention,
+                lineage=lineage,
+                dry_run=dry_run,
+                seed=seed,
+            )
     except CheckpointError as exc:
         _fail(str(exc), as_json)
     if as_json:

@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO
+from conftest import CLI, REPO
 
 COMMAND = """
 import sys
@@ -59,3 +59,45 @@ def test_a_command_exiting_with_queued_events_prints_no_queue_draining_noise(
     assert json.loads(command.stdout) == [], command.stdout  # stdout is the JSON alone
     assert "Still processing items" not in command.stdout + command.stderr, command.stderr[-3000:]
     assert "items remaining" not in command.stdout + command.stderr, command.stderr[-3000:]
+
+
+def _store_with_blobs(home: Path) -> None:
+    import torch
+
+    from prefect_recovery import CheckpointStore
+
+    store = CheckpointStore.default(home)
+    for step in (1, 2):
+        state = {f"layer{i}": torch.full((64,), float(step * 10 + i)) for i in range(6)}
+        store.save_checkpoint(state, lineage="bars", step=step)
+
+
+def test_verify_shows_a_progress_bar_on_a_terminal_and_none_when_piped(recovery_home: Path, tmp_path: Path) -> None:
+    import pty
+
+    _store_with_blobs(recovery_home)
+    env = {**os.environ, "PREFECT_RECOVERY_HOME": str(recovery_home), "COLUMNS": "120", "TERM": "xterm"}
+
+    piped = subprocess.run([*CLI, "verify"], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert piped.returncode == 0, piped.stderr[-3000:]
+    assert "verifying blobs" not in piped.stdout + piped.stderr and "\x1b[?25l" not in piped.stdout
+    assert "healthy" in piped.stdout
+
+    # the same command on a terminal (a pseudo-terminal): rich draws the bar, then clears it (transient)
+    primary, secondary = pty.openpty()
+    with subprocess.Popen([*CLI, "verify"], stdout=secondary, stderr=secondary, env=env, cwd=tmp_path) as process:
+        os.close(secondary)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:  # EIO: the command exited and closed the terminal
+                break
+            if not chunk:
+                break
+            shown += chunk
+        assert process.wait(120) == 0, shown.decode(errors="replace")[-3000:]
+    os.close(primary)
+    text = shown.decode(errors="replace")
+    assert "verifying blobs (verify)" in text, text[-3000:]
+    assert "healthy" in text

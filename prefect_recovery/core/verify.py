@@ -24,6 +24,7 @@ from .journal import Journal
 from .layout import blob_key, manifest_key
 from .manifest import Manifest, entry_blob_sizes
 from .models import CheckpointAudit, Problem, VerifyReport
+from .progress import advance
 from .region_object import RegionIO
 from .store import Store
 
@@ -323,7 +324,8 @@ def verify_store(
         return found
 
     with ThreadPoolExecutor(store.io_threads) as pool:
-        for digest, found in zip(ordered, pool.map(scrub, ordered), strict=True):
+        for done, (digest, found) in enumerate(zip(ordered, pool.map(scrub, ordered), strict=True), 1):
+            advance("verify", done, len(ordered))  # the CLI's progress bar, on a terminal
             problems.extend(found)
             for problem in found:
                 problem.lineage, problem.version = blob_rows[digest][0].lineage, blob_rows[digest][0].version
