@@ -9,6 +9,8 @@ user names (default: the ``prefect-recovery`` tag), never to every run in the wo
   (Prefect's documented zombie-flow automation);
 * **auto-recover**: when a scoped run becomes Crashed or Failed, run the ``recover`` deployment
   with that run's ``lineage`` parameter (never for runs of ``recover`` or the audit themselves).
+
+``prepare_run`` is the pull step deployments use on any worker host (docs/PRODUCTION.md).
 """
 
 from __future__ import annotations
