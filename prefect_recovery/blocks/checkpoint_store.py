@@ -44,7 +44,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from ..core import CheckpointInfo, Store, VerifyReport, open_region, verify_store
 from ..core.audit import AuditReport, audit_store
-from ..core.errors import RegionConfigError, SigningKeyError
+from ..core.errors import CheckpointError, RegionConfigError, SigningKeyError
 from ..core.layout import check_base_lineage
 from ..core.region import check_url, redact_url
 from ..core.region_marker import guard_empty_mounts, init_region
@@ -602,7 +602,13 @@ class CheckpointStore(ResultStorage, AsyncStoreApi, WritableFileSystem):
 _shared: contextvars.ContextVar[CheckpointStore | None] = contextvars.ContextVar("shared_store", default=None)
 
 
-def _store_spec(store_block: str | None, regions: list[str] | None, write_quorum: int) -> tuple[Any, ...]:
+def _store_spec(
+    store_block: CheckpointStore | str | None, regions: list[str] | None, write_quorum: int
+) -> tuple[Any, ...]:
+    if isinstance(store_block, CheckpointStore):
+        # a block a flow was handed (the UI's picker): the same store as its saved name says
+        name = store_block._block_document_name
+        return ("block", name) if name else ("instance", id(store_block))
     if store_block:
         return ("block", store_block)
     if regions:
@@ -641,16 +647,33 @@ def shared_store(
         _shared.reset(token)
 
 
+def store_block_name(store_block: CheckpointStore | str | None) -> str | None:
+    """The saved block's name a flow records for a later run (a recovery) to open the same store: the name
+    itself, or the name of the block a flow was handed. An unsaved store has none to record."""
+    if not isinstance(store_block, CheckpointStore):
+        return store_block or None
+    if not store_block._block_document_name:
+        raise CheckpointError(
+            "this CheckpointStore is not a saved block, so a recovery could not open it again: save it "
+            "(store.save('NAME')) and pass it or its name, or pass regions=[...] instead"
+        )
+    return store_block._block_document_name
+
+
 def open_store(
-    store_block: str | None = None, regions: list[str] | None = None, write_quorum: int = 1
+    store_block: CheckpointStore | str | None = None, regions: list[str] | None = None, write_quorum: int = 1
 ) -> CheckpointStore:
-    """The store a flow runs against: a saved ``CheckpointStore`` block by name, else the given
-    regions, else the embedded default store. Every flow opens its store here; inside a recovery
-    (``shared_store``) the store the recovery opened is returned when it is the same one."""
+    """The store a flow runs against: a ``CheckpointStore`` block (as the UI's block picker hands it to a flow)
+    or a saved one's name, else the given regions, else the embedded default store. Every flow opens its store
+    here; inside a recovery (``shared_store``) the store the recovery opened is returned when it is the same
+    one."""
     spec = _store_spec(store_block, regions, write_quorum)
     shared = _shared_as(spec)
     if shared is not None:
         return shared
+    if isinstance(store_block, CheckpointStore):
+        store_block._opened_as = spec
+        return store_block
     if store_block:
         store = CheckpointStore.load(store_block)
     elif regions:

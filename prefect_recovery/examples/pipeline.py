@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from prefect import flow, get_run_logger
 
+from ..blocks import CheckpointStore, store_block_name
 from ..flows.lineage_status import finished_result, lineage_status, open_store
 from ..flows.registry import register_pipeline
 from ..tasks.pipeline_run import PipelineRun, file_input
@@ -52,7 +53,7 @@ def example_pipeline(
     steps: int = DEFAULT_STEPS,
     seed: int = 0,
     schedule: CheckpointSchedule | None = None,
-    store_block: str | None = None,
+    store_block: CheckpointStore | str | None = None,
     data_path: str | None = None,
     regions: list[str] | None = None,
     write_quorum: int = 1,
@@ -64,7 +65,8 @@ def example_pipeline(
         steps: Training steps.
         seed: Seed of the data, the model and every RNG.
         schedule: When to checkpoint (default: heavy every 50 steps, light every 10).
-        store_block: Name of a saved CheckpointStore block; default the embedded local store.
+        store_block: A CheckpointStore block (the UI's Custom run form offers a picker) or a saved one's
+            name (the CLI's form); default the embedded local store.
         data_path: A dataset file (safetensors: x_train, y_train, x_test, y_test); default: synthetic
             data made from the seed.
         regions: Region URLs of the store instead of a block (with ``write_quorum``).
@@ -81,7 +83,7 @@ def example_pipeline(
         "steps": steps,
         "seed": seed,
         "schedule": schedule.model_dump(mode="json") if schedule else None,
-        "store_block": store_block,
+        "store_block": store_block_name(store_block),  # a picked block is recorded by name
         "data_path": data_path,
     }
     if regions:  # recorded only when used, so runs recorded before this option re-run unchanged

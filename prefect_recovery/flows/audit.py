@@ -87,7 +87,7 @@ def replay_sample(store: CheckpointStore, report: AuditReport, seed: int | None)
 
 @flow(name="audit", log_prints=True)
 def audit(
-    store_block: str | None = None,
+    store_block: CheckpointStore | str | None = None,
     read_data: float = 1.0,
     repair: bool = True,
     apply_retention: bool = True,
@@ -99,7 +99,8 @@ def audit(
     """Scrub, repair and prune the checkpoint store, and publish the report.
 
     Args:
-        store_block: Name of a saved CheckpointStore block; default the embedded local store.
+        store_block: A CheckpointStore block (the UI's Custom run form offers a picker) or a saved one's
+            name (the CLI's form); default the embedded local store.
         read_data: Fraction (0-1) of the blobs read and re-hashed; every blob's presence is
             checked whatever the fraction.
         repair: Re-copy missing, corrupt or forged copies from a verified healthy copy.

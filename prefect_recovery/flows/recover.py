@@ -99,7 +99,7 @@ def recover(
     checkpoint: str = "latest",
     from_step: str | None = None,
     preflight: Literal["strict", "warn"] = "strict",
-    store_block: str | None = None,
+    store_block: CheckpointStore | str | None = None,
     regions: list[str] | None = None,
     write_quorum: int = 1,
 ) -> dict[str, Any]:
@@ -110,7 +110,8 @@ def recover(
         checkpoint: "latest" (the latest consistent checkpoint) or a version number.
         from_step: Run this step and every later one again even if they finished.
         preflight: "strict" stops on any failed check; "warn" reports and goes on.
-        store_block: Name of a saved CheckpointStore block; default the embedded local store.
+        store_block: A CheckpointStore block (the UI's Custom run form offers a picker) or a saved one's
+            name (the CLI's form); default the embedded local store.
         regions: Region URLs of the store instead of a block (with ``write_quorum``).
         write_quorum: Write quorum of ``regions``.
     """

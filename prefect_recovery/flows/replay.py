@@ -328,7 +328,7 @@ def replay_check_flow(
     lineage: str,
     from_version: int,
     to_version: int,
-    store_block: str | None = None,
+    store_block: CheckpointStore | str | None = None,
     fail_on_difference: bool = True,
 ) -> dict[str, Any]:
     """Re-run a lineage's training between two checkpoints and compare with the stored state.
@@ -337,7 +337,8 @@ def replay_check_flow(
         lineage: The lineage to check.
         from_version: Checkpoint to start from.
         to_version: Later checkpoint whose stored state the replay must reproduce.
-        store_block: Name of a saved CheckpointStore block; default the embedded local store.
+        store_block: A CheckpointStore block (the UI's Custom run form offers a picker) or a saved one's
+            name (the CLI's form); default the embedded local store.
         fail_on_difference: Fail the run (after publishing the report) when the replay differs.
     """
     store = open_store(store_block)
