@@ -34,8 +34,10 @@ from prefect.utilities.asyncutils import run_sync_in_worker_thread
 
 from ..core import Store
 from ..core.chunks import resolve_into
-from ..core.errors import BlobUnavailableError, CheckpointError, CheckpointNotFoundError
-from ..core.layout import result_lineage
+from ..core.digest import algorithm_of, hash_bytes
+from ..core.errors import BlobUnavailableError, CheckpointError, CheckpointNotFoundError, RegionError
+from ..core.layout import blob_key, result_lineage
+from ..core.manifest import ChunkRef
 
 CONTENT_ENTRY = "content"
 PATH_METADATA = "prefect_result_path"
@@ -80,12 +82,59 @@ def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
 
 
 def write_result(store: Store, path: str, content: bytes) -> None:
-    """Commit ``content`` as the next version of ``path``'s result lineage (FORMAT.md, "Prefect results")."""
+    """Commit ``content`` as the next version of ``path``'s result lineage (FORMAT.md, "Prefect results").
+
+    Prefect rewrites a path with the same bytes when it recomputes a task whose cached record
+    could not be read. A save keeps an existing blob of the right size (deduplication), so a
+    rotten copy would be named again and the result stay unreadable: when the save reused
+    stored blobs, each region's copy of them is re-hashed, a corrupt one deleted, and the result
+    saved once more, which writes it again.
+    """
     from ..training.state_io import save_state  # the state encoding, shared with checkpoints
 
     if not isinstance(content, (bytes, bytearray, memoryview)):
         raise TypeError(f"write_path({path!r}) takes bytes, not {type(content).__name__}")
-    save_state(store, {CONTENT_ENTRY: bytes(content)}, lineage=result_lineage(path), metadata={PATH_METADATA: path})
+    lineage = result_lineage(path)
+    state, metadata = {CONTENT_ENTRY: bytes(content)}, {PATH_METADATA: path}
+    info = save_state(store, state, lineage=lineage, metadata=metadata)
+    if info.bytes_written is not None and info.bytes_written >= info.total_bytes * len(info.regions):
+        return  # every byte was written now (raw, every region): nothing old was reused
+    if _delete_corrupt_copies(store, lineage, info.version):
+        save_state(store, state, lineage=lineage, metadata=metadata)
+
+
+def _delete_corrupt_copies(store: Store, lineage: str, version: int) -> list[str]:
+    """Delete every copy of a blob of ``version`` that does not hash to its name; the copies deleted.
+
+    A blob is named by the digest of its bytes, so a copy that does not match is garbage in any
+    manifest that names it: deleting it loses nothing, and the next save writes it again.
+    """
+    manifest, holders = store.resolve(lineage, version)
+    stored: dict[str, int] = {}
+    for entry in store.manifest_entries(manifest, prefer=holders):
+        for chunk in entry.chunks:
+            ref: ChunkRef | None = chunk
+            while ref is not None:  # a delta chunk's parents are blobs it needs too
+                stored[ref.digest] = ref.blob_size
+                ref = ref.parent
+    deleted = []
+    for region in store.regions:
+        for digest, size in stored.items():
+            key = blob_key(digest)
+            try:
+                if hash_bytes(region.get(key, max_bytes=size + 1), algorithm_of(digest)) != digest:
+                    region.delete(key)
+                    deleted.append(f"{region.name}/{key}")
+            except RegionError:
+                continue  # missing or unreachable: a later save or verify --repair writes it
+    if deleted:
+        _logger().warning(
+            "Prefect result lineage %r: deleted %d corrupt blob copies (%s) so that this write stores them again",
+            lineage,
+            len(deleted),
+            ", ".join(deleted),
+        )
+    return deleted
 
 
 def read_result(store: Store, path: str) -> bytes:
