@@ -179,3 +179,18 @@ def test_rewriting_a_result_whose_every_copy_rotted_heals_it(tmp_path: Path) -> 
     store.write_path("key", b"the value")
     assert store.read_path("key") == b"the value"
     assert store.verify().healthy
+
+
+def test_a_prefect_transaction_commits_its_record_into_the_store(tmp_path: Path) -> None:
+    from prefect.results import ResultStore
+    from prefect.transactions import transaction
+
+    a, b = two_regions(tmp_path)
+    store = CheckpointStore(regions=[str(a), str(b)], write_quorum=2)
+    with transaction(key="nightly-2026-12-07", store=ResultStore(result_storage=store)) as txn:
+        txn.stage({"rows": 1234})
+    assert result_paths(store) == {"nightly-2026-12-07": store.result_lineage("nightly-2026-12-07")}
+    assert store.latest(store.result_lineage("nightly-2026-12-07")).regions == [str(a), str(b)]
+    with transaction(key="nightly-2026-12-07", store=ResultStore(result_storage=store)) as again:
+        assert again.is_committed()
+        assert again.read().result == {"rows": 1234}
