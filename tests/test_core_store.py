@@ -490,9 +490,9 @@ class _Recording(LocalRegionIO):
         self.touched.append(key)
         return super().get(key, max_bytes)
 
-    def read_into(self, key, buffer):
+    def read_into(self, key, buffer, hasher=None):
         self.touched.append(key)
-        return super().read_into(key, buffer)
+        return super().read_into(key, buffer, hasher)
 
     def size(self, key):
         self.touched.append(key)

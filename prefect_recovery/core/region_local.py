@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .digest import HASH_PIECE_BYTES
 from .errors import (
     ForeignObjectError,
     RegionError,
@@ -158,18 +159,25 @@ class LocalRegionIO(RegionIO):
         except Exception as exc:
             raise self._wrap(exc, "reading", key) from None
 
-    def read_into(self, key: str, buffer: memoryview) -> int:
+    def read_into(self, key: str, buffer: memoryview, hasher: Any = None) -> int:
+        """Read blob ``key`` into ``buffer`` (nothing when the sizes differ); return its size.
+
+        With ``hasher`` (``digest.new_hasher``) every piece is hashed as soon as it is read,
+        while it is still in the CPU cache (``HASH_PIECE_BYTES``)."""
         try:
             fd, size = self._open_regular(key)
             with open(fd, "rb", buffering=0) as handle:
                 if size != len(buffer):
                     return size
                 view = buffer.cast("B") if buffer.format != "B" else buffer
+                piece = HASH_PIECE_BYTES if hasher is not None else size
                 got = 0
                 while got < size:
-                    n = handle.readinto(view[got:])
+                    n = handle.readinto(view[got : got + piece])
                     if not n:
                         return got
+                    if hasher is not None:
+                        hasher.update(view[got : got + n])
                     got += n
                 return size
         except Exception as exc:

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from .chunks import resolve_into
-from .digest import hash_bytes
+from .digest import PARALLEL_HASH_BYTES, HashAlgorithm, hash_bytes, hasher_digest, new_hasher
 from .errors import BlobUnavailableError, RegionError, RegionUnavailableError
 from .layout import blob_key
 from .manifest import ChunkRef, Entry
@@ -104,10 +104,15 @@ class StoreReads:
         """
         key = blob_key(digest)
         causes: dict[str, str] = {} if skipped is None else skipped
+        algorithm: HashAlgorithm = digest.split(":", 1)[0]  # type: ignore[assignment]
         for region in self._read_order(prefer):
+            got: str | None = None  # the digest computed while reading, if it was
             try:
-                if isinstance(region, LocalRegionIO):  # straight into the buffer
-                    size = region.read_into(key, buffer)
+                if isinstance(region, LocalRegionIO):  # straight into the buffer, hashed as it lands
+                    hasher = new_hasher(algorithm) if len(buffer) < PARALLEL_HASH_BYTES else None
+                    size = region.read_into(key, buffer, hasher)
+                    if hasher is not None and size == len(buffer):
+                        got = hasher_digest(hasher, algorithm)
                 else:  # new bytes in a bounded call, copied here: a late answer never touches the buffer
                     data = self._bounded(region, region.get, key)
                     size = len(data)
@@ -119,7 +124,7 @@ class StoreReads:
             if size != len(buffer):
                 causes[region.name] = f"size {size}, expected {len(buffer)} (corrupt)"
                 continue
-            if hash_bytes(buffer, digest.split(":", 1)[0]) != digest:  # type: ignore[arg-type]
+            if (got or hash_bytes(buffer, algorithm)) != digest:
                 causes[region.name] = "content does not match its digest (corrupt)"
                 continue
             return region.name
