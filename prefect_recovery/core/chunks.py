@@ -27,6 +27,9 @@ from .manifest import MAX_DELTA_CHAIN, ChunkRef, Entry
 # Reads one blob, verified against its digest, into a buffer of its stored size (failing over
 # between regions); StoreReads.read_blob_into.
 ReadBlob = Callable[[str, memoryview], object]
+# Fills a buffer with a chunk's decoded bytes (the writer's parent reads: resolve_into, or the
+# bytes the writer kept from the previous save).
+ReadChunk = Callable[[ChunkRef, memoryview], object]
 
 
 def _algorithm(digest: str) -> HashAlgorithm:
@@ -79,7 +82,7 @@ def prepare(
     dtype: str | None,
     algorithm: HashAlgorithm,
     parent: ChunkRef | None = None,
-    read_blob: ReadBlob | None = None,
+    read_parent: ReadChunk | None = None,
     min_saving: float = codecs.DEFAULT_MIN_SAVING,
 ) -> StoredChunk:
     """How to store ``data``: raw, encoded, or as a delta against ``parent`` (kept only when it
@@ -89,11 +92,11 @@ def prepare(
         return StoredChunk(parent, None)  # unchanged since the parent: name the same blob(s)
     encoded = codecs.encode(data, codec, dtype, min_saving=min_saving)
     alone = len(encoded.data)
-    usable = parent is not None and read_blob is not None and parent.size == len(data)
+    usable = parent is not None and read_parent is not None and parent.size == len(data)
     if usable and parent.chain_length() < MAX_DELTA_CHAIN:  # type: ignore[union-attr]
         base = bytearray(len(data))
         try:
-            resolve_into(read_blob, parent, memoryview(base))  # type: ignore[arg-type]
+            read_parent(parent, memoryview(base))  # type: ignore[arg-type,misc]
         except BlobUnavailableError:
             usable = False  # no intact parent anywhere: store this chunk whole
         if usable:

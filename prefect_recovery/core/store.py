@@ -141,6 +141,7 @@ class Store(StoreWrites, StoreConsistency):
         self.codec = codec
         self.codec_min_saving = codec_min_saving
         self.delta = delta
+        self._delta_kept: dict[str, bytes] = {}
         self._slow_until: dict[str, float] = {}
 
     def derive(self, regions: Sequence[RegionIO], *, write_quorum: int, placement: Literal["all", "primary"]) -> Store:

@@ -35,6 +35,7 @@ from .codecs import CodecName
 from .digest import HashAlgorithm, hash_bytes
 from .errors import (
     BlobUnavailableError,
+    CheckpointError,
     ForeignObjectError,
     InvalidNameError,
     ManifestError,
@@ -132,6 +133,8 @@ class StoreWrites(StoreListing, StorePages):
     codec: CodecName
     codec_min_saving: float
     delta: bool
+    # Content digest -> bytes of the chunks of the last delta save (Store.__init__ sets it).
+    _delta_kept: dict[str, bytes]
 
     def commit(
         self,
@@ -209,14 +212,14 @@ class StoreWrites(StoreListing, StorePages):
                 "every reader would reject what it writes; set the store's signing key (or accept_unsigned)"
             )
 
-    def _delta_base(self, lineage: str) -> list[Entry] | None:
+    def _delta_base(self, lineage: str) -> list[Entry]:
         """The entries of ``lineage``'s latest consistent version (the parents a delta save's
-        chunks may name), or None when it has none that can be read."""
+        chunks may name); none when it has none that can be read."""
         try:
             manifest, holders = self.resolve(lineage)  # type: ignore[attr-defined]
             return self.manifest_entries(manifest, prefer=holders)
-        except Exception:  # no base (a first save, a damaged latest): the save is written whole
-            return None
+        except CheckpointError:  # no base (a first save, a damaged latest): the save is written whole
+            return []
 
     def write_entries(self, entries: Sequence[EntryPlan], *, base: Sequence[Entry] | None = None) -> WrittenEntries:
         """Phase one of a save: hash every chunk once and write it to every region.
@@ -235,7 +238,7 @@ class StoreWrites(StoreListing, StorePages):
             duplicates = sorted({name for name in names if names.count(name) > 1})
             raise InvalidNameError(f"duplicate entry names {duplicates}")
         region_causes, bytes_written, chunk_refs = self._write_blobs(
-            entries, codec=self.codec, base={entry.name: entry for entry in base} if base else None
+            entries, codec=self.codec, base={entry.name: entry for entry in base} if base is not None else None
         )
         manifest_entries = [
             Entry(
@@ -433,7 +436,7 @@ class StoreWrites(StoreListing, StorePages):
                 dtype=entries[index].dtype,
                 algorithm=self.hash_algorithm,
                 parent=parent,
-                read_blob=self._read_parent_blob,
+                read_parent=self._read_parent,
                 min_saving=self.codec_min_saving,
             )
 
@@ -489,10 +492,23 @@ class StoreWrites(StoreListing, StorePages):
             refs: list[list[ChunkRef]] = [[] for _ in entries]
             for (index, _, _), digest in zip(slices, digests, strict=True):
                 refs[index].append(digest.result().ref)
+            if base is not None:
+                # The next delta save's parents are these chunks: keep their bytes (one copy of
+                # the state in host memory) so it need not read and decode them back.
+                self._delta_kept = {
+                    ref.content_digest: bytes(data)
+                    for (index, data, _), ref in zip(slices, (d.result().ref for d in digests), strict=True)
+                }
         return causes, written[0], refs
 
-    def _read_parent_blob(self, digest: str, buffer: memoryview) -> object:
-        return self.read_blob_into(digest, buffer)  # type: ignore[attr-defined]
+    def _read_parent(self, parent: ChunkRef, buffer: memoryview) -> None:
+        """A delta parent's bytes: from the previous save's, kept in memory, or read back (a
+        chain of k parents costs k blob reads)."""
+        kept = self._delta_kept.get(parent.content_digest)
+        if kept is not None and len(kept) == len(buffer):
+            buffer[:] = kept
+            return
+        self.read_chunk_into(parent, buffer)  # type: ignore[attr-defined]
 
     def _ensure_copied(self, region: RegionIO, digest: str, size: int) -> None:
         """Make ``region`` hold blob ``digest`` (an existing blob a new chunk names), copying

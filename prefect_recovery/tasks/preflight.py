@@ -113,7 +113,7 @@ def check_checkpoint(ctx: PreflightContext) -> CheckResult:
     if manifest.pages is not None:  # paged (FORMAT.md, "Entry pages"): resolve checked the pages only
         present = f"its {len(manifest.pages)} entry pages present ({manifest.total_bytes:,} bytes of state)"
     else:
-        blobs = {chunk.digest for entry in manifest.entries for chunk in entry.chunks}
+        blobs = manifest.blob_digests()  # delta parents included
         present = f"its {len(blobs)} blobs present with their sizes ({manifest.total_bytes:,} bytes)"
     return CheckResult(
         check="checkpoint",

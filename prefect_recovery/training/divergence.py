@@ -55,7 +55,7 @@ def _rank(name: str) -> tuple[int, str]:
 def _leaves(store: Store, manifest: Manifest) -> dict[str, str]:
     """What each entry holds (its chunk digests, dtype, shape) and each component's plain values."""
     leaves = {
-        entry.name: json.dumps([[c.digest for c in entry.chunks], entry.dtype, entry.shape])
+        entry.name: json.dumps([[c.content_digest for c in entry.chunks], entry.dtype, entry.shape])
         for entry in store.manifest_entries(manifest)
     }
     tree: Any = manifest.tree

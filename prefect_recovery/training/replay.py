@@ -86,7 +86,7 @@ def _chunk_digests(data: memoryview, like: Entry) -> list[str]:
     flat = data.cast("B") if data.format != "B" or data.ndim != 1 else data
     digests, offset = [], 0
     for chunk in like.chunks:
-        digests.append(hash_bytes(flat[offset : offset + chunk.size], algorithm_of(chunk.digest)))
+        digests.append(hash_bytes(flat[offset : offset + chunk.size], algorithm_of(chunk.content_digest)))
         offset += chunk.size
     return digests
 
@@ -191,7 +191,8 @@ class _Walk:
                 entry=True,
             )
             return
-        if _chunk_digests(plan.data, stored) != [chunk.digest for chunk in stored.chunks]:
+        # Content digests: a chunk stored compressed or as a delta holds the same state.
+        if _chunk_digests(plan.data, stored) != [chunk.content_digest for chunk in stored.chunks]:
             self.note(base, entry=True)
 
     def walk(self, stored: Any, replayed: Any, path: tuple[Any, ...]) -> None:
