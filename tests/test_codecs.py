@@ -246,3 +246,20 @@ def test_gc_sweeps_unnamed_compressed_blobs_only(tmp_path):
     gone = {digest for digest, _ in first.entries[0].chunks[0].blobs()}
     assert gone and all(not (tmp_path / "r0" / blob_key(d)).exists() for d in gone), report
     assert _load(store, "run")[1]["w"] == _raw(_weights("bfloat16", 20_000, seed=2))
+
+
+def test_the_block_codec_and_delta_fields_reach_the_store(tmp_path):
+    from prefect_recovery import CheckpointStore
+
+    regions = [str(tmp_path / "a"), str(tmp_path / "b")]
+    for region in regions:
+        Path(region).mkdir()
+    block = CheckpointStore(regions=regions, write_quorum=1, codec="auto", delta=True)
+    assert (block.core.codec, block.core.delta) == ("auto", True)
+    state = {"w": _weights("bfloat16", 30_000)}
+    block.save_checkpoint(state, lineage="blk")
+    state["w"] = state["w"] * 2  # every exponent moves: stored whole, compressed
+    block.save_checkpoint(state, lineage="blk")
+    loaded = CheckpointStore(regions=regions, write_quorum=1).load_checkpoint(lineage="blk")
+    assert torch.equal(loaded["w"].view(torch.int16), state["w"].view(torch.int16))
+    assert all(c.codec == "bytegroup-zstd" for e in block.core.resolve("blk")[0].entries for c in e.chunks)
