@@ -263,3 +263,10 @@ def test_the_block_codec_and_delta_fields_reach_the_store(tmp_path):
     loaded = CheckpointStore(regions=regions, write_quorum=1).load_checkpoint(lineage="blk")
     assert torch.equal(loaded["w"].view(torch.int16), state["w"].view(torch.int16))
     assert all(c.codec == "bytegroup-zstd" for e in block.core.resolve("blk")[0].entries for c in e.chunks)
+
+
+def test_a_chunk_claiming_more_than_zstd_can_expand_is_refused_by_the_schema():
+    digest = hash_bytes(b"x", "blake3")
+    with pytest.raises(ValueError, match="cannot decode from 64 stored bytes"):
+        ChunkRef(digest=digest, size=2**40, codec="zstd", stored_size=64, decoded_digest=digest)
+    assert ChunkRef(digest=digest, size=2**21, codec="zstd", stored_size=64, decoded_digest=digest).blob_size == 64

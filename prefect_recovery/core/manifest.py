@@ -50,6 +50,10 @@ class _Strict(BaseModel):
 # Longest chain of delta parents a chunk may name (FORMAT.md, "Delta chunks"): a read
 # resolves at most this many blobs for one chunk, and the writer starts a full chunk after it.
 MAX_DELTA_CHAIN = 8
+# The most a zstd frame can expand: a 128 KiB block of one repeated byte is a 4-byte RLE block.
+# A chunk claiming more decoded bytes per stored byte is refused by the schema, so an unsigned
+# manifest cannot make a reader allocate much more than the blobs the consistency rule checked.
+MAX_EXPANSION = 2**15
 
 
 class ChunkRef(_Strict):
@@ -85,6 +89,10 @@ class ChunkRef(_Strict):
             return self
         if self.stored_size is None or self.decoded_digest is None:
             raise ValueError("a chunk with a codec or a parent names its stored_size and decoded_digest")
+        if self.codec is None and self.stored_size != self.size:
+            raise ValueError("a delta chunk without a codec stores exactly its size")
+        if self.size > MAX_EXPANSION * max(self.stored_size, 1):
+            raise ValueError(f"a chunk of {self.size} bytes cannot decode from {self.stored_size} stored bytes")
         if (self.codec == "bytegroup-zstd") != (self.width is not None):
             raise ValueError("width is named by bytegroup-zstd chunks, and only by them")
         if self.width is not None and self.size % self.width:
