@@ -259,9 +259,14 @@ def install_automations(
                     deployment_id=recover,
                     parameters={
                         "lineage": {"template": "{{ flow_run.parameters['lineage'] }}", "__prefect_kind": "jinja"},
+                        # as JSON, so a block picked in the UI (a {"$ref": ...} parameter) reaches the recovery
+                        # as that block, a name as a name, and no store as None
                         "store_block": {
-                            "template": "{{ flow_run.parameters['store_block'] or '' }}",
-                            "__prefect_kind": "jinja",
+                            "__prefect_kind": "json",
+                            "value": {
+                                "template": "{{ flow_run.parameters.get('store_block') | tojson }}",
+                                "__prefect_kind": "jinja",
+                            },
                         },
                     },
                 )
