@@ -135,8 +135,11 @@ class StoreReads:
         codec, a delta chain: core/chunks.py)."""
         resolve_into(lambda digest, view: self.read_blob_into(digest, view, prefer), chunk, buffer)
 
-    def read_entries_into(self, targets: Sequence[tuple[Entry, memoryview]], prefer: Sequence[str] = ()) -> None:
-        """Fill each buffer with its entry's bytes, chunks read in parallel and verified."""
+    def read_entries_into(
+        self, targets: Sequence[tuple[Entry, memoryview]], prefer: Sequence[str] = (), threads: int | None = None
+    ) -> None:
+        """Fill each buffer with its entry's bytes, chunks read in parallel (``threads``, default
+        the store's ``io_threads``) and verified."""
         jobs: list[tuple[ChunkRef, memoryview]] = []
         for entry, buffer in targets:
             flat = buffer.cast("B") if buffer.format != "B" or buffer.ndim != 1 else buffer
@@ -150,6 +153,6 @@ class StoreReads:
             for chunk, view in jobs:
                 self.read_chunk_into(chunk, view, prefer)
             return
-        with ThreadPoolExecutor(self.io_threads, thread_name_prefix="ckpt-get") as pool:
+        with ThreadPoolExecutor(threads or self.io_threads, thread_name_prefix="ckpt-get") as pool:
             for future in [pool.submit(self.read_chunk_into, c, v, prefer) for c, v in jobs]:
                 future.result()

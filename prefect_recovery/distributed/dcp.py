@@ -58,6 +58,7 @@ from ..core.layout import check_lineage
 from ..core.manifest import Component, Entry, Manifest, PageRef, ShardInfo
 from ..core.models import CheckpointInfo
 from ..core.observe import StoreEvent, notify
+from ..core.region_local import LocalRegionIO
 from ..core.store import EntryPlan, Store, WrittenEntries, core_store
 from ..training.encoding import _dtype_name, _path_part, allocate, contiguous_copy, reusable, tensor_bytes
 from .errors import (
@@ -386,6 +387,18 @@ def _check_bytes_item(fqn: str, data: bytes) -> None:
         ) from None
 
 
+def rank_read_threads(store: Store) -> int:
+    """Reading threads of one rank: the store's ``io_threads``, but on local regions (where a
+    read is a memory copy plus a hash, bound by the CPU) no more than this rank's share of the
+    cores: torchrun starts ``LOCAL_WORLD_SIZE`` ranks per machine, each with its own pool, and
+    4 ranks x 4 threads on 2 cores loaded up to 1.6x slower than one thread per rank
+    (benchmarks/ranks.py --dcp). Object-store regions wait on the network: they keep them all."""
+    if not all(isinstance(region, LocalRegionIO) for region in store.regions):
+        return store.io_threads
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(store.io_threads, len(os.sched_getaffinity(0)) // local_ranks))
+
+
 class StoreReader(StorageReader):
     """A ``StorageReader`` of one version of ``lineage`` (default: the latest consistent one).
 
@@ -493,7 +506,7 @@ class StoreReader(StorageReader):
                 values[name], view = allocate(entry)
             targets.append((entry, view))
         # Only the entries this rank's plan names are read (partial restore), each one verified.
-        self.store.read_entries_into(targets, prefer=self.holders)
+        self.store.read_entries_into(targets, prefer=self.holders, threads=rank_read_threads(self.store))
         for name, items in wanted.items():
             for item in items:
                 self._deliver(item, values[name], planner, name in direct)
