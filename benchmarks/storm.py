@@ -8,11 +8,15 @@ the recover deployment's concurrency limit (2, prefect.yaml) throttling recoveri
 * ``single``: one run crashed alone (SIGKILL of its flow-run process), the baseline;
 * ``storm``: ``--lineages`` runs (default 20) crashed at the same instant.
 
-Each recovery is split into detection, trigger, queue, start, preflight, restore, training and finish
+Each recovery is split into detection, trigger, queue, start, preflight, resume, training and finish
 (tests/helpers/storm.py says what each one measures), and every recovered lineage's final state digest is
 compared with an uninterrupted run's.
 
-    python benchmarks/storm.py --json [--lineages 20] [--pace 0.4]
+    python benchmarks/storm.py --json [--lineages 20] [--pace SECONDS]
+
+``--pace`` (seconds per optimizer step of the runs that crash; recoveries train at full speed) defaults to
+0.25 s per lineage, at least 1 s: all runs start at once on the same cores and must all be mid-training when
+the last one commits its first checkpoint.
 """
 
 from __future__ import annotations
@@ -40,11 +44,12 @@ SEED, EPOCHS = 0, 3
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lineages", type=int, default=20)
-    parser.add_argument("--pace", type=float, default=STORM_PACE, help="seconds per optimizer step")
+    parser.add_argument("--pace", type=float, default=None, help="seconds per optimizer step")
     parser.add_argument("--zombie-after", type=int, default=60)
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
     args = parser.parse_args()
+    args.pace = args.pace if args.pace is not None else max(STORM_PACE, 0.25 * args.lineages)
 
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="storm-") as tmp, production_stack(Path(tmp)) as stack:

@@ -105,7 +105,9 @@ def checkpoints_by_step(store: CheckpointStore, lineage: str) -> dict[tuple[str,
 
 @pytest.fixture(scope="module")
 def reference(stack: ProductionStack) -> Reference:
-    """The uninterrupted run, from the CLI (``python -m sensorfit.pipeline``) against the same server and block."""
+    """The uninterrupted run, from the CLI (``python -m sensorfit.pipeline``) against the same server and block,
+    while a worker runs the deployment for lineage ``worker`` (compared by the first test)."""
+    worker_run = stack.run_deployment(PIPELINE_DEPLOYMENT, lineage="worker", seed=SEED, epochs=EPOCHS)
     done = subprocess.run(
         [sys.executable, "-m", "sensorfit.pipeline", "cli", str(SEED), str(EPOCHS), STORE_BLOCK],
         capture_output=True,
@@ -115,6 +117,8 @@ def reference(stack: ProductionStack) -> Reference:
         cwd=CODE,
     )
     assert done.returncode == 0, done.stderr[-4000:]
+    run = wait_final(stack, worker_run, TIMEOUT, "the worker run")
+    assert run["state_type"] == "COMPLETED", run["state"]
     store = store_of(stack)
     final = store.latest("cli")
     return Reference(
@@ -152,8 +156,7 @@ def run_on_worker(stack: ProductionStack, lineage: str, **parameters: Any) -> di
 
 # -- 1. the same pipeline, three ways ------------------------------------------------------------------------------
 def test_cli_worker_and_loaded_worker_runs_are_bit_identical(stack: ProductionStack, reference: Reference) -> None:
-    with logs_on_failure(stack):
-        run_on_worker(stack, "worker")
+    with logs_on_failure(stack):  # the run of lineage "worker" ran beside the reference
         hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]  # both cores busy
         try:
             run_on_worker(stack, "worker-loaded")

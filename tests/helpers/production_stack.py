@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 CODE = REPO / "tests" / "production"  # the user's checkout: the sensorfit package and its prefect.yaml
 POOL = "sensorfit-pool"
 RECOVERY_LIMIT = 2  # the recover deployment's concurrency limit (prefect.yaml)
-SLOT_WAIT_SECONDS = 5  # how often a recovery waiting for a slot asks again (Prefect's default: 30 s)
+SLOT_WAIT_SECONDS = 2  # how often a recovery waiting for a slot asks again (Prefect's default: 30 s)
 PIPELINE_DEPLOYMENT = "sensorfit/production"
 RECOVER_DEPLOYMENT = "recover/recover"
 STORE_BLOCK = "sensorfit-store"
@@ -71,7 +71,20 @@ class ProductionStack:
         assert done.returncode == 0, f"prefect {' '.join(args)} failed\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
         return done.stdout
 
-    def start_worker(self, name: str) -> Worker:
+    def prefect_recovery(self, *args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "prefect_recovery.cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=self.env(),
+            cwd=self.tmp,
+        )
+        command = " ".join(args)
+        assert done.returncode == 0, f"prefect-recovery {command} failed\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+        return done.stdout
+
+    def start_worker(self, name: str, wait: bool = True) -> Worker:
         """``prefect worker start`` on the pool, with its own copy of the code (the pull step's
         ``PREFECT_RECOVERY_WORKDIR``; the code is not on the worker's PYTHONPATH) and its own working directory."""
         host = self.tmp / name
@@ -85,7 +98,7 @@ class ProductionStack:
             PREFECT_RECOVERY_HOME=str(host / "recovery-home"),
             PREFECT_HOME=str(host / "prefect-home"),
             PREFECT_WORKER_QUERY_SECONDS="2",
-            PREFECT_LOGGING_EXTRA_LOGGERS="prefect_recovery",  # the Checkpointer's "restored" in the run's logs
+            PREFECT_RECOVERY_STRICT_DETERMINISM="1",  # a run whose checkpointing moved a global RNG fails
             PREFECT_WORKER_HEARTBEAT_SECONDS="10",
             PREFECT_FLOWS_HEARTBEAT_FREQUENCY=str(HEARTBEAT_SECONDS),  # the flow runs' heartbeats: zombie detection
         )
@@ -100,6 +113,12 @@ class ProductionStack:
             )
         worker = Worker(name, process, log, code)
         self.workers[name] = worker
+        if wait:
+            self.wait_online(worker)
+        return worker
+
+    def wait_online(self, worker: Worker) -> None:
+        name, process, log = worker.name, worker.process, worker.log
 
         def online() -> bool:
             if process.poll() is not None:
@@ -108,7 +127,6 @@ class ProductionStack:
             return any(w["name"] == name and w["status"] == "ONLINE" for w in found)  # type: ignore[union-attr]
 
         wait_for(online, 180, f"worker {name} to come online", interval=1)
-        return worker
 
     def deployment_id(self, name: str) -> str:
         return api(self.server, "GET", f"/deployments/name/{name}")["id"]  # type: ignore[index]
@@ -192,8 +210,6 @@ def production_stack(tmp: Path, workers: int = 2) -> Iterator[ProductionStack]:
         server = _start_server(tmp, database_url)
         cleanup.callback(stop, server.process)
         regions = [tmp / "regions" / "region-a", tmp / "regions" / "region-b"]
-        for region in regions:  # two disks, as an operator mounts them: the store never creates a region's root
-            region.mkdir(parents=True)
         stack = ProductionStack(tmp, server, database_url, regions)
         cleanup.callback(lambda: [kill_tree(w.process) for w in stack.workers.values()])
 
@@ -215,8 +231,12 @@ def production_stack(tmp: Path, workers: int = 2) -> Iterator[ProductionStack]:
             env=stack.env(),
         )
         assert saved.returncode == 0, saved.stderr[-3000:]
-        for index in range(workers):
-            stack.start_worker(f"worker-{'ab'[index]}")
+        # the operator's step before first use: each region's directory and marker. Without it, two runs that
+        # open the fresh store at the same moment can race on the markers (one saw region-b unmarked while
+        # region-a was, and refused it as an unmounted disk: QuorumNotMetError)
+        stack.prefect_recovery("init", "--store", STORE_BLOCK)
+        for worker in [stack.start_worker(f"worker-{'ab'[index]}", wait=False) for index in range(workers)]:
+            stack.wait_online(worker)
         yield stack
 
 

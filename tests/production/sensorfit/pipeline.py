@@ -5,7 +5,8 @@ Written the way docs/PIPELINES.md says: ``@step`` steps, a ``PipelineRun`` aroun
 name, and the store opened with ``open_store(store_block)`` so a recovery hands the pipeline its own store.
 
 ``pace`` sleeps after each optimizer step: it stands in for a heavier model so that a test can kill a run
-mid-training. It changes wall-clock time only, never a value, and is not part of the fit step's cache key.
+mid-training. It changes wall-clock time only, never a value, so it is neither part of the fit step's cache key
+nor of the parameters the run records: a recovery re-runs the pipeline with the recorded ones, at full speed.
 Run from a shell as ``python -m sensorfit.pipeline LINEAGE [SEED] [EPOCHS] [STORE_BLOCK]``.
 """
 
@@ -98,7 +99,7 @@ def sensorfit(
         store_block: Name of a saved CheckpointStore block; default the embedded local store.
     """
     store = open_store(store_block)
-    parameters = {"lineage": lineage, "seed": seed, "epochs": epochs, "pace": pace, "store_block": store_block}
+    parameters = {"lineage": lineage, "seed": seed, "epochs": epochs, "store_block": store_block}
     with PipelineRun(store, lineage, pipeline=PIPELINE, parameters=parameters) as run:
         data = make_readings(seed)
         fitted = fit(store, lineage, data, seed, epochs, pace, run.resume_point())
