@@ -164,12 +164,15 @@ def measure_zipnn(data: bytes, dtype: str, threads: int, repeat: int) -> dict[st
     coder = zipnn.ZipNN(input_format="byte", bytearray_dtype=dtype, threads=threads)
     t_c, encoded = best_of(repeat, lambda: [coder.compress(c) for c in chunks])
     t_d, decoded = best_of(repeat, lambda: [coder.decompress(e) for e in encoded])
-    assert b"".join(bytes(d) for d in decoded) == data, "zipnn round trip lost bytes"
+    # Recorded, not asserted: ZipNN 0.5.4 has been seen to return other bytes than it was given
+    # (mlp-float32 here, 2026-12-07), which is a finding of the comparison.
+    lossless = b"".join(bytes(d) for d in decoded) == data
     stored = sum(len(e) for e in encoded)
     return {
         "ratio": round(len(data) / stored, 4),
         "compress_GBps": round(len(data) / t_c / 1e9, 3),
         "decompress_GBps": round(len(data) / t_d / 1e9, 3),
+        "lossless": lossless,
     }
 
 
@@ -285,6 +288,8 @@ def finetune_bytes(
     for group in optimizer.param_groups:
         group["lr"] = 1e-5
     configs = {"full_none": ("none", False), "auto": ("auto", False), "auto_delta": ("auto", True)}
+    # Both lineages share each store: the "state" lineage's model chunks dedup against the
+    # "weights" lineage's (same bytes, same stored form), so its bytes written are the moments'.
     stores = {}
     for name, (codec, delta) in configs.items():
         root = workdir / f"ft-{DTYPE_NAMES[dtype]}-{name}"
@@ -334,7 +339,7 @@ def main() -> None:
             for codec in CODECS:
                 row[codec] = measure_ours(data, codec, dtype, args.threads, args.repeat)
             ours, theirs = row["auto"], row["zipnn"]
-            row["auto_vs_zipnn"] = {k: round(ours[k] / theirs[k], 3) for k in ours}
+            row["auto_vs_zipnn"] = {k: round(ours[k] / theirs[k], 3) for k in ours if k in theirs}
             table.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
 
