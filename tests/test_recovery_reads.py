@@ -114,8 +114,8 @@ def counts(monkeypatch: pytest.MonkeyPatch) -> Counts:
         found.record(key, len(data))
         return data
 
-    def counted_read_into(self: LocalRegionIO, key: str, buffer: memoryview) -> int:
-        size = read_into(self, key, buffer)
+    def counted_read_into(self: LocalRegionIO, key: str, buffer: memoryview, hasher: Any = None) -> int:
+        size = read_into(self, key, buffer, hasher)
         found.record(key, size)
         return size
 
