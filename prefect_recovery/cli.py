@@ -499,7 +499,8 @@ def export(
     if to.is_dir() and any(to.iterdir()) and not force:
         _fail(f"--to {to} is not empty: give a new or empty directory, or --force to write into it", as_json)
     try:
-        summary = export_checkpoint(open_store(region, store, quorum).core, lineage=lineage, version=version, to=to)
+        with _progress(as_json, "exporting"):  # chunks read and verified
+            summary = export_checkpoint(open_store(region, store, quorum).core, lineage=lineage, version=version, to=to)
     except CheckpointError as exc:
         _fail(str(exc), as_json)
     except OSError as exc:

@@ -86,20 +86,12 @@ def _store_with_blobs(home: Path) -> None:
         store.save_checkpoint(state, lineage="bars", step=step)
 
 
-def test_verify_shows_a_progress_bar_on_a_terminal_and_none_when_piped(recovery_home: Path, tmp_path: Path) -> None:
+def on_a_terminal(command: list[str], env: dict[str, str], cwd: Path) -> str:
+    """What ``command`` shows when its output is a terminal (a pseudo-terminal); it must exit 0."""
     import pty
 
-    _store_with_blobs(recovery_home)
-    env = {**os.environ, "PREFECT_RECOVERY_HOME": str(recovery_home), "COLUMNS": "120", "TERM": "xterm"}
-
-    piped = subprocess.run([*CLI, "verify"], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
-    assert piped.returncode == 0, piped.stderr[-3000:]
-    assert "verifying blobs" not in piped.stdout + piped.stderr and "\x1b[?25l" not in piped.stdout
-    assert "healthy" in piped.stdout
-
-    # the same command on a terminal (a pseudo-terminal): rich draws the bar, then clears it (transient)
     primary, secondary = pty.openpty()
-    with subprocess.Popen([*CLI, "verify"], stdout=secondary, stderr=secondary, env=env, cwd=tmp_path) as process:
+    with subprocess.Popen(command, stdout=secondary, stderr=secondary, env=env, cwd=cwd) as process:
         os.close(secondary)
         shown = b""
         while True:
@@ -112,6 +104,38 @@ def test_verify_shows_a_progress_bar_on_a_terminal_and_none_when_piped(recovery_
             shown += chunk
         assert process.wait(120) == 0, shown.decode(errors="replace")[-3000:]
     os.close(primary)
-    text = shown.decode(errors="replace")
+    return shown.decode(errors="replace")
+
+
+def test_verify_shows_a_progress_bar_on_a_terminal_and_none_when_piped(recovery_home: Path, tmp_path: Path) -> None:
+    _store_with_blobs(recovery_home)
+    env = {**os.environ, "PREFECT_RECOVERY_HOME": str(recovery_home), "COLUMNS": "120", "TERM": "xterm"}
+
+    piped = subprocess.run([*CLI, "verify"], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert piped.returncode == 0, piped.stderr[-3000:]
+    assert "verifying blobs" not in piped.stdout + piped.stderr and "\x1b[?25l" not in piped.stdout
+    assert "healthy" in piped.stdout
+
+    # the same command on a terminal (a pseudo-terminal): rich draws the bar, then clears it (transient)
+    text = on_a_terminal([*CLI, "verify"], env, tmp_path)
     assert "verifying blobs (verify)" in text, text[-3000:]
     assert "healthy" in text
+
+
+def test_export_shows_a_progress_bar_of_the_chunks_read_on_a_terminal_and_none_when_piped(
+    recovery_home: Path, tmp_path: Path
+) -> None:
+    _store_with_blobs(recovery_home)
+    env = {**os.environ, "PREFECT_RECOVERY_HOME": str(recovery_home), "COLUMNS": "120", "TERM": "xterm"}
+    export = [*CLI, "export", "--lineage", "bars"]
+
+    piped = subprocess.run([*export, "--to", str(tmp_path / "piped")], capture_output=True, text=True,
+                           timeout=120, env=env, cwd=tmp_path)  # fmt: skip
+    assert piped.returncode == 0, piped.stderr[-3000:]
+    assert "exporting" not in piped.stdout + piped.stderr and "\x1b[?25l" not in piped.stdout
+    assert "exported bars v2 (6 tensors)" in piped.stdout
+
+    text = on_a_terminal([*export, "--to", str(tmp_path / "shown")], env, tmp_path)
+    assert "exporting (read)" in text, text[-3000:]  # the chunks read and verified, then the bar is cleared
+    assert "exported bars v2" in text
+    assert (tmp_path / "shown" / "tensors.safetensors").exists()

@@ -1,4 +1,5 @@
-"""Progress of long store operations (verify, the audit's scrub), for whoever shows it.
+"""Progress of long store operations (verify, the audit's scrub, reads of a checkpoint's chunks), for whoever
+shows it.
 
 The core knows no UI: a caller that wants progress (the CLI's rich bars, on a terminal only) sets a
 reporter for the duration of the call with ``reporting(fn)``; the operation calls ``advance`` as it
@@ -12,7 +13,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
-# (operation, done, total): e.g. ("verify", 120, 4000) after the 120th of 4000 blobs.
+# (operation, done, total): e.g. ("verify", 120, 4000) after the 120th of 4000 blobs, ("read", 3, 40) after
+# the 3rd of 40 chunks of a load.
 ProgressReporter = Callable[[str, int, int], None]
 
 _reporter: ContextVar[ProgressReporter | None] = ContextVar("prefect_recovery_progress", default=None)

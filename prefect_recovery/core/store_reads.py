@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, TypeVar
 
 from .chunks import resolve_into
@@ -22,6 +22,7 @@ from .digest import PARALLEL_HASH_BYTES, HashAlgorithm, hash_bytes, hasher_diges
 from .errors import BlobUnavailableError, RegionError, RegionUnavailableError
 from .layout import blob_key
 from .manifest import ChunkRef, Entry
+from .progress import advance
 from .region_local import LocalRegionIO
 from .region_object import RegionIO
 
@@ -152,7 +153,12 @@ class StoreReads:
         if len(jobs) <= 1:
             for chunk, view in jobs:
                 self.read_chunk_into(chunk, view, prefer)
+            advance("read", len(jobs), len(jobs))
             return
         with ThreadPoolExecutor(threads or self.io_threads, thread_name_prefix="ckpt-get") as pool:
-            for future in [pool.submit(self.read_chunk_into, c, v, prefer) for c, v in jobs]:
+            futures = [pool.submit(self.read_chunk_into, c, v, prefer) for c, v in jobs]
+            # Progress (chunks read and verified) is reported from this thread: the reporter is a
+            # context variable the pool's threads do not see.
+            for done, future in enumerate(as_completed(futures), start=1):
                 future.result()
+                advance("read", done, len(jobs))
