@@ -59,6 +59,7 @@ from .determinism import (
     apply_settings,
     capture_rng,
     capture_settings,
+    execution_fingerprint,
     restore_rng,
     seed_everything,
 )
@@ -411,6 +412,7 @@ class Checkpointer:
             "trigger": trigger,
             "epoch": self.epoch,
             "complete": tier == "heavy",
+            "execution": execution_fingerprint(),  # how this process computes: named when two runs diverge
         }
         step = self.step_count
         asynchronous = self.schedule.asynchronous and not wait

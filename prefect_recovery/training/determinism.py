@@ -6,6 +6,9 @@ counts and deterministic-algorithm flags are part of the checkpoint.
 
 from __future__ import annotations
 
+import functools
+import os
+import platform
 import random
 from typing import Any
 
@@ -82,3 +85,70 @@ def apply_settings(settings: dict[str, Any]) -> None:
     torch.set_default_dtype(DTYPES[settings["default_dtype"]])
     torch.backends.cudnn.deterministic = bool(settings["cudnn_deterministic"])
     torch.backends.cudnn.benchmark = bool(settings["cudnn_benchmark"])
+
+
+# Environment variables that change which numerical kernels run (thread pools, instruction sets, the BLAS's
+# reproducibility mode): a process started with another value can round differently with the same state.
+NUMERIC_ENV_PREFIXES = ("OMP_", "MKL_", "KMP_", "GOMP_", "ATEN_", "ONEDNN_", "DNNL_", "OPENBLAS_", "TORCH_CPU")
+
+
+@functools.cache
+def _cpu_model() -> str:
+    """The CPU's vendor, family, model and stepping (from /proc/cpuinfo; the platform's name elsewhere)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        return platform.processor() or platform.machine()
+    parts = [fields.get("vendor_id", ""), fields.get("model name", "")]
+    parts += [f"{name} {fields[name]}" for name in ("cpu family", "model", "stepping") if name in fields]
+    return ", ".join(part for part in parts if part)
+
+
+def execution_fingerprint() -> dict[str, Any]:
+    """What decides *how* this process computes (not *what*): the CPU, the instruction set ATen dispatches to,
+    thread pools, matmul precision and the kernel-selecting environment variables.
+
+    Not restored on resume (a checkpoint cannot move a process to another CPU); recorded with every checkpoint
+    so that ``history --against`` can say, when two runs of the same state diverge by rounding, whether their
+    processes computed differently. Cheap: the CPU model is read once per process.
+    """
+    try:
+        affinity: int | None = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on every platform
+        affinity = None
+    return {
+        "cpu": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpus_allowed": affinity,
+        "torch_threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "mkldnn_enabled": bool(torch.backends.mkldnn.enabled),
+        "environment": {
+            name: value for name, value in sorted(os.environ.items()) if name.startswith(NUMERIC_ENV_PREFIXES)
+        },
+    }
+
+
+def fingerprint_differences(a: Any, b: Any) -> dict[str, list[Any]]:
+    """``{field: [value in a, value in b]}`` for each field of two recorded fingerprints that differs
+    (environment variables as ``environment.NAME``); empty when either was not recorded."""
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return {}
+    flat_a, flat_b = _flatten(a), _flatten(b)
+    return {name: [flat_a.get(name), flat_b.get(name)] for name in sorted(set(flat_a) | set(flat_b))
+            if flat_a.get(name) != flat_b.get(name)}  # fmt: skip
+
+
+def _flatten(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    flat = {name: value for name, value in fingerprint.items() if name != "environment"}
+    environment = fingerprint.get("environment")
+    if isinstance(environment, dict):
+        flat |= {f"environment.{name}": value for name, value in environment.items()}
+    return flat

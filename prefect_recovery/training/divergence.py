@@ -18,6 +18,7 @@ from typing import Any
 from ..core.layout import LIGHT_SUFFIX
 from ..core.manifest import Manifest
 from ..core.store import Store
+from .determinism import fingerprint_differences
 from .replay import CAUSE_ORDER
 
 Key = tuple[int, str, str]  # (step, tier, trigger)
@@ -33,6 +34,10 @@ class Divergence:
     versions: tuple[int | None, int | None]  # of each lineage (None: that lineage has no such checkpoint)
     differing: list[str] = field(default_factory=list)  # entries and components, causes first
     compared: int = 0  # checkpoint pairs found identical before this one
+    # How the two saving processes computed differently (CPU, instruction set, threads, kernel-selecting
+    # environment; ``determinism.execution_fingerprint``): {field: [a's value, b's value]}. A divergence in the
+    # weights alone with a difference here is rounding from another kernel, not a random draw.
+    execution: dict[str, list[Any]] = field(default_factory=dict)
 
     @property
     def first_cause(self) -> str | None:
@@ -44,7 +49,12 @@ class Divergence:
             missing = a if self.versions[0] is None else b
             return f"{a} and {b} first differ at {where}: {missing} has no such checkpoint"
         shown = ", ".join(self.differing[:6]) + (" ..." if len(self.differing) > 6 else "")
-        return f"{a} and {b} first differ at {where}, v{self.versions[0]} vs v{self.versions[1]}: {shown}"
+        text = f"{a} and {b} first differ at {where}, v{self.versions[0]} vs v{self.versions[1]}: {shown}"
+        if self.execution:
+            text += "; their processes computed differently: " + ", ".join(
+                f"{name} {values[0]!r} vs {values[1]!r}" for name, values in self.execution.items()
+            )
+        return text
 
 
 def _rank(name: str) -> tuple[int, str]:
@@ -86,11 +96,15 @@ def first_divergence(store: Store, a: str, b: str) -> Divergence | None:
         version_a, version_b = ours.get(key), theirs.get(key)
         if version_a is None or version_b is None:
             return Divergence(step, tier, trigger, (version_a, version_b), compared=compared)
-        left = _leaves(store, store.resolve(a + ("" if tier == "heavy" else LIGHT_SUFFIX), version_a)[0])
-        right = _leaves(store, store.resolve(b + ("" if tier == "heavy" else LIGHT_SUFFIX), version_b)[0])
+        manifest_a = store.resolve(a + ("" if tier == "heavy" else LIGHT_SUFFIX), version_a)[0]
+        manifest_b = store.resolve(b + ("" if tier == "heavy" else LIGHT_SUFFIX), version_b)[0]
+        left, right = _leaves(store, manifest_a), _leaves(store, manifest_b)
         differing = sorted(
             (name for name in set(left) | set(right) if left.get(name) != right.get(name)), key=_rank
         )  # fmt: skip
         if differing:
-            return Divergence(step, tier, trigger, (version_a, version_b), differing, compared)
+            execution = fingerprint_differences(
+                manifest_a.metadata.get("execution"), manifest_b.metadata.get("execution")
+            )
+            return Divergence(step, tier, trigger, (version_a, version_b), differing, compared, execution)
     return None
