@@ -583,7 +583,8 @@ def _divergence(a: str, b: str, checkpoint_store: CheckpointStore, as_json: bool
                "first_divergence": None if found is None else {
                    "step": found.step, "tier": found.tier, "trigger": found.trigger,
                    "versions": list(found.versions), "first_cause": found.first_cause,
-                   "differing": found.differing, "identical_before": found.compared}})  # fmt: skip
+                   "differing": found.differing, "identical_before": found.compared,
+                   "execution_differences": found.execution}})  # fmt: skip
         return
     console.print(f"{a} and {b}: every checkpoint identical" if found is None else found.describe(a, b))
 
