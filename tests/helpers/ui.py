@@ -31,8 +31,12 @@ def ui_page() -> Iterator[Page]:
     """A fresh headless Chromium with one 1280x900 page (the size the README screenshots are taken at); the
     browser is closed on the way out, whether the test passed or not."""
     # imported here: collecting the tests must not need Playwright
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
+    # Playwright's assertions (expect) have their own 5 s default, which page.set_default_timeout does not change:
+    # under the load of a full test run the server took longer than that to create a flow run (test_recover_ui
+    # failed at "to_have_url" after Submit with the load average at 19).
+    expect.set_options(timeout=60_000)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
