@@ -18,7 +18,7 @@ import json
 import os
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -28,6 +28,7 @@ from helpers.step_values import differing_leaves, max_abs_difference
 
 from prefect_recovery import CheckpointStore
 from prefect_recovery.core.layout import LIGHT_SUFFIX
+from prefect_recovery.training.determinism import fingerprint_differences
 
 pytestmark = pytest.mark.slow
 
@@ -58,6 +59,7 @@ class Divergence:
     leaves: list[str]  # its differing leaves (or the checkpoints one run lacks)
     sizes: dict[str, float]  # the largest absolute difference of each differing floating-point leaf
     also: list[tuple[str, int, str]]  # every later checkpoint that differs too (a torn save differs once)
+    execution: dict[str, list[Any]] = field(default_factory=dict)  # how the two processes computed differently
 
     def rounding_only(self) -> bool:
         """Only floating-point training state (model, optimizer) differs, each by less than 1e-4."""
@@ -73,7 +75,10 @@ class Divergence:
         if self.checkpoint is None:
             return f"different checkpoints: {self.leaves}"
         first = dict(list(self.sizes.items())[:8]) or self.leaves[:8]
-        return f"first differs at {self.checkpoint}: {first}; later ones that differ: {self.also}"
+        return (
+            f"first differs at {self.checkpoint}: {first}; later ones that differ: {self.also}; "
+            f"the processes computed differently in: {self.execution or 'no recorded difference'}"
+        )
 
 
 def first_divergence(reference: dict, other: dict) -> Divergence | None:
@@ -90,6 +95,16 @@ def first_divergence(reference: dict, other: dict) -> Divergence | None:
     first = differing[0]
     leaves = differing_leaves(reference[first], other[first])
     return Divergence(first, leaves, max_abs_difference(reference[first], other[first]), differing[1:])
+
+
+def execution_of(store: CheckpointStore, lineage: str, checkpoint: tuple[str, int, str]) -> dict[str, Any] | None:
+    """How the process that saved ``checkpoint`` of ``lineage`` computed (its recorded execution fingerprint)."""
+    tier, step, trigger = checkpoint
+    name = lineage if tier == "heavy" else lineage + LIGHT_SUFFIX
+    for info in store.list(name):
+        if (info.step, info.metadata["trigger"]) == (step, trigger):
+            return info.metadata.get("execution")
+    return None
 
 
 def test_runs_of_the_same_pipeline_are_bit_identical_against_a_live_server(stack: Stack) -> None:
@@ -131,6 +146,11 @@ def test_runs_of_the_same_pipeline_are_bit_identical_against_a_live_server(stack
         lineage: first_divergence(reference, checkpoints_by_step(store, lineage))
         for lineage in [*cli_lineages[1:], "served"]
     }
+    for lineage, found in divergences.items():
+        if found is not None and found.checkpoint is not None:  # name how the two processes computed differently
+            found.execution = fingerprint_differences(
+                execution_of(store, cli_lineages[0], found.checkpoint), execution_of(store, lineage, found.checkpoint)
+            )
     diverged = {lineage: str(found) for lineage, found in divergences.items() if found is not None}
     if diverged and all(found.rounding_only() for found in divergences.values() if found is not None):
         # Known and open (issue 18, docs/DETERMINISM.md): now and then, under the CPU load of several runs, one
