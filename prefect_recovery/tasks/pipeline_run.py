@@ -60,8 +60,11 @@ def environment() -> dict[str, JsonValue]:
     try:
         import torch
 
+        from ..training.determinism import execution_fingerprint
+
         env["torch_threads"] = torch.get_num_threads()
         env["cuda_available"] = bool(torch.cuda.is_available())
+        env["execution"] = execution_fingerprint()  # which kernels this process computes with
     except ImportError:  # pragma: no cover - torch is a dependency
         pass
     return env
@@ -92,7 +95,28 @@ def environment_differences(
             f"torch uses {now.get('torch_threads')} threads here, the run used {recorded['torch_threads']} "
             "(the checkpoint restores its own setting)"
         )
+    warnings += _kernel_differences(recorded.get("execution"), now.get("execution"))
     return problems, warnings
+
+
+# Fields of the execution fingerprint that a checkpoint cannot restore and that change how results round.
+_KERNEL_FIELDS = ("cpu", "cpu_capability", "float32_matmul_precision", "mkldnn_enabled")
+
+
+def _kernel_differences(recorded: Any, now: Any) -> list[str]:
+    """Warnings for a process that computes with other kernels than the run did (another CPU, instruction set or
+    kernel-selecting environment variable): the resumed training may round differently, so a result that is
+    not bit-identical to an uninterrupted run's would be explained, not a surprise (docs/DETERMINISM.md)."""
+    from ..training.determinism import fingerprint_differences
+
+    differences = fingerprint_differences(recorded, now)
+    shown = {name: values for name, values in differences.items()
+             if name in _KERNEL_FIELDS or name.startswith("environment.")}  # fmt: skip
+    return [
+        f"this process computes with {name}={values[1]!r}, the run used {values[0]!r}: the resumed training may "
+        "round differently from an uninterrupted run (not bit-identical)"
+        for name, values in shown.items()
+    ]
 
 
 def running_flow_code() -> dict[str, str] | None:
