@@ -79,3 +79,25 @@ def test_history_against_names_how_two_diverging_processes_computed(tmp_path: Pa
     human = " ".join(history(tmp_path, "vectorized", "portable").split())  # rich wraps long lines
     assert "first differ at step 10" in human
     assert f"cpu_capability '{capability}' vs 'DEFAULT'" in human
+
+
+def test_a_recovery_on_other_kernels_is_warned_that_it_may_round_differently() -> None:
+    """The recovery's environment preflight compares the crashed run's recorded fingerprint with this
+    process's: another CPU or instruction set is a warning (the result may not be bit-identical), not a
+    refusal; the thread count is not (a checkpoint restores it)."""
+    from prefect_recovery.tasks.pipeline_run import environment, environment_differences
+
+    now = environment()
+    assert now["execution"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert environment_differences(now, now) == ([], [])
+
+    elsewhere = {**now, "execution": {**now["execution"], "cpu_capability": "AVX2", "cpu": "another CPU",
+                                      "cpus_allowed": 64}}  # fmt: skip
+    problems, warnings = environment_differences(elsewhere, now)
+    assert problems == []
+    assert len(warnings) == 2 and all("not bit-identical" in warning for warning in warnings), warnings
+    assert any("cpu_capability" in w and "'AVX2'" in w for w in warnings)
+    assert any("cpu=" in w and "'another CPU'" in w for w in warnings)
+
+    recorded_before_fingerprints = {key: value for key, value in now.items() if key != "execution"}
+    assert environment_differences(recorded_before_fingerprints, now) == ([], [])
