@@ -15,7 +15,7 @@ import pytest
 import torch
 import zstandard
 
-from prefect_recovery.core import BlobUnavailableError, EntryPlan, InvalidArgumentError, Store, open_region
+from prefect_recovery.core import BlobUnavailableError, EntryPlan, InvalidArgumentError, Store, codecs, open_region
 from prefect_recovery.core.codecs import CodecError, decode_into, encode
 from prefect_recovery.core.digest import hash_bytes
 from prefect_recovery.core.gc import collect_garbage
@@ -179,6 +179,46 @@ def test_codec_level_round_trip_every_width(dtype):
         out = bytearray(len(raw))
         decode_into(encoded.data, encoded.codec, encoded.width, memoryview(out))
         assert out == raw.tobytes()
+
+
+def test_ungrouping_block_by_block_round_trips_every_width(monkeypatch):
+    # Blocks far smaller than the chunk, and a chunk that is no multiple of the block: every
+    # block boundary, and the short last block, must land each byte where it belongs.
+    monkeypatch.setattr(codecs, "UNGROUP_BLOCK", 7)
+    for dtype in DTYPES:
+        raw = memoryview(_raw(_weights(dtype, 1003)))
+        encoded = encode(raw, "bytegroup-zstd", dtype)
+        out = bytearray(len(raw))
+        decode_into(encoded.data, encoded.codec, encoded.width, memoryview(out))
+        assert out == raw.tobytes(), dtype
+
+
+def test_a_frame_that_ends_early_or_runs_past_its_declared_size_is_refused():
+    content = bytes(range(256)) * 32  # 8 KiB
+    frame = zstandard.ZstdCompressor(write_content_size=True).compress(content)
+    out = bytearray(len(content))
+    with pytest.raises(CodecError, match=r"does not decode|decoded to"):
+        decode_into(frame[:-3], "zstd", None, memoryview(out))  # truncated: fewer bytes than declared
+    # The header claims 4 KiB (what the manifest says) while the frame holds 8 KiB: decoding
+    # stops at the 4 KiB buffer and refuses the rest, whatever zstd makes of the lie.
+    header = frame[4]
+    assert header >> 6 == 1  # a 2-byte frame content size field (value - 256)
+    at = 5 + (0 if header & 0x20 else 1) + (0, 1, 2, 4)[header & 3]
+    forged = frame[:at] + (4096 - 256).to_bytes(2, "little") + frame[at + 2 :]
+    assert zstandard.frame_content_size(forged) == 4096
+    small = bytearray(4096)
+    with pytest.raises(CodecError):
+        decode_into(forged, "zstd", None, memoryview(small))
+
+
+def test_decoding_reuses_a_thread_buffer_only_up_to_the_keep_limit(monkeypatch):
+    monkeypatch.setattr(codecs, "SCRATCH_KEEP_BYTES", 1024)
+    first = codecs.scratch("test-slot", 512)
+    again = codecs.scratch("test-slot", 256)
+    assert first.obj is again.obj  # the same buffer, handed out again
+    big = codecs.scratch("test-slot", 4096)
+    assert big.obj is not first.obj and len(big) == 4096
+    assert codecs.scratch("test-slot", 4096).obj is not big.obj  # past the limit: never kept
 
 
 def test_old_format_checkpoints_load_in_a_store_with_a_codec(tmp_path):

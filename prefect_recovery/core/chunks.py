@@ -46,8 +46,10 @@ def resolve_into(read_blob: ReadBlob, chunk: ChunkRef, out: memoryview) -> None:
     if chunk.codec is None:  # a delta stored without a codec: the blob is the XOR itself
         read_blob(chunk.digest, out)
     else:
-        stored = bytearray(chunk.blob_size)
-        read_blob(chunk.digest, memoryview(stored))
+        # The blob lands in this thread's reused buffer (fresh memory per chunk costs page
+        # faults); it is decoded before a parent is resolved, so a chain can share it.
+        stored = codecs.scratch("blob", chunk.blob_size)
+        read_blob(chunk.digest, stored)
         try:
             codecs.decode_into(stored, chunk.codec, chunk.width, out)
         except CodecError as exc:
