@@ -211,6 +211,34 @@ def test_a_frame_that_ends_early_or_runs_past_its_declared_size_is_refused():
         decode_into(forged, "zstd", None, memoryview(small))
 
 
+def test_auto_stores_an_incompressible_chunk_raw_after_compressing_only_a_sample(monkeypatch, tmp_path):
+    compressed: list[int] = []
+    for name in ("_compress_planes", "_compress"):
+        real = getattr(codecs, name)
+
+        def counting(data, *args, real=real):
+            compressed.append(len(data))
+            return real(data, *args)
+
+        monkeypatch.setattr(codecs, name, counting)
+    noise = np.random.default_rng(0).integers(0, 256, 2 * 2**20, dtype=np.uint8).tobytes()
+    for dtype in ("float32", None):
+        compressed.clear()
+        assert encode(memoryview(noise), "auto", dtype).codec is None
+        assert compressed == [codecs.SAMPLE_BYTES]  # the sample only, never the 2 MiB chunk
+    # A compressible chunk of the same size is compressed whole, after its sample.
+    compressed.clear()
+    weights = memoryview(_raw(_weights("float32", 2**19)))
+    assert encode(weights, "auto", "float32").codec == "bytegroup-zstd"
+    assert compressed == [codecs.SAMPLE_BYTES, len(weights)]
+    # Through the store: the chunk is stored raw and loads back.
+    store = Store([open_region(str(tmp_path))], chunk_bytes=4 * 2**20, codec="auto")
+    plan = [EntryPlan(name="noise", kind="bytes", data=memoryview(noise))]
+    store.commit("noise", plan)
+    manifest, loaded = _load(store, "noise")
+    assert manifest.entries[0].chunks[0].codec is None and loaded["noise"] == noise
+
+
 def test_decoding_reuses_a_thread_buffer_only_up_to_the_keep_limit(monkeypatch):
     monkeypatch.setattr(codecs, "SCRATCH_KEEP_BYTES", 1024)
     first = codecs.scratch("test-slot", 512)

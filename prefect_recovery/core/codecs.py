@@ -40,6 +40,11 @@ CODECS: tuple[str, ...] = ("none", "zstd", "bytegroup-zstd", "auto")
 DEFAULT_LEVEL = 1
 # ``auto`` keeps a codec only when the blob is at least this much smaller than the chunk.
 DEFAULT_MIN_SAVING = 0.05
+# ``auto`` tries a sample of this many bytes (in this many pieces) of chunks of at least
+# SAMPLE_MIN_CHUNK bytes before compressing them whole.
+SAMPLE_BYTES = 64 * 2**10
+SAMPLE_PIECES = 4
+SAMPLE_MIN_CHUNK = 1 * 2**20
 # Floating-point dtype names (torch's, as the manifest records them) -> element width. The
 # unsigned view of each width rotates the sign bit to the bottom before grouping.
 _FLOAT_WIDTHS = {
@@ -87,16 +92,29 @@ def float_width(dtype: str | None) -> int | None:
     return _FLOAT_WIDTHS.get(dtype or "")
 
 
-def group_bytes(data: memoryview, width: int) -> bytes:
+def group_bytes(data: memoryview, width: int, out: memoryview | None = None) -> memoryview:
     """``data`` (little-endian elements of ``width`` bytes) as byte planes, the most significant
-    (the exponent, after the sign bit is rotated to the bottom) first. The rotation works on
-    whole words in place; the planes are gathered byte by byte (faster in numpy than shifting
-    each plane out of the words, measured in benchmarks/codecs.py)."""
+    (the exponent, after the sign bit is rotated to the bottom) first, written into ``out``
+    (default: a new buffer) and returned. Block by block (``UNGROUP_BLOCK`` elements): each
+    block's words are rotated into a small reused temporary and its bytes gathered into the
+    planes while in cache (whole-chunk temporaries cost a page fault per 4 KiB)."""
+    count = len(data) // width
+    planes = memoryview(bytearray(len(data))) if out is None else out
     words = np.frombuffer(data, dtype=_UINT[width])
-    rotated = np.left_shift(words, 1)
-    rotated |= words >> (8 * width - 1)
-    grouped = rotated.view(np.uint8).reshape(-1, width)
-    return np.stack([grouped[:, width - 1 - plane] for plane in range(width)]).tobytes()
+    grouped = np.frombuffer(planes, dtype=np.uint8).reshape(width, count)
+    size = min(UNGROUP_BLOCK, count)
+    rotated, spare = np.empty(size, dtype=_UINT[width]), np.empty(size, dtype=_UINT[width])
+    high = 8 * width - 1
+    for start in range(0, count, UNGROUP_BLOCK):
+        stop = min(count, start + UNGROUP_BLOCK)
+        block, turned, low = words[start:stop], rotated[: stop - start], spare[: stop - start]
+        np.left_shift(block, 1, out=turned)
+        np.right_shift(block, high, out=low)
+        np.bitwise_or(turned, low, out=turned)
+        turned_bytes = turned.view(np.uint8).reshape(-1, width)
+        for plane in range(width):
+            grouped[plane, start:stop] = turned_bytes[:, width - 1 - plane]
+    return planes
 
 
 def ungroup_bytes(planes: bytes | memoryview, width: int, out: memoryview) -> None:
@@ -143,8 +161,23 @@ _PLANE_PARAMS = zstandard.ZstdCompressionParameters(
 )
 
 
-def _compress_planes(data: bytes) -> bytes:
+def _compress_planes(data: bytes | memoryview) -> bytes:
     return zstandard.ZstdCompressor(compression_params=_PLANE_PARAMS).compress(data)
+
+
+def _sample(data: memoryview, width: int | None) -> memoryview:
+    """``SAMPLE_PIECES`` pieces of ``data``, spread evenly over it (whole elements), together."""
+    piece = SAMPLE_BYTES // SAMPLE_PIECES
+    step = (len(data) - piece) // (SAMPLE_PIECES - 1)
+    step -= step % (width or 1)
+    return memoryview(b"".join(data[i * step : i * step + piece] for i in range(SAMPLE_PIECES)))
+
+
+def _encode_as(data: memoryview, stored: StoredCodec, width: int | None, level: int) -> Encoded:
+    if stored == "zstd":
+        return Encoded("zstd", None, _compress(data, level))
+    planes = group_bytes(data, width, scratch("planes", len(data)))  # type: ignore[arg-type]
+    return Encoded("bytegroup-zstd", width, _compress_planes(planes))
 
 
 def encode(
@@ -156,16 +189,23 @@ def encode(
     min_saving: float = DEFAULT_MIN_SAVING,
 ) -> Encoded:
     """How to store one chunk under ``codec`` (``auto`` picks per chunk, keeping a codec only
-    when it saves at least ``min_saving``; an explicit codec is always kept)."""
+    when it saves at least ``min_saving``; an explicit codec is always kept).
+
+    ``auto`` first encodes a sample of a large chunk (``SAMPLE_BYTES`` from ``SAMPLE_PIECES``
+    places): a chunk whose sample saves less than half of ``min_saving`` is stored raw without
+    being compressed whole (random bytes, already-compressed data cost a compression pass for
+    nothing). The margin keeps chunks whose sample compresses a little worse than the whole."""
     if codec == "none" or len(data) == 0:
         return Encoded(None, None, data)
     width = float_width(dtype)
     if width is not None and len(data) % width:
         width = None  # a chunk boundary inside an element (odd chunk_bytes): group nothing
-    if codec == "zstd" or (codec == "auto" and width is None) or (codec == "bytegroup-zstd" and width is None):
-        encoded = Encoded("zstd", None, _compress(data, level))
-    else:
-        encoded = Encoded("bytegroup-zstd", width, _compress_planes(group_bytes(data, width)))  # type: ignore[arg-type]
+    stored: StoredCodec = "zstd" if codec == "zstd" or width is None else "bytegroup-zstd"
+    if codec == "auto" and len(data) >= SAMPLE_MIN_CHUNK:
+        trial = _sample(data, width)
+        if len(_encode_as(trial, stored, width, level).data) > (1.0 - min_saving / 2) * len(trial):
+            return Encoded(None, None, data)
+    encoded = _encode_as(data, stored, width, level)
     if codec == "auto" and len(encoded.data) > (1.0 - min_saving) * len(data):
         return Encoded(None, None, data)
     return encoded
