@@ -596,3 +596,69 @@ def test_invalid_entry_name_never_commits(tmp_path):
     assert not (tmp_path / "escape").exists()
     with pytest.raises(CheckpointNotFoundError):
         store.resolve("lin")
+
+
+def _resident(view: memoryview) -> list[bool]:
+    """Which pages of ``view`` (page-aligned, writable) are present, as ``mincore`` says."""
+    import ctypes
+    import mmap as mmap_module
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pages = -(-len(view) // mmap_module.PAGESIZE)
+    vector = (ctypes.c_ubyte * pages)()
+    anchor = ctypes.c_char.from_buffer(view)
+    assert libc.mincore(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(len(view)), vector) == 0
+    del anchor
+    return [bool(v & 1) for v in vector]
+
+
+class _Threads(LocalRegionIO):
+    """Records the thread each blob read ran on."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.threads: list[int] = []
+
+    def read_into(self, key, buffer, hasher=None):
+        import threading
+
+        self.threads.append(threading.get_ident())
+        return super().read_into(key, buffer, hasher)
+
+
+def test_one_reader_reads_on_the_calling_thread_into_prefaulted_fresh_pages_and_refuses_a_corrupt_blob(tmp_path):
+    import mmap as mmap_module
+    import threading
+
+    from prefect_recovery.core.region_local import PREFAULT_BYTES, _libc_calls, prefault
+
+    (a,) = _dirs(tmp_path, "a")
+    size = 2 * PREFAULT_BYTES
+    region = _Threads(str(a))
+    store = Store([region], write_quorum=1, chunk_bytes=PREFAULT_BYTES)
+    payload = _bytes("big", size)
+    store.commit("lin", _plan(w=payload))
+    manifest, _ = store.resolve("lin")
+    (entry,) = manifest.entries
+
+    # prefault: a fresh mapping's pages become present, contents untouched (zeros); written pages keep their bytes
+    fresh = mmap_module.mmap(-1, size)
+    assert not any(_resident(memoryview(fresh)))
+    prefault(memoryview(fresh))
+    assert all(_resident(memoryview(fresh))) == bool(_libc_calls())
+    assert fresh[:] == bytes(size)
+    fresh[:] = payload
+    prefault(memoryview(fresh))
+    assert fresh[:] == payload
+    prefault(memoryview(bytes(size)))  # read-only: nothing to do, no error
+
+    # One reading thread: every chunk is read (and hashed) on the caller's thread, straight into the buffer.
+    destination = mmap_module.mmap(-1, size)
+    store.read_entries_into([(entry, memoryview(destination))], threads=1)
+    assert destination[:] == payload
+    assert region.threads == [threading.get_ident()] * len(entry.chunks) and len(entry.chunks) == 2
+
+    # A damaged blob is refused (the read fails), not handed out.
+    flip_byte(a / blob_key(entry.chunks[1].digest), 7, 0x01)
+    with pytest.raises(BlobUnavailableError, match="corrupt"):
+        store.read_entries_into([(entry, memoryview(mmap_module.mmap(-1, size)))], threads=1)

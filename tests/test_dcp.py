@@ -231,6 +231,46 @@ def test_a_corrupted_blob_is_detected_and_another_regions_copy_serves(tmp_path):
     assert isinstance(error, BlobUnavailableError) and "corrupt" in str(error)
 
 
+class _ReadsRecorded(LocalRegionIO):
+    """Records each blob read: the thread it ran on and the address of the buffer it filled."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.reads: list[tuple[int, int]] = []
+
+    def read_into(self, key: str, buffer: memoryview, hasher: Any = None) -> int:
+        import ctypes
+        import threading
+
+        self.reads.append((threading.get_ident(), ctypes.addressof(ctypes.c_char.from_buffer(buffer))))
+        return super().read_into(key, buffer, hasher)
+
+
+def test_a_rank_with_one_reading_thread_reads_on_its_own_thread_straight_into_the_tensors(tmp_path, monkeypatch):
+    import threading
+
+    # 64 ranks on this machine: each rank's share of the cores is one reading thread (rank_read_threads).
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")
+    (root,) = region_roots(tmp_path)[:1]
+    region = _ReadsRecorded(str(root), name="eu")
+    store = Store([region], write_quorum=1, chunk_bytes=1 << 20)
+    saved = {"w": torch.randn(3 << 18), "b": torch.randn(7)}  # w: 3 MiB, 3 chunks
+    dcp.save(saved, storage_writer=dcp_writer(store, "run"))
+    target = {"w": torch.empty_like(saved["w"]), "b": torch.empty_like(saved["b"])}
+    region.reads.clear()
+    dcp.load(target, storage_reader=dcp_reader(store, "run"))
+    assert_same(saved, target)
+    start, end = target["w"].data_ptr(), target["w"].data_ptr() + target["w"].nbytes
+    assert {thread for thread, _ in region.reads} == {threading.get_ident()}
+    assert sum(start <= address < end for _, address in region.reads) == 3  # no temporary buffer, no copy
+
+    manifest, _ = store.resolve("run")
+    digest = next(e for e in manifest.entries if e.name.startswith("w/")).chunks[2].digest
+    flip_byte(root / blob_key(digest), 9, 0x01)
+    error = load_error({"w": torch.empty_like(saved["w"]), "b": torch.empty_like(saved["b"])}, dcp_reader(store, "run"))
+    assert isinstance(error, BlobUnavailableError) and "corrupt" in str(error)
+
+
 def test_a_signed_stores_checkpoint_is_signed_and_a_tampered_one_refused(tmp_path):
     keyring = Keyring(hmac_key("k1", "ab" * 32))
     store = make_store(tmp_path, keyring)

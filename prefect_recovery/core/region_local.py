@@ -11,10 +11,13 @@ store's preconditions and retries.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import mmap
 import os
 import re
 import stat
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -50,14 +53,21 @@ class LocalRegionIO(RegionIO):
             self.name = str(self.root)
 
     def _local(self, key: str) -> Path:
+        return Path(self._local_str(key))
+
+    def _local_str(self, key: str) -> str:
+        """The path of ``key``, as ``_local`` but a string: blob reads and size checks (every blob
+        of a manifest, on every rank of a load) skip pathlib's parsing; the checks are the same."""
         # Keys are built by core.layout from validated parts; refuse anything else loudly.
         if key.startswith("/") or ".." in key.split("/") or "\x00" in key:
             raise RegionError(self.name, f"refusing key outside the region: {key!r}")
         # A region never follows a symbolic link below its root (the root itself may be one):
         # a link could point anywhere, so reading or writing through it leaves the region.
-        current = self.root
-        for part in [p for p in key.split("/") if p][:-1]:
-            current = current / part
+        parts = [p for p in key.split("/") if p]
+        root = str(self.root)
+        current = root
+        for depth, part in enumerate(parts[:-1], start=1):
+            current = os.path.join(current, part)
             try:
                 mode = os.lstat(current).st_mode
             except (FileNotFoundError, NotADirectoryError):
@@ -65,10 +75,10 @@ class LocalRegionIO(RegionIO):
             if stat.S_ISLNK(mode):
                 raise ForeignObjectError(
                     self.name,
-                    f"{current.relative_to(self.root).as_posix()} is a symbolic link; a region never follows links "
+                    f"{'/'.join(parts[:depth])} is a symbolic link; a region never follows links "
                     "(they may point outside it): replace it with a directory",
                 )
-        return self.root / key
+        return os.path.join(root, *parts)
 
     def _missing_root(self) -> RegionUnavailableError:
         # Never created by a save: an unmounted disk must not be replaced by the root disk unnoticed.
@@ -78,14 +88,14 @@ class LocalRegionIO(RegionIO):
             f"`prefect-recovery init --region {self.root}`, or mount the disk it lives on",
         )
 
-    def _foreign(self, key: str, path: Path, what: str) -> ForeignObjectError:
+    def _foreign(self, key: str, path: Path | str, what: str) -> ForeignObjectError:
         return ForeignObjectError(
             self.name, f"{key} is {what}, not an object the store wrote; it is not followed or read"
         )
 
     def _open_regular(self, key: str) -> tuple[int, int]:
         """Open ``key`` for reading without following a link or blocking on a FIFO: (fd, size)."""
-        path = self._local(key)
+        path = self._local_str(key)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except OSError as exc:
@@ -170,6 +180,7 @@ class LocalRegionIO(RegionIO):
                 if size != len(buffer):
                     return size
                 view = buffer.cast("B") if buffer.format != "B" else buffer
+                prefault(view)
                 piece = HASH_PIECE_BYTES if hasher is not None else size
                 got = 0
                 while got < size:
@@ -185,7 +196,7 @@ class LocalRegionIO(RegionIO):
 
     def size(self, key: str) -> int | None:
         try:
-            path = self._local(key)
+            path = self._local_str(key)
             st = os.lstat(path)
             if not stat.S_ISREG(st.st_mode):
                 kind = (
@@ -264,6 +275,74 @@ class LocalRegionIO(RegionIO):
             pass
         except Exception as exc:
             raise self._wrap(exc, "deleting", key) from None
+
+
+# Reads of at least this many bytes have their destination's pages made present in one call first
+# (``prefault``): a destination freshly allocated (``torch.empty``, a model's ``to_empty``) is
+# otherwise faulted in 4 KiB at a time as the read lands, and on 2 cores those faults cost more
+# CPU than the read itself (benchmarks/ranks.py --dcp; docs/SCALING.md).
+PREFAULT_BYTES = 1 << 20
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+
+_populate: Any = None  # libc's madvise once probed; False where it is unavailable
+
+
+def _libc_calls() -> Any:
+    """libc's ``(madvise, mincore)`` if this kernel has ``MADV_POPULATE_WRITE`` (probed once), else False."""
+    global _populate
+    if _populate is None:
+        _populate = False
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                madvise, mincore = libc.madvise, libc.mincore
+                madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+                madvise.restype = mincore.restype = ctypes.c_int
+                probe = mmap.mmap(-1, mmap.PAGESIZE)
+                try:
+                    anchor = ctypes.c_char.from_buffer(probe)
+                    ok = madvise(ctypes.addressof(anchor), mmap.PAGESIZE, _MADV_POPULATE_WRITE) == 0
+                    del anchor
+                finally:
+                    probe.close()
+                _populate = (madvise, mincore) if ok else False
+            except Exception:  # no libc symbol, no ctypes: reads fault pages in as they land
+                _populate = False
+    return _populate
+
+
+def prefault(view: memoryview) -> None:
+    """Make the pages of writable ``view`` present (writable, as a write would) in one
+    ``madvise(MADV_POPULATE_WRITE)`` call, before a read fills it, unless they already are.
+
+    Contents are unchanged: a page already present is left as it is, a missing one is allocated
+    as the first write would. Resident memory (a model's live parameters) is detected by sampling
+    three pages with ``mincore`` and skipped: populating it would walk every page for nothing (on
+    2 cores about as costly as the faults it saves on fresh memory). Only an optimization: any
+    failure, or a kernel without it, leaves the read to fault pages in as before."""
+    if len(view) < PREFAULT_BYTES:
+        return
+    calls = _libc_calls()
+    if not calls:
+        return
+    madvise, mincore = calls
+    try:
+        anchor = ctypes.c_char.from_buffer(view)  # writable and contiguous, or TypeError/ValueError
+        address = ctypes.addressof(anchor)
+        del anchor
+    except (TypeError, ValueError, BufferError):
+        return
+    page = mmap.PAGESIZE
+    start = -(-address // page) * page  # whole pages inside the view: the edges fault as before
+    end = (address + len(view)) // page * page
+    if end <= start:
+        return
+    resident = ctypes.c_ubyte(0)
+    last = end - page
+    for sample in (start, start + (last - start) // page // 2 * page, last):
+        if mincore(sample, page, ctypes.byref(resident)) != 0 or not resident.value & 1:
+            madvise(start, end - start, _MADV_POPULATE_WRITE)
+            return
 
 
 def _fsync_dir(path: Path) -> None:

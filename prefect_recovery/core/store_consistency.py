@@ -15,7 +15,6 @@ through ``ManifestCopies`` and ``Store.is_committed``.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -152,11 +151,7 @@ class StoreConsistency(StoreListing):
                     f"manifest cannot be checked ({type(exc).__name__}: {exc}) [{region.name}:{key}]"
                 )
 
-        threads = [threading.Thread(target=fetch, args=(region,), daemon=True) for region in targets]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        self._each_region(fetch, targets)
         return copies
 
     def consistent_manifest(

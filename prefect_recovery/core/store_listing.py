@@ -10,8 +10,6 @@ lineage names are strays: reported, never touched.
 
 from __future__ import annotations
 
-import threading
-
 from .errors import InvalidNameError, RegionError
 from .layout import check_lineage, lineages_prefix, manifests_prefix, version_from_manifest_name
 from .region_object import RegionIO
@@ -35,11 +33,7 @@ class StoreListing(StoreReads):
             except RegionError as exc:
                 causes[region.name] = str(exc)
 
-        threads = [threading.Thread(target=one, args=(region,), daemon=True) for region in self.regions]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        self._each_region(one, self.regions)
         return names, causes
 
     def lineages(self) -> list[str]:
