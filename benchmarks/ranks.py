@@ -30,9 +30,11 @@ torch.distributed.checkpoint at 1, 2 and 4 ranks (``--dcp-ranks``; torchrun, glo
 store's ``dcp_writer``/``dcp_reader`` (one local region; every byte BLAKE3-hashed on save and
 re-hashed on load) against DCP's ``FileSystemWriter``/``FileSystemReader`` (fsync on) to the
 same disk, in the same run, each rank holding ``--mib`` / ranks MiB of fp32 tensors of its own
-(``--tensors`` per rank); the clock runs from a barrier before to a barrier after:
+(``--tensors`` per rank); the clock runs from a barrier before to a barrier after. Each load
+goes into new tensors (``--resident``: tensors written first, as a live model's are), and the
+page faults of the loads are reported:
 
-    python benchmarks/ranks.py --json --dcp [--dcp-ranks 1 2 4] [--mib 256] [--tensors 16]
+    python benchmarks/ranks.py --json --dcp [--dcp-ranks 1 2 4] [--mib 256] [--tensors 16] [--resident]
 """
 
 from __future__ import annotations
@@ -200,37 +202,59 @@ def dcp_worker(args: argparse.Namespace) -> None:
     root = args.dir
     store = Store([LocalRegionIO(str(root / "store"))], write_quorum=1)
     timings: dict[str, float] = {}
+    faults: dict[str, int] = {}  # minor page faults of this rank during each clocked step
+    cpu: dict[str, float] = {}  # CPU seconds of this rank (all its threads) in each clocked step
 
     def clock(name: str, fn: Any, *fn_args: Any, **fn_kwargs: Any) -> None:
         dist.barrier()
-        start = time.perf_counter()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        start, cpu_start = time.perf_counter(), time.process_time()
         fn(*fn_args, **fn_kwargs)
+        cpu[name] = time.process_time() - cpu_start
         dist.barrier()
         timings[name] = time.perf_counter() - start
+        faults[name] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
     def fresh(state: dict[str, Any]) -> dict[str, Any]:
+        # New tensors, as a model built on the meta device and materialized with to_empty() gets:
+        # their pages are faulted in by the load. --resident writes them first (a live model's
+        # parameters), so the load faults nothing.
+        if args.resident:
+            return {name: torch.zeros_like(tensor) for name, tensor in state.items()}
         return {name: torch.empty_like(tensor) for name, tensor in state.items()}
 
+    loaded: dict[str, dict[str, Any]] = {}  # each load's destination
     for attempt in range(args.repeat):
         # Fresh values every attempt: a second save of equal tensors would write nothing to the
         # store (content-addressed blobs are deduplicated), which is not what is measured here.
         generator = torch.Generator().manual_seed(1000 * attempt + rank)
         state = {f"rank{rank}/w{i}": torch.randn(numel, generator=generator) for i in range(args.tensors)}
         fs_dir, lineage = str(root / f"fs-{attempt}"), f"bench{attempt}"
-        fs_loaded, store_loaded = fresh(state), fresh(state)
-        steps = [  # (what, function, arguments): each run now, in this attempt's order
-            ("fs_save", dcp.save, state, dcp.FileSystemWriter(fs_dir)),
-            ("store_save", dcp.save, state, dcp_writer(store, lineage)),
-            ("fs_load", dcp.load, fs_loaded, dcp.FileSystemReader(fs_dir)),
-            ("store_load", dcp.load, store_loaded, dcp_reader(store, lineage)),
+        steps = [  # (what, function, backend): each run now, in this attempt's order
+            ("fs_save", dcp.save, dcp.FileSystemWriter(fs_dir)),
+            ("store_save", dcp.save, dcp_writer(store, lineage)),
+            ("fs_load", dcp.load, dcp.FileSystemReader(fs_dir)),
+            ("store_load", dcp.load, dcp_reader(store, lineage)),
         ]
         if attempt % 2:  # alternate which backend goes first: neither always meets a cold cache or a busy disk
             steps = [steps[1], steps[0], steps[3], steps[2]]
-        for kind, fn, target, backend in steps:
-            backend_arg = "storage_writer" if kind.endswith("save") else "storage_reader"
-            clock(f"{kind}_{attempt}", fn, target, **{backend_arg: backend})
-        for name, tensor in state.items():
-            assert torch.equal(fs_loaded[name], tensor) and torch.equal(store_loaded[name], tensor), name
+        # Both loads' destinations are allocated before the attempt's first save, in the order the
+        # loads run (it alternates too), after the previous attempt's are freed: which one lands on
+        # pages the allocator already holds and which on new ones (faulted in by the load, counted
+        # in "*_faults") must not depend on the backend. (Allocated while the previous ones were
+        # alive, the first got the pages the old state left and the second new ones.)
+        loaded.clear()
+        loaded.update({kind: fresh(state) for kind, _fn, _backend in steps if kind.endswith("load")})
+        for kind, fn, backend in steps:
+            if kind.endswith("save"):
+                clock(f"{kind}_{attempt}", fn, state, storage_writer=backend)
+            else:
+                clock(f"{kind}_{attempt}", fn, loaded[kind], storage_reader=backend)
+        for kind, target in loaded.items():
+            for name, tensor in state.items():
+                assert torch.equal(target[name], tensor), (kind, name)
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, (faults, cpu))
     if rank == 0:
         kinds = ("fs_save", "store_save", "fs_load", "store_load")
         best = {kind: min(timings[f"{kind}_{a}"] for a in range(args.repeat)) for kind in kinds}
@@ -248,6 +272,24 @@ def dcp_worker(args: argparse.Namespace) -> None:
                     # the same ratios of the median attempt: how much of the best case is luck
                     "median_save_vs_dcp": round(median["fs_save"] / median["store_save"], 3),
                     "median_load_vs_dcp": round(median["fs_load"] / median["store_load"], 3),
+                    # CPU seconds of all ranks together, median attempt: on a machine shared with other
+                    # jobs the wall clock varies from run to run far more than the CPU spent
+                    **{
+                        f"{kind}_cpu_s": round(
+                            statistics.median(sum(c[f"{kind}_{a}"] for _f, c in gathered) for a in range(args.repeat)),
+                            4,
+                        )
+                        for kind in kinds
+                    },
+                    # minor page faults of all ranks in a load, median attempt: fresh destination
+                    # pages cost more CPU than reading and hashing them on a small machine
+                    **{
+                        f"{kind}_faults": int(
+                            statistics.median(sum(f[f"{kind}_{a}"] for f, _c in gathered) for a in range(args.repeat))
+                        )
+                        for kind in ("fs_load", "store_load")
+                    },
+                    "resident": args.resident,
                     "repeat": args.repeat,
                 }
             )
@@ -268,6 +310,7 @@ def dcp_points(args: argparse.Namespace) -> list[dict[str, Any]]:
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
             command += [__file__, "--dcp-worker", "--dir", str(where), "--out", str(out)]
             command += ["--mib", str(args.mib), "--tensors", str(args.tensors), "--repeat", str(args.repeat)]
+            command += ["--resident"] if args.resident else []
             subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             points.append(json.loads(out.read_text()))
             if not args.json:
@@ -282,6 +325,11 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=256, help="--dcp: MiB of state over all ranks")
     parser.add_argument("--tensors", type=int, default=16, help="--dcp: tensors per rank")
     parser.add_argument("--repeat", type=int, default=5, help="--dcp: best of this many (order alternates)")
+    parser.add_argument(
+        "--resident",
+        action="store_true",
+        help="--dcp: load into tensors whose pages are already written (a live model), not fresh ones",
+    )
     parser.add_argument("--dcp-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true", help="print JSON only")
