@@ -799,16 +799,26 @@ def automations_install(
     zombie_after: Annotated[
         int, typer.Option("--zombie-after", help="Seconds without a heartbeat before a run is marked Crashed.")
     ] = 120,
+    max_attempts: Annotated[
+        int,
+        typer.Option(
+            "--max-attempts",
+            min=1,
+            help="Recoveries of one crash that are started when recoveries themselves crash; then give up.",
+        ),
+    ] = 3,
     as_json: JsonOpt = False,
 ) -> None:
-    """Create (or update) the zombie-run detector and the auto-recover trigger for your deployments; safe
-    to re-run (the last install's scope wins)."""
+    """Create (or update) the zombie-run detector, the auto-recover trigger for your deployments and the one
+    that recovers crashed recoveries (at most --max-attempts); safe to re-run (the last install's scope wins)."""
     from datetime import timedelta
 
-    from .deploy import AutomationScopeError, install_automations
+    from .deploy import RECOVER_AGAIN_AUTOMATION, AutomationScopeError, install_automations
 
     try:
-        results = install_automations(deployment or [], tag or [], zombie_after=timedelta(seconds=zombie_after))
+        results = install_automations(
+            deployment or [], tag or [], zombie_after=timedelta(seconds=zombie_after), max_attempts=max_attempts
+        )
     except AutomationScopeError as exc:
         _fail(f"cannot install automations: {exc}", as_json)
     except Exception as exc:  # the server's answer (no API, refused) is the message
@@ -823,6 +833,8 @@ def automations_install(
     for row in results:
         scope = row["scope"]
         matched = ", ".join([*scope["deployments"], *(f"tag {t}" for t in scope["tags"])])
+        if row["automation"] == RECOVER_AGAIN_AUTOMATION:
+            matched = f"recover runs, at most {max_attempts} attempts"
         console.print(f"{row['action']}: {row['automation']} (runs of {matched})")
 
 

@@ -7,8 +7,12 @@ user names (default: the ``prefect-recovery`` tag), never to every run in the wo
 * **zombie detector**: a scoped flow run (or a ``recover`` run) that stops sending heartbeats
   (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``, at least 30 s) for ``zombie_after`` is marked Crashed
   (Prefect's documented zombie-flow automation);
-* **auto-recover**: when a scoped run becomes Crashed or Failed, run the ``recover`` deployment
-  with that run's ``lineage`` parameter (never for runs of ``recover`` or the audit themselves).
+* **auto-recover**: when a scoped run becomes Crashed or Failed, run the ``recover`` deployment with
+  that run's id (``crashed_run``): ``recover`` reads from the journal which lineage the run worked on,
+  whatever the pipeline calls its lineage parameter (never for runs of ``recover`` or the audit themselves);
+* **recover crashed recoveries**: when a ``recover`` run becomes Crashed (its process died; not Failed,
+  which is an error it raised and would raise again), run ``recover`` again with the same parameters and
+  ``attempt`` + 1; ``recover`` refuses once ``attempt`` exceeds ``max_attempts`` (default 3): no loop.
 
 ``prepare_run`` is the pull step deployments use on any worker host (docs/PRODUCTION.md).
 """
@@ -31,6 +35,23 @@ AUDIT_CRON = "0 3 * * *"
 WORKDIR_ENV = "PREFECT_RECOVERY_WORKDIR"
 ZOMBIE_AUTOMATION = "prefect-recovery: crash zombie flow runs"
 RECOVER_AUTOMATION = "prefect-recovery: recover crashed pipeline runs"
+RECOVER_AGAIN_AUTOMATION = "prefect-recovery: recover crashed recoveries"
+# How many times one crash is recovered when the recoveries themselves crash (flows/recover.py's default).
+DEFAULT_MAX_ATTEMPTS = 3
+
+
+def _jinja(template: str) -> dict[str, str]:
+    return {"template": template, "__prefect_kind": "jinja"}
+
+
+def _json(template: str) -> dict[str, Any]:
+    """A parameter rendered by ``template`` and parsed as JSON: numbers stay numbers, null is None."""
+    return {"__prefect_kind": "json", "value": _jinja(template)}
+
+
+def _forwarded(parameter: str, default: str) -> dict[str, Any]:
+    """The crashed run's own ``parameter`` (``default``, a Jinja literal, when it has none), as JSON."""
+    return _json(f"{{{{ flow_run.parameters.get('{parameter}', {default}) | tojson }}}}")
 
 
 def deployment_home() -> Path:
@@ -172,16 +193,17 @@ def install_automations(
     tags: Sequence[str] = (),
     recover_deployment: str = RECOVER_DEPLOYMENT,
     zombie_after: timedelta = timedelta(seconds=120),
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
 ) -> list[dict[str, Any]]:
     """Create (or update) the zombie detector and the auto-recover trigger; idempotent.
 
     Both match only flow runs of ``deployments`` (``FLOW/DEPLOYMENT`` names) or carrying one of
     ``tags``; with neither, runs tagged ``prefect-recovery`` (the tag every shipped deployment
     carries). The zombie detector also watches the ``recover`` deployment's runs; auto-recover
-    never fires for a run of ``recover`` itself or of the audit (a failing recovery would start
-    another forever), and starts ``recover_deployment`` with the crashed run's ``lineage``
-    parameter: ``recover`` finds the pipeline that wrote the lineage in its journal and resumes it
-    through the registry (flows/registry.py), whatever pipeline it is.
+    never fires for a run of ``recover`` itself or of the audit, and starts ``recover_deployment`` with
+    the crashed run's id: ``recover`` finds the lineage that run journaled, then the pipeline that wrote
+    it, and resumes it through the registry (flows/registry.py), whatever pipeline it is. A crashed
+    ``recover`` run is started again (attempt + 1) until ``max_attempts``; a failed one is not.
     """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import StateType
@@ -258,20 +280,53 @@ def install_automations(
                     source="selected",
                     deployment_id=recover,
                     parameters={
-                        "lineage": {"template": "{{ flow_run.parameters['lineage'] }}", "__prefect_kind": "jinja"},
+                        # the run's id, not a parameter of it: recover reads which lineage the run worked on from
+                        # the journal, whatever the pipeline calls (or however it derives) its lineage
+                        "crashed_run": _jinja("{{ flow_run.id }}"),
                         # as JSON, so a block picked in the UI (a {"$ref": ...} parameter) reaches the recovery
                         # as that block, a name as a name, and no store as None
-                        "store_block": {
-                            "__prefect_kind": "json",
-                            "value": {
-                                "template": "{{ flow_run.parameters.get('store_block') | tojson }}",
-                                "__prefect_kind": "jinja",
-                            },
-                        },
+                        "store_block": _forwarded("store_block", "None"),
+                        "max_attempts": max_attempts,
                     },
                 )
             ],
         )
-        results = [_upsert(client, zombie), _upsert(client, auto_recover)]
+        # A recovery whose process died (Crashed, not Failed) is started again with the same parameters and
+        # attempt + 1; recover refuses once attempt exceeds max_attempts, and a Failed recovery (an error it
+        # raised: preflight, an unrestorable checkpoint, the pipeline's own exception) never starts another.
+        recover_again = AutomationCore(
+            name=RECOVER_AGAIN_AUTOMATION,
+            description=f"Runs {recover_deployment} again, attempt + 1 (at most max_attempts), for a crashed run "
+            f"of {recover_deployment}.",
+            trigger=EventTrigger(
+                expect={"prefect.flow-run.Crashed"},
+                match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+                match_related=ResourceSpecification(
+                    {"prefect.resource.role": "deployment", "prefect.resource.id": [f"prefect.deployment.{recover}"]}
+                ),
+                posture=Posture.Reactive,
+                threshold=1,
+                within=timedelta(0),
+            ),
+            actions=[
+                RunDeployment(
+                    source="selected",
+                    deployment_id=recover,
+                    parameters={
+                        "lineage": _forwarded("lineage", "None"),
+                        "crashed_run": _forwarded("crashed_run", "None"),
+                        "checkpoint": _forwarded("checkpoint", "'latest'"),
+                        "from_step": _forwarded("from_step", "None"),
+                        "preflight": _forwarded("preflight", "'strict'"),
+                        "store_block": _forwarded("store_block", "None"),
+                        "regions": _forwarded("regions", "None"),
+                        "write_quorum": _forwarded("write_quorum", "1"),
+                        "attempt": _json("{{ (flow_run.parameters.get('attempt') or 1) + 1 }}"),
+                        "max_attempts": _forwarded("max_attempts", str(max_attempts)),
+                    },
+                )
+            ],
+        )
+        results = [_upsert(client, zombie), _upsert(client, auto_recover), _upsert(client, recover_again)]
     scoped = {"deployments": deployments, "tags": tags}
     return [{"automation": name, "action": action, "scope": scoped} for name, action in results]

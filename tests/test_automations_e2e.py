@@ -28,7 +28,7 @@ from helpers.step_values import differing_leaves, final_state
 
 from prefect_recovery import CheckpointStore
 from prefect_recovery.core.journal import Journal
-from prefect_recovery.deploy import RECOVER_AUTOMATION, ZOMBIE_AUTOMATION
+from prefect_recovery.deploy import RECOVER_AGAIN_AUTOMATION, RECOVER_AUTOMATION, ZOMBIE_AUTOMATION
 
 pytestmark = pytest.mark.slow
 
@@ -141,7 +141,11 @@ def test_automatic_recovery_after_sigkill(live: Live) -> None:
     store = CheckpointStore.default(home)
     with logs_on_failure(live):
         installed = install(live, "--zombie-after", str(ZOMBIE_AFTER))
-        assert {row["automation"] for row in installed} == {ZOMBIE_AUTOMATION, RECOVER_AUTOMATION}
+        assert [row["automation"] for row in installed] == [
+            ZOMBIE_AUTOMATION,
+            RECOVER_AUTOMATION,
+            RECOVER_AGAIN_AUTOMATION,
+        ]
         recover_automation = next(a for a in automations(live) if a["name"] == RECOVER_AUTOMATION)
 
         # the uninterrupted reference runs alongside (a plain `demo`, not a deployment: no automation fires)
@@ -203,15 +207,16 @@ def test_automatic_recovery_after_sigkill(live: Live) -> None:
             assert crashed["state_type"] == "CRASHED", crashed["state"]
             print(f"killed run marked {crashed['state']['name']}: {crashed['state']['message']}")
 
-            # the automation starts recover/recover with the crashed run's lineage
+            # the automation starts recover/recover with the crashed run's id (recover reads its lineage from
+            # the journal)
             def recover_run() -> dict[str, Any] | None:
                 runs = flow_runs(server, deployment="recover/recover")
-                mine = [r for r in runs if r["parameters"].get("lineage") == LINEAGE]
+                mine = [r for r in runs if r["parameters"].get("crashed_run") == run_id]
                 assert len(mine) <= 1, f"more than one recovery started: {[r['id'] for r in mine]}"
                 return mine[0] if mine else None
 
             recovery = wait_for(recover_run, 180, "the automation's recover/recover run")
-            assert recovery["parameters"]["lineage"] == LINEAGE
+            assert recovery["parameters"].get("lineage") is None
             assert recovery["parameters"].get("store_block") in ("", None)
             assert recovery["created_by"]["type"] == "AUTOMATION", recovery["created_by"]
             assert recovery["created_by"]["id"] == recover_automation["id"]
@@ -258,7 +263,7 @@ def test_automations_install_is_idempotent(live: Live) -> None:
         first = install(live)
         second = install(live)
 
-        names = [ZOMBIE_AUTOMATION, RECOVER_AUTOMATION]
+        names = [ZOMBIE_AUTOMATION, RECOVER_AUTOMATION, RECOVER_AGAIN_AUTOMATION]
         assert [row["automation"] for row in first] == names
         assert [row["action"] for row in first] == ["updated" if n in before else "created" for n in names]
         scope = {"deployments": [], "tags": ["prefect-recovery"]}  # no --deployment/--tag: the shipped tag
@@ -290,8 +295,9 @@ def test_automations_install_is_idempotent(live: Live) -> None:
         assert run_deployment["type"] == "run-deployment"
         assert run_deployment["source"] == "selected"
         assert run_deployment["deployment_id"] == deployment_id(live.server, "recover/recover")
-        assert run_deployment["parameters"]["lineage"] == {
-            "template": "{{ flow_run.parameters['lineage'] }}",
+        assert "lineage" not in run_deployment["parameters"]  # from the journal, whatever the parameter's name
+        assert run_deployment["parameters"]["crashed_run"] == {
+            "template": "{{ flow_run.id }}",
             "__prefect_kind": "jinja",
         }
 
@@ -341,8 +347,10 @@ def test_prefect_deploy_all_from_yaml(tmp_path: Path) -> None:
         assert deployments["recover/recover"]["schedules"] == []
 
         recover_schema = deployments["recover/recover"]["parameter_openapi_schema"]
-        assert "lineage" in recover_schema["required"]
-        assert {"lineage", "checkpoint", "from_step", "preflight", "store_block"} <= set(recover_schema["properties"])
+        assert "lineage" not in recover_schema.get("required", [])  # or crashed_run: auto-recovery passes that
+        assert {"lineage", "crashed_run", "attempt", "checkpoint", "from_step", "preflight", "store_block"} <= set(
+            recover_schema["properties"]
+        )
         assert deployments["recover/recover"]["parameters"] == {"checkpoint": "latest", "preflight": "strict"}
         pipeline = deployments["example-pipeline/example-pipeline"]
         assert pipeline["parameters"] == {"lineage": "demo", "steps": 1000, "seed": 0}

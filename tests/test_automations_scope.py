@@ -23,6 +23,7 @@ from conftest import CLI, REPO
 from helpers.live_prefect import BIN, LiveServer, api, deployment_id, flow_runs, live_server, wait_for
 
 from prefect_recovery.deploy import (
+    RECOVER_AGAIN_AUTOMATION,
     RECOVER_AUTOMATION,
     WORKDIR_ENV,
     ZOMBIE_AUTOMATION,
@@ -89,13 +90,9 @@ def crash(server: LiveServer, deployment: str, lineage: str) -> str:
     return run_id
 
 
-def recover_lineages(server: LiveServer) -> list[str]:
-    return [r["parameters"].get("lineage") for r in flow_runs(server, deployment="recover/recover")]
-
-
 def test_default_scope_is_the_shipped_tag(server: LiveServer) -> None:
     rows = install_here(server)
-    assert {row["automation"] for row in rows} == {ZOMBIE_AUTOMATION, RECOVER_AUTOMATION}
+    assert [row["automation"] for row in rows] == [ZOMBIE_AUTOMATION, RECOVER_AUTOMATION, RECOVER_AGAIN_AUTOMATION]
     assert rows[0]["scope"] == {"deployments": [], "tags": ["prefect-recovery"]}
     found = by_name(server)
     recover_id = deployment_id(server, "recover/recover")
@@ -123,9 +120,10 @@ def test_scoped_install_updates_and_recovers_only_its_runs(server: LiveServer) -
     assert first.returncode == 0, first.stderr[-3000:]
     assert json.loads(first.stdout)[0]["scope"] == {"deployments": ["my-training/nightly"], "tags": ["recoverable"]}
     second = install_here(server, "my-training/nightly", tags=["recoverable"], zombie_after=timedelta(seconds=90))
-    assert [row["action"] for row in second] == ["updated", "updated"]
+    assert [row["action"] for row in second] == ["updated", "updated", "updated"]
     found = by_name(server)
-    assert len(found[ZOMBIE_AUTOMATION]) == 1 and len(found[RECOVER_AUTOMATION]) == 1, "install duplicated"
+    names = (ZOMBIE_AUTOMATION, RECOVER_AUTOMATION, RECOVER_AGAIN_AUTOMATION)
+    assert [len(found[name]) for name in names] == [1, 1, 1], "install duplicated"
 
     ids = {
         name: deployment_id(server, name) for name in ("my-training/nightly", "recover/recover", "audit/audit-daily")
@@ -149,15 +147,30 @@ def test_scoped_install_updates_and_recovers_only_its_runs(server: LiveServer) -
         },
     ]
 
-    # crashes outside the scope first (an unrelated deployment, a recovery itself), then the two in scope
+    again = found[RECOVER_AGAIN_AUTOMATION][0]["trigger"]
+    assert again["expect"] == ["prefect.flow-run.Crashed"]  # a Failed recovery is not started again
+    assert again["match_related"] == {
+        "prefect.resource.role": "deployment",
+        "prefect.resource.id": [f"prefect.deployment.{ids['recover/recover']}"],
+    }
+
+    # crashes outside the scope first (an unrelated deployment), a recovery itself, then the two in scope
     crash(server, "unrelated/etl", "etl-lineage")
-    crash(server, "recover/recover", "recovering-lineage")
-    crash(server, "my-training/nightly", "mine")
-    crash(server, "other-training/tagged", "tagged")
-    wait_for(lambda: {"mine", "tagged"} <= set(recover_lineages(server)), 60, "the two scoped recoveries")
-    lineages = recover_lineages(server)
-    # the two runs set above, plus exactly one recovery for each scoped crash
-    assert sorted(lineages) == ["mine", "recovering-lineage", "tagged"], lineages
+    recovering = crash(server, "recover/recover", "recovering-lineage")
+    mine = crash(server, "my-training/nightly", "mine")
+    tagged = crash(server, "other-training/tagged", "tagged")
+
+    def started() -> list[tuple[Any, ...]]:
+        runs = [r for r in flow_runs(server, deployment="recover/recover") if r["id"] != recovering]
+        return sorted(
+            (str(p.get("crashed_run")), p.get("lineage"), p.get("attempt")) for p in (r["parameters"] for r in runs)
+        )
+
+    wait_for(lambda: len(started()) >= 3, 60, "the scoped recoveries and the recovery's second attempt")
+    # exactly one recovery for each scoped crash, given the crashed run's id (recover reads its lineage from the
+    # journal), and the crashed recovery started again with its own parameters and attempt 2; none for etl
+    expected = [(mine, None, None), (tagged, None, None), ("None", "recovering-lineage", 2)]
+    assert started() == sorted(expected), started()
 
 
 def test_prepare_run_pull_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -238,7 +238,7 @@ def test_lost_worker_is_detected_and_recovered_on_the_other_worker(
         wait_recovered(stack, crashes, TIMEOUT)
         (crash,) = crashes
         assert crash.recovery["id"] in other.log.read_text(), f"{other.name} did not run the recovery"
-        assert recover_runs(stack, "lost")[0]["id"] == crash.recovery["id"]
+        assert recover_runs(stack, run_id)[0]["id"] == crash.recovery["id"]
         state = store.load_checkpoint(lineage="lost", version=store.latest("lost").version)
         assert differing_leaves(reference.final, state) == []
         assert final_digest(store, "lost") == reference.digest

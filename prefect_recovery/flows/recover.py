@@ -21,6 +21,7 @@ with a ``RecoveryError`` naming the version and what to do (repair, or an earlie
 from __future__ import annotations
 
 from typing import Any, Literal
+from uuid import UUID
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -30,6 +31,8 @@ from ..core.errors import BlobUnavailableError, CheckpointError, CheckpointNotFo
 from ..core.journal import Journal
 from ..core.lineage_history import fold_journal
 from ..core.manifest import Manifest
+from ..core.run_lookup import lineages_of_run
+from ..deploy import DEFAULT_MAX_ATTEMPTS
 from ..tasks.code import code_modules
 from ..tasks.errors import PreflightError, RecoveryError
 from ..tasks.pipeline_run import RecoveryPlan, claim_lineage, current_run_id, recovery_plan
@@ -93,20 +96,65 @@ def _unrestorable(exc: BaseException, store: CheckpointStore, manifest: Manifest
     )
 
 
+def _crashed_run_parameters(run_id: str) -> dict[str, Any]:
+    """The parameters Prefect recorded for flow run ``run_id`` ({} when Prefect cannot tell): only a hint of
+    which lineages to read first, never the answer (that is the journal's)."""
+    try:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            return dict(client.read_flow_run(UUID(run_id)).parameters or {})
+    except Exception:  # not a flow-run id, no API, unknown run: read every journal instead
+        return {}
+
+
+def lineage_of_run(store: CheckpointStore, run_id: str) -> str:
+    """The lineage flow run ``run_id`` worked on, from the journals (core/run_lookup.py): the lineage whose
+    journal holds an event of that run (its ``run_started``, or a recovery's ``recovery_started``), however
+    the pipeline named or derived its lineage. A run that journaled nothing, or events in several lineages,
+    is a ``RecoveryError`` that says so: nothing is guessed."""
+    hints = _crashed_run_parameters(run_id)
+    candidates = [value for value in hints.values() if isinstance(value, str)]
+    found = lineages_of_run(store.core, run_id, candidates)
+    where = ", ".join(region.url for region in store.regions)
+    if len(found.lineages) == 1:
+        return found.lineages[0]
+    if found.lineages:
+        raise RecoveryError(
+            f"flow run {run_id} journaled events in several lineages ({', '.join(found.lineages)}) of the store "
+            f"at {where}: recover each with `prefect-recovery recover --lineage NAME`"
+        )
+    unreadable = (
+        f"; {len(found.unreadable)} journals could not be read ({', '.join(sorted(found.unreadable)[:5])}): run "
+        "`prefect-recovery verify`, then recover again"
+        if found.unreadable
+        else ""
+    )
+    raise RecoveryError(
+        f"flow run {run_id} journaled nothing in the store at {where} ({found.searched} lineage journals read"
+        f"{unreadable}): it crashed before its pipeline opened PipelineRun (or it used another store), so no "
+        "lineage is known to recover and nothing was changed. Check its logs; if it did work on a lineage, "
+        "recover it by name: `prefect-recovery recover --lineage NAME`"
+    )
+
+
 @flow(name="recover", log_prints=True)
 def recover(
-    lineage: str,
+    lineage: str | None = None,
     checkpoint: str = "latest",
     from_step: str | None = None,
     preflight: Literal["strict", "warn"] = "strict",
     store_block: CheckpointStore | str | None = None,
     regions: list[str] | None = None,
     write_quorum: int = 1,
+    crashed_run: str | None = None,
+    attempt: int = 1,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
 ) -> dict[str, Any]:
     """Recover a crashed or failed pipeline run: preflight, restore, resume at the failed step.
 
     Args:
-        lineage: The lineage to recover (the `lineage` parameter of the crashed run).
+        lineage: The lineage to recover; leave it empty to give `crashed_run` instead.
         checkpoint: "latest" (the latest consistent checkpoint) or a version number.
         from_step: Run this step and every later one again even if they finished.
         preflight: "strict" stops on any failed check; "warn" reports and goes on.
@@ -114,9 +162,25 @@ def recover(
             name (the CLI's form); default the embedded local store.
         regions: Region URLs of the store instead of a block (with ``write_quorum``).
         write_quorum: Write quorum of ``regions``.
+        crashed_run: The id of the crashed flow run (a pipeline run or a recovery): its lineage is the one
+            whose journal holds that run's events, whatever the pipeline's parameters are called.
+        attempt: Which attempt at recovering this crash this is (auto-recovery counts crashed recoveries).
+        max_attempts: Refuse, changing nothing, when ``attempt`` exceeds it.
     """
     logger = get_run_logger()
+    if attempt > max_attempts:
+        raise RecoveryError(
+            f"recovery attempt {attempt} of {lineage or f'the lineage of flow run {crashed_run}'} refused: "
+            f"{max_attempts} attempts crashed already (max_attempts). Nothing was changed; find why the recoveries "
+            "crash (their logs, `prefect-recovery history`), then recover by hand: "
+            "`prefect-recovery recover --lineage NAME`"
+        )
     store = open_store(store_block, regions, write_quorum)
+    if not lineage:
+        if not crashed_run:
+            raise RecoveryError("recover needs a lineage or the id of a crashed flow run (crashed_run)")
+        lineage = lineage_of_run(store, crashed_run)
+        logger.info("flow run %s worked on lineage %s (from its journal)", crashed_run, lineage)
     status = lineage_status(store, lineage)
     if status.status == "new":
         where = ", ".join(region.url for region in store.regions)

@@ -170,7 +170,8 @@ def orchestrator_says_alive(run_id: str) -> bool | None:
     """Ask the Prefect API whether flow run ``run_id`` is still in a non-final state.
 
     Used only for claims whose process ran on another machine; None when Prefect does not
-    know the run (another server, or a run outside Prefect).
+    know the run (another server, or a run outside Prefect). A subflow whose parent run is final
+    (Crashed with it) is not alive.
     """
     try:
         flow_run_id = UUID(run_id)
@@ -180,7 +181,14 @@ def orchestrator_says_alive(run_id: str) -> bool | None:
         from prefect.client.orchestration import get_client
 
         with get_client(sync_client=True) as client:
-            state = client.read_flow_run(flow_run_id).state
+            run = client.read_flow_run(flow_run_id)
+            state = run.state
+            if state is not None and not state.is_final() and run.parent_task_run_id is not None:
+                # A subflow (the pipeline run a recovery started) stays Running when its process is killed:
+                # only the parent flow run is marked Crashed. A final parent means the subflow is gone too.
+                parent = client.read_flow_run(client.read_task_run(run.parent_task_run_id).flow_run_id)
+                if parent.state is not None and parent.state.is_final():
+                    return False
     except Exception:  # no API, unknown run: the answer is "unknown", not an error
         return None
     return None if state is None else not state.is_final()

@@ -71,14 +71,15 @@ def first_state(history: list[dict[str, Any]], kind: str) -> float | None:
     return next((at(s["timestamp"]) for s in history if s["type"] == kind), None)
 
 
-def recover_runs(stack: ProductionStack, lineage: str) -> list[dict[str, Any]]:
+def recover_runs(stack: ProductionStack, crashed_run: str) -> list[dict[str, Any]]:
+    """The recover runs started for crashed flow run ``crashed_run`` (the automation passes its id)."""
     body = {
         "deployments": {"id": {"any_": [stack.deployment_id(RECOVER_DEPLOYMENT)]}},
         "sort": "EXPECTED_START_TIME_ASC",
         "limit": 200,
     }
     runs = api(stack.server, "POST", "/flow_runs/filter", body)
-    return [r for r in runs if r["parameters"].get("lineage") == lineage]  # type: ignore[union-attr]
+    return [r for r in runs if r["parameters"].get("crashed_run") == crashed_run]  # type: ignore[union-attr]
 
 
 def wait_final(stack: ProductionStack, run_id: str, timeout: float, what: str) -> dict[str, Any]:
@@ -146,7 +147,7 @@ def wait_recovered(stack: ProductionStack, crashes: list[Crash], timeout: float)
     while pending:
         assert time.monotonic() < deadline, f"not recovered after {timeout} s: {sorted(pending)}"
         for lineage, crash in list(pending.items()):
-            runs = recover_runs(stack, lineage)
+            runs = recover_runs(stack, crash.run_id)
             assert len(runs) <= 1, f"{lineage}: more than one recovery started: {[r['id'] for r in runs]}"
             if runs and runs[0]["state_type"] in TERMINAL:
                 assert runs[0]["state_type"] == "COMPLETED", (lineage, runs[0]["state"])
