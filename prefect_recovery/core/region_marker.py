@@ -11,8 +11,9 @@ whose root is empty (no marker, no ``blobs/`` or ``lineages/``) while another re
 store holds checkpoints or a marker is expected to hold data, so it is treated as down
 (``UnmountedRegionIO``): nothing is written onto it, repair does not copy the store onto the root
 disk, and every report says to mount the disk or, for a region that really is new, to run
-``prefect-recovery init``. A store whose regions are all empty is new, and its empty directories
-are used as they are (``mkdir -p`` is enough to start).
+``prefect-recovery init``. A store none of whose regions holds checkpoints yet (empty, or only
+marked) is new: its empty directories are marked on first use and used (``mkdir -p`` is enough to
+start), by as many processes at once as like (``guard_empty_mounts``).
 """
 
 from __future__ import annotations
@@ -87,16 +88,6 @@ def local_state(region: LocalRegionIO) -> RegionState:
         return "unknown"
 
 
-def _remote_state(region: RegionIO) -> RegionState:
-    try:
-        names = set(region.list(""))
-    except CheckpointError:
-        return "unknown"  # down: no evidence either way
-    if MARKER_KEY in names:
-        return "marked"
-    return "data" if names & set(DATA_ROOTS) else "empty"
-
-
 class UnmountedRegionIO(LocalRegionIO):
     """A local region that looks like an empty mount point: every operation says so, nothing is written."""
 
@@ -119,30 +110,60 @@ class UnmountedRegionIO(LocalRegionIO):
         return []
 
 
+def _local_data(region: LocalRegionIO, state: RegionState) -> bool:
+    """Whether a local region in ``state`` holds any of the layout's folders (a marked one may not yet)."""
+    if state != "marked":
+        return state == "data"
+    try:
+        return any((region.root / name).exists() for name in DATA_ROOTS)
+    except OSError:
+        return False  # no evidence
+
+
+def _remote_listing(region: RegionIO) -> tuple[bool, bool]:
+    """(marked, holds data) of a remote region, from one listing of its root; (False, False) when down."""
+    try:
+        names = set(region.list(""))
+    except CheckpointError:
+        return False, False  # down: no evidence either way
+    return MARKER_KEY in names, bool(names & set(DATA_ROOTS))
+
+
 def guard_empty_mounts(regions: Sequence[RegionIO]) -> list[RegionIO]:
     """``regions``, with each local one that looks like an empty mount point replaced by an
-    ``UnmountedRegionIO`` (see the module docstring). Remote regions are listed only when a local
-    region is empty and no local one shows the store is in use."""
+    ``UnmountedRegionIO`` (see the module docstring).
+
+    A store none of whose regions holds data yet (they are empty or hold only a marker) is new, or
+    is being created by another process at this very moment: its empty local regions are marked
+    here (``init_region``: create-only, so a marker another process wrote first counts as done)
+    before this process writes anything. Every process thus marks all of a new store's local
+    regions before its first write, so a region found empty while another one holds *data* is an
+    empty mount point, never a sibling that a concurrent first use has not reached yet: several
+    processes may start using a new store at the same instant without ``prefect-recovery init``.
+    Remote regions are listed only when some local region is empty and no local one holds data."""
     states: dict[int, RegionState] = {
         index: local_state(region) for index, region in enumerate(regions) if isinstance(region, LocalRegionIO)
     }
     empty = [index for index, state in states.items() if state == "empty"]
     if not empty:
         return list(regions)
-    holders = [regions[index].name for index, state in states.items() if state in ("marked", "data")]
+    holders = [
+        regions[index].name
+        for index, state in states.items()
+        if _local_data(regions[index], state)  # type: ignore[arg-type]
+    ]
     if not holders:
         for index, region in enumerate(regions):
-            if index in states:
-                continue
-            try:
-                state = _remote_state(region)
-            except RegionError:
-                state = "unknown"
-            if state in ("marked", "data"):
+            if index not in states and _remote_listing(region)[1]:
                 holders.append(region.name)
                 break
-    if not holders:
-        return list(regions)  # a new store: its empty directories are its new regions
+    if not holders:  # a new store (or one another process is creating): its empty directories are its regions
+        for index in empty:
+            try:
+                init_region(regions[index])
+            except RegionError as exc:  # not writable: the save reports the region, as before
+                logger.warning("region %s: cannot write its marker (%s)", regions[index].name, exc)
+        return list(regions)
     guarded = list(regions)
     for index in empty:
         region = regions[index]

@@ -231,10 +231,10 @@ def production_stack(tmp: Path, workers: int = 2) -> Iterator[ProductionStack]:
             env=stack.env(),
         )
         assert saved.returncode == 0, saved.stderr[-3000:]
-        # the operator's step before first use: each region's directory and marker. Without it, two runs that
-        # open the fresh store at the same moment can race on the markers (one saw region-b unmarked while
-        # region-a was, and refused it as an unmounted disk: QuorumNotMetError)
-        stack.prefect_recovery("init", "--store", STORE_BLOCK)
+        # two disks, mounted and empty; no `init --store`: the runs that start together use the store first
+        # (concurrent first use marks the regions before any write: tests/test_first_use_race.py)
+        for region in regions:
+            region.mkdir(parents=True)
         for worker in [stack.start_worker(f"worker-{'ab'[index]}", wait=False) for index in range(workers)]:
             stack.wait_online(worker)
         yield stack
