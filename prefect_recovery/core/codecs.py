@@ -232,9 +232,7 @@ def decode_into(blob: bytes | memoryview, codec: StoredCodec, width: int | None,
     thread's scratch buffer and ungroups them into ``out``. zstd releases the GIL, so chunks
     decode in parallel on a reader's threads."""
     size = len(out)
-    if codec == "bytegroup-zstd" and width not in _UINT:
-        raise CodecError(f"unknown stored codec {codec!r} (width {width})")
-    if codec not in ("zstd", "bytegroup-zstd"):
+    if codec != "zstd" and not (codec == "bytegroup-zstd" and width in _UINT):
         raise CodecError(f"unknown stored codec {codec!r} (width {width})")
     try:
         declared = zstandard.frame_content_size(blob)
