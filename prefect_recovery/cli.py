@@ -611,9 +611,10 @@ def demo(
                 f"lineage {lineage} has an unfinished run: resuming"
                 + (f" from version {latest.version} (step {latest.step})" if latest else " from the start")
             )
-        result = example_pipeline(
-            lineage=lineage, steps=steps, seed=seed, store_block=store, regions=region or None, write_quorum=quorum
-        )
+        with _progress(as_json, "demo"):  # checkpoints written, and read when it resumes
+            result = example_pipeline(
+                lineage=lineage, steps=steps, seed=seed, store_block=store, regions=region or None, write_quorum=quorum
+            )
     except CheckpointError as exc:
         _fail(str(exc), as_json)
     except typer.Exit:  # _fail's, inside the try
@@ -697,7 +698,7 @@ def recover_command(
         if not as_json:
             console.print(f"recovering lineage {lineage} ({preflight} preflight)")
         # The flow (and the pipeline run it starts) use the store opened here: one block load.
-        with shared_store(checkpoint_store, store, region or None, quorum):
+        with shared_store(checkpoint_store, store, region or None, quorum), _progress(as_json, "recovering"):
             result = recover(lineage=lineage, checkpoint=checkpoint, from_step=from_step, preflight=preflight,
                              store_block=store, regions=region or None, write_quorum=quorum)  # fmt: skip
     except PreflightError as exc:
@@ -745,7 +746,8 @@ def replay_check_command(
     from .flows.replay import describe, replay_check
 
     try:
-        report = replay_check(open_store(region, store, quorum), lineage, from_version, to_version)
+        with _progress(as_json, "replaying"):  # the checkpoints read
+            report = replay_check(open_store(region, store, quorum), lineage, from_version, to_version)
     except CheckpointError as exc:
         _fail(str(exc), as_json)
     if as_json:

@@ -139,3 +139,43 @@ def test_export_shows_a_progress_bar_of_the_chunks_read_on_a_terminal_and_none_w
     assert "exporting (read)" in text, text[-3000:]  # the chunks read and verified, then the bar is cleared
     assert "exported bars v2" in text
     assert (tmp_path / "shown" / "tensors.safetensors").exists()
+
+
+def killed_demo(env: dict[str, str], home: Path, cwd: Path, lineage: str) -> None:
+    """A demo run SIGKILLed after its second heavy checkpoint: an unfinished lineage for `recover`."""
+    import signal
+    import time
+
+    manifests = home / "regions" / "region-a" / "lineages" / lineage / "manifests"
+    command = [*CLI, "demo", "--json", "--lineage", lineage, "--steps", "150"]
+    with subprocess.Popen(command, env={**env, "PREFECT_RECOVERY_HOME": str(home)}, cwd=cwd,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as run:  # fmt: skip
+        deadline = time.monotonic() + 300
+        while len(list(manifests.glob("*.json")) if manifests.is_dir() else []) < 2:
+            assert run.poll() is None and time.monotonic() < deadline, "the run ended before its second checkpoint"
+            time.sleep(0.05)
+        run.send_signal(signal.SIGKILL)
+
+
+def test_demo_and_recover_show_the_checkpoints_written_and_read_on_a_terminal_and_none_in_json(
+    recovery_home: Path, tmp_path: Path
+) -> None:
+    """The long saves and loads of the commands that run a pipeline: `demo` writes checkpoints (a bar of the chunk
+    copies written, from the background checkpoint writer too), `recover` restores one (chunks read) and writes
+    the rest; `--json` output has no bar."""
+    env = {**os.environ, "PREFECT_RECOVERY_HOME": str(recovery_home), "COLUMNS": "120", "TERM": "xterm"}
+    text = on_a_terminal([*CLI, "demo", "--lineage", "shown", "--steps", "60"], env, tmp_path)
+    assert "demo (write)" in text, text[-3000:]
+    assert "lineage shown completed" in text
+
+    killed_demo(env, recovery_home, tmp_path, "cut")
+    quiet = subprocess.run([*CLI, "recover", "--json", "--lineage", "cut"], capture_output=True, text=True,
+                           timeout=300, env=env, cwd=tmp_path)  # fmt: skip
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert json.loads(quiet.stdout)["status"] == "recovered"  # stdout is the JSON alone: no bar
+    assert "recovering (" not in quiet.stdout + quiet.stderr and "\x1b[?25l" not in quiet.stdout
+
+    killed_demo(env, recovery_home, tmp_path, "cut-again")
+    text = on_a_terminal([*CLI, "recover", "--lineage", "cut-again"], env, tmp_path)
+    assert "recovering (read)" in text and "recovering (write)" in text, text[-3000:]  # the restore, the saves
+    assert "lineage cut-again recovered" in text, text[-3000:]

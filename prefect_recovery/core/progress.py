@@ -1,5 +1,5 @@
-"""Progress of long store operations (verify, the audit's scrub, reads of a checkpoint's chunks), for whoever
-shows it.
+"""Progress of long store operations (verify, the audit's scrub, reads of a checkpoint's chunks, a save's chunk
+copies written), for whoever shows it.
 
 The core knows no UI: a caller that wants progress (the CLI's rich bars, on a terminal only) sets a
 reporter for the duration of the call with ``reporting(fn)``; the operation calls ``advance`` as it
@@ -30,6 +30,12 @@ def reporting(reporter: ProgressReporter) -> Iterator[None]:
         _reporter.reset(token)
 
 
+def current_reporter() -> ProgressReporter | None:
+    """The reporter set for this context, for work handed to another thread (a background checkpoint
+    writer) to report to as well: ``with reporting(reporter): ...`` there."""
+    return _reporter.get()
+
+
 def advance(operation: str, done: int, total: int) -> None:
     """Tell the current reporter, if any, that ``done`` of ``total`` units of ``operation`` are through."""
     reporter = _reporter.get()
@@ -37,4 +43,4 @@ def advance(operation: str, done: int, total: int) -> None:
         reporter(operation, done, total)
 
 
-__all__ = ["ProgressReporter", "advance", "reporting"]
+__all__ = ["ProgressReporter", "advance", "current_reporter", "reporting"]

@@ -64,6 +64,7 @@ from .manifest import (
 )
 from .models import CheckpointInfo
 from .observe import StoreEvent, StoreObserver, notify
+from .progress import advance
 from .publish import publish
 from .region_common import PutOutcome
 from .region_object import RegionIO
@@ -527,6 +528,7 @@ class StoreWrites(StoreListing, StorePages):
         Returns the regions given up on (recorded in ``causes`` as lagging).
         """
         pending = {future for futures in by_region.values() for future in futures}
+        total = len(pending)
         started = time.monotonic()
         deadline: float | None = None
         while pending:
@@ -534,6 +536,7 @@ class StoreWrites(StoreListing, StorePages):
             done, pending = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
             for future in done:
                 future.result()  # put() records RegionErrors itself; anything else is a bug: raise
+            advance("write", total - len(pending), total)  # chunk copies written (the CLI's bar, on a terminal)
             if not pending:
                 break
             with lock:

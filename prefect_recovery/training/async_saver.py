@@ -18,6 +18,7 @@ from typing import Literal
 
 from ..core.errors import CheckpointError
 from ..core.models import CheckpointInfo
+from ..core.progress import current_reporter, reporting
 
 
 class SaveFailedError(CheckpointError):
@@ -65,9 +66,18 @@ class AsyncSaver:
             self._lock.notify_all()
 
     def submit(self, label: str, job: Callable[[], CheckpointInfo]) -> None:
-        """Queue ``job`` (a slot must have been acquired for it)."""
+        """Queue ``job`` (a slot must have been acquired for it). It reports its progress where the
+        submitting thread does (the CLI's bar on a terminal; core/progress.py)."""
+        reporter = current_reporter()
+
+        def reported() -> CheckpointInfo:
+            if reporter is None:
+                return job()
+            with reporting(reporter):
+                return job()
+
         with self._lock:
-            self._jobs.append((label, job))
+            self._jobs.append((label, reported))
             self._lock.notify_all()
 
     def _run(self) -> None:
