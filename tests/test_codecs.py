@@ -7,6 +7,7 @@ corrupt blob handed out, or a bomb decoded past its declared size fails here.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -239,14 +240,22 @@ def test_auto_stores_an_incompressible_chunk_raw_after_compressing_only_a_sample
     assert manifest.entries[0].chunks[0].codec is None and loaded["noise"] == noise
 
 
-def test_decoding_reuses_a_thread_buffer_only_up_to_the_keep_limit(monkeypatch):
+def test_only_the_stores_pool_threads_keep_buffers_and_only_up_to_the_limit(monkeypatch):
     monkeypatch.setattr(codecs, "SCRATCH_KEEP_BYTES", 1024)
+    seen: dict[str, bool] = {}
+
+    def in_pool() -> None:
+        first = codecs.scratch("test-slot", 512)
+        seen["reused"] = codecs.scratch("test-slot", 256).obj is first.obj
+        big = codecs.scratch("test-slot", 4096)
+        seen["big kept"] = codecs.scratch("test-slot", 4096).obj is big.obj
+
+    with ThreadPoolExecutor(1, thread_name_prefix="ckpt-get") as pool:
+        pool.submit(in_pool).result()
+    assert seen == {"reused": True, "big kept": False}  # past the limit: never kept
+    # A caller's own thread (here the main thread) keeps nothing between chunks.
     first = codecs.scratch("test-slot", 512)
-    again = codecs.scratch("test-slot", 256)
-    assert first.obj is again.obj  # the same buffer, handed out again
-    big = codecs.scratch("test-slot", 4096)
-    assert big.obj is not first.obj and len(big) == 4096
-    assert codecs.scratch("test-slot", 4096).obj is not big.obj  # past the limit: never kept
+    assert codecs.scratch("test-slot", 256).obj is not first.obj
 
 
 def test_old_format_checkpoints_load_in_a_store_with_a_codec(tmp_path):

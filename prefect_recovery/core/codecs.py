@@ -60,11 +60,13 @@ _FLOAT_WIDTHS = {
 _UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 # Elements per block of ``ungroup_bytes`` (1 MiB of fp32: a block's planes and words stay in cache).
 UNGROUP_BLOCK = 1 << 18
-# A decoding thread keeps its byte-plane buffer (and a reader its stored-blob buffer,
+# A pool thread keeps its byte-plane buffer (and a reader its stored-blob buffer,
 # core/chunks.py) for the next chunk up to this size: a fresh buffer per chunk costs a page
 # fault per 4 KiB written, about as much as the decode. Larger ones are allocated per chunk.
 SCRATCH_KEEP_BYTES = 64 * 2**20
 _scratch = threading.local()
+# Threads that keep their buffers: the pools of core/store_reads.py and core/store_writer.py.
+SCRATCH_THREADS = "ckpt-"
 
 
 class CodecError(ValueError):
@@ -212,13 +214,15 @@ def encode(
 
 
 def scratch(slot: str, size: int) -> memoryview:
-    """A buffer of ``size`` bytes this thread reuses for ``slot`` (contents undefined): kept for
-    the thread's next chunk when at most ``SCRATCH_KEEP_BYTES``. A reading pool's threads end
-    with the load, and their buffers with them."""
+    """A buffer of ``size`` bytes for ``slot`` (contents undefined). The store's own pool
+    threads (named ``ckpt-...``: a load's readers, a save's encoders) keep it for their next
+    chunk when at most ``SCRATCH_KEEP_BYTES``; those threads, and their buffers, end with the
+    load or save. Any other thread (a caller reading on its own thread, which may live for the
+    whole process) gets a new buffer every time."""
     buffer = getattr(_scratch, slot, None)
     if buffer is None or len(buffer) < size:
         buffer = bytearray(size)
-        if size <= SCRATCH_KEEP_BYTES:
+        if size <= SCRATCH_KEEP_BYTES and threading.current_thread().name.startswith(SCRATCH_THREADS):
             setattr(_scratch, slot, buffer)
     return memoryview(buffer)[:size]
 
