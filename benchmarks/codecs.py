@@ -137,7 +137,8 @@ def best_of(repeat: int, fn: Callable[[], Any]) -> tuple[float, Any]:
 
 def measure_ours(data: bytes, codec: str, dtype: str, threads: int, repeat: int) -> dict[str, Any]:
     chunks = [memoryview(data)[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
-    with ThreadPoolExecutor(threads) as pool:
+    # Named like the store's own pools (ckpt-...), whose threads reuse their codec buffers.
+    with ThreadPoolExecutor(threads, thread_name_prefix="ckpt-bench") as pool:
         t_c, encoded = best_of(repeat, lambda: list(pool.map(lambda c: codecs_mod.encode(c, codec, dtype), chunks)))
         out = bytearray(len(data))
         views = [memoryview(out)[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
