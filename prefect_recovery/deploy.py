@@ -313,7 +313,7 @@ def install_automations(
                     source="selected",
                     deployment_id=recover,
                     parameters={
-                        "lineage": _forwarded("lineage", "None"),
+                        "lineage": _forwarded("lineage", "''"),
                         "crashed_run": _forwarded("crashed_run", "None"),
                         "checkpoint": _forwarded("checkpoint", "'latest'"),
                         "from_step": _forwarded("from_step", "None"),

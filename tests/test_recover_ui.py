@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 from collections.abc import Callable, Iterator
@@ -78,10 +79,11 @@ def submit_recover_from_ui(stack: Stack, lineage: str) -> None:
     recover_id = deployment_id(stack.server, "recover/recover")
     with ui_page() as page:
         open_custom_run(page, stack.server.url, "recover", recover_id)
-        # each parameter is a labelled form property; its label is not tied to the input (no for/id pair)
+        # each parameter is a labelled form property; its label is not tied to the input (no for/id pair). The
+        # label reads "lineage (Optional)": a recovery can be given the crashed run's id instead (auto-recovery)
         field = (
             page.locator(".schema-form-property")
-            .filter(has=page.get_by_text("lineage", exact=True))
+            .filter(has=page.get_by_text(re.compile(r"^lineage( \(Optional\))?$")))
             .get_by_role("textbox")
         )
         field.fill(lineage)

@@ -140,7 +140,7 @@ def lineage_of_run(store: CheckpointStore, run_id: str) -> str:
 
 @flow(name="recover", log_prints=True)
 def recover(
-    lineage: str | None = None,
+    lineage: str = "",  # plain text, not Optional: the UI's Custom run form shows a text field to type it in
     checkpoint: str = "latest",
     from_step: str | None = None,
     preflight: Literal["strict", "warn"] = "strict",
