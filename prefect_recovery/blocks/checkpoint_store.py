@@ -50,7 +50,7 @@ from ..core.region import check_url, redact_url
 from ..core.region_marker import guard_empty_mounts, init_region
 from ..core.retention import RetentionPolicy
 from ..core.signing import Keyring, ManifestKey, SignatureAlgorithm, load_key
-from ..core.store import DEFAULT_CHUNK_BYTES
+from ..core.store import DEFAULT_CHUNK_BYTES, check_regions
 from ..telemetry import default_observers
 from ..training.state_io import load_state, save_state
 from .async_api import AsyncStoreApi
@@ -404,6 +404,7 @@ class CheckpointStore(ResultStorage, AsyncStoreApi, WritableFileSystem):
         """The bytes-level store built from this configuration."""
         if self._store is None:
             regions = [open_region(region.url, region.fsspec_options(), region.name) for region in self.regions]
+            check_regions(regions, self.write_quorum)  # before guard_empty_mounts marks a new store's regions
             self._store = Store(
                 guard_empty_mounts(regions),
                 write_quorum=self.write_quorum,

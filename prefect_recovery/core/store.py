@@ -55,6 +55,20 @@ def core_store(store: Any) -> Store:
     return store if core is None else core
 
 
+def check_regions(regions: Sequence[RegionIO], write_quorum: int) -> None:
+    """A store's regions and write quorum are usable (InvalidArgumentError otherwise): checked before a store is
+    built, and before anything is written to its regions (the first use of a new store marks them)."""
+    if not regions:
+        raise InvalidArgumentError("a store needs at least one region")
+    names = [region.name for region in regions]
+    if len(set(names)) != len(names):
+        raise InvalidArgumentError(f"regions must be distinct, got {names}")
+    if not 1 <= write_quorum <= len(regions):
+        raise InvalidArgumentError(
+            f"write_quorum must be between 1 and the number of regions ({len(regions)}), got {write_quorum}"
+        )
+
+
 class Store(StoreWrites, StoreConsistency):
     """Checkpoints of many lineages, replicated over several regions."""
 
@@ -111,15 +125,7 @@ class Store(StoreWrites, StoreConsistency):
                 with that version's chunk, encoded, where that saves (core/chunks.py); a read
                 resolves at most ``MAX_DELTA_CHAIN`` parents, GC keeps every parent.
         """
-        if not regions:
-            raise InvalidArgumentError("a store needs at least one region")
-        names = [region.name for region in regions]
-        if len(set(names)) != len(names):
-            raise InvalidArgumentError(f"regions must be distinct, got {names}")
-        if not 1 <= write_quorum <= len(regions):
-            raise InvalidArgumentError(
-                f"write_quorum must be between 1 and the number of regions ({len(regions)}), got {write_quorum}"
-            )
+        check_regions(regions, write_quorum)
         if chunk_bytes < 1:
             raise InvalidArgumentError("chunk_bytes must be positive")
         check_codec(codec)
