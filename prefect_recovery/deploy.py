@@ -54,6 +54,22 @@ def _forwarded(parameter: str, default: str) -> dict[str, Any]:
     return _json(f"{{{{ flow_run.parameters.get('{parameter}', {default}) | tojson }}}}")
 
 
+def _on_flow_run(expect: set[str], related: Any) -> Any:
+    """A trigger that fires once for each flow run entering one of the ``expect`` states (events), among the
+    runs ``related`` (resource specifications of the run's deployment, tags...) selects."""
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    return EventTrigger(
+        expect=expect,
+        match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+        match_related=related,
+        posture=Posture.Reactive,
+        threshold=1,
+        within=timedelta(0),
+    )
+
+
 def deployment_home() -> Path:
     """Where a deployed or served run keeps the embedded default store: ``$PREFECT_RECOVERY_HOME``, else
     ``~/.prefect-recovery``. Never the run's working directory, which is often a code checkout (a worker's
@@ -264,16 +280,9 @@ def install_automations(
         auto_recover = AutomationCore(
             name=RECOVER_AUTOMATION,
             description=f"Runs {recover_deployment} with the lineage of a crashed or failed run of {what}.",
-            trigger=EventTrigger(
-                expect={"prefect.flow-run.Crashed", "prefect.flow-run.Failed"},
-                match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
-                match_related=[
-                    ResourceSpecification(scope),
-                    *(ResourceSpecification(_not_deployment(i)) for i in excluded),
-                ],
-                posture=Posture.Reactive,
-                threshold=1,
-                within=timedelta(0),
+            trigger=_on_flow_run(
+                {"prefect.flow-run.Crashed", "prefect.flow-run.Failed"},
+                [ResourceSpecification(scope), *(ResourceSpecification(_not_deployment(i)) for i in excluded)],
             ),
             actions=[
                 RunDeployment(
@@ -298,15 +307,11 @@ def install_automations(
             name=RECOVER_AGAIN_AUTOMATION,
             description=f"Runs {recover_deployment} again, attempt + 1 (at most max_attempts), for a crashed run "
             f"of {recover_deployment}.",
-            trigger=EventTrigger(
-                expect={"prefect.flow-run.Crashed"},
-                match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
-                match_related=ResourceSpecification(
+            trigger=_on_flow_run(
+                {"prefect.flow-run.Crashed"},
+                ResourceSpecification(
                     {"prefect.resource.role": "deployment", "prefect.resource.id": [f"prefect.deployment.{recover}"]}
                 ),
-                posture=Posture.Reactive,
-                threshold=1,
-                within=timedelta(0),
             ),
             actions=[
                 RunDeployment(
