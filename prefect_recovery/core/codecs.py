@@ -97,9 +97,12 @@ def float_width(dtype: str | None) -> int | None:
 def group_bytes(data: memoryview, width: int, out: memoryview | None = None) -> memoryview:
     """``data`` (little-endian elements of ``width`` bytes) as byte planes, the most significant
     (the exponent, after the sign bit is rotated to the bottom) first, written into ``out``
-    (default: a new buffer) and returned. Block by block (``UNGROUP_BLOCK`` elements): each
-    block's words are rotated into a small reused temporary and its bytes gathered into the
-    planes while in cache (whole-chunk temporaries cost a page fault per 4 KiB)."""
+    (default: a new buffer) and returned.
+
+    Block by block (``UNGROUP_BLOCK`` elements, small reused temporaries: whole-chunk
+    temporaries cost a page fault per 4 KiB). Each block's words are rotated, then each plane is
+    the word shifted right and narrowed to uint8 by a contiguous cast; gathering every
+    ``width``-th byte instead is a strided byte copy, 1.5x (fp32) to 2.4x (bf16) slower."""
     count = len(data) // width
     planes = memoryview(bytearray(len(data))) if out is None else out
     words = np.frombuffer(data, dtype=_UINT[width])
@@ -109,38 +112,58 @@ def group_bytes(data: memoryview, width: int, out: memoryview | None = None) -> 
     high = 8 * width - 1
     for start in range(0, count, UNGROUP_BLOCK):
         stop = min(count, start + UNGROUP_BLOCK)
-        block, turned, low = words[start:stop], rotated[: stop - start], spare[: stop - start]
+        block, turned, shifted = words[start:stop], rotated[: stop - start], spare[: stop - start]
         np.left_shift(block, 1, out=turned)
-        np.right_shift(block, high, out=low)
-        np.bitwise_or(turned, low, out=turned)
-        turned_bytes = turned.view(np.uint8).reshape(-1, width)
+        np.right_shift(block, high, out=shifted)
+        np.bitwise_or(turned, shifted, out=turned)
         for plane in range(width):
-            grouped[plane, start:stop] = turned_bytes[:, width - 1 - plane]
+            bits = 8 * (width - 1 - plane)
+            source = np.right_shift(turned, bits, out=shifted) if bits else turned
+            np.copyto(grouped[plane, start:stop], source, casting="unsafe")  # keeps the low byte
     return planes
 
 
 def ungroup_bytes(planes: bytes | memoryview, width: int, out: memoryview) -> None:
     """Inverse of ``group_bytes``, written into ``out``.
 
-    Block by block (``UNGROUP_BLOCK`` elements), so each block's scattered planes are rotated
-    back while still in the CPU cache, with one small reused temporary: whole-chunk temporaries
-    are fresh memory whose page faults cost more than the arithmetic (measured on 2 cores: 2-3x
-    faster than scattering the whole chunk, then rotating it with two chunk-sized temporaries).
-    """
+    Block by block (``UNGROUP_BLOCK`` elements) with small reused temporaries, so a block's
+    planes are joined and rotated back while in the CPU cache (whole-chunk temporaries are
+    fresh memory whose page faults cost more than the arithmetic). Planes are joined pairwise
+    by widening casts, shifts and ors (two uint8 planes into uint16, two of those into uint32,
+    ...): contiguous, vectorised operations, 2x (bf16) and 1.5x (fp32) faster than scattering
+    each plane into every ``width``-th byte of ``out``."""
     count = len(out) // width
     grouped = np.frombuffer(planes, dtype=np.uint8).reshape(width, count)
-    target = np.frombuffer(out, dtype=np.uint8).reshape(count, width)
-    words = target.view(_UINT[width]).reshape(-1)
-    spare = np.empty(min(UNGROUP_BLOCK, count), dtype=_UINT[width])
+    words = np.frombuffer(out, dtype=_UINT[width])
+    size = min(UNGROUP_BLOCK, count)
+    # For each joined width: one buffer per join result of that width, and one spare.
+    temporaries = {
+        joined: [np.empty(size, dtype=_UINT[joined]) for _ in range(width // joined + 1)]
+        for joined in _UINT
+        if joined <= width
+    }
     high = 8 * width - 1
     for start in range(0, count, UNGROUP_BLOCK):
         stop = min(count, start + UNGROUP_BLOCK)
-        for plane in range(width):
-            target[start:stop, width - 1 - plane] = grouped[plane, start:stop]
-        block, low = words[start:stop], spare[: stop - start]
-        np.right_shift(block, 1, out=low)
-        np.left_shift(block, high, out=block)
-        np.bitwise_or(block, low, out=block)
+        n = stop - start
+        level = [grouped[plane, start:stop] for plane in range(width)]  # most significant first
+        while len(level) > 1:
+            joined = 2 * level[0].itemsize
+            buffers = temporaries[joined]
+            spare = buffers[-1][:n]
+            pairs = []
+            for index in range(0, len(level), 2):
+                word = buffers[index // 2][:n]
+                np.copyto(word, level[index], casting="unsafe")
+                np.left_shift(word, 4 * joined, out=word)
+                np.copyto(spare, level[index + 1], casting="unsafe")
+                np.bitwise_or(word, spare, out=word)
+                pairs.append(word)
+            level = pairs
+        rotated, block = level[0], words[start:stop]
+        np.right_shift(rotated, 1, out=block)
+        np.left_shift(rotated, high, out=rotated)
+        np.bitwise_or(block, rotated, out=block)
 
 
 def _compress(data: bytes | memoryview, level: int) -> bytes:
