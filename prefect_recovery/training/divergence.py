@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..core.errors import CheckpointNotFoundError
 from ..core.layout import LIGHT_SUFFIX
 from ..core.manifest import Manifest
 from ..core.store import Store
@@ -38,6 +39,8 @@ class Divergence:
     # environment; ``determinism.execution_fingerprint``): {field: [a's value, b's value]}. A divergence in the
     # weights alone with a difference here is rounding from another kernel, not a random draw.
     execution: dict[str, list[Any]] = field(default_factory=dict)
+    # Set when every shared checkpoint was identical and one lineage simply stops earlier: its last step.
+    ended_at: int | None = None
 
     @property
     def first_cause(self) -> str | None:
@@ -46,7 +49,12 @@ class Divergence:
     def describe(self, a: str, b: str) -> str:
         where = f"step {self.step} ({self.tier} {self.trigger})"
         if None in self.versions:
-            missing = a if self.versions[0] is None else b
+            missing, other = (a, b) if self.versions[0] is None else (b, a)
+            if self.ended_at is not None:
+                return (
+                    f"{a} and {b}: the {self.compared} checkpoint(s) both have are identical; {missing} ends at step "
+                    f"{self.ended_at}, {other} goes on (first at {where})"
+                )
             return f"{a} and {b} first differ at {where}: {missing} has no such checkpoint"
         shown = ", ".join(self.differing[:6]) + (" ..." if len(self.differing) > 6 else "")
         text = f"{a} and {b} first differ at {where}, v{self.versions[0]} vs v{self.versions[1]}: {shown}"
@@ -62,19 +70,43 @@ def _rank(name: str) -> tuple[int, str]:
     return (CAUSE_ORDER.index(top) if top in CAUSE_ORDER else len(CAUSE_ORDER), name)
 
 
+def _is_container(node: Any) -> bool:
+    return isinstance(node, dict) and len(node) == 1 and next(iter(node)) in ("dict", "list", "tuple")
+
+
+def _values(node: Any, path: str, out: dict[str, str]) -> None:
+    """Each plain value of a state tree under the path a user knows it by (``optimizer/param_groups/0/lr``,
+    ``rng/python``, ``counters/step``); tensors and bytes are entries, compared by digest elsewhere.
+
+    Dicts are walked key by key, and so are lists whose items are all containers (the optimizer's
+    param_groups); a list of plain values (a Python RNG state, a group's parameter ids) is one value."""
+    if isinstance(node, dict) and len(node) == 1 and next(iter(node)) in ("tensor", "bytes"):
+        return
+    if isinstance(node, dict) and isinstance(node.get("dict"), list) and len(node) == 1:
+        if not node["dict"]:
+            out[path or "(values)"] = "{}"
+        for pair in node["dict"]:
+            if isinstance(pair, list) and len(pair) == 2:
+                _values(pair[1], f"{path}/{pair[0]}" if path else str(pair[0]), out)
+        return
+    items = node.get("list", node.get("tuple")) if _is_container(node) else None
+    if isinstance(items, list) and items and all(_is_container(item) for item in items):
+        for index, item in enumerate(items):
+            _values(item, f"{path}/{index}", out)
+        return
+    out[path or "(values)"] = json.dumps(node, sort_keys=True)
+
+
 def _leaves(store: Store, manifest: Manifest) -> dict[str, str]:
-    """What each entry holds (its chunk digests, dtype, shape) and each component's plain values."""
+    """What each entry holds (its chunk digests, dtype, shape) and each plain value of the state, by path."""
     leaves = {
         entry.name: json.dumps([[c.content_digest for c in entry.chunks], entry.dtype, entry.shape])
         for entry in store.manifest_entries(manifest)
     }
-    tree: Any = manifest.tree
-    if isinstance(tree, dict) and isinstance(tree.get("dict"), list):
-        for pair in tree["dict"]:  # top-level components: their non-tensor values sit in the tree
-            if isinstance(pair, list) and len(pair) == 2:
-                leaves[f"{pair[0]} (values)"] = json.dumps(pair[1], sort_keys=True)
-    else:
-        leaves["(values)"] = json.dumps(tree, sort_keys=True)
+    values: dict[str, str] = {}
+    _values(manifest.tree, "", values)
+    for name, value in values.items():  # a value named like an entry cannot hide it
+        leaves[name if name not in leaves else f"{name} (value)"] = value
     return leaves
 
 
@@ -89,13 +121,34 @@ def _checkpoints(store: Store, lineage: str) -> dict[Key, int]:
 
 
 def first_divergence(store: Store, a: str, b: str) -> Divergence | None:
-    """The first checkpoint (in step order) where lineages ``a`` and ``b`` differ, or None if none does."""
+    """The first checkpoint (in step order) where lineages ``a`` and ``b`` differ, or None if none does.
+
+    Checkpoints are paired by (step, tier, trigger). One that only one lineage has (a timebox save, a
+    save skipped under backpressure) says nothing about the training and is passed over; a lineage
+    that stops before the other is reported at the first checkpoint past its end, after every pair
+    they share was found identical.
+
+    Raises:
+        CheckpointNotFoundError: a lineage without any checkpoint in ``store``, or two lineages
+            without a single checkpoint at the same step to compare.
+    """
     ours, theirs = _checkpoints(store, a), _checkpoints(store, b)
-    for compared, key in enumerate(sorted(set(ours) | set(theirs), key=lambda k: (k[0], k[1] == "heavy", k[2]))):
+    for name, found in ((a, ours), (b, theirs)):
+        if not found:
+            raise CheckpointNotFoundError(
+                f"lineage {name!r} has no checkpoint in this store, so there is nothing to compare; "
+                "see `prefect-recovery ls` for the lineages it holds"
+            )
+    order = sorted(set(ours) | set(theirs), key=lambda k: (k[0], k[1] == "heavy", k[2]))
+    shared = [key for key in order if key in ours and key in theirs]
+    if not shared:
+        raise CheckpointNotFoundError(
+            f"lineages {a!r} and {b!r} have no checkpoint at the same step and trigger to compare ({a} saved at "
+            f"steps {_steps(ours)}, {b} at steps {_steps(theirs)}); compare runs of the same schedule"
+        )
+    for compared, key in enumerate(shared):
         step, tier, trigger = key
-        version_a, version_b = ours.get(key), theirs.get(key)
-        if version_a is None or version_b is None:
-            return Divergence(step, tier, trigger, (version_a, version_b), compared=compared)
+        version_a, version_b = ours[key], theirs[key]
         manifest_a = store.resolve(a + ("" if tier == "heavy" else LIGHT_SUFFIX), version_a)[0]
         manifest_b = store.resolve(b + ("" if tier == "heavy" else LIGHT_SUFFIX), version_b)[0]
         left, right = _leaves(store, manifest_a), _leaves(store, manifest_b)
@@ -107,4 +160,15 @@ def first_divergence(store: Store, a: str, b: str) -> Divergence | None:
                 manifest_a.metadata.get("execution"), manifest_b.metadata.get("execution")
             )
             return Divergence(step, tier, trigger, (version_a, version_b), differing, compared, execution)
-    return None
+    last_a, last_b = max(key[0] for key in ours), max(key[0] for key in theirs)
+    if last_a == last_b:
+        return None
+    longer, last = (theirs, last_a) if last_a < last_b else (ours, last_b)
+    step, tier, trigger = next(key for key in order if key[0] > last and key in longer)
+    versions = (ours.get((step, tier, trigger)), theirs.get((step, tier, trigger)))
+    return Divergence(step, tier, trigger, versions, compared=len(shared), ended_at=last)
+
+
+def _steps(found: dict[Key, int]) -> str:
+    steps = sorted({key[0] for key in found})
+    return ", ".join(map(str, steps[:8])) + (", ..." if len(steps) > 8 else "")
