@@ -15,21 +15,28 @@ known to do that" cannot keep up, so the guard confines the generators by *threa
   any module is covered.
 - **NumPy**: the legacy module-level functions (``np.random.rand``, ``np.random.shuffle``, ...)
   are re-bound the same way; other threads get a private ``RandomState``.
-- **torch**: the default CPU generator lives in C++ and cannot be confined from Python. The
-  Checkpointer compares it (and the two others) before and after its own work on the training
-  thread (``OwnWork``), so a save, a commit hook or an event that draws from it is undone, or
-  named in strict mode.
+- **torch**: the default CPU generator lives in C++ and cannot be confined from Python: a draw
+  (``torch.rand``, dropout) on another thread moves it unseen. What *can* be seen is another thread
+  seeding or setting it (``torch.manual_seed``, ``torch.seed``, ``torch.set_rng_state``, and so
+  ``torch.random.fork_rng``'s restore): such a call is not applied (it would reset the training's
+  generator) and is recorded; the next ``step()`` warns, or raises in strict mode, since a thread
+  that seeds the shared generator most likely draws from it too. The Checkpointer also compares
+  the three generators before and after its own work on the training thread (``OwnWork``), so a
+  save, a commit hook or an event that draws from them is undone, or named in strict mode.
 
 Owners are the threads inside an open ``Checkpointer``; with no owner the generators behave
-as usual. A draw from another thread is served privately (so it cannot change the training)
-and recorded as an ``Interference`` that the Checkpointer reports: a warning, or in strict
-mode a ``DeterminismError`` naming the step, the generator, the thread and the caller.
-Not covered: code that bound a C method before the guard was installed
-(``from random import random``) and ``numpy.random.mtrand._rand`` used directly.
+as usual. A Python or NumPy draw from another thread is served privately (so it cannot change
+the training) and recorded as an ``Interference`` in ``Checkpointer.rng_interference``; a torch
+seeding call from another thread is refused and reported: a warning, or in strict mode a
+``DeterminismError`` naming the step, the generator, the thread and the caller.
+Not covered: code that bound a function before the guard was installed
+(``from random import random``, ``from torch import manual_seed``), ``numpy.random.mtrand._rand``
+used directly, and torch draws on another thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -47,13 +54,13 @@ logger = logging.getLogger("prefect_recovery.checkpointer")
 class Interference:
     """A draw from a guarded global generator by a thread that does not own it."""
 
-    generator: str  # "python" or "numpy"
-    function: str  # e.g. "getrandbits", "rand"
+    generator: str  # "python", "numpy" or "torch"
+    function: str  # e.g. "getrandbits", "rand", "manual_seed"
     thread: str  # the drawing thread's name
     caller: str  # "file:line" of the code that drew
 
     def describe(self) -> str:
-        return f"{self.generator} global RNG ({self.function}) drawn by thread {self.thread!r} at {self.caller}"
+        return f"{self.generator} global RNG ({self.function}) used by thread {self.thread!r} at {self.caller}"
 
 
 _lock = threading.Lock()
@@ -69,8 +76,11 @@ def _foreign() -> bool:
 
 def _record(generator: str, function: str) -> None:
     frame = sys._getframe(2)
-    # skip frames inside random.py / numpy's wrappers so the caller is the code that asked
-    while frame.f_back is not None and frame.f_code.co_filename in (random.__file__, __file__):
+    # skip frames inside random.py / torch's / our wrappers so the caller is the code that asked
+    while frame.f_back is not None and (
+        frame.f_code.co_filename in (random.__file__, __file__, contextlib.__file__)
+        or frame.f_code.co_filename.endswith(_TORCH_RANDOM)
+    ):
         frame = frame.f_back
     entry = Interference(
         generator, function, threading.current_thread().name, f"{frame.f_code.co_filename}:{frame.f_lineno}"
@@ -152,6 +162,35 @@ def _numpy_dispatcher(name: str, shared: Any) -> Any:
 _NUMPY_MODULE_FUNCTIONS = {"seed": "seed", "ranf": "random_sample", "sample": "random_sample"}
 
 
+# torch's Python-level functions that reset the default CPU generator; each takes effect for every thread.
+_TORCH_SETTERS = ("manual_seed", "seed", "set_rng_state")
+_TORCH_RANDOM = os.path.join("torch", "random.py")  # fork_rng's restore is reported at its caller
+
+
+def _torch_setter(name: str, shared: Any) -> Any:
+    def dispatch(*args: Any, **kwargs: Any) -> Any:
+        if not _foreign():
+            return shared(*args, **kwargs)
+        # Another thread resetting the one default generator would reset the training's randomness:
+        # refused (there is no per-thread default generator to send it to) and reported at the next step.
+        _record("torch", name)
+        generator = getattr(_private, "torch", None)
+        if generator is None:
+            import torch
+
+            generator = _private.torch = torch.Generator()
+        if name == "manual_seed":
+            return generator.manual_seed(*args, **kwargs)
+        if name == "seed":
+            return generator.seed()
+        return None
+
+    dispatch.__name__ = name
+    dispatch.__doc__ = getattr(shared, "__doc__", None)
+    dispatch.__wrapped__ = shared  # type: ignore[attr-defined]
+    return dispatch
+
+
 def _install() -> None:
     """Re-class Python's shared Random and re-bind the module-level names (once per process)."""
     instance = random._inst  # type: ignore[attr-defined]
@@ -176,12 +215,25 @@ def _install() -> None:
                 setattr(module, name, _numpy_dispatcher(private_name or name, bound))
     _installed["numpy_names"] = numpy_names
 
+    torch_names: dict[tuple[Any, str], Any] = {}
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        for module in (torch, torch.random):
+            for name in _TORCH_SETTERS:
+                bound = getattr(module, name, None)
+                if bound is not None:
+                    torch_names[(module, name)] = bound
+                    setattr(module, name, _torch_setter(name, bound))
+    _installed["torch_names"] = torch_names
+
 
 def _uninstall() -> None:
     random._inst.__class__ = _installed.pop("python_class")  # type: ignore[attr-defined]
     for name, bound in _installed.pop("python_names").items():
         setattr(random, name, bound)
     for (module, name), bound in _installed.pop("numpy_names").items():
+        setattr(module, name, bound)
+    for (module, name), bound in _installed.pop("torch_names").items():
         setattr(module, name, bound)
 
 
@@ -219,6 +271,30 @@ class DeterminismError(RuntimeError):
     """Something other than the training moved a global RNG a checkpoint captures (strict mode)."""
 
 
+def collect(checkpointer: Any, where: str) -> None:
+    """Take the foreign uses recorded since the last call into ``checkpointer.rng_interference``.
+
+    Python and NumPy draws were served privately and are only kept. A torch seeding call from
+    another thread was refused, but it says that thread uses the shared torch generator, whose draws
+    no hook sees: warned about, or ``DeterminismError`` in strict mode, naming ``where`` (the step).
+    """
+    seen = take_interference()
+    checkpointer.rng_interference += seen
+    shared = [entry for entry in seen if entry.generator == "torch"]
+    if not shared:
+        return
+    what = "; ".join(entry.describe() for entry in shared[:3]) + (" ..." if len(shared) > 3 else "")
+    message = (
+        f"{where} of {checkpointer.lineage}: {what}. torch's default generator is shared by every thread and "
+        "cannot be confined: the call was not applied, but a thread that seeds it most likely draws from it "
+        "too, which moves the training's randomness at a timing-dependent moment. Give that code its own "
+        "torch.Generator (torch.rand(..., generator=g))."
+    )
+    if checkpointer.strict_determinism:
+        raise DeterminismError("strict determinism: " + message)
+    logger.warning(message)
+
+
 class OwnWork:
     """The Checkpointer's own work on the training thread (a save, with its hooks and events).
 
@@ -235,7 +311,7 @@ class OwnWork:
         self.before: dict[str, Any] = {}
 
     def __enter__(self) -> OwnWork:
-        self.checkpointer.rng_interference += take_interference()
+        collect(self.checkpointer, f"before the Checkpointer's {self.what} at step {self.checkpointer.step_count}")
         self.before = _states()
         return self
 
