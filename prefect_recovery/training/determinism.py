@@ -64,6 +64,65 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# A training thread's own generators (the private ones DETERMINISM.md recommends) passed as
+# ``Checkpointer(extras={"noise": generator})``: saved as their state, restored into the same object.
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _jsonable(item) for key, item in value.items()}
+    if isinstance(value, np.ndarray):
+        return {"ndarray": value.tolist(), "dtype": str(value.dtype)}
+    if isinstance(value, np.integer):
+        return int(value)
+    return str(value) if isinstance(value, int) and not -(2**63) <= value < 2**63 else value
+
+
+def _from_jsonable(value: Any) -> Any:
+    if isinstance(value, dict) and set(value) == {"ndarray", "dtype"}:
+        return np.asarray(value["ndarray"], dtype=value["dtype"])
+    if isinstance(value, dict):
+        return {key: _from_jsonable(item) for key, item in value.items()}
+    return int(value) if isinstance(value, str) and value.lstrip("-").isdigit() else value
+
+
+def extra_state(obj: Any) -> Any:
+    """What a checkpoint holds for one of ``Checkpointer(extras=...)``: ``state_dict()``, the state of a
+    private generator (``torch.Generator``, ``numpy.random.Generator``/``RandomState``, ``random.Random``),
+    or the plain value itself."""
+    if hasattr(obj, "state_dict"):
+        return obj.state_dict()
+    if isinstance(obj, torch.Generator):
+        return {"torch_generator": obj.get_state()}
+    if isinstance(obj, np.random.Generator):
+        return {"numpy_generator": _jsonable(obj.bit_generator.state)}
+    if isinstance(obj, np.random.RandomState):
+        kind, keys, pos, has_gauss, cached = obj.get_state(legacy=True)  # type: ignore[misc]
+        return {"numpy_random_state": [kind, torch.from_numpy(np.asarray(keys, dtype=np.uint32).astype(np.int64)),
+                                       int(pos), int(has_gauss), float(cached)]}  # fmt: skip
+    if isinstance(obj, random.Random):
+        return {"python_random": obj.getstate()}
+    return obj
+
+
+def load_extra_state(target: Any, value: Any) -> bool:
+    """Restore ``value`` (from ``extra_state``) into ``target`` in place; False when ``target`` is a plain
+    value, which the caller replaces instead."""
+    if hasattr(target, "load_state_dict"):
+        target.load_state_dict(value)
+    elif isinstance(target, torch.Generator):
+        target.set_state(value["torch_generator"])
+    elif isinstance(target, np.random.Generator):
+        target.bit_generator.state = _from_jsonable(value["numpy_generator"])
+    elif isinstance(target, np.random.RandomState):
+        kind, keys, pos, has_gauss, cached = value["numpy_random_state"]
+        target.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    elif isinstance(target, random.Random):
+        version, internal, gauss = value["python_random"]
+        target.setstate((version, tuple(internal), gauss))
+    else:
+        return False
+    return True
+
+
 def capture_settings(seed: int | None) -> dict[str, Any]:
     """Settings that change results: recorded so a resume runs under the same ones."""
     return {
