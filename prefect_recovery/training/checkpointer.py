@@ -60,6 +60,8 @@ from .determinism import (
     capture_rng,
     capture_settings,
     execution_fingerprint,
+    extra_state,
+    load_extra_state,
     restore_rng,
     seed_everything,
 )
@@ -288,9 +290,7 @@ class Checkpointer:
             target.load_state_dict(state[name])
         for name, target in self.extras.items():
             value = state.get("extras", {}).get(name)
-            if hasattr(target, "load_state_dict"):
-                target.load_state_dict(value)
-            else:
+            if not load_extra_state(target, value):  # state_dict() objects and private generators: in place
                 self.extras[name] = value
         apply_settings(state["determinism"])
         self._settings = state["determinism"]
@@ -308,9 +308,7 @@ class Checkpointer:
         """The state to save (live references; ``encode_state(copy=True)`` snapshots it)."""
         state: dict[str, Any] = {name: obj.state_dict() for name, obj in self.objects.items()}
         if self.extras:
-            state["extras"] = {
-                name: obj.state_dict() if hasattr(obj, "state_dict") else obj for name, obj in self.extras.items()
-            }
+            state["extras"] = {name: extra_state(obj) for name, obj in self.extras.items()}
         state["rng"] = capture_rng()
         state["determinism"] = self._settings or capture_settings(self.seed)
         state["counters"] = {"step": self.step_count, "epoch": self.epoch}
@@ -330,7 +328,9 @@ class Checkpointer:
         Call it after ``optimizer.step()`` (with gradient accumulation: after the optimizer step
         that applies the accumulated gradients), where the state is whole.
         """
-        self.rng_interference += rng_guard.take_interference()  # served privately; kept for diagnosis
+        # Other threads' Python/NumPy draws were served privately (kept for diagnosis); a torch seeding
+        # call from another thread is reported (strict mode: DeterminismError naming this step).
+        rng_guard.collect(self, f"during step {self.step_count + n}")
         self._saver.raise_errors()
         previous = self.step_count
         self.step_count += n
