@@ -275,6 +275,8 @@ def test_history_against_a_missing_lineage_a_single_checkpoint_and_other_schedul
         assert "has no checkpoint in this store" in output, output
     with pytest.raises(CheckpointNotFoundError, match="'no-such-run' has no checkpoint"):
         first_divergence(CheckpointStore.default(tmp_path).core, "reference", "no-such-run")
+    code, output = history(tmp_path, "--lineage", "reference", "--against", "reference.light")
+    assert code != 0 and "the light tier of lineage 'reference'" in " ".join(output.split()), output
 
     train(tmp_path, "one", steps=4)
     train(tmp_path, "one-again", steps=4)

@@ -134,6 +134,12 @@ def first_divergence(store: Store, a: str, b: str) -> Divergence | None:
     """
     ours, theirs = _checkpoints(store, a), _checkpoints(store, b)
     for name, found in ((a, ours), (b, theirs)):
+        if name.endswith(LIGHT_SUFFIX):  # its light checkpoints are paired with the heavy ones of its base
+            base = name.removesuffix(LIGHT_SUFFIX)
+            raise CheckpointNotFoundError(
+                f"{name!r} is the light tier of lineage {base!r}; compare lineages by their base name "
+                f"({base!r}): their light and heavy checkpoints are paired together"
+            )
         if not found:
             raise CheckpointNotFoundError(
                 f"lineage {name!r} has no checkpoint in this store, so there is nothing to compare; "
