@@ -1,6 +1,7 @@
 """Scrub a store (FORMAT.md, "Verify and repair"): every manifest parsed and its signature
 checked in every region, every blob's presence checked, a ``read_data`` fraction of the blobs
-read and re-hashed (like ``restic check --read-data-subset``); optional repair.
+read and re-hashed (like ``restic check --read-data-subset``); optional repair; optionally
+(``decode``) every compressed or delta chunk decoded and checked against its decoded digest.
 
 Repair only ever copies from a copy that was just verified (a manifest that parsed and whose
 signature checked, a blob whose bytes hashed to its name), and is idempotent: a second run
@@ -19,10 +20,17 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from .digest import hash_bytes
-from .errors import InvalidArgumentError, JournalError, ManifestError, ObjectNotFoundError, RegionError
+from .errors import (
+    BlobUnavailableError,
+    InvalidArgumentError,
+    JournalError,
+    ManifestError,
+    ObjectNotFoundError,
+    RegionError,
+)
 from .journal import Journal
 from .layout import blob_key, manifest_key
-from .manifest import Manifest, entry_blob_sizes
+from .manifest import ChunkRef, Manifest, canonical_json, entry_blob_sizes
 from .models import CheckpointAudit, Problem, VerifyReport
 from .progress import advance
 from .region_object import RegionIO
@@ -82,6 +90,7 @@ def verify_store(
     lineage: str | None = None,
     read_data: float = 1.0,
     seed: int | None = None,
+    decode: bool = False,
 ) -> VerifyReport:
     """Scrub ``store`` (one ``lineage`` or all) and return what was found and repaired.
 
@@ -92,6 +101,12 @@ def verify_store(
             them; the others are only checked for presence and size. 1.0 reads everything.
         seed: Seed of the sample (default: a new one per run, so successive audits cover
             different blobs).
+        decode: Also decode every chunk stored with a codec or as a delta (its delta parents
+            too) and check the result against its ``decoded_digest``, after any repair: finds a
+            blob that hashes right but decodes wrong (a writer bug, a forged manifest), which
+            the hash check cannot see and a load would only find when it fails. Such a chunk is
+            reported ``corrupt`` in region ``*`` (every region holds those same bytes, so there
+            is nothing to repair from). Costs a decode of every such chunk.
     """
     if not 0.0 <= read_data <= 1.0:
         raise InvalidArgumentError(f"read_data is a fraction between 0 and 1, got {read_data}")
@@ -102,12 +117,17 @@ def verify_store(
         problems.append(Problem(region=region, object="/", kind="unreachable region", detail=cause))
     up = [region.name for region in reachable]
 
-    blobs: dict[str, int] = {}
-    pages: set[str] = set()  # entry pages (FORMAT.md, "Entry pages"): always read and hashed
+    # Blobs to check, each as (digest, size) named: a manifest that names a blob with another
+    # size than the others (a forged or buggy one) gets its own check and its own problems,
+    # instead of making an honest version's intact blob look corrupt (or hiding its lie).
+    blobs: dict[tuple[str, int], int] = {}
+    pages: set[tuple[str, int]] = set()  # entry pages (FORMAT.md, "Entry pages"): always read and hashed
     # Regions each blob must be in: every reachable one, unless only single-region
     # (placement "primary") manifests name it, which need it where they are.
-    blob_regions: dict[str, set[str]] = {}
-    blob_rows: dict[str, list[CheckpointAudit]] = {}
+    blob_regions: dict[tuple[str, int], set[str]] = {}
+    blob_rows: dict[tuple[str, int], list[CheckpointAudit]] = {}
+    # Chunks that only decoding checks (codec or delta), by their reference: what decode reads.
+    coded: dict[bytes, tuple[ChunkRef, list[CheckpointAudit]]] = {}
     rows: list[CheckpointAudit] = []
     versions = 0
     lineages = [lineage] if lineage else store.lineages()
@@ -193,7 +213,7 @@ def verify_store(
             # A paged manifest's entry pages are blobs like the others (checked, always read in
             # full, repaired from a verified copy); the blobs they name are read through them.
             named = [(page.digest, page.size) for page in manifest.pages or ()]
-            pages.update(digest for digest, _ in named)
+            pages.update(named)
             try:
                 entries = store.manifest_entries(manifest, prefer=holders)
             except ManifestError as exc:
@@ -209,11 +229,18 @@ def verify_store(
                     )
                 )
             named += list(entry_blob_sizes(entries).items())  # blobs as stored; delta parents too
-            for digest, size in named:
-                blobs[digest] = size
-                blob_regions.setdefault(digest, set()).update(expected & set(up))
-                if not blob_rows.get(digest) or blob_rows[digest][-1] is not row:
-                    blob_rows.setdefault(digest, []).append(row)
+            for pair in named:
+                blobs[pair] = pair[1]
+                blob_regions.setdefault(pair, set()).update(expected & set(up))
+                if not blob_rows.get(pair) or blob_rows[pair][-1] is not row:
+                    blob_rows.setdefault(pair, []).append(row)
+            if decode:
+                for entry in entries:
+                    for chunk in entry.chunks:
+                        if not chunk.stored_raw:  # a raw chunk's blob digest is its content's: hashed above
+                            rows_of = coded.setdefault(canonical_json(chunk.model_dump(mode="json")), (chunk, []))[1]
+                            if not rows_of or rows_of[-1] is not row:
+                                rows_of.append(row)
             good = copies.raw[holders[0]]
             for region in store.region_names:
                 if region in down:
@@ -252,27 +279,28 @@ def verify_store(
     bytes_checked = [0]
     lock = threading.Lock()
 
-    def read_verified(region: RegionIO, digest: str) -> bytes | None:
-        """The blob's bytes from ``region`` if they hash to its name."""
-        data = region.get(blob_key(digest), max_bytes=blobs[digest])
+    def read_verified(region: RegionIO, pair: tuple[str, int]) -> bytes | None:
+        """The blob's bytes from ``region`` if they hash to its name (and have the size named)."""
+        digest, size = pair
+        data = region.get(blob_key(digest), max_bytes=size)
         with lock:
             bytes_checked[0] += len(data)
-        if len(data) == blobs[digest] and hash_bytes(data, digest.split(":", 1)[0]) == digest:  # type: ignore[arg-type]
+        if len(data) == size and hash_bytes(data, digest.split(":", 1)[0]) == digest:  # type: ignore[arg-type]
             return data
         return None
 
-    def scrub(digest: str) -> list[Problem]:
-        size = blobs[digest]
+    def scrub(pair: tuple[str, int]) -> list[Problem]:
+        digest, size = pair
         key = blob_key(digest)
         found: list[Problem] = []
         healthy: bytes | None = None
         intact: list[RegionIO] = []
         for region in reachable:
-            if region.name not in blob_regions[digest]:
+            if region.name not in blob_regions[pair]:
                 continue
             try:
-                if digest in to_read:
-                    data = read_verified(region, digest)
+                if pair in to_read:
+                    data = read_verified(region, pair)
                     if data is None:
                         found.append(
                             Problem(
@@ -309,7 +337,7 @@ def verify_store(
                 if healthy is not None:
                     break
                 try:
-                    healthy = read_verified(source, digest)
+                    healthy = read_verified(source, pair)
                 except RegionError:
                     continue
             for problem in found:
@@ -324,18 +352,21 @@ def verify_store(
         return found
 
     with ThreadPoolExecutor(store.io_threads) as pool:
-        for done, (digest, found) in enumerate(zip(ordered, pool.map(scrub, ordered), strict=True), 1):
+        for done, (pair, found) in enumerate(zip(ordered, pool.map(scrub, ordered), strict=True), 1):
             advance("verify", done, len(ordered))  # the CLI's progress bar, on a terminal
             problems.extend(found)
             for problem in found:
-                problem.lineage, problem.version = blob_rows[digest][0].lineage, blob_rows[digest][0].version
-                for row in blob_rows[digest]:
+                problem.lineage, problem.version = blob_rows[pair][0].lineage, blob_rows[pair][0].version
+                for row in blob_rows[pair]:
                     current = row.regions.get(problem.region)
                     if problem.repaired:
                         if current == "ok":
                             row.regions[problem.region] = "repaired"
                     elif current in ("ok", "repaired"):
                         row.regions[problem.region] = problem.kind
+
+    if coded:
+        problems.extend(_decode_problems(store, list(coded.values()), {p.object for p in problems if not p.repaired}))
 
     for row in rows:
         row.copies = sum(status in ("ok", "repaired") for status in row.regions.values())
@@ -347,11 +378,64 @@ def verify_store(
         regions=store.region_names,
         lineages=len(lineages),
         versions=versions,
-        blobs=len(blobs),
-        blobs_read=len(to_read & set(blobs)),
+        blobs=len({digest for digest, _ in blobs}),
+        blobs_read=len({digest for digest, _ in to_read & set(blobs)}),
         bytes_checked=bytes_checked[0],
         signing=_signing_status(store),
         problems=problems,
         checkpoints=rows,
         notes=notes,
     )
+
+
+# The region a chunk that does not decode is reported in: every region holds the same (intact) bytes.
+EVERY_REGION = "*"
+
+
+def _decode_problems(
+    store: Store, chunks: list[tuple[ChunkRef, list[CheckpointAudit]]], damaged: set[str]
+) -> list[Problem]:
+    """Decode each chunk (with its delta parents) the way a load does, and report those whose
+    intact blobs do not give back their ``decoded_digest``. A chunk that cannot be read because a
+    blob has no intact copy is the blob check's to report; it is reported here only when that
+    check did not (``damaged``: the keys it reported and could not repair; a sampled scrub
+    reads only some blobs)."""
+
+    def check(item: tuple[ChunkRef, list[CheckpointAudit]]) -> BlobUnavailableError | None:
+        chunk = item[0]
+        try:
+            store.read_chunk_into(chunk, memoryview(bytearray(chunk.size)))
+        except BlobUnavailableError as exc:
+            return exc
+        return None
+
+    found: dict[str, Problem] = {}
+    # Decoded on the store's read threads ("ckpt-" names keep their scratch buffers, as a load's do).
+    with ThreadPoolExecutor(store.io_threads, thread_name_prefix="ckpt-verify") as pool:
+        for done, ((_, rows), error) in enumerate(zip(chunks, pool.map(check, chunks), strict=True), 1):
+            advance("decode", done, len(chunks))
+            if error is None:
+                continue
+            key = blob_key(error.digest)
+            regional = [where for where in error.causes if where in store.region_names]
+            if key in found or (regional and key in damaged):
+                continue
+            causes = "; ".join(f"{where}: {cause}" for where, cause in error.causes.items())
+            found[key] = Problem(
+                region=", ".join(regional) if regional else EVERY_REGION,
+                object=key,
+                kind="corrupt",
+                detail=f"{causes}; "
+                + (
+                    "no intact copy to decode"
+                    if regional
+                    else "every region holds these same bytes, so nothing can repair them: load an earlier version"
+                ),
+                lineage=rows[0].lineage,
+                version=rows[0].version,
+            )
+            for row in rows if not regional else ():  # no copy of these versions loads
+                row.regions = {
+                    name: "corrupt" if status in ("ok", "repaired") else status for name, status in row.regions.items()
+                }
+    return list(found.values())
