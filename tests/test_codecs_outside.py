@@ -487,6 +487,40 @@ def test_deep_verify_decodes_every_coded_chunk_and_names_the_version_no_region_c
     assert "no intact copy" in found.detail and found.region.count(",") == 1
 
 
+def test_on_a_signing_store_a_forged_delta_manifest_stops_the_load_and_a_signed_lie_is_caught_by_decoding(tmp_path):
+    from prefect_recovery.core.errors import ManifestSignatureError
+    from prefect_recovery.core.signing import Keyring, hmac_key
+
+    keyring = Keyring(hmac_key("ckpt-key", b"0123456789abcdef0123456789abcdef"))
+    store = _store(tmp_path, "auto", delta=True, keyring=keyring)
+    base = _weights(100_000)
+    save_state(store, {"w": base}, lineage="ft")
+    tuned = _nudge(base, 1)
+    save_state(store, {"w": tuned}, lineage="ft")
+    # Unsigned (a writer without the key): the load of "latest" stops, it never falls back to v2.
+    _craft(tmp_path, "ft", 2, 3, _set("decoded_digest", lambda c: hash_bytes(b"other", "blake3")))
+    with pytest.raises(ManifestSignatureError):
+        load_state(store, lineage="ft")
+    for region in ("r0", "r1"):
+        (tmp_path / region / manifest_key("ft", 3)).unlink()
+    # Signed with the store's own key (a writer bug, or an insider): the signature checks, the
+    # blobs hash right, and only decoding tells: the load refuses and the deep verify names it.
+    manifest = store.resolve("ft")[0]
+    entries = store.manifest_entries(manifest)
+    first = entries[0].chunks[0]
+    assert first.parent is not None
+    lie = first.model_copy(update={"decoded_digest": hash_bytes(b"other", "blake3")})
+    forged = entries[0].model_copy(update={"chunks": [lie, *entries[0].chunks[1:]]})
+    store.commit_entries("ft", WrittenEntries([forged], {}, 0), tree=manifest.tree)
+    assert store.resolve("ft")[0].signature is not None
+    with pytest.raises(BlobUnavailableError, match="decoded bytes do not match"):
+        load_state(store, lineage="ft")
+    assert verify_store(store, read_data=1.0).healthy
+    report = verify_store(store, read_data=1.0, decode=True)
+    assert [(p.region, p.version) for p in report.problems] == [("*", 3)]
+    assert _same(load_state(store, lineage="ft", version=2)[0]["w"], tuned)
+
+
 BOMB_CHILD = r"""
 import resource, sys, zstandard
 from pathlib import Path
