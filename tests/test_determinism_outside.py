@@ -10,6 +10,8 @@
   hyperparameter, one RNG draw, the data order, or the weights only late are reported at the right step with
   the right first cause; identical runs as identical; runs of different lengths, a lineage that does not
   exist, one with a single checkpoint and two without a common checkpoint get clear answers.
+* **``replay-check``** of a registered pipeline whose run another thread disturbed with a torch draw: the
+  segment that held the draw is not deterministic and ``rng/torch`` is named first; the next one replays.
 * **Kill and resume in real processes** (SIGKILL) of a loop with its own private generators (``torch``,
   NumPy and Python, passed as ``extras``), a shuffling ``StatefulDataLoader`` with random augmentation in 0
   or 2 worker processes and a thread count the launcher set: bit-identical to the uninterrupted run at each
@@ -287,6 +289,75 @@ def test_history_against_a_missing_lineage_a_single_checkpoint_and_other_schedul
     code, output = history(tmp_path, "--lineage", "reference", "--against", "every-5")
     assert code != 0, output
     assert "no checkpoint at the same step and trigger to compare" in " ".join(output.split()), output
+
+
+# -- replay-check of a run another thread disturbed ------------------------------------------------------
+REPLAYED = "outside-disturbed-pipeline"
+
+
+def disturbed_training(store: Any, lineage: str, *, resume: Any = None, stop: int | None = None) -> dict[str, Any]:
+    """The training of a pipeline in which, during step 6 of the original run, a metrics thread drew from
+    torch's default generator (the limit no guard sees); a replay (``stop``) runs the same code without it."""
+    disturb = None if stop is not None else at_step(6, lambda: torch.rand(2))
+    schedule = CheckpointSchedule(triggers=[] if stop is not None else [EveryNSteps(every=4)], asynchronous=False)
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.3), torch.nn.Linear(16, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    where = {"resume_version": resume} if isinstance(resume, int) else {"resume_from": resume}
+    with Checkpointer(store, lineage, model=model, optimizer=optimizer, schedule=schedule, seed=5,
+                      handle_sigterm=False, **where) as ckpt:  # fmt: skip
+        while ckpt.step_count < (stop or STEPS):
+            loss = model(torch.randn(4, 8)).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            if disturb is not None:
+                disturb(ckpt.step_count, model)
+            optimizer.step()
+            ckpt.step()
+        return ckpt.capture("heavy")
+
+
+def replay_disturbed(segment: Any) -> dict[str, Any]:
+    return disturbed_training(segment.store, segment.lineage, resume=segment.from_version, stop=segment.to_step)
+
+
+def _disturbed_pipeline(home: str, lineage: str) -> None:
+    from prefect_recovery.tasks.pipeline_run import PipelineRun
+
+    store = CheckpointStore.default(Path(home))
+    with PipelineRun(store, lineage, pipeline=REPLAYED, parameters={"home": home, "lineage": lineage}) as run:
+        disturbed_training(store, lineage, resume=run.resume_point())
+
+
+def test_replay_check_names_the_segment_and_the_generator_another_thread_moved(
+    prefect_server: None, tmp_path: Path
+) -> None:
+    from prefect import flow
+
+    from prefect_recovery.flows.registry import PIPELINES, REPLAY_HOOKS, register_pipeline
+
+    register_pipeline(flow(name=REPLAYED)(_disturbed_pipeline), replay=replay_disturbed)
+    try:
+        check_disturbed_replay(tmp_path)
+    finally:  # the registry is process-wide: leave it as other test files expect it
+        PIPELINES.pop(REPLAYED, None)
+        REPLAY_HOOKS.pop(REPLAYED, None)
+
+
+def check_disturbed_replay(tmp_path: Path) -> None:
+    from prefect_recovery.flows.replay import describe, replay_check
+
+    _disturbed_pipeline(str(tmp_path), "disturbed")
+    store = CheckpointStore.default(tmp_path)
+    versions = {info.step: info.version for info in store.core.list("disturbed")}
+    assert sorted(versions) == [4, 8, 12], versions
+    # steps 5 to 8 held the foreign draw: not reproducible, and torch's generator is named before the weights
+    report = replay_check(store, "disturbed", versions[4], versions[8])
+    assert not report.deterministic, describe(report)
+    assert report.first_difference is not None and report.first_difference.name == "rng/torch", report.differing
+    assert any(name.startswith("model/") for name in report.differing), report.differing
+    # the checkpoint at step 8 captured the moved generator: from there on the training replays exactly
+    assert replay_check(store, "disturbed", versions[8], versions[12]).deterministic
 
 
 # -- kill and resume in real processes ---------------------------------------------------------------
