@@ -279,6 +279,27 @@ def test_a_lineage_switching_codec_and_delta_keeps_every_version_loadable_throug
     assert verify_store(store, read_data=1.0).healthy
 
 
+def test_paged_manifests_of_delta_chunks_keep_their_parents_through_retention_and_gc(tmp_path):
+    from datetime import UTC, datetime, timedelta
+
+    from prefect_recovery.core.gc import collect_garbage
+
+    store = _store(tmp_path, "auto", delta=True, page_entries=2)
+    tensors = {f"layer{i}": _weights(30_000, seed=i) for i in range(5)}
+    saved = {}
+    for step in range(1, 5):
+        tensors = {name: _nudge(t, step * 10 + i) for i, (name, t) in enumerate(tensors.items())}
+        saved[save_state(store, dict(tensors), lineage="big", step=step).version] = dict(tensors)
+    manifest = store.resolve("big")[0]
+    assert manifest.paged and all(c.chain_length() == 4 for c in _chunks(store, "big"))
+    apply_retention(store, plan_retention(store, RetentionPolicy(keep_last=1)))
+    assert sorted(store.versions("big")) == [4]
+    collect_garbage(store, now=datetime.now(UTC) + timedelta(days=1))
+    loaded = load_state(store, lineage="big")[0]
+    assert all(_same(loaded[name], t) for name, t in saved[4].items())
+    assert verify_store(store, read_data=1.0, decode=True).healthy
+
+
 # -- damaged parents ----------------------------------------------------------------------------------------------
 
 
