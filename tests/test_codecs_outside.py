@@ -608,9 +608,9 @@ class _Sink:
 # -- the user's tools on a compressed, delta store: CLI verify / audit / export ---------------------------------------
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "250", "NO_COLOR": "1"}
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300, env=env)
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, "COLUMNS": "250", "NO_COLOR": "1", **(env or {})}
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300, env=environment)
 
 
 def test_cli_verify_repair_audit_and_export_on_a_compressed_delta_store(tmp_path):
@@ -692,6 +692,17 @@ def test_the_block_document_keeps_codec_and_delta_and_the_loaded_block_writes_de
     plain = CheckpointStore(regions=[str(r) for r in regions])
     assert _same(plain.load_checkpoint(lineage="blk")["w"], tuned)
     assert _same(plain.load_checkpoint(lineage="blk", version=1)["w"], base)
+    # The CLI opens the block from the server (--store) and verifies and exports its deltas.
+    from prefect.settings import PREFECT_API_URL
+
+    env = {"PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    verified = _cli("verify", "--store", name, "--json", env=env)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert json.loads(verified.stdout)["healthy"] is True
+    out = tmp_path / "export"
+    exported = _cli("export", "--store", name, "--lineage", "blk", "--to", str(out), "--json", env=env)
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    assert [_bits(t) for t in load_file(str(out / "tensors.safetensors")).values()] == [_bits(tuned)]
     # An invalid codec is refused by the block's schema, before anything is saved.
     with pytest.raises(ValueError, match="codec"):
         CheckpointStore(regions=[str(r) for r in regions], codec="lz4")
