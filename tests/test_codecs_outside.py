@@ -300,6 +300,37 @@ def test_paged_manifests_of_delta_chunks_keep_their_parents_through_retention_an
     assert verify_store(store, read_data=1.0, decode=True).healthy
 
 
+def test_one_delta_store_saving_three_lineages_from_three_threads_loads_every_version(tmp_path):
+    import threading
+
+    # The store keeps the last save's chunks to delta the next one against; saves of other
+    # lineages on other threads interleave with it.
+    store = _store(tmp_path, "auto", delta=True)
+    saved: dict[tuple[str, int], torch.Tensor] = {}
+    errors: list[BaseException] = []
+
+    def train(lineage: str, seed: int) -> None:
+        weights = _weights(60_000, seed)
+        try:
+            for step in range(8):
+                weights = _nudge(weights, seed * 100 + step)
+                state = {"w": weights, "shared": _weights(30_000, seed=7)}
+                saved[(lineage, save_state(store, state, lineage=lineage).version)] = weights
+        except BaseException as exc:  # reported below, on the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=train, args=(f"run{k}", k)) for k in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(saved) == 24
+    assert any(c.parent is not None for c in _chunks(store, "run0"))
+    for (lineage, version), weights in saved.items():
+        assert _same(load_state(store, lineage=lineage, version=version)[0]["w"], weights), (lineage, version)
+    assert verify_store(store, read_data=1.0, decode=True).healthy
+
+
 # -- damaged parents ----------------------------------------------------------------------------------------------
 
 
