@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import Dataset
 
 if __name__ != "__main__":
     from helpers.step_values import differing_leaves
@@ -364,33 +365,36 @@ def check_disturbed_replay(tmp_path: Path) -> None:
 SAMPLES, BATCH, EPOCHS = 20, 4, 3  # 5 batches an epoch, 15 steps
 
 
+class Augmented(Dataset):
+    """Random augmentation from the three global generators, drawn where a sample is fetched (a worker)."""
+
+    def __init__(self) -> None:
+        generator = torch.Generator().manual_seed(3)
+        self.x = torch.randn(SAMPLES, 6, generator=generator)
+        self.y = torch.randint(0, 3, (SAMPLES,), generator=generator)
+
+    def __len__(self) -> int:
+        return SAMPLES
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        noise = 0.1 * torch.randn(6) + random.random() * 0.01 + float(np.random.rand()) * 0.01
+        return self.x[index] + noise, self.y[index]
+
+
 def pipeline(home: Path, lineage: str, workers: int, kill_at: str | None, report: Path) -> None:
     """A user's training script (run as ``python this_file.py ...``). ``kill_at``: ``step:N`` SIGKILLs the
     process after the N-th ``ckpt.step()``, ``epoch:E`` after the E-th ``end_epoch()``."""
-    from torch.utils.data import Dataset
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     from prefect_recovery import seed_everything
-
-    class Augmented(Dataset):
-        def __init__(self) -> None:
-            generator = torch.Generator().manual_seed(3)
-            self.x = torch.randn(SAMPLES, 6, generator=generator)
-            self.y = torch.randint(0, 3, (SAMPLES,), generator=generator)
-
-        def __len__(self) -> int:
-            return SAMPLES
-
-        def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-            noise = 0.1 * torch.randn(6) + random.random() * 0.01 + float(np.random.rand()) * 0.01
-            return self.x[index] + noise, self.y[index]
 
     if os.environ.get("LAUNCHER_THREADS"):  # what a launcher (torchrun: OMP_NUM_THREADS=1) would do
         torch.set_num_threads(int(os.environ["LAUNCHER_THREADS"]))
     seed_everything(11)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 3))
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
-    loader = StatefulDataLoader(Augmented(), batch_size=BATCH, shuffle=True, num_workers=workers)
+    options: dict[str, Any] = json.loads(os.environ.get("LOADER_OPTIONS", "{}"))  # persistent_workers...
+    loader = StatefulDataLoader(Augmented(), batch_size=BATCH, shuffle=True, num_workers=workers, **options)
     # the training thread's own generators, as DETERMINISM.md recommends: saved and restored as extras
     noise, mixing, coin = torch.Generator().manual_seed(7), np.random.default_rng(8), random.Random(9)
     schedule = CheckpointSchedule(triggers=[EveryNSteps(every=3), Milestones(names=["epoch_end"])])  # asynchronous
@@ -430,36 +434,41 @@ def run_pipeline(home: Path, lineage: str, workers: int, kill_at: str | None = N
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], dict[str, Any]]:
-    """The final state of an uninterrupted run, once per worker count."""
-    finals: dict[int, dict[str, Any]] = {}
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int, str], dict[str, Any]]:
+    """The final state of an uninterrupted run, once per worker count and loader options."""
+    finals: dict[tuple[int, str], dict[str, Any]] = {}
 
-    def final(workers: int) -> dict[str, Any]:
-        if workers not in finals:
+    def final(workers: int, options: str) -> dict[str, Any]:
+        if (workers, options) not in finals:
             home = tmp_path_factory.mktemp(f"reference-{workers}")
-            run_pipeline(home, "reference", workers, LAUNCHER_THREADS="1")
-            finals[workers] = CheckpointStore.default(home).load_checkpoint(lineage="reference")
-        return finals[workers]
+            run_pipeline(home, "reference", workers, LAUNCHER_THREADS="1", LOADER_OPTIONS=options)
+            finals[workers, options] = CheckpointStore.default(home).load_checkpoint(lineage="reference")
+        return finals[workers, options]
 
     return final
 
 
+PERSISTENT = json.dumps({"persistent_workers": True})  # workers (and their RNGs) live across epochs
+
+
 @pytest.mark.parametrize(
-    ("workers", "kill_at"),
+    ("workers", "kill_at", "options"),
     [
-        (2, "step:2"),  # before the first checkpoint: restarts from scratch
-        (2, "step:3"),  # right after the first (asynchronous) save was handed to the writer
-        (2, "step:7"),  # mid-epoch 1, a checkpoint at step 6 behind it
-        (2, "epoch:2"),  # at the boundary between epochs 1 and 2 (step 10, after its epoch_end save)
-        (0, "step:7"),
+        (2, "step:2", "{}"),  # before the first checkpoint: restarts from scratch
+        (2, "step:3", "{}"),  # right after the first (asynchronous) save was handed to the writer
+        (2, "step:7", "{}"),  # mid-epoch 1, checkpoints at steps 5 (epoch_end) and 6 (if written) behind it
+        (2, "epoch:2", PERSISTENT),  # at the boundary between epochs 1 and 2 (step 10, after its epoch_end save)
+        (0, "step:7", "{}"),
     ],
+    ids=["workers2-step2", "workers2-step3", "workers2-step7", "persistent-workers2-epoch2", "workers0-step7"],
 )
 def test_a_killed_user_loop_resumes_bit_identically(
-    tmp_path: Path, uninterrupted: Callable[[int], dict[str, Any]], workers: int, kill_at: str
+    tmp_path: Path, uninterrupted: Callable[[int, str], dict[str, Any]], workers: int, kill_at: str, options: str
 ) -> None:
-    reference = uninterrupted(workers)
-    run_pipeline(tmp_path, "killed", workers, kill_at, LAUNCHER_THREADS="1")
-    resumed = run_pipeline(tmp_path, "killed", workers)  # a fresh process, with the machine's default threads
+    reference = uninterrupted(workers, options)
+    run_pipeline(tmp_path, "killed", workers, kill_at, LAUNCHER_THREADS="1", LOADER_OPTIONS=options)
+    # a fresh process, with the machine's default thread count
+    resumed = run_pipeline(tmp_path, "killed", workers, LOADER_OPTIONS=options)
     store = CheckpointStore.default(tmp_path)
     final = store.load_checkpoint(lineage="killed")
     assert final["counters"]["step"] == 15
