@@ -539,6 +539,30 @@ def test_deep_verify_decodes_every_coded_chunk_and_names_the_version_no_region_c
     assert "no intact copy" in found.detail and found.region.count(",") == 1
 
 
+def test_verify_decode_from_the_cli_and_the_block_finds_what_only_decoding_can_tell(tmp_path):
+    # The deep verify as users reach it: `prefect-recovery verify --decode` and
+    # CheckpointStore.verify(decode=True). The plain scrub stays healthy (every blob hashes right).
+    store = _store(tmp_path, "auto", delta=True)
+    base = _weights(100_000)
+    save_state(store, {"w": base}, lineage="ft")
+    save_state(store, {"w": _nudge(base, 1)}, lineage="ft")
+    _craft(tmp_path, "ft", 2, 3, _set("decoded_digest", lambda c: hash_bytes(b"not this chunk", "blake3")))
+    lying = _chunk0(json.loads((tmp_path / "r0" / manifest_key("ft", 3)).read_bytes()))
+    regions = ["--region", str(tmp_path / "r0"), "--region", str(tmp_path / "r1")]
+    plain = _cli("verify", *regions, "--json")
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+    deep = _cli("verify", *regions, "--decode", "--json")
+    assert deep.returncode == 1, deep.stdout + deep.stderr
+    found = [(p["region"], p["object"], p["version"]) for p in json.loads(deep.stdout)["problems"]]
+    assert found == [("*", blob_key(lying["digest"]), 3)]
+    human = _cli("verify", *regions, "--decode")
+    assert human.returncode == 1 and "problems remain" in human.stdout, human.stdout + human.stderr
+    block = CheckpointStore(regions=[str(tmp_path / "r0"), str(tmp_path / "r1")])
+    assert block.verify().healthy
+    report = block.verify(decode=True)
+    assert not report.healthy and [p.version for p in report.problems] == [3]
+
+
 def test_on_a_signing_store_a_forged_delta_manifest_stops_the_load_and_a_signed_lie_is_caught_by_decoding(tmp_path):
     from prefect_recovery.core.errors import ManifestSignatureError
     from prefect_recovery.core.signing import Keyring, hmac_key

@@ -107,6 +107,6 @@ class AsyncStoreApi:
             _sync=True,
         )
 
-    async def averify(self, repair: bool = False, lineage: str | None = None) -> VerifyReport:
+    async def averify(self, repair: bool = False, lineage: str | None = None, decode: bool = False) -> VerifyReport:
         """``verify`` without blocking the event loop."""
-        return await run_sync_in_worker_thread(self.verify, repair=repair, lineage=lineage, _sync=True)
+        return await run_sync_in_worker_thread(self.verify, repair=repair, lineage=lineage, decode=decode, _sync=True)

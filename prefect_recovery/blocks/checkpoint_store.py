@@ -594,9 +594,10 @@ class CheckpointStore(ResultStorage, AsyncStoreApi, WritableFileSystem):
         )
 
     @async_dispatch(AsyncStoreApi.averify)
-    def verify(self, repair: bool = False, lineage: str | None = None) -> VerifyReport:
-        """Re-hash every manifest and blob in every region; ``repair`` heals from good copies."""
-        return verify_store(self.core, repair=repair, lineage=lineage)
+    def verify(self, repair: bool = False, lineage: str | None = None, decode: bool = False) -> VerifyReport:
+        """Re-hash every manifest and blob in every region; ``repair`` heals from good copies;
+        ``decode`` also decodes every compressed or delta chunk and checks its decoded digest."""
+        return verify_store(self.core, repair=repair, lineage=lineage, decode=decode)
 
 
 # The store a recovery opened, for the pipeline run it starts (shared_store).

@@ -55,7 +55,9 @@ def parse_record(
         raise fail(f"{what} is {len(data)} bytes, larger than the {max_bytes} limit")
     try:
         raw = strict_json(data)
-    except (UnicodeError, ValueError, RecursionError) as exc:
+    except RecursionError:  # valid JSON, but nested deeper than any record of ours
+        raise fail(f"{what} is nested too deeply") from None
+    except (UnicodeError, ValueError) as exc:
         raise fail(f"{what} is not valid JSON (truncated or corrupt?): {exc}") from None
     if not isinstance(raw, dict) or raw.get("format") != format_name:
         raise fail(f"not a prefect-recovery {what} (missing or wrong 'format')")
