@@ -318,6 +318,9 @@ def ls(
 def verify(
     repair: Annotated[bool, typer.Option("--repair", help="Heal missing or corrupt copies.")] = False,
     lineage: Annotated[str | None, typer.Option("--lineage", help="Only this lineage.")] = None,
+    decode: Annotated[
+        bool, typer.Option("--decode", help="Also decode compressed and delta chunks and check their content digest.")
+    ] = False,
     region: RegionOpt = None,
     store: StoreOpt = None,
     quorum: QuorumOpt = 1,
@@ -326,7 +329,7 @@ def verify(
     """Re-hash every manifest and blob in every region. Exit 0 when healthy, 1 otherwise."""
     try:
         with _progress(as_json, "verifying blobs"):
-            report = open_store(region, store, quorum).verify(repair=repair, lineage=lineage)
+            report = open_store(region, store, quorum).verify(repair=repair, lineage=lineage, decode=decode)
     except CheckpointError as exc:
         _fail(str(exc), as_json)
     if as_json:
