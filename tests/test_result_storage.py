@@ -165,10 +165,12 @@ def test_write_below_quorum_fails_and_persists_nothing(tmp_path: Path) -> None:
         store.read_path("key")
 
 
-def test_rewriting_a_result_whose_every_copy_rotted_heals_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("codec", ["none", "zstd"])
+def test_rewriting_a_result_whose_every_copy_rotted_heals_it(tmp_path: Path, codec: str) -> None:
     a, b = two_regions(tmp_path)
-    store = CheckpointStore(regions=[str(a), str(b)], write_quorum=2)
-    store.write_path("key", b"the value")
+    store = CheckpointStore(regions=[str(a), str(b)], write_quorum=2, codec=codec)
+    value = b"the value " * 1000  # compressible: with zstd the blob is smaller than the result
+    store.write_path("key", value)
     for region in (a, b):
         for blob in blob_files(store, "key", region):
             flip_byte(blob)
@@ -176,9 +178,27 @@ def test_rewriting_a_result_whose_every_copy_rotted_heals_it(tmp_path: Path) -> 
         store.read_path("key")
     # What Prefect does when it recomputes the task: the same bytes again. A save would keep the
     # rotten blobs (same name, same size); the result write finds them, deletes them, writes anew.
-    store.write_path("key", b"the value")
-    assert store.read_path("key") == b"the value"
+    store.write_path("key", value)
+    assert store.read_path("key") == value
     assert store.verify().healthy
+
+
+@pytest.mark.parametrize("codec", ["none", "zstd"])
+def test_a_result_written_whole_is_not_read_back(tmp_path: Path, codec: str, monkeypatch) -> None:
+    # Only a save that reused stored blobs has copies to re-hash; one that wrote every blob now
+    # (raw or compressed) reads nothing back: a result write costs its bytes, not twice that.
+    a, b = two_regions(tmp_path)
+    store = CheckpointStore(regions=[str(a), str(b)], write_quorum=2, codec=codec)
+    reads: list[str] = []
+    for region in store.core.regions:
+        original = region.get
+        monkeypatch.setattr(
+            region, "get", lambda key, *args, _get=original, **kw: reads.append(key) or _get(key, *args, **kw)
+        )
+    store.write_path("fresh", b"a new value " * 1000)
+    assert not [key for key in reads if key.startswith("blobs/")]
+    store.write_path("again", b"a new value " * 1000)  # same bytes under another path: reused blobs
+    assert [key for key in reads if key.startswith("blobs/")]  # so their copies are re-hashed
 
 
 def test_a_prefect_transaction_commits_its_record_into_the_store(tmp_path: Path) -> None:

@@ -99,15 +99,20 @@ def write_result(store: Store, path: str, content: bytes) -> None:
     info = save_state(store, state, lineage=lineage, metadata=metadata)
     if info.bytes_written is not None and info.bytes_written >= info.total_bytes * len(info.regions):
         return  # every byte was written now (raw, every region): nothing old was reused
-    if _delete_corrupt_copies(store, lineage, info.version):
+    if _delete_corrupt_copies(store, lineage, info.version, fresh=(info.bytes_written, len(info.regions))):
         save_state(store, state, lineage=lineage, metadata=metadata)
 
 
-def _delete_corrupt_copies(store: Store, lineage: str, version: int) -> list[str]:
+def _delete_corrupt_copies(
+    store: Store, lineage: str, version: int, fresh: tuple[int | None, int] = (None, 0)
+) -> list[str]:
     """Delete every copy of a blob of ``version`` that does not hash to its name; the copies deleted.
 
     A blob is named by the digest of its bytes, so a copy that does not match is garbage in any
     manifest that names it: deleting it loses nothing, and the next save writes it again.
+    ``fresh`` is (bytes the save wrote, regions that took it): when that covers every blob the
+    version names (compressed, so fewer bytes than the content), nothing old was reused and
+    nothing is read back.
     """
     manifest, holders = store.resolve(lineage, version)
     stored: dict[str, int] = {}
@@ -117,6 +122,9 @@ def _delete_corrupt_copies(store: Store, lineage: str, version: int) -> list[str
             while ref is not None:  # a delta chunk's parents are blobs it needs too
                 stored[ref.digest] = ref.blob_size
                 ref = ref.parent
+    written, regions = fresh
+    if written is not None and written >= sum(stored.values()) * regions:
+        return []
     deleted = []
     for region in store.regions:
         for digest, size in stored.items():
