@@ -657,6 +657,13 @@ def recover_command(
     lineage: Annotated[
         str | None, typer.Option("--lineage", help="Lineage to recover (default: the latest unfinished one).")
     ] = None,
+    crashed_run: Annotated[
+        str | None,
+        typer.Option(
+            "--crashed-run",
+            help="Instead of --lineage: the id of a crashed flow run; its lineage is read from the journal.",
+        ),
+    ] = None,
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="'latest' or a version number.")] = "latest",
     from_step: Annotated[
         str | None, typer.Option("--from-step", help="Run this step and all later ones again.")
@@ -676,6 +683,8 @@ def recover_command(
 
     if preflight not in ("strict", "warn"):
         _fail(f"--preflight must be strict or warn, got {preflight!r}", as_json)
+    if lineage is not None and crashed_run is not None:
+        _fail("give either --lineage or --crashed-run, not both", as_json)
     if not region and not store and not recovery_home().exists():
         # Checked before opening: the default store would create an empty one here.
         _fail(
@@ -694,12 +703,18 @@ def recover_command(
                 f"no lineage {lineage!r} in the store at {where}: `prefect-recovery ls` lists its lineages",
                 as_json,
             )
+        if crashed_run is not None:
+            # The lineage that run journaled, read before Prefect starts a flow run (one line, not a failed run).
+            from .flows.recover import lineage_of_run
+
+            lineage = lineage_of_run(checkpoint_store, crashed_run)
         lineage = lineage or latest_unfinished_lineage(checkpoint_store)
         if lineage is None:
             where = ", ".join(r.url for r in checkpoint_store.regions)
             _fail(f"no unfinished lineage in the store at {where}: nothing to recover", as_json, code=1)
         if not as_json:
-            console.print(f"recovering lineage {lineage} ({preflight} preflight)")
+            found = f" (flow run {crashed_run} worked on it: its journal)" if crashed_run else ""
+            console.print(f"recovering lineage {lineage}{found} ({preflight} preflight)", soft_wrap=True)
         # The flow (and the pipeline run it starts) use the store opened here: one block load.
         with shared_store(checkpoint_store, store, region or None, quorum), _progress(as_json, "recovering"):
             result = recover(lineage=lineage, checkpoint=checkpoint, from_step=from_step, preflight=preflight,
@@ -802,7 +817,11 @@ def automations_install(
         ),
     ] = None,
     zombie_after: Annotated[
-        int, typer.Option("--zombie-after", help="Seconds without a heartbeat before a run is marked Crashed.")
+        int,
+        typer.Option(
+            "--zombie-after",
+            help="Seconds without a heartbeat before a run is marked Crashed (at least 60: two heartbeats).",
+        ),
     ] = 120,
     max_attempts: Annotated[
         int,
@@ -818,7 +837,9 @@ def automations_install(
     that recovers crashed recoveries (at most --max-attempts); safe to re-run (the last install's scope wins)."""
     from datetime import timedelta
 
-    from .deploy import RECOVER_AGAIN_AUTOMATION, AutomationScopeError, install_automations
+    import httpx
+
+    from .deploy import RECOVER_AGAIN_AUTOMATION, AutomationScopeError, _api_url, install_automations
 
     try:
         results = install_automations(
@@ -826,7 +847,13 @@ def automations_install(
         )
     except AutomationScopeError as exc:
         _fail(f"cannot install automations: {exc}", as_json)
-    except Exception as exc:  # the server's answer (no API, refused) is the message
+    except (OSError, httpx.TransportError) as exc:  # nothing answers at PREFECT_API_URL
+        _fail(
+            f"cannot install automations: no Prefect server answers at {_api_url()} ({type(exc).__name__}: {exc}); "
+            "start it, or point PREFECT_API_URL at your server",
+            as_json,
+        )
+    except Exception as exc:  # the server's answer (refused, an error) is the message
         _fail(
             f"cannot install automations: {exc}. Serve or deploy the deployments first "
             "(`prefect-recovery serve` or `prefect deploy --all`) and check PREFECT_API_URL",
@@ -840,7 +867,7 @@ def automations_install(
         matched = ", ".join([*scope["deployments"], *(f"tag {t}" for t in scope["tags"])])
         if row["automation"] == RECOVER_AGAIN_AUTOMATION:
             matched = f"recover runs, at most {max_attempts} attempts"
-        console.print(f"{row['action']}: {row['automation']} (runs of {matched})")
+        console.print(f"{row['action']}: {row['automation']} (runs of {matched})", soft_wrap=True)
 
 
 @app.command("crash-test")

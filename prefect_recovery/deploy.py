@@ -38,6 +38,9 @@ RECOVER_AUTOMATION = "prefect-recovery: recover crashed pipeline runs"
 RECOVER_AGAIN_AUTOMATION = "prefect-recovery: recover crashed recoveries"
 # How many times one crash is recovered when the recoveries themselves crash (flows/recover.py's default).
 DEFAULT_MAX_ATTEMPTS = 3
+# Flow runs send a heartbeat every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds, 30 at the least (Prefect's own
+# bound): a zombie window shorter than two of them would mark healthy runs Crashed between two heartbeats.
+MIN_ZOMBIE_AFTER_SECONDS = 60
 
 
 def _jinja(template: str) -> dict[str, str]:
@@ -163,7 +166,8 @@ def _upsert(client: Any, automation: Any) -> tuple[str, str]:
 
 
 class AutomationScopeError(ValueError):
-    """``automations install`` was pointed at something it cannot scope to (unknown or own deployment)."""
+    """``automations install`` was pointed at something it cannot scope to (an unknown or its own deployment, an
+    empty tag) or given a setting it cannot honour (a zombie window shorter than two heartbeats)."""
 
 
 def _deployment_id(client: Any, name: str, what: str) -> Any:
@@ -229,6 +233,17 @@ def install_automations(
     from prefect.exceptions import ObjectNotFound
     from prefect.states import Crashed
 
+    if zombie_after.total_seconds() < MIN_ZOMBIE_AFTER_SECONDS:
+        raise AutomationScopeError(
+            f"a zombie window of {zombie_after.total_seconds():g} s is too short: flow runs send a heartbeat every "
+            f"30 s at the most often (PREFECT_FLOWS_HEARTBEAT_FREQUENCY), so healthy runs would be marked Crashed; "
+            f"give at least {MIN_ZOMBIE_AFTER_SECONDS} s (two heartbeats)"
+        )
+    if max_attempts < 1:
+        raise AutomationScopeError(f"max_attempts must be at least 1, got {max_attempts}")
+    blank = [repr(tag) for tag in tags if not tag.strip()] + [repr(name) for name in deployments if not name.strip()]
+    if blank:
+        raise AutomationScopeError(f"empty tag or deployment name ({', '.join(blank)}): it would match no run")
     deployments = list(dict.fromkeys(deployments))
     tags = list(dict.fromkeys(tags)) or ([] if deployments else [SHIPPED_TAG])
     with get_client(sync_client=True) as client:
