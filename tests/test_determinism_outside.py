@@ -399,6 +399,20 @@ def check_disturbed_replay(tmp_path: Path) -> None:
     # the checkpoint at step 8 captured the moved generator: from there on the training replays exactly
     assert replay_check(store, "disturbed", versions[8], versions[12]).deterministic
 
+    from typer.testing import CliRunner
+
+    from prefect_recovery.cli import app
+
+    regions = [arg for name in ("region-a", "region-b") for arg in ("--region", str(tmp_path / "regions" / name))]
+    command = ["replay-check", "--lineage", "disturbed", "--from", str(versions[4]), "--to", str(versions[8])]
+    result = CliRunner().invoke(app, [*command, *regions, "--json"])
+    assert result.exit_code == 1, result.output
+    shown = json.loads(result.output)
+    assert (shown["deterministic"], shown["from_step"], shown["to_step"]) == (False, 4, 8), shown
+    assert shown["first_difference"]["name"] == "rng/torch", shown
+    result = CliRunner().invoke(app, [*command, *regions])
+    assert result.exit_code == 1 and "NOT deterministic" in result.output and "rng/torch" in result.output
+
 
 # -- kill and resume in real processes ---------------------------------------------------------------
 SAMPLES, BATCH, EPOCHS = 20, 4, 3  # 5 batches an epoch, 15 steps
