@@ -65,6 +65,7 @@ def train(
     lr: float = 0.1,
     steps: int = STEPS,
     every: int = 4,
+    resume: Any = None,
 ) -> tuple[dict[str, Any], Checkpointer]:
     """A user's loop: dropout (torch's global RNG), Python and NumPy draws in the training thread."""
     store = CheckpointStore.default(home)
@@ -73,7 +74,7 @@ def train(
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     schedule = CheckpointSchedule(triggers=[EveryNSteps(every=every)], asynchronous=False)
     ckpt = Checkpointer(store, lineage, model=model, optimizer=optimizer, schedule=schedule, seed=5,
-                        strict_determinism=strict)  # fmt: skip
+                        strict_determinism=strict, resume_from=resume)  # fmt: skip
     with ckpt:
         while ckpt.step_count < steps:
             scale = 1.0 + random.random() + float(np.random.rand())
@@ -412,6 +413,41 @@ def check_disturbed_replay(tmp_path: Path) -> None:
     assert shown["first_difference"]["name"] == "rng/torch", shown
     result = CliRunner().invoke(app, [*command, *regions])
     assert result.exit_code == 1 and "NOT deterministic" in result.output and "rng/torch" in result.output
+
+
+def test_history_against_names_an_input_file_that_changed_between_two_pipeline_runs(
+    prefect_server: None, tmp_path: Path
+) -> None:
+    """Same parameters, but the corpus file was rewritten between the runs: the weights differ from the first
+    checkpoint on, and the report says why (the input's content), not just which tensors."""
+    from prefect_recovery import file_input
+    from prefect_recovery.tasks.pipeline_run import PipelineRun
+
+    store = CheckpointStore.default(tmp_path)
+    corpus = tmp_path / "corpus.txt"
+
+    def pipeline_run(lineage: str) -> None:
+        parameters = {"lineage": lineage, "corpus": str(corpus), "lr": 0.1}
+        with PipelineRun(store, lineage, pipeline="outside-input-pipeline", parameters=parameters,
+                         inputs={"corpus": file_input(str(corpus))}) as run:  # fmt: skip
+            scale = float(len(corpus.read_text()))
+            nudge = lambda _step, model: model[0].weight.data.mul_(scale / 3)  # noqa: E731  the data's effect
+            train(tmp_path, lineage, during_step=nudge, resume=run.resume_point())
+            run.finish()
+
+    corpus.write_text("abc")
+    pipeline_run("monday")
+    pipeline_run("monday-again")
+    corpus.write_text("abcd")
+    pipeline_run("tuesday")
+    core = store.core
+    assert first_divergence(core, "monday", "monday-again") is None
+    found = first_divergence(core, "monday", "tuesday")
+    assert found is not None and found.step == 4 and found.first_cause.startswith("model/"), found
+    assert set(found.runs) == {"inputs.corpus.digest", "inputs.corpus.size"}, found.runs
+    assert found.runs["inputs.corpus.size"] == [3, 4]
+    code, human = history(tmp_path, "--lineage", "monday", "--against", "tuesday")
+    assert code == 0 and "their runs were started differently: inputs.corpus.digest" in " ".join(human.split())
 
 
 # -- kill and resume in real processes ---------------------------------------------------------------

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.errors import CheckpointNotFoundError
+from ..core.errors import CheckpointError, CheckpointNotFoundError
 from ..core.layout import LIGHT_SUFFIX
 from ..core.manifest import Manifest
 from ..core.store import Store
@@ -41,12 +41,23 @@ class Divergence:
     execution: dict[str, list[Any]] = field(default_factory=dict)
     # Set when every shared checkpoint was identical and one lineage simply stops earlier: its last step.
     ended_at: int | None = None
+    # How the two pipeline runs were started differently (``run_differences``: parameters, input file contents,
+    # code), from each lineage's first ``run_started``: a cause that comes before every step.
+    runs: dict[str, list[Any]] = field(default_factory=dict)
 
     @property
     def first_cause(self) -> str | None:
         return self.differing[0] if self.differing else None
 
     def describe(self, a: str, b: str) -> str:
+        text = self._describe(a, b)
+        if self.runs:
+            text += "; their runs were started differently: " + ", ".join(
+                f"{name} {values[0]!r} vs {values[1]!r}" for name, values in self.runs.items()
+            )
+        return text
+
+    def _describe(self, a: str, b: str) -> str:
         where = f"step {self.step} ({self.tier} {self.trigger})"
         if None in self.versions:
             missing, other = (a, b) if self.versions[0] is None else (b, a)
@@ -110,6 +121,40 @@ def _leaves(store: Store, manifest: Manifest) -> dict[str, str]:
     return leaves
 
 
+def _run_record(store: Store, lineage: str) -> dict[str, Any]:
+    """What a lineage's first pipeline run was started with, flattened: ``parameters.lr``, the content of each
+    input file (``inputs.corpus.digest``/``.size``; not its path), ``code_digest``, ``pipeline``."""
+    from ..core.journal import Journal
+
+    try:
+        events = Journal(store, lineage).events()
+    except CheckpointError:  # an unreadable journal is not a reason to refuse the checkpoint comparison
+        return {}
+    started = next((event.data for event in events if event.kind == "run_started"), None)
+    if not isinstance(started, dict):
+        return {}
+    record: dict[str, Any] = {"pipeline": started.get("pipeline"), "code_digest": started.get("code_digest")}
+    parameters = started.get("parameters")
+    if isinstance(parameters, dict):  # a parameter naming the lineage itself differs between any two runs
+        record |= {f"parameters.{k}": v for k, v in parameters.items() if v != lineage}
+    inputs = started.get("inputs")
+    if isinstance(inputs, dict):
+        for name, value in inputs.items():
+            content = {k: v for k, v in value.items() if k != "uri"} if isinstance(value, dict) else {"": value}
+            record |= {f"inputs.{name}" + (f".{k}" if k else ""): v for k, v in content.items()}
+    return record
+
+
+def run_differences(store: Store, a: str, b: str) -> dict[str, list[Any]]:
+    """``{field: [a's, b's]}`` where the first pipeline runs of ``a`` and ``b`` were started differently
+    (parameters, input contents, code); empty when they agree or either has no pipeline run in its journal."""
+    left, right = _run_record(store, a), _run_record(store, b)
+    if not left or not right:
+        return {}
+    return {name: [left.get(name), right.get(name)] for name in sorted(set(left) | set(right))
+            if left.get(name) != right.get(name)}  # fmt: skip
+
+
 def _checkpoints(store: Store, lineage: str) -> dict[Key, int]:
     found: dict[Key, int] = {}
     for name in (lineage, lineage + LIGHT_SUFFIX):
@@ -165,14 +210,17 @@ def first_divergence(store: Store, a: str, b: str) -> Divergence | None:
             execution = fingerprint_differences(
                 manifest_a.metadata.get("execution"), manifest_b.metadata.get("execution")
             )
-            return Divergence(step, tier, trigger, (version_a, version_b), differing, compared, execution)
+            found = Divergence(step, tier, trigger, (version_a, version_b), differing, compared, execution)
+            found.runs = run_differences(store, a, b)
+            return found
     last_a, last_b = max(key[0] for key in ours), max(key[0] for key in theirs)
     if last_a == last_b:
         return None
     longer, last = (theirs, last_a) if last_a < last_b else (ours, last_b)
     step, tier, trigger = next(key for key in order if key[0] > last and key in longer)
     versions = (ours.get((step, tier, trigger)), theirs.get((step, tier, trigger)))
-    return Divergence(step, tier, trigger, versions, compared=len(shared), ended_at=last)
+    return Divergence(step, tier, trigger, versions, compared=len(shared), ended_at=last,
+                      runs=run_differences(store, a, b))  # fmt: skip
 
 
 def _steps(found: dict[Key, int]) -> str:
