@@ -67,6 +67,7 @@ from .errors import (
     DCPVersionMismatchError,
     NotADCPCheckpointError,
     UnsafeBytesItemError,
+    picklable_across_ranks,
 )
 from .metadata import check_planner_data, decode_metadata, encode_metadata
 
@@ -168,6 +169,7 @@ class StoreWriter(StorageWriter):
             step: Training step recorded in the manifest.
             metadata: User JSON recorded in the manifest.
         """
+        picklable_across_ranks()  # a rank's typed error reaches every rank as itself (errors.py)
         self.store: Store = core_store(store)
         self.lineage = check_lineage(lineage)
         self.step = step
@@ -414,6 +416,7 @@ class StoreReader(StorageReader):
             lineage: The lineage to load from.
             version: The version; None means the latest consistent version.
         """
+        picklable_across_ranks()  # a rank's typed error reaches every rank as itself (errors.py)
         self.store: Store = core_store(store)
         self.lineage = check_lineage(lineage)
         self.version = version

@@ -1,0 +1,385 @@
+"""Issue 14 tried from outside: a DCP user's own FSDP2 rank script and a user's Checkpointer script.
+
+Real torchrun jobs (gloo on CPU), each rank script written here as a user would write it from
+docs/DISTRIBUTED.md, not the shipped test workloads. Cases the other distributed tests do not
+cover: a 2-rank FSDP2 + user DTensor + non-tensor objects checkpoint (``dcp.async_save`` then
+``dcp.save``) loaded resharded on 3 ranks and in one process; a shard blob of one rank damaged in
+every region (every rank gets the typed error, none hangs); a save while one of two regions is
+broken at quorum 2 (typed error on every rank, nothing committed) and at quorum 1 (committed,
+lagging); the CLI (ls, verify, export) on the distributed checkpoint. Every subprocess has a timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from helpers.tamper import flip_byte
+
+from prefect_recovery.core.errors import BlobUnavailableError, QuorumNotMetError, RegionUnavailableError
+from prefect_recovery.core.layout import blob_key, manifest_key
+from prefect_recovery.core.region import LocalRegionIO
+from prefect_recovery.core.store import Store
+from prefect_recovery.distributed import dcp_reader, dcp_writer
+
+REPO = Path(__file__).resolve().parent.parent
+TIMEOUT = 180  # a hung gloo collective must not hang pytest
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+DCP_USER_SCRIPT = r'''"""A DCP user's rank script: FSDP2, a DTensor and objects through the store's DCP backend."""
+
+import json
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import Shard, distribute_tensor
+
+from prefect_recovery.core.region import LocalRegionIO
+from prefect_recovery.core.store import Store
+from prefect_recovery.distributed import committed_version, dcp_reader, dcp_writer, rank_errors
+
+scenario, root, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+rank, world = dist.get_rank(), dist.get_world_size()
+mesh = init_device_mesh("cpu", (world,))
+
+
+def store(name: str, quorum: int) -> Store:
+    regions = [LocalRegionIO(str(root / name / r), name=r) for r in ("eu", "us")]
+    return Store(regions, write_quorum=quorum, chunk_bytes=256)
+
+
+def model_and_optim(seed: int):
+    torch.manual_seed(seed)
+    # 7 and 5 rows: FSDP2 shards of unequal length on 2 and on 3 ranks.
+    model = torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.Tanh(), torch.nn.Linear(7, 5))
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, torch.optim.AdamW(model.parameters(), lr=0.02)
+
+
+def train(model, optim, steps: int, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed * 100 + rank)
+    for _ in range(steps):
+        optim.zero_grad()
+        model(torch.randn(4, 6, generator=generator)).square().mean().backward()
+        optim.step()
+
+
+def state_of(model, optim, fill: float | None = None):
+    msd, osd = get_state_dict(model, optim)
+    rows = torch.arange(7 * 3, dtype=torch.float32).reshape(7, 3).bfloat16()
+    extra = {
+        "epoch": 3,
+        "name": "rün/1 ✓",
+        "nested": {"list": [1, 2.5, "x", None], "flags": {"on": True}},
+        "mask": torch.tensor([True, False, True]),
+        "ids": torch.arange(5, dtype=torch.int64) * (2**40),
+        "empty": torch.empty(0, 3),
+        "half": torch.linspace(-2, 2, 9).bfloat16(),
+    }
+    if fill is not None:  # a load template: other values of the same kinds
+        rows = torch.full_like(rows, fill)
+        extra = {
+            "epoch": -1,
+            "name": "",
+            "nested": {"list": [0, 0.0, "", 1], "flags": {"on": False}},
+            "mask": torch.zeros(3, dtype=torch.bool),
+            "ids": torch.zeros(5, dtype=torch.int64),
+            "empty": torch.empty(0, 3),
+            "half": torch.zeros(9, dtype=torch.bfloat16),
+        }
+    return {
+        "model": msd,
+        "optim": osd,
+        "rows": distribute_tensor(rows, mesh, [Shard(0)]),  # a user's own DTensor, 7 rows over the ranks
+        "extra": extra,
+    }
+
+
+def full(state):
+    """Every DTensor made whole: what a resharded load must reproduce."""
+    if isinstance(state, dict):
+        return {k: full(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [full(v) for v in state]
+    if hasattr(state, "full_tensor"):
+        return state.full_tensor()
+    return state.detach().clone() if isinstance(state, torch.Tensor) else state
+
+
+def failure(exc: BaseException) -> dict:
+    return {str(r): [type(e).__name__, str(e)[:400]] for r, e in rank_errors(exc).items()}
+
+
+report: dict = {"rank": rank, "world": world}
+if scenario == "save":
+    good = store("good", 2)
+    model, optim = model_and_optim(1)
+    train(model, optim, 2, seed=1)
+    state = state_of(model, optim)
+    # async_save, as DISTRIBUTED.md says the writer supports
+    v1 = dcp.async_save(state, storage_writer=dcp_writer(good, "fsdp", step=2)).result()
+    whole = full(state)  # full_tensor is a collective: every rank
+    if rank == 0:
+        torch.save(whole, out / "v1.pt")
+    train(model, optim, 1, seed=2)
+    state = state_of(model, optim)
+    v2 = dcp.save(state, storage_writer=dcp_writer(good, "fsdp", step=3))
+    whole = full(state)
+    if rank == 0:
+        torch.save(whole, out / "v2.pt")
+    report["versions"] = [committed_version(v1), committed_version(v2)]
+    # One of two regions is broken (the test put a file where its directory was).
+    for name, quorum in (("broken", 2), ("lenient", 1)):
+        try:
+            done = dcp.save(state, storage_writer=dcp_writer(store(name, quorum), "q", step=3))
+            report[name] = {"version": committed_version(done)}
+        except BaseException as exc:  # DCP's CheckpointException is a BaseException
+            report[name] = {"error": failure(exc)}
+elif scenario == "load":
+    good = store("good", 2)
+    model, optim = model_and_optim(99)
+    train(model, optim, 1, seed=5)  # optimizer state exists, with other values
+    state = state_of(model, optim, fill=-7.0)
+    dcp.load(state, storage_reader=dcp_reader(good, "fsdp", version=1))
+    set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd, osd = get_state_dict(model, optim, options=options)
+    loaded = {"model": msd, "optim": osd, "rows": state["rows"].full_tensor(), "extra": full(state["extra"])}
+    if rank == 0:
+        torch.save(loaded, out / f"loaded-{world}.pt")
+    # Version 2 has a shard blob the test damaged in every region: every rank must fail, none hang.
+    try:
+        dcp.load(state_of(model, optim, fill=0.0), storage_reader=dcp_reader(good, "fsdp", version=2))
+        report["damaged"] = "loaded"
+    except BaseException as exc:
+        report["damaged"] = failure(exc)
+(out / f"{scenario}-{world}-rank{rank}.json").write_text(json.dumps(report))
+dist.destroy_process_group()
+'''
+
+
+def open_store(root: Path, name: str, quorum: int) -> Store:
+    regions = [LocalRegionIO(str(root / name / r), name=r) for r in ("eu", "us")]
+    return Store(regions, write_quorum=quorum, chunk_bytes=256)
+
+
+def torchrun(script: Path, ranks: int, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", str(script)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [*command, *args], cwd=script.parent, env=env, capture_output=True, text=True, timeout=TIMEOUT
+    )
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "prefect_recovery.cli", *args]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def differences(expected: Any, actual: Any, path: str = "") -> list[str]:
+    """Where two states differ: tensors bit for bit (dtype, shape, bytes), other values by ==."""
+    if isinstance(expected, dict):
+        if not isinstance(actual, dict) or set(expected) != set(actual):
+            return [f"{path}: keys differ"]
+        return [d for k in expected for d in differences(expected[k], actual[k], f"{path}/{k}")]
+    if isinstance(expected, list | tuple):
+        if not isinstance(actual, list | tuple) or len(expected) != len(actual):
+            return [f"{path}: lengths differ"]
+        pairs = enumerate(zip(expected, actual, strict=True))
+        return [d for i, (e, a) in pairs for d in differences(e, a, f"{path}/{i}")]
+    if isinstance(expected, torch.Tensor):
+        same = (
+            isinstance(actual, torch.Tensor)
+            and (expected.dtype, expected.shape) == (actual.dtype, actual.shape)
+            and torch.equal(
+                expected.contiguous().reshape(-1).view(torch.uint8), actual.contiguous().reshape(-1).view(torch.uint8)
+            )
+        )
+        return [] if same else [f"{path}: tensors differ"]
+    return [] if expected == actual else [f"{path}: {expected!r} != {actual!r}"]
+
+
+def emptied(value: Any) -> Any:
+    """A load template: the same structure, every tensor zeroed and every other leaf changed."""
+    if isinstance(value, dict):
+        return {k: emptied(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [emptied(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return torch.zeros_like(value)
+    return None if value is not None else 0
+
+
+@pytest.fixture(scope="module")
+def dcp_jobs(tmp_path_factory) -> Path:
+    """2 ranks save (FSDP2, a DTensor, objects; also into two stores with a broken region), the test
+    damages one shard blob of version 2, then 3 ranks load version 1 resharded and try version 2."""
+    root = tmp_path_factory.mktemp("dcp-user")
+    (root / "out").mkdir()
+    for name in ("good", "broken", "lenient"):
+        for region in ("eu", "us"):
+            (root / name / region).mkdir(parents=True)
+    for name in ("broken", "lenient"):  # a first version while both regions were up
+        dcp.save({"before": torch.ones(3)}, storage_writer=dcp_writer(open_store(root, name, 2), "q", step=1))
+        region = root / name / "us"  # then region us breaks: a file where its directory was
+        for path in sorted(region.rglob("*"), reverse=True):
+            path.unlink() if path.is_file() else path.rmdir()
+        region.rmdir()
+        region.write_text("not a directory")
+    script = root / "dcp_user.py"
+    script.write_text(DCP_USER_SCRIPT)
+    saved = torchrun(script, 2, "save", str(root), str(root / "out"))
+    assert saved.returncode == 0, saved.stderr[-4000:]
+    # One shard of rank 1 in version 2, damaged in both regions (bit rot everywhere).
+    store = open_store(root, "good", 2)
+    before = {c.digest for e in store.resolve("fsdp", 1)[0].entries for c in e.chunks}
+    shard = next(
+        e
+        for e in store.resolve("fsdp", 2)[0].entries
+        if e.shard and e.shard.rank == 1 and e.shape != e.shard.global_shape
+        if not {c.digest for c in e.chunks} & before
+    )
+    for region in ("eu", "us"):
+        flip_byte(root / "good" / region / blob_key(shard.chunks[0].digest), 3, 0x10)
+    (root / "out" / "damaged.json").write_text(json.dumps({"entry": shard.name, "digest": shard.chunks[0].digest}))
+    loaded = torchrun(script, 3, "load", str(root), str(root / "out"))
+    assert loaded.returncode == 0, loaded.stderr[-4000:]
+    return root
+
+
+def reports(root: Path, scenario: str, world: int) -> list[dict[str, Any]]:
+    return [json.loads((root / "out" / f"{scenario}-{world}-rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.mark.slow
+def test_fsdp2_checkpoint_of_two_ranks_loads_resharded_on_three_equal_to_what_was_saved(dcp_jobs):
+    assert [r["versions"] for r in reports(dcp_jobs, "save", 2)] == [[1, 2], [1, 2]]  # async_save, then save
+    saved = torch.load(dcp_jobs / "out" / "v1.pt", weights_only=True)
+    loaded = torch.load(dcp_jobs / "out" / "loaded-3.pt", weights_only=True)
+    # Model and optimizer (7- and 5-row layers, re-split 4+3 -> 3+2+2), the user's bf16 DTensor of 7
+    # rows, and the objects (ints, a unicode string, nested lists/dicts, bool/int64/empty/bf16 tensors).
+    assert differences(saved, loaded) == []
+    assert loaded["extra"]["name"] == "rün/1 ✓" and loaded["extra"]["ids"][-1] == 4 * 2**40
+
+
+@pytest.mark.slow
+def test_the_two_rank_checkpoint_loads_in_one_process_without_torchrun(dcp_jobs):
+    saved = torch.load(dcp_jobs / "out" / "v1.pt", weights_only=True)
+    target = emptied(saved)
+    dcp.load(target, storage_reader=dcp_reader(open_store(dcp_jobs, "good", 2), "fsdp", version=1), no_dist=True)
+    assert differences(saved, target) == []
+
+
+@pytest.mark.slow
+def test_a_shard_blob_damaged_everywhere_fails_every_rank_with_the_typed_error(dcp_jobs):
+    """Before the fix every rank got ``TypeError: BlobUnavailableError.__init__() missing 1 required
+    positional argument`` (the error did not survive DCP's pickled gather), and a rank aborted."""
+    damaged = json.loads((dcp_jobs / "out" / "damaged.json").read_text())
+    for report in reports(dcp_jobs, "load", 3):
+        failures = report["damaged"]
+        assert failures != "loaded" and failures, report
+        for kind, message in failures.values():
+            assert kind == "BlobUnavailableError", (kind, message)
+            assert damaged["digest"] in message and "verify" in message
+
+
+@pytest.mark.slow
+def test_a_save_with_one_region_down_is_refused_on_every_rank_at_quorum_2_and_committed_at_quorum_1(dcp_jobs):
+    for report in reports(dcp_jobs, "save", 2):
+        failures = report["broken"]["error"]
+        assert [kind for kind, _ in failures.values()] == ["QuorumNotMetError"], report  # the coordinator's
+        assert all("1 of 2 regions" in message and "us" in message for _, message in failures.values())
+        assert report["lenient"] == {"version": 2}
+    broken = open_store(dcp_jobs, "broken", 2)
+    assert [info.version for info in broken.list("q")] == [1]  # nothing committed half
+    assert not (dcp_jobs / "broken" / "eu" / manifest_key("q", 2)).exists()
+    lenient = open_store(dcp_jobs, "lenient", 1)
+    latest = lenient.latest("q")
+    assert latest is not None and latest.version == 2 and latest.regions == ["eu"] and "us" in latest.lagging
+    saved = torch.load(dcp_jobs / "out" / "v2.pt", weights_only=True)
+    target = emptied(saved)
+    dcp.load(target, storage_reader=dcp_reader(lenient, "q"), no_dist=True)
+    assert differences(saved, target) == []
+
+
+@pytest.mark.slow
+def test_the_cli_lists_and_verifies_the_distributed_checkpoint(dcp_jobs):
+    regions = ["--region", str(dcp_jobs / "good" / "eu"), "--region", str(dcp_jobs / "good" / "us"), "--quorum", "2"]
+    listed = cli("ls", *regions, "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [(c["version"], c["step"]) for c in json.loads(listed.stdout) if c["lineage"] == "fsdp"] == [(1, 2), (2, 3)]
+    verified = cli("verify", *regions, "--json")
+    assert verified.returncode == 1, verified.stdout + verified.stderr
+    report = json.loads(verified.stdout)
+    digest = json.loads((dcp_jobs / "out" / "damaged.json").read_text())["digest"]
+    # The damaged shard is named in both regions, as version 2's; version 1 stays whole.
+    assert (
+        sorted((p["kind"], p["version"], p["object"].rsplit("/", 1)[1]) for p in report["problems"])
+        == [("corrupt", 2, digest.split(":", 1)[1])] * 2
+    )
+    states = {c["version"]: set(c["regions"].values()) for c in report["checkpoints"] if c["lineage"] == "fsdp"}
+    assert states == {1: {"ok"}, 2: {"corrupt"}}
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG (training/export.py, not this helper's to change): `prefect-recovery export` of a DCP "
+    "checkpoint reads it as a single-process state tree and writes 0 tensors with exit 0",
+)
+def test_the_cli_exports_the_distributed_checkpoints_tensors(dcp_jobs, tmp_path):
+    regions = ["--region", str(dcp_jobs / "good" / "eu"), "--region", str(dcp_jobs / "good" / "us"), "--quorum", "2"]
+    exported = cli("export", "--lineage", "fsdp", "--version", "1", "--to", str(tmp_path / "x"), *regions, "--json")
+    assert exported.returncode == 0, exported.stderr
+    assert json.loads(exported.stdout)["tensors"] > 0
+
+
+# -- in this process ---------------------------------------------------------------------------------
+def test_store_errors_survive_the_pickling_that_carries_them_between_ranks():
+    import prefect_recovery.distributed  # noqa: F401  (registers the reduction, as any rank using dcp_writer does)
+
+    errors = [
+        BlobUnavailableError("blake3:" + "ab" * 32, {"eu": "corrupt", "us": "missing"}),
+        QuorumNotMetError("save of lineage 'x' not committed", {"us": "down"}),
+        RegionUnavailableError("us", "connection refused"),
+    ]
+    for error in errors:
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error) and str(copy) == str(error) and copy.__dict__ == error.__dict__
+
+
+def test_two_async_saves_in_flight_to_one_lineage_commit_in_the_order_they_finish(tmp_path):
+    """Documented (DISTRIBUTED.md): wait for one async_save's future before the next, as DCP asks."""
+    store = open_store(tmp_path, "s", 2)
+    for region in ("eu", "us"):
+        (tmp_path / "s" / region).mkdir(parents=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = dcp.async_save({"w": torch.ones(3)}, storage_writer=dcp_writer(store, "run", step=1))
+        first.result()
+        second = dcp.async_save({"w": torch.full((3,), 2.0)}, storage_writer=dcp_writer(store, "run", step=2))
+        second.result()
+    assert [(info.version, info.step) for info in store.list("run")] == [(1, 1), (2, 2)]
+    target = {"w": torch.zeros(3)}
+    dcp.load(target, storage_reader=dcp_reader(store, "run"))
+    assert torch.equal(target["w"], torch.full((3,), 2.0))
