@@ -166,6 +166,48 @@ def test_a_torch_draw_on_another_thread_is_the_documented_limit(tmp_path: Path) 
     assert found.first_cause == "rng/torch", found.differing
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["warned", "strict"])
+def test_two_trainings_in_threads_of_one_process_are_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, strict: bool
+) -> None:
+    """A flow that submits two training tasks to Prefect's thread-pool task runner: both threads own the global
+    generators, so one training's draws move the other's. Named with the other thread: a warning (the runs do
+    differ from a solo run), or ``DeterminismError`` at the first step in strict mode."""
+    solo, _ = train(tmp_path, "solo", strict=False)
+    opened, draw, drawn, finish = (threading.Event() for _ in range(4))
+
+    def other_training() -> None:
+        with Checkpointer(CheckpointStore.default(tmp_path), "sweep-b", seed=1):
+            opened.set()
+            if draw.wait(30):
+                random.random()  # its own training's draw, from the shared generator
+                drawn.set()
+            finish.wait(30)
+
+    def in_step_6(done: int, _model: torch.nn.Module) -> None:
+        if done == 5:
+            draw.set()
+            assert drawn.wait(30)
+
+    thread = threading.Thread(target=other_training, name="sweep-b-trainer")
+    thread.start()
+    try:
+        assert opened.wait(30)
+        if strict:
+            with pytest.raises(DeterminismError, match=r"during step 1 of sweep-a: thread\(s\) 'sweep-b-trainer' also"):
+                train(tmp_path, "sweep-a", strict=True)
+            return
+        shared, _ = train(tmp_path, "sweep-a", strict=False, during_step=in_step_6)
+    finally:
+        draw.set()
+        drawn.set()
+        finish.set()
+        thread.join()
+    assert any(path.startswith("/rng/python") for path in differing_leaves(solo, shared))
+    assert "thread(s) 'sweep-b-trainer' also train with a Checkpointer open in this process" in caplog.text
+    assert caplog.text.count("also train with a Checkpointer open") == 1  # once, not at every step
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="BUG: with asynchronous saves (the default) on_commit hooks run on the checkpoint-writer thread, where "

@@ -65,6 +65,8 @@ class Interference:
 
 _lock = threading.Lock()
 _owners: dict[int, int] = {}  # thread ident -> how many open Checkpointers it holds
+_owner_names: dict[int, str] = {}  # thread ident -> its name, to say which other thread shares the generators
+_shared_reported: set[int] = set()  # id() of Checkpointers already warned that another thread also owns them
 _seen: list[Interference] = []
 _private = threading.local()
 _installed: dict[str, Any] = {}
@@ -244,6 +246,7 @@ def claim() -> None:
             _install()
         ident = threading.get_ident()
         _owners[ident] = _owners.get(ident, 0) + 1
+        _owner_names[ident] = threading.current_thread().name
 
 
 def release() -> None:
@@ -255,6 +258,7 @@ def release() -> None:
             _owners[ident] = count
         else:
             _owners.pop(ident, None)
+            _owner_names.pop(ident, None)
         if not _owners and _installed:
             _uninstall()
 
@@ -280,6 +284,7 @@ def collect(checkpointer: Any, where: str) -> None:
     """
     seen = take_interference()
     checkpointer.rng_interference += seen
+    _check_sole_owner(checkpointer, where)
     shared = [entry for entry in seen if entry.generator == "torch"]
     if not shared:
         return
@@ -292,6 +297,30 @@ def collect(checkpointer: Any, where: str) -> None:
     )
     if checkpointer.strict_determinism:
         raise DeterminismError("strict determinism: " + message)
+    logger.warning(message)
+
+
+def _check_sole_owner(checkpointer: Any, where: str) -> None:
+    """Two trainings in two threads of one process (a thread-pool task runner running two training tasks
+    at once) both own the global generators: their draws interleave at timing-dependent moments."""
+    me = threading.get_ident()
+    with _lock:
+        others = sorted(name for ident, name in _owner_names.items() if ident != me)
+    if not others or (id(checkpointer) in _shared_reported and not checkpointer.strict_determinism):
+        return
+    message = (
+        f"{where} of {checkpointer.lineage}: thread(s) {', '.join(map(repr, others))} also train with a "
+        "Checkpointer open in this process. The global generators (Python random, NumPy, torch) are shared by "
+        "every thread that owns them, so the trainings' draws interleave at timing-dependent moments and neither "
+        "run can be repeated or resumed bit-identically. Run each training in its own process (a process-based "
+        "task runner, separate flow runs), or draw only from private generators passed as extras."
+    )
+    if checkpointer.strict_determinism:
+        raise DeterminismError("strict determinism: " + message)
+    with _lock:
+        if len(_shared_reported) > 10000:  # ids of closed Checkpointers: bounded, a repeat warning is harmless
+            _shared_reported.clear()
+        _shared_reported.add(id(checkpointer))
     logger.warning(message)
 
 
