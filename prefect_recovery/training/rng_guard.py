@@ -304,8 +304,8 @@ def _check_sole_owner(checkpointer: Any, where: str) -> None:
     """Two trainings in two threads of one process (a thread-pool task runner running two training tasks
     at once) both own the global generators: their draws interleave at timing-dependent moments."""
     me = threading.get_ident()
-    with _lock:
-        others = sorted(name for ident, name in _owner_names.items() if ident != me)
+    with _lock:  # only asked of an owner: step() called from another thread is not a second training
+        others = sorted(name for ident, name in _owner_names.items() if ident != me) if me in _owners else []
     if not others or (id(checkpointer) in _shared_reported and not checkpointer.strict_determinism):
         return
     message = (
