@@ -342,11 +342,6 @@ def test_the_cli_lists_and_verifies_the_distributed_checkpoint(dcp_jobs):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (training/export.py, not this helper's to change): `prefect-recovery export` of a DCP "
-    "checkpoint reads it as a single-process state tree and writes 0 tensors with exit 0",
-)
 def test_the_cli_exports_the_distributed_checkpoints_tensors(dcp_jobs, tmp_path):
     regions = ["--region", str(dcp_jobs / "good" / "eu"), "--region", str(dcp_jobs / "good" / "us"), "--quorum", "2"]
     exported = cli("export", "--lineage", "fsdp", "--version", "1", "--to", str(tmp_path / "x"), *regions, "--json")
