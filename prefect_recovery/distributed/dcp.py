@@ -577,6 +577,25 @@ def dcp_reader(store: Any, lineage: str, version: int | None = None) -> StoreRea
     return StoreReader(store, lineage, version)
 
 
+def load_full_state(store: Any, lineage: str, version: int | None = None) -> dict[str, Any]:
+    """Every item of a DCP checkpoint, whole, in this one process: sharded tensors joined into
+    full ones, nested as the state dict given to ``dcp.save`` (DCP's flattening map), non-tensor
+    items loaded as they were saved (through the same safety check as any DCP load).
+
+    What DCP's own ``format_utils.dcp_to_torch_save`` does with a directory (an empty state dict,
+    ``_EmptyStateDictLoadPlanner``, ``no_dist``), through the store's reader: for export and
+    inspection, never for training (it needs the whole state in one host's memory).
+    """
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict[str, Any] = {}
+    _load_state_dict(
+        state, storage_reader=dcp_reader(store, lineage, version), planner=_EmptyStateDictLoadPlanner(), no_dist=True
+    )
+    return state
+
+
 def rank_errors(exc: BaseException) -> dict[int, BaseException]:
     """The exception of each failed rank inside a ``CheckpointException`` (how ``dcp.save`` and
     ``dcp.load`` report failures: a ``BaseException`` that ``except Exception`` does not catch),
