@@ -6,10 +6,15 @@
   thread); a torch seeding call (``manual_seed``, ``seed``, ``fork_rng``'s restore) is refused and named with
   the step, the generator, the thread and the caller. A plain torch draw on another thread is the documented
   limit (docs/DETERMINISM.md): unseen while it happens, and ``history --against`` names ``rng/torch`` first.
+  Two trainings in two threads of one process are named with the other thread. A torch draw in an
+  ``on_commit`` hook under asynchronous saves is a strict xfail (a bug: it runs on the writer thread).
+* **Private generators** (``torch.Generator``, NumPy ``Generator``/``RandomState``, ``random.Random``) passed
+  as ``extras`` resume where they were.
 * **``history --against``** (CLI, ``--json``, and ``first_divergence``): two runs that differ first in a
   hyperparameter, one RNG draw, the data order, or the weights only late are reported at the right step with
   the right first cause; identical runs as identical; runs of different lengths, a lineage that does not
-  exist, one with a single checkpoint and two without a common checkpoint get clear answers.
+  exist, one with a single checkpoint and two without a common checkpoint get clear answers; two pipeline
+  runs whose input file changed are told apart by the input, not only by the weights.
 * **``replay-check``** of a registered pipeline whose run another thread disturbed with a torch draw: the
   segment that held the draw is not deterministic and ``rng/torch`` is named first; the next one replays.
 * **Kill and resume in real processes** (SIGKILL) of a loop with its own private generators (``torch``,
@@ -245,6 +250,39 @@ def test_an_asynchronous_commit_hook_drawing_from_torch_cannot_move_the_training
                 ckpt.step()
         states.append(store.load_checkpoint(lineage=lineage))
     assert differing_leaves(*states) == []
+
+
+PRIVATE_GENERATORS: dict[str, Callable[[int], Any]] = {
+    "torch.Generator": lambda seed: torch.Generator().manual_seed(seed),
+    "np.random.default_rng": lambda seed: np.random.default_rng(seed),
+    "np.random.Generator(MT19937)": lambda seed: np.random.Generator(np.random.MT19937(seed)),
+    "np.random.Generator(Philox)": lambda seed: np.random.Generator(np.random.Philox(2**64 - seed)),
+    "np.random.RandomState": lambda seed: np.random.RandomState(seed),
+    "random.Random": lambda seed: random.Random(seed),
+}
+
+
+def draws(generator: Any) -> list[float]:
+    if isinstance(generator, torch.Generator):
+        return torch.rand(3, generator=generator).tolist()
+    if isinstance(generator, random.Random):
+        return [generator.random() for _ in range(3)] + [generator.gauss(0, 1)]
+    return [*generator.random(3).tolist(), float(generator.standard_normal())]
+
+
+@pytest.mark.parametrize("kind", list(PRIVATE_GENERATORS))
+def test_a_private_generator_passed_as_an_extra_resumes_where_it_was(tmp_path: Path, kind: str) -> None:
+    """The remedy every DeterminismError suggests (a private generator) must itself be checkpointable."""
+    store = CheckpointStore.default(tmp_path)
+    generator = PRIVATE_GENERATORS[kind](3)
+    draws(generator)
+    with Checkpointer(store, "run", extras={"noise": generator}, seed=1) as ckpt:
+        ckpt.save()
+    expected = draws(generator)
+    fresh = PRIVATE_GENERATORS[kind](4)  # another seed: only the checkpoint can make it continue
+    with Checkpointer(store, "run", extras={"noise": fresh}, seed=1) as resumed:
+        assert resumed.extras["noise"] is fresh  # restored in place, where the training loop holds it
+        assert draws(fresh) == expected
 
 
 # -- history --against -----------------------------------------------------------------------------
