@@ -58,6 +58,8 @@ class Interference:
     function: str  # e.g. "getrandbits", "rand", "manual_seed"
     thread: str  # the drawing thread's name
     caller: str  # "file:line" of the code that drew
+    # Served from the thread's private generator (False: it reached, or tried to reset, the training's own).
+    confined: bool = True
 
     def describe(self) -> str:
         return f"{self.generator} global RNG ({self.function}) used by thread {self.thread!r} at {self.caller}"
@@ -76,16 +78,23 @@ def _foreign() -> bool:
     return bool(_owners) and threading.get_ident() not in _owners
 
 
-def _record(generator: str, function: str) -> None:
+def _record(generator: str, function: str, *, confined: bool = True) -> None:
     frame = sys._getframe(2)
-    # skip frames inside random.py / torch's / our wrappers so the caller is the code that asked
+    torch = sys.modules.get("torch")
+    torch_dir = os.path.dirname(torch.__file__) + os.sep if torch is not None and torch.__file__ else None
+    # skip frames inside random.py / torch / our wrappers so the caller is the code that asked
     while frame.f_back is not None and (
         frame.f_code.co_filename in (random.__file__, __file__, contextlib.__file__)
         or frame.f_code.co_filename.endswith(_TORCH_RANDOM)
+        or (torch_dir is not None and frame.f_code.co_filename.startswith(torch_dir))
     ):
         frame = frame.f_back
     entry = Interference(
-        generator, function, threading.current_thread().name, f"{frame.f_code.co_filename}:{frame.f_lineno}"
+        generator,
+        function,
+        threading.current_thread().name,
+        f"{frame.f_code.co_filename}:{frame.f_lineno}",
+        confined,
     )
     with _lock:
         if len(_seen) < 1000:
@@ -169,18 +178,117 @@ _TORCH_SETTERS = ("manual_seed", "seed", "set_rng_state")
 _TORCH_RANDOM = os.path.join("torch", "random.py")  # fork_rng's restore is reported at its caller
 
 
+def _private_torch() -> Any:
+    generator = getattr(_private, "torch", None)
+    if generator is None:
+        import torch
+
+        generator = _private.torch = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+    return generator
+
+
+# torch functions and Tensor methods that draw from the default generator unless given ``generator=``, and
+# those that cannot be given one (confine_torch serves the first kind privately and reports the second).
+_TORCH_DRAWS = frozenset(
+    [
+        "rand",
+        "randn",
+        "randint",
+        "randperm",
+        "rand_like",
+        "randn_like",
+        "randint_like",
+        "normal",
+        "bernoulli",
+        "multinomial",
+        "poisson",
+        "normal_",
+        "uniform_",
+        "bernoulli_",
+        "random_",
+        "exponential_",
+        "geometric_",
+        "log_normal_",
+        "cauchy_",
+        "trunc_normal_",
+        "kaiming_uniform_",
+        "kaiming_normal_",
+        "xavier_uniform_",
+        "xavier_normal_",
+        "orthogonal_",
+        "sparse_",
+    ]
+)
+_TORCH_UNCONFINABLE = frozenset(
+    [
+        "dropout",
+        "dropout1d",
+        "dropout2d",
+        "dropout3d",
+        "alpha_dropout",
+        "feature_alpha_dropout",
+        "native_dropout",
+        "rrelu",
+        "rrelu_",
+        "gumbel_softmax",
+        "fractional_max_pool2d",
+        "fractional_max_pool3d",
+    ]
+)
+_confine_mode: Any = None
+
+
+def _torch_confining_mode() -> Any:
+    """A ``TorchFunctionMode`` (thread-local, like every torch function mode) that serves the calling thread's
+    torch draws from its private generator."""
+    global _confine_mode
+    if _confine_mode is None:
+        from torch.overrides import TorchFunctionMode
+
+        class ConfineTorch(TorchFunctionMode):
+            def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+                kwargs = dict(kwargs or {})
+                name = getattr(func, "__name__", "")
+                if name in _TORCH_DRAWS and kwargs.get("generator") is None:
+                    try:
+                        result = func(*args, **{**kwargs, "generator": _private_torch()})
+                    except (TypeError, RuntimeError) as exc:  # no generator= here (or another device's): not
+                        if "generator" not in str(exc):  # served privately, so reported like dropout below
+                            raise
+                    else:
+                        _record("torch", name)
+                        return result
+                    _record("torch", name, confined=False)
+                elif name in _TORCH_UNCONFINABLE:
+                    _record("torch", name, confined=False)
+                return func(*args, **kwargs)
+
+        _confine_mode = ConfineTorch
+    return _confine_mode()
+
+
+@contextlib.contextmanager
+def confine_torch() -> Any:
+    """Run code (a commit hook on the checkpoint-writer thread) so that its torch draws cannot move the
+    training's generator: a draw that takes ``generator=`` is served from this thread's private generator,
+    one that cannot (dropout...) is reported at the next ``step()`` (``DeterminismError`` in strict mode).
+    On a thread that owns the generators (a synchronous save's hook) it does nothing: ``OwnWork`` brackets
+    that one."""
+    if not _foreign() or "torch" not in sys.modules:
+        yield
+        return
+    with _torch_confining_mode():
+        yield
+
+
 def _torch_setter(name: str, shared: Any) -> Any:
     def dispatch(*args: Any, **kwargs: Any) -> Any:
         if not _foreign():
             return shared(*args, **kwargs)
         # Another thread resetting the one default generator would reset the training's randomness:
         # refused (there is no per-thread default generator to send it to) and reported at the next step.
-        _record("torch", name)
-        generator = getattr(_private, "torch", None)
-        if generator is None:
-            import torch
-
-            generator = _private.torch = torch.Generator()
+        _record("torch", name, confined=False)
+        generator = _private_torch()
         if name == "manual_seed":
             return generator.manual_seed(*args, **kwargs)
         if name == "seed":
@@ -285,7 +393,7 @@ def collect(checkpointer: Any, where: str) -> None:
     seen = take_interference()
     checkpointer.rng_interference += seen
     _check_sole_owner(checkpointer, where)
-    shared = [entry for entry in seen if entry.generator == "torch"]
+    shared = [entry for entry in seen if not entry.confined]
     if not shared:
         return
     what = "; ".join(entry.describe() for entry in shared[:3]) + (" ..." if len(shared) > 3 else "")
