@@ -443,7 +443,10 @@ class Checkpointer:
                 if slot is not None:
                     self._staging.give_back(slot)
             if tier == "heavy" and self.on_commit is not None:
-                self.on_commit(info)
+                # On the writer thread (async saves) a hook's torch draws would move the training's generator:
+                # served privately there (rng_guard.confine_torch); on the training thread OwnWork brackets it.
+                with rng_guard.confine_torch():
+                    self.on_commit(info)
             return info
 
         now = self.clock()
