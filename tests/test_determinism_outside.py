@@ -7,7 +7,7 @@
   the step, the generator, the thread and the caller. A plain torch draw on another thread is the documented
   limit (docs/DETERMINISM.md): unseen while it happens, and ``history --against`` names ``rng/torch`` first.
   Two trainings in two threads of one process are named with the other thread. A torch draw in an
-  ``on_commit`` hook under asynchronous saves is a strict xfail (a bug: it runs on the writer thread).
+  ``on_commit`` hook under asynchronous saves (the writer thread) is served privately, or named (dropout).
 * **Private generators** (``torch.Generator``, NumPy ``Generator``/``RandomState``, ``random.Random``) passed
   as ``extras`` resume where they were.
 * **``history --against``** (CLI, ``--json``, and ``first_divergence``): two runs that differ first in a
@@ -213,76 +213,58 @@ def test_two_trainings_in_threads_of_one_process_are_named(
     assert caplog.text.count("also train with a Checkpointer open") == 1  # once, not at every step
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: with asynchronous saves (the default) on_commit hooks run on the checkpoint-writer thread, where "
-    "a torch draw moves the training's generator unseen, strict mode included; CHECKPOINTING.md promises that "
-    "what the Checkpointer's hooks move, torch's generator included, is put back (DETERMINISM.md: limits)",
-)
-def test_an_asynchronous_commit_hook_drawing_from_torch_cannot_move_the_training(tmp_path: Path) -> None:
-    hook_ran = threading.Event()
-
-    def sample_for_logging(_info: Any) -> None:  # e.g. a hook that logs a random sample of the weights
-        if not hook_ran.is_set():  # once, after the commit at step 4
-            torch.randperm(8)
-            hook_ran.set()
-
-    def wait_for_the_hook(done: int, _model: torch.nn.Module) -> None:
-        if done == 4:  # the save at step 4 was handed to the writer: let its hook run before step 5 goes on
-            assert hook_ran.wait(30)
-
-    store = CheckpointStore.default(tmp_path)
-    states = []
-    for lineage, hook in (("quiet", None), ("hooked", sample_for_logging)):
-        torch.manual_seed(5)
-        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.3), torch.nn.Linear(16, 2))
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        schedule = CheckpointSchedule(triggers=[EveryNSteps(every=4)])  # asynchronous
-        with Checkpointer(store, lineage, model=model, optimizer=optimizer, schedule=schedule, seed=5,
-                          on_commit=hook, strict_determinism=True) as ckpt:  # fmt: skip
-            while ckpt.step_count < STEPS:
-                loss = model(torch.randn(4, 8)).pow(2).mean()
-                optimizer.zero_grad()
-                loss.backward()
-                if hook is not None:
-                    wait_for_the_hook(ckpt.step_count, model)
-                optimizer.step()
-                ckpt.step()
-        states.append(store.load_checkpoint(lineage=lineage))
-    assert differing_leaves(*states) == []
-
-
-PRIVATE_GENERATORS: dict[str, Callable[[int], Any]] = {
-    "torch.Generator": lambda seed: torch.Generator().manual_seed(seed),
-    "np.random.default_rng": lambda seed: np.random.default_rng(seed),
-    "np.random.Generator(MT19937)": lambda seed: np.random.Generator(np.random.MT19937(seed)),
-    "np.random.Generator(Philox)": lambda seed: np.random.Generator(np.random.Philox(2**64 - seed)),
-    "np.random.RandomState": lambda seed: np.random.RandomState(seed),
-    "random.Random": lambda seed: random.Random(seed),
+HOOK_DRAWS: dict[str, Callable[[], Any]] = {
+    "randperm": lambda: torch.randperm(8),  # e.g. a hook that logs a random sample of the weights
+    "normal_": lambda: torch.empty(4).normal_(),
+    "dropout": lambda: torch.nn.functional.dropout(torch.ones(4), 0.5),  # takes no generator=
 }
 
 
-def draws(generator: Any) -> list[float]:
-    if isinstance(generator, torch.Generator):
-        return torch.rand(3, generator=generator).tolist()
-    if isinstance(generator, random.Random):
-        return [generator.random() for _ in range(3)] + [generator.gauss(0, 1)]
-    return [*generator.random(3).tolist(), float(generator.standard_normal())]
+def train_with_async_hook(store: CheckpointStore, lineage: str, draw: Callable[[], Any] | None) -> Checkpointer:
+    hook_ran = threading.Event()
+
+    def hook(_info: Any) -> None:
+        if draw is not None and not hook_ran.is_set():  # once, after the commit at step 4
+            draw()
+        hook_ran.set()
+
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.3), torch.nn.Linear(16, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = CheckpointSchedule(triggers=[EveryNSteps(every=4)])  # asynchronous: hooks run on the writer
+    with Checkpointer(store, lineage, model=model, optimizer=optimizer, schedule=schedule, seed=5,
+                      on_commit=hook, strict_determinism=True) as ckpt:  # fmt: skip
+        while ckpt.step_count < STEPS:
+            loss = model(torch.randn(4, 8)).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            if ckpt.step_count == 4:  # the save at step 4 was handed to the writer: its hook runs before step 5
+                assert hook_ran.wait(30)
+            optimizer.step()
+            ckpt.step()
+    return ckpt
 
 
-@pytest.mark.parametrize("kind", list(PRIVATE_GENERATORS))
-def test_a_private_generator_passed_as_an_extra_resumes_where_it_was(tmp_path: Path, kind: str) -> None:
-    """The remedy every DeterminismError suggests (a private generator) must itself be checkpointable."""
+@pytest.mark.parametrize("draw", ["randperm", "normal_"])
+def test_an_asynchronous_commit_hook_drawing_from_torch_cannot_move_the_training(tmp_path: Path, draw: str) -> None:
+    """CHECKPOINTING.md: what the Checkpointer's hooks move, torch's generator included, cannot change the training.
+    Under asynchronous saves the hook runs on the checkpoint-writer thread; its draws are served privately."""
     store = CheckpointStore.default(tmp_path)
-    generator = PRIVATE_GENERATORS[kind](3)
-    draws(generator)
-    with Checkpointer(store, "run", extras={"noise": generator}, seed=1) as ckpt:
-        ckpt.save()
-    expected = draws(generator)
-    fresh = PRIVATE_GENERATORS[kind](4)  # another seed: only the checkpoint can make it continue
-    with Checkpointer(store, "run", extras={"noise": fresh}, seed=1) as resumed:
-        assert resumed.extras["noise"] is fresh  # restored in place, where the training loop holds it
-        assert draws(fresh) == expected
+    train_with_async_hook(store, "quiet", None)
+    ckpt = train_with_async_hook(store, "hooked", HOOK_DRAWS[draw])
+    assert differing_leaves(store.load_checkpoint(lineage="quiet"), store.load_checkpoint(lineage="hooked")) == []
+    assert [(i.generator, i.function, i.thread) for i in ckpt.rng_interference] == [
+        ("torch", draw, "checkpoint-writer")
+    ]
+    assert ckpt.rng_interference[0].caller.startswith(__file__), ckpt.rng_interference
+
+
+def test_an_asynchronous_commit_hook_using_dropout_is_named_in_strict_mode(tmp_path: Path) -> None:
+    """Dropout takes no generator: it cannot be served privately, so strict mode names it at the next step."""
+    with pytest.raises(DeterminismError) as raised:
+        train_with_async_hook(CheckpointStore.default(tmp_path), "hooked", HOOK_DRAWS["dropout"])
+    message = str(raised.value)
+    assert "during step 5 of hooked: torch global RNG (dropout) used by thread 'checkpoint-writer'" in message
 
 
 # -- history --against -----------------------------------------------------------------------------
