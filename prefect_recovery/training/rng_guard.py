@@ -20,9 +20,13 @@ known to do that" cannot keep up, so the guard confines the generators by *threa
   seeding or setting it (``torch.manual_seed``, ``torch.seed``, ``torch.set_rng_state``, and so
   ``torch.random.fork_rng``'s restore): such a call is not applied (it would reset the training's
   generator) and is recorded; the next ``step()`` warns, or raises in strict mode, since a thread
-  that seeds the shared generator most likely draws from it too. The Checkpointer also compares
-  the three generators before and after its own work on the training thread (``OwnWork``), so a
-  save, a commit hook or an event that draws from them is undone, or named in strict mode.
+  that seeds the shared generator most likely draws from it too. On a thread the Checkpointer runs
+  user code on itself (a commit hook on the checkpoint writer), a thread-local torch function mode
+  (``confine_torch``) serves draws that take ``generator=`` privately and names the others. The
+  Checkpointer also compares the three generators before and after its own work on the training
+  thread (``OwnWork``), so a save, a commit hook or an event that draws from them is undone, or
+  named in strict mode. Two threads that both own the generators (two trainings in one process)
+  are named at the next ``step()``.
 
 Owners are the threads inside an open ``Checkpointer``; with no owner the generators behave
 as usual. A Python or NumPy draw from another thread is served privately (so it cannot change
@@ -31,7 +35,7 @@ seeding call from another thread is refused and reported: a warning, or in stric
 ``DeterminismError`` naming the step, the generator, the thread and the caller.
 Not covered: code that bound a function before the guard was installed
 (``from random import random``, ``from torch import manual_seed``), ``numpy.random.mtrand._rand``
-used directly, and torch draws on another thread.
+used directly, and torch draws on a thread the Checkpointer does not run (a user's or a library's).
 """
 
 from __future__ import annotations
