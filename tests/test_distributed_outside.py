@@ -349,6 +349,132 @@ def test_the_cli_exports_the_distributed_checkpoints_tensors(dcp_jobs, tmp_path)
     assert json.loads(exported.stdout)["tensors"] > 0
 
 
+CKPT_USER_SCRIPT = r'''"""A user's FSDP2 training script with the Checkpointer, as docs/DISTRIBUTED.md shows it.
+
+The model has BatchNorm (float buffers and an int64 step counter, replicated, not sharded), a
+frozen embedding-like layer (requires_grad=False: no optimizer state) and dropout; AdamW with a
+StepLR; data from DistributedResumableSampler. ``KILL=<rank>:<step>`` SIGKILLs that rank in the
+middle of that step (after backward, before the optimizer step).
+"""
+
+import os
+import signal
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.utils.data import TensorDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from prefect_recovery import Checkpointer, CheckpointSchedule, seed_everything
+from prefect_recovery.core.region import LocalRegionIO
+from prefect_recovery.core.store import Store
+from prefect_recovery.distributed import DistributedResumableSampler
+
+root, out, steps = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+kill_rank, kill_step = (int(p) for p in os.environ.get("KILL", "-1:-1").split(":"))
+dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+rank, world = dist.get_rank(), dist.get_world_size()
+store = Store([LocalRegionIO(str(root / r), name=r) for r in ("eu", "us")], write_quorum=2, chunk_bytes=512)
+
+seed_everything(3)
+frozen = torch.nn.Linear(6, 10)
+frozen.requires_grad_(False)
+model = torch.nn.Sequential(
+    frozen, torch.nn.BatchNorm1d(10), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(10, 3)
+)
+mesh = init_device_mesh("cpu", (world,))
+fully_shard(model[4], mesh=mesh)
+fully_shard(model, mesh=mesh)
+optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=4, gamma=0.5)
+x = torch.randn(64, 6, generator=torch.Generator().manual_seed(0))
+y = x[:, :3].argmax(dim=1)
+sampler = DistributedResumableSampler(len(x), seed=0, batch_size=4)
+loader = StatefulDataLoader(TensorDataset(x, y), sampler=sampler, batch_size=None)
+seen = []
+with Checkpointer(store, "user-fsdp", model=model, optimizer=optimizer, scheduler=scheduler, data=loader,
+                  schedule=CheckpointSchedule.every(3), seed=3 + rank) as ckpt:  # fmt: skip
+    while ckpt.step_count < steps:
+        for xb, yb in loader:
+            loss = torch.nn.functional.cross_entropy(model(xb), yb)
+            loss.backward()
+            if rank == kill_rank and ckpt.step_count + 1 == kill_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            optimizer.step()
+            optimizer.zero_grad()
+            scheduler.step()
+            ckpt.step()
+            if ckpt.step_count >= steps:
+                break
+        else:
+            ckpt.end_epoch()
+options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+msd, osd = get_state_dict(model, optimizer, options=options)
+dump = {
+    "model": msd,
+    "optim": osd,
+    "scheduler": scheduler.state_dict(),
+    "rng": torch.get_rng_state(),
+    "data": sampler.state_dict(),
+    "step": ckpt.step_count,
+    "resumed_from": ckpt.resumed_from,
+    "buffers": {name: b.detach().clone() for name, b in model.named_buffers()},  # this rank's own
+}
+torch.save(dump, out / f"rank{rank}.pt")
+dist.destroy_process_group()
+'''
+
+
+def ckpt_job(root: Path, name: str, steps: int, **env: str) -> subprocess.CompletedProcess[str]:
+    (root / name).mkdir(parents=True, exist_ok=True)
+    script = root / "ckpt_user.py"
+    script.write_text(CKPT_USER_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **env}
+    return subprocess.run(
+        [*command, str(root / "store"), str(root / name), str(steps)],
+        cwd=root,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+
+
+@pytest.mark.slow
+def test_fsdp2_with_rank_local_batchnorm_statistics_resumes_bit_identically_after_a_rank_is_killed(tmp_path):
+    """FSDP2 leaves BatchNorm's running statistics local to each rank (DDP would broadcast them).
+    Before the fix the Checkpointer kept one rank's copy in the global state (DCP's dedup), so after
+    a SIGKILL and resume both ranks had the same statistics and rank 0's differed from an
+    uninterrupted run's."""
+    for name in ("reference", "killed"):
+        for region in ("eu", "us"):
+            (tmp_path / name / "store" / region).mkdir(parents=True)
+    done = ckpt_job(tmp_path / "reference", "out", 14)
+    assert done.returncode == 0, done.stderr[-4000:]
+    killed = ckpt_job(tmp_path / "killed", "first", 14, KILL="1:10")  # mid-step 10, after the save of 9
+    assert killed.returncode != 0 and not (tmp_path / "killed" / "first" / "rank0.pt").exists()
+    resumed = ckpt_job(tmp_path / "killed", "out", 14)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    reference = {r: torch.load(tmp_path / "reference" / "out" / f"rank{r}.pt", weights_only=False) for r in (0, 1)}
+    again = {r: torch.load(tmp_path / "killed" / "out" / f"rank{r}.pt", weights_only=False) for r in (0, 1)}
+    # The ranks' statistics really differ: one global copy could not serve both.
+    assert differences(reference[0]["buffers"], reference[1]["buffers"]) != []
+    for rank in (0, 1):
+        assert again[rank]["resumed_from"] is not None and reference[rank]["resumed_from"] is None
+        assert again[rank]["step"] == reference[rank]["step"] == 14
+        # Model and optimizer (full, on rank 0), this rank's buffers, scheduler, RNG and data position.
+        mine = {k: v for k, v in again[rank].items() if k != "resumed_from"}
+        expected = {k: v for k, v in reference[rank].items() if k != "resumed_from"}
+        assert differences(expected, mine) == [], rank
+
+
 # -- in this process ---------------------------------------------------------------------------------
 def test_store_errors_survive_the_pickling_that_carries_them_between_ranks():
     import prefect_recovery.distributed  # noqa: F401  (registers the reduction, as any rank using dcp_writer does)

@@ -70,7 +70,7 @@ logger = logging.getLogger("prefect_recovery.checkpointer")
 
 LAYOUT = "prefect-recovery/distributed/1"
 GLOBAL_COMPONENTS = ("model", "optimizer", "scheduler", "scaler", "extras", "counters")
-RANK_COMPONENTS = ("rng", "data", "determinism")
+RANK_COMPONENTS = ("rng", "data", "determinism", "buffers")
 _LABELS = ("every_n_steps", "timebox", "milestones")
 
 
@@ -259,6 +259,8 @@ class DistributedCheckpointer(Checkpointer):
                     f"(its position is global), or resume with {saved_world} ranks."
                 )
             data.load_state_dict(state["data"])
+        if isinstance(state.get("buffers"), dict):  # absent from checkpoints written before it was kept
+            self._restore_buffers(state["buffers"])
         apply_settings(state["determinism"])
         self._settings = state["determinism"]
         if self.rank < saved_world:
@@ -283,6 +285,37 @@ class DistributedCheckpointer(Checkpointer):
                 saved_world - 1,
             )
 
+    def _rank_buffers(self) -> dict[str, torch.Tensor]:
+        """This rank's own copy of the model's persistent buffers that are not DTensors.
+
+        FSDP2 (unlike DDP, which broadcasts them from rank 0 every forward) leaves buffers such as
+        BatchNorm's running statistics local: each rank updates its own from its own batches. In
+        the global model state DCP keeps one of them (its dedup takes a plain tensor of the same
+        key as replicated), so a resume gave every rank the same statistics and was not
+        bit-identical. Kept per rank as well, each rank gets its own back (identical copies, as
+        DDP's, cost one blob: blobs are content-addressed).
+        """
+        model = self.objects.get("model")
+        if model is None:
+            return {}
+        found: dict[str, torch.Tensor] = {}
+        for module_name, module in model.named_modules():
+            skip = getattr(module, "_non_persistent_buffers_set", set())
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer is None or name in skip or hasattr(buffer, "device_mesh"):
+                    continue
+                found[f"{module_name}.{name}" if module_name else name] = buffer.detach()
+        return found
+
+    def _restore_buffers(self, saved: dict[str, Any]) -> None:
+        """Copy the restored rank's buffers back into the live model (those of the same name and shape)."""
+        live = self._rank_buffers()
+        with torch.no_grad():
+            for name, value in saved.items():
+                target = live.get(name)
+                if isinstance(value, torch.Tensor) and target is not None and target.shape == value.shape:
+                    target.copy_(value)
+
     # -- capture -----------------------------------------------------------------------------
     def capture_parts(self, tier: Tier = "heavy") -> tuple[dict[str, Any], dict[str, Any]]:
         """(global state, this rank's state) for a save of ``tier`` (live references)."""
@@ -305,9 +338,16 @@ class DistributedCheckpointer(Checkpointer):
         if "data" in self.objects:
             rank_state["data"] = self.objects["data"].state_dict()
         rank_state["determinism"] = self._settings or capture_settings(self.seed)
+        buffers = self._rank_buffers()
+        if buffers:
+            rank_state["buffers"] = buffers
         if wanted is not None:
             global_state = {key: value for key, value in global_state.items() if key in wanted or key == "counters"}
-            rank_state = {key: value for key, value in rank_state.items() if key in wanted or key == "determinism"}
+            rank_state = {
+                key: value
+                for key, value in rank_state.items()
+                if key in wanted or key == "determinism" or (key == "buffers" and "model" in wanted)
+            }
         return global_state, rank_state
 
     def capture(self, tier: Tier = "heavy") -> dict[str, Any]:
