@@ -131,8 +131,10 @@ def test_python_and_numpy_use_on_another_thread_leaves_a_strict_run_unchanged(tm
     quiet, _ = train(tmp_path, "quiet")
     noisy, ckpt = train(tmp_path, "noisy", during_step=at_step(6, work))
     assert differing_leaves(quiet, noisy) == []
-    assert {(i.generator, i.thread) for i in ckpt.rng_interference} == {(generator, "metrics-exporter")}
-    assert all(i.caller.startswith(__file__) for i in ckpt.rng_interference), ckpt.rng_interference
+    # (other threads of this process, Prefect's among them, may be recorded too: only the exporter's are ours)
+    ours = [i for i in ckpt.rng_interference if i.thread == "metrics-exporter"]
+    assert ours and {i.generator for i in ours} == {generator}, ckpt.rng_interference
+    assert all(i.caller.startswith(__file__) for i in ours), ours
 
 
 @pytest.mark.parametrize("action", list(TORCH_SEEDING))
@@ -154,7 +156,8 @@ def test_torch_seeding_on_another_thread_cannot_reset_the_training(
     quiet, _ = train(tmp_path, "quiet", strict=False)
     seeded, ckpt = train(tmp_path, "seeded", strict=False, during_step=at_step(6, lambda: torch.manual_seed(0)))
     assert differing_leaves(quiet, seeded) == []
-    assert [(i.generator, i.function) for i in ckpt.rng_interference] == [("torch", "manual_seed")]
+    torch_uses = [(i.generator, i.function, i.thread) for i in ckpt.rng_interference if i.generator == "torch"]
+    assert torch_uses == [("torch", "manual_seed", "metrics-exporter")]
     assert "during step 6 of seeded: torch global RNG (manual_seed) used by thread 'metrics-exporter'" in caplog.text
     # once the Checkpointer is closed, torch.manual_seed from any thread is the plain one again
     in_thread(lambda: torch.manual_seed(77))
@@ -253,10 +256,9 @@ def test_an_asynchronous_commit_hook_drawing_from_torch_cannot_move_the_training
     train_with_async_hook(store, "quiet", None)
     ckpt = train_with_async_hook(store, "hooked", HOOK_DRAWS[draw])
     assert differing_leaves(store.load_checkpoint(lineage="quiet"), store.load_checkpoint(lineage="hooked")) == []
-    assert [(i.generator, i.function, i.thread) for i in ckpt.rng_interference] == [
-        ("torch", draw, "checkpoint-writer")
-    ]
-    assert ckpt.rng_interference[0].caller.startswith(__file__), ckpt.rng_interference
+    torch_uses = [i for i in ckpt.rng_interference if i.generator == "torch"]
+    assert [(i.function, i.thread, i.confined) for i in torch_uses] == [(draw, "checkpoint-writer", True)]
+    assert torch_uses[0].caller.startswith(__file__), torch_uses
 
 
 def test_an_asynchronous_commit_hook_using_dropout_is_named_in_strict_mode(tmp_path: Path) -> None:
