@@ -416,6 +416,7 @@ with Checkpointer(store, "user-fsdp", model=model, optimizer=optimizer, schedule
             ckpt.end_epoch()
 options = StateDictOptions(full_state_dict=True, cpu_offload=True)
 msd, osd = get_state_dict(model, optimizer, options=options)
+loader.state_dict()  # a restored loader hands its sampler the saved position when asked (or iterated)
 dump = {
     "model": msd,
     "optim": osd,
@@ -431,11 +432,11 @@ dist.destroy_process_group()
 '''
 
 
-def ckpt_job(root: Path, name: str, steps: int, **env: str) -> subprocess.CompletedProcess[str]:
+def ckpt_job(root: Path, name: str, steps: int, ranks: int = 2, **env: str) -> subprocess.CompletedProcess[str]:
     (root / name).mkdir(parents=True, exist_ok=True)
     script = root / "ckpt_user.py"
     script.write_text(CKPT_USER_SCRIPT)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", str(script)]
     environment = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **env}
     return subprocess.run(
         [*command, str(root / "store"), str(root / name), str(steps)],
@@ -447,32 +448,68 @@ def ckpt_job(root: Path, name: str, steps: int, **env: str) -> subprocess.Comple
     )
 
 
+def dumped(directory: Path) -> dict[int, dict[str, Any]]:
+    return {int(path.stem[4:]): torch.load(path, weights_only=False) for path in sorted(directory.glob("rank*.pt"))}
+
+
+def without(state: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in state.items() if k not in keys}
+
+
+@pytest.fixture(scope="module")
+def batchnorm_reference(tmp_path_factory) -> Path:
+    """The user's FSDP2 + BatchNorm script, 12 steps on 2 ranks, never interrupted (saves at 3, 6, 9, 12)."""
+    root = tmp_path_factory.mktemp("bn-reference")
+    for region in ("eu", "us"):
+        (root / "store" / region).mkdir(parents=True)
+    done = ckpt_job(root, "out", 12)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return root
+
+
 @pytest.mark.slow
-def test_fsdp2_with_rank_local_batchnorm_statistics_resumes_bit_identically_after_a_rank_is_killed(tmp_path):
+def test_fsdp2_with_rank_local_batchnorm_statistics_resumes_bit_identically_after_a_rank_is_killed(
+    batchnorm_reference, tmp_path
+):
     """FSDP2 leaves BatchNorm's running statistics local to each rank (DDP would broadcast them).
     Before the fix the Checkpointer kept one rank's copy in the global state (DCP's dedup), so after
     a SIGKILL and resume both ranks had the same statistics and rank 0's differed from an
     uninterrupted run's."""
-    for name in ("reference", "killed"):
-        for region in ("eu", "us"):
-            (tmp_path / name / "store" / region).mkdir(parents=True)
-    done = ckpt_job(tmp_path / "reference", "out", 14)
-    assert done.returncode == 0, done.stderr[-4000:]
-    killed = ckpt_job(tmp_path / "killed", "first", 14, KILL="1:10")  # mid-step 10, after the save of 9
-    assert killed.returncode != 0 and not (tmp_path / "killed" / "first" / "rank0.pt").exists()
-    resumed = ckpt_job(tmp_path / "killed", "out", 14)
+    for region in ("eu", "us"):
+        (tmp_path / "store" / region).mkdir(parents=True)
+    killed = ckpt_job(tmp_path, "first", 12, KILL="1:10")  # mid-step 10, after the save of step 9
+    assert killed.returncode != 0 and not (tmp_path / "first" / "rank0.pt").exists()
+    resumed = ckpt_job(tmp_path, "out", 12)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
-    reference = {r: torch.load(tmp_path / "reference" / "out" / f"rank{r}.pt", weights_only=False) for r in (0, 1)}
-    again = {r: torch.load(tmp_path / "killed" / "out" / f"rank{r}.pt", weights_only=False) for r in (0, 1)}
+    reference, again = dumped(batchnorm_reference / "out"), dumped(tmp_path / "out")
     # The ranks' statistics really differ: one global copy could not serve both.
     assert differences(reference[0]["buffers"], reference[1]["buffers"]) != []
     for rank in (0, 1):
         assert again[rank]["resumed_from"] is not None and reference[rank]["resumed_from"] is None
-        assert again[rank]["step"] == reference[rank]["step"] == 14
+        assert again[rank]["step"] == reference[rank]["step"] == 12
         # Model and optimizer (full, on rank 0), this rank's buffers, scheduler, RNG and data position.
-        mine = {k: v for k, v in again[rank].items() if k != "resumed_from"}
-        expected = {k: v for k, v in reference[rank].items() if k != "resumed_from"}
-        assert differences(expected, mine) == [], rank
+        assert differences(without(reference[rank], "resumed_from"), without(again[rank], "resumed_from")) == []
+
+
+@pytest.mark.slow
+def test_the_batchnorm_checkpoint_of_two_ranks_resumes_on_three_with_each_ranks_documented_state(
+    batchnorm_reference,
+):
+    """DISTRIBUTED.md: model and optimizer resharded equal; ranks 0 and 1 keep their own buffers and
+    RNG; new rank 2 takes saved rank 0's buffers (r % W) and a derived RNG, with a warning."""
+    three = ckpt_job(batchnorm_reference, "three", 12, ranks=3)  # restores step 12 and stops there
+    assert three.returncode == 0, three.stderr[-4000:]
+    assert "rank 2 did not exist" in three.stderr + three.stdout
+    reference, resized = dumped(batchnorm_reference / "out"), dumped(batchnorm_reference / "three")
+    assert sorted(resized) == [0, 1, 2] and all(resized[r]["resumed_from"]["step"] == 12 for r in resized)
+    assert differences(reference[0]["model"], resized[0]["model"]) == []
+    assert differences(reference[0]["optim"], resized[0]["optim"]) == []
+    for rank, source in ((0, 0), (1, 1), (2, 0)):
+        assert differences(reference[source]["buffers"], resized[rank]["buffers"]) == [], rank
+        assert resized[rank]["data"] == {**reference[0]["data"], "world_size": 3}  # the global cursor
+    for rank in (0, 1):
+        assert torch.equal(reference[rank]["rng"], resized[rank]["rng"])
+    assert not torch.equal(reference[0]["rng"], resized[2]["rng"])
 
 
 # -- in this process ---------------------------------------------------------------------------------
