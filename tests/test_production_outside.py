@@ -247,11 +247,24 @@ class Pipelines:
     def store(self) -> CheckpointStore:
         return CheckpointStore.default(self.home)
 
-    def start(self, experiment: str, seed: int) -> subprocess.Popen:
+    def start(self, experiment: str, seed: int, host: str | None = None) -> subprocess.Popen:
+        """A run of the pipeline; with ``host``, in a UTS namespace of its own whose host name is ``host``: to the
+        store it ran on another machine (a pid this one cannot check), though it is a process here."""
         code = "import sys; from helpers.derived_lineage_pipeline import derived_lineage_pipeline as p; " \
                "p(experiment=sys.argv[1], seed=int(sys.argv[2]))"  # fmt: skip
-        return subprocess.Popen([sys.executable, "-c", code, experiment, str(seed)], env=self.env, cwd=self.tmp,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        command = [sys.executable, "-c", code, experiment, str(seed)]
+        if host is not None:
+            command = ["unshare", "--uts", "sh", "-c", f'hostname {host} && exec "$@"', "sh", *command]
+        return subprocess.Popen(command, env=self.env, cwd=self.tmp, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+    def pids(self) -> list[str]:
+        """The pids of the runs that blocked in their train step, oldest first."""
+        return self.trace.read_text().split() if self.trace.exists() else []
+
+    def blocked(self, seen: int) -> str:
+        """The pid of the next run to block in its train step, once ``seen`` had blocked before it."""
+        return wait_for(lambda: len(pids := self.pids()) > seen and pids[seen], TIMEOUT, "a run to block in train")
 
     def run_id(self, lineage: str) -> str:
         (started,) = [e for e in Journal(self.store().core, lineage).events() if e.kind == "run_started"]
@@ -344,10 +357,10 @@ def test_recover_crashed_run_of_a_finished_lineage_changes_nothing(pipelines: Pi
 def test_recover_crashed_run_refused_while_held_then_recovered_after_sigkill(pipelines: Pipelines) -> None:
     lineage, seed = lineage_of("held", 5), 5
     pipelines.block.touch()
+    seen = len(pipelines.pids())
     run = pipelines.start("held", seed)
     try:
-        pid = wait_for(lambda: pipelines.trace.exists() and pipelines.trace.read_text().split(), TIMEOUT,
-                       "the run to block in its train step")[-1]  # fmt: skip
+        pid = pipelines.blocked(seen)
         run_id = pipelines.run_id(lineage)
         before = pipelines.journals()
         held = pipelines.recover("--crashed-run", run_id)
@@ -372,6 +385,56 @@ def test_recover_crashed_run_refused_while_held_then_recovered_after_sigkill(pip
     # bit-identical to the uninterrupted computation of the same seed, done here
     assert report["final_digest"] == value_digest(train.fn(prepare.fn(seed), seed))
     assert Journal(pipelines.store().core, lineage).history().status == "finished"
+
+
+def other_hosts() -> bool:
+    """Whether a process can get a host name of its own here (``unshare --uts`` needs CAP_SYS_ADMIN)."""
+    try:
+        probe = subprocess.run(["unshare", "--uts", "sh", "-c", "hostname probe-host"], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not other_hosts(), reason="unshare --uts is not permitted here: no second host to run on")
+def test_recover_crashed_run_from_another_host_waits_for_prefect_to_call_it_crashed(
+    server: LiveServer, pipelines: Pipelines
+) -> None:
+    """A run whose process lived on another host: its pid cannot be checked from here, so its flow-run state in
+    Prefect decides. Running (its host lost, the zombie detector not yet through): refused, even after the process
+    is gone. Crashed (what the zombie detector sets): recovered, bit-identical."""
+    lineage, seed = lineage_of("far", 6), 6
+    pipelines.block.touch()
+    seen = len(pipelines.pids())
+    run = pipelines.start("far", seed, host="far-host")
+    try:
+        pid = pipelines.blocked(seen)
+        run_id = pipelines.run_id(lineage)
+        (started,) = [e for e in Journal(pipelines.store().core, lineage).events() if e.kind == "run_started"]
+        assert started.data["process"]["host"] == "far-host"
+        os.kill(int(pid), signal.SIGKILL)  # the host is lost: nothing tells Prefect
+        run.wait(60)
+    finally:
+        pipelines.block.unlink()
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert api(server, "GET", f"/flow_runs/{run_id}")["state_type"] == "RUNNING"  # type: ignore[index]
+    before = pipelines.journals()
+    held = pipelines.recover("--crashed-run", run_id)
+    assert held.returncode == 2, (held.stdout, held.stderr[-3000:])
+    line = error_line(held)
+    assert f"pid {pid} on far-host" in line and "is Running in Prefect" in line, line
+    assert "zombie detector" in line and "Crashed" in line, line  # what ends the wait
+    assert pipelines.journals() == before
+
+    crashed = {"type": "CRASHED", "name": "Crashed", "message": "No heartbeat for 60 s: marked Crashed"}
+    api(server, "POST", f"/flow_runs/{run_id}/set_state", {"state": crashed, "force": True})
+    recovered = pipelines.recover("--json", "--crashed-run", run_id)
+    assert recovered.returncode == 0, recovered.stderr[-3000:]
+    report = json.loads(recovered.stdout)
+    assert report["lineage"] == lineage and report["status"] == "recovered", report
+    assert report["final_digest"] == value_digest(train.fn(prepare.fn(seed), seed))
 
 
 # -- the quiet CLI ------------------------------------------------------------------------------------------------

@@ -203,7 +203,18 @@ def describe_claim(claim: Claim, alive: bool | None) -> str:
     what = "run" if claim.kind == "run_started" else "recovery"
     process = claim.process if isinstance(claim.process, dict) else {}
     where = f"pid {process.get('pid')} on {process.get('host')}" if process else "an unknown process"
-    state = "is still running" if alive else "may still be running (its host cannot be checked from here)"
+    if is_alive(claim.process) is not None:  # this machine checked the process itself
+        state = "is still running"
+    elif alive:
+        # Only Prefect's word: a lost host's run stays Running there until something marks it final, so say what
+        # ends the wait rather than "wait for it to finish".
+        state = (
+            "is Running in Prefect, and its host cannot be checked from here: if that host is lost, the zombie "
+            "detector (`prefect-recovery automations install`) marks the run Crashed once its heartbeats stop, or "
+            "set its state to Crashed in the Prefect UI; then recover again"
+        )
+    else:
+        state = "may still be running (its host cannot be checked from here, and Prefect does not know the run)"
     return f"{what} {claim.run_id} ({where}, journal seq {claim.seq}) {state}"
 
 
