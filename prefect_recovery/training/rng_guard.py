@@ -390,9 +390,11 @@ class DeterminismError(RuntimeError):
 def collect(checkpointer: Any, where: str) -> None:
     """Take the foreign uses recorded since the last call into ``checkpointer.rng_interference``.
 
-    Python and NumPy draws were served privately and are only kept. A torch seeding call from
-    another thread was refused, but it says that thread uses the shared torch generator, whose draws
-    no hook sees: warned about, or ``DeterminismError`` in strict mode, naming ``where`` (the step).
+    Python and NumPy draws (and torch draws under ``confine_torch``) were served privately and are only
+    kept. What reached torch's shared generator is warned about, or ``DeterminismError`` in strict mode,
+    naming ``where`` (the step): a seeding call from another thread (refused, but that thread most likely
+    draws from the generator too, which no hook sees) and a draw that could not be given a private
+    generator (dropout in a commit hook). So is a second thread that owns the generators.
     """
     seen = take_interference()
     checkpointer.rng_interference += seen
@@ -401,11 +403,17 @@ def collect(checkpointer: Any, where: str) -> None:
     if not shared:
         return
     what = "; ".join(entry.describe() for entry in shared[:3]) + (" ..." if len(shared) > 3 else "")
+    seeding = [entry for entry in shared if entry.function in _TORCH_SETTERS]
+    why = []
+    if seeding:
+        why.append("the seeding call was not applied, but a thread that seeds the shared generator most likely "
+                   "draws from it too, which no hook sees")  # fmt: skip
+    if len(seeding) < len(shared):
+        why.append("a draw that takes no generator= moved the training's generator")
     message = (
-        f"{where} of {checkpointer.lineage}: {what}. torch's default generator is shared by every thread and "
-        "cannot be confined: the call was not applied, but a thread that seeds it most likely draws from it "
-        "too, which moves the training's randomness at a timing-dependent moment. Give that code its own "
-        "torch.Generator (torch.rand(..., generator=g))."
+        f"{where} of {checkpointer.lineage}: {what}. torch's default generator is shared by every thread; "
+        f"{'; '.join(why)}, so the training's randomness changes at a timing-dependent moment. Give that code "
+        "its own torch.Generator (torch.rand(..., generator=g))."
     )
     if checkpointer.strict_determinism:
         raise DeterminismError("strict determinism: " + message)
