@@ -181,12 +181,21 @@ def open_store(regions: list[str] | None, store: str | None, quorum: int = 1) ->
     if regions and store:
         raise typer.BadParameter("give either --region or --store, not both")
     if store:
+        import httpx
+
+        from .deploy import _api_url
+
         try:
             return CheckpointStore.load(store)
         except ValueError as exc:  # Prefect's "Unable to find block document named ..."
             raise CheckpointError(
                 f"no CheckpointStore block named {store!r} on the Prefect server ({exc}); save one with "
                 f"CheckpointStore(regions=[...]).save({store!r}) or check PREFECT_API_URL"
+            ) from None
+        except (OSError, httpx.TransportError) as exc:  # the block lives on a server that does not answer
+            raise CheckpointError(
+                f"cannot load the CheckpointStore block {store!r}: no Prefect server answers at {_api_url()} "
+                f"({type(exc).__name__}: {exc}); start it, or point PREFECT_API_URL at your server"
             ) from None
     if regions:
         if quorum > len(regions):

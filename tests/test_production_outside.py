@@ -222,6 +222,25 @@ def test_install_refusals_are_one_line_and_change_nothing(server: LiveServer, de
     assert automations(server) == before  # nothing created, updated or deleted
 
 
+def test_store_block_commands_when_no_server_answers(tmp_path: Path) -> None:
+    """A laptop whose PREFECT_API_URL names a server that is down (VPN off): every command given ``--store BLOCK``
+    says so in one line (JSON with --json), exit 2; none calls it an unexpected error or a failed pipeline."""
+    unreachable = f"http://127.0.0.1:{free_port()}/api"
+    env = {**os.environ, "PREFECT_API_URL": unreachable, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    commands = [
+        ["verify", "--store", "prod"],
+        ["recover", "--store", "prod", "--lineage", "x"],
+        ["history", "--store", "prod", "--lineage", "x"],
+        ["ls", "--store", "prod", "--json"],
+    ]
+    *plain, as_json = cli_all(env, commands, cwd=tmp_path)
+    expected = f"cannot load the CheckpointStore block 'prod': no Prefect server answers at {unreachable}"
+    for done in plain:
+        assert done.returncode == 2, (done.args, done.stderr[-2000:])
+        assert expected in one_error_line(done), done.stderr
+    assert as_json.returncode == 2 and expected in json.loads(as_json.stdout)["error"], as_json.stdout
+
+
 def free_port() -> int:
     from helpers.live_prefect import free_port as port
 
