@@ -174,6 +174,15 @@ def _pipeline_failed(exc: BaseException, as_json: bool) -> NoReturn:
     """A pipeline's own error as one line; the traceback with --debug or PREFECT_RECOVERY_DEBUG=1."""
     if _debug():
         raise exc
+    if isinstance(exc, RuntimeError) and str(exc).startswith("Failed to reach API at"):
+        # Prefect's own error when PREFECT_API_URL names a server that does not answer: no pipeline ran
+        from .deploy import _api_url
+
+        _fail(
+            f"cannot start the flow run: no Prefect server answers at {_api_url()}; start it, point PREFECT_API_URL "
+            "at your server, or unset it to run on Prefect's temporary local server",
+            as_json,
+        )
     _fail(f"the pipeline failed: {type(exc).__name__}: {exc}", as_json, code=1)
 
 

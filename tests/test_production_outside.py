@@ -232,13 +232,17 @@ def test_store_block_commands_when_no_server_answers(tmp_path: Path) -> None:
         ["recover", "--store", "prod", "--lineage", "x"],
         ["history", "--store", "prod", "--lineage", "x"],
         ["ls", "--store", "prod", "--json"],
+        ["demo", "--lineage", "down", "--steps", "10"],  # the default store: only the flow run needs the server
     ]
-    *plain, as_json = cli_all(env, commands, cwd=tmp_path)
+    *plain, as_json, demo = cli_all(env, commands, cwd=tmp_path)
     expected = f"cannot load the CheckpointStore block 'prod': no Prefect server answers at {unreachable}"
     for done in plain:
         assert done.returncode == 2, (done.args, done.stderr[-2000:])
         assert expected in one_error_line(done), done.stderr
     assert as_json.returncode == 2 and expected in json.loads(as_json.stdout)["error"], as_json.stdout
+    assert demo.returncode == 2, demo.stderr[-2000:]
+    line = error_line(demo)  # not "the pipeline failed": no pipeline ran
+    assert f"cannot start the flow run: no Prefect server answers at {unreachable}" in line, line
 
 
 def free_port() -> int:
