@@ -173,6 +173,45 @@ elif scenario == "load":
         report["damaged"] = "loaded"
     except BaseException as exc:
         report["damaged"] = failure(exc)
+elif scenario == "commit-kill":
+    # Test instrumentation: rank 0, the coordinator, dies (SIGKILL) in the middle of the commit,
+    # after the manifest landed in region eu (the arbiter) and before it reaches us.
+    import os
+    import signal
+
+    class DiesOnManifest(LocalRegionIO):
+        armed = False
+
+        def put_if_absent(self, key, data):
+            if DiesOnManifest.armed and rank == 0 and "/manifests/" in key:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return super().put_if_absent(key, data)
+
+    regions = [LocalRegionIO(str(root / "ck" / "eu"), name="eu"), DiesOnManifest(str(root / "ck" / "us"), name="us")]
+    ck = Store(regions, write_quorum=2, chunk_bytes=256)
+    model, optim = model_and_optim(1)
+    train(model, optim, 1, seed=1)
+    state = state_of(model, optim)
+    dcp.save(state, storage_writer=dcp_writer(ck, "ck", step=1))
+    whole = full(state)
+    if rank == 0:
+        torch.save(whole, out / "ck-v1.pt")
+    train(model, optim, 1, seed=2)
+    DiesOnManifest.armed = True
+    dcp.save(state_of(model, optim), storage_writer=dcp_writer(ck, "ck", step=2))
+    report["survived"] = True
+elif scenario == "after-commit-kill":
+    ck = store("ck", 2)
+    model, optim = model_and_optim(99)
+    train(model, optim, 1, seed=5)
+    state = state_of(model, optim, fill=3.0)
+    loaded = dcp.load(state, storage_reader=dcp_reader(ck, "ck"))  # the latest consistent version
+    set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    whole = full(state_of(model, optim) | {"rows": state["rows"], "extra": state["extra"]})
+    if rank == 0:
+        torch.save(whole, out / "ck-loaded.pt")
+    train(model, optim, 1, seed=2)
+    report["saved"] = committed_version(dcp.save(state_of(model, optim), storage_writer=dcp_writer(ck, "ck", step=2)))
 (out / f"{scenario}-{world}-rank{rank}.json").write_text(json.dumps(report))
 dist.destroy_process_group()
 '''
@@ -347,6 +386,29 @@ def test_the_cli_exports_the_distributed_checkpoints_tensors(dcp_jobs, tmp_path)
     exported = cli("export", "--lineage", "fsdp", "--version", "1", "--to", str(tmp_path / "x"), *regions, "--json")
     assert exported.returncode == 0, exported.stderr
     assert json.loads(exported.stdout)["tensors"] > 0
+
+
+@pytest.mark.slow
+def test_the_coordinator_killed_mid_commit_leaves_the_previous_version_latest_and_the_next_save_commits(tmp_path):
+    """Rank 0 SIGKILLed after its manifest reached region eu and before us (quorum 2): the half
+    commit is not a version; a new job loads the previous one and its own save commits after it."""
+    for region in ("eu", "us"):
+        (tmp_path / "ck" / region).mkdir(parents=True)
+    (tmp_path / "out").mkdir()
+    script = tmp_path / "dcp_user.py"
+    script.write_text(DCP_USER_SCRIPT)
+    killed = torchrun(script, 2, "commit-kill", str(tmp_path), str(tmp_path / "out"))
+    assert killed.returncode != 0 and not (tmp_path / "out" / "commit-kill-2-rank0.json").exists()
+    store = open_store(tmp_path, "ck", 2)
+    assert [info.version for info in store.list("ck")] == [1]
+    half = manifest_key("ck", 2)
+    assert (tmp_path / "ck" / "eu" / half).exists() and not (tmp_path / "ck" / "us" / half).exists()
+    after = torchrun(script, 2, "after-commit-kill", str(tmp_path), str(tmp_path / "out"))
+    assert after.returncode == 0, after.stderr[-4000:]
+    saved = torch.load(tmp_path / "out" / "ck-v1.pt", weights_only=True)
+    assert differences(saved, torch.load(tmp_path / "out" / "ck-loaded.pt", weights_only=True)) == []
+    assert [r["saved"] for r in reports(tmp_path, "after-commit-kill", 2)] == [3, 3]  # number 2 stays the dead one's
+    assert [(info.version, info.step) for info in store.list("ck")] == [(1, 1), (3, 2)]
 
 
 CKPT_USER_SCRIPT = r'''"""A user's FSDP2 training script with the Checkpointer, as docs/DISTRIBUTED.md shows it.
