@@ -33,11 +33,13 @@ their rank (``derived_seed``), with a ``RankStateWarning``; any other data objec
 from __future__ import annotations
 
 import logging
+import random
 import warnings
 from concurrent.futures import Future
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -48,7 +50,15 @@ from ..core.layout import LIGHT_SUFFIX
 from ..core.models import CheckpointInfo
 from ..training import rng_guard
 from ..training.checkpointer import Checkpointer
-from ..training.determinism import apply_settings, capture_rng, capture_settings, restore_rng, seed_everything
+from ..training.determinism import (
+    apply_settings,
+    capture_rng,
+    capture_settings,
+    extra_state,
+    load_extra_state,
+    restore_rng,
+    seed_everything,
+)
 from ..training.schedule import Tier
 from .context import rank_context
 from .dcp import dcp_reader, dcp_writer
@@ -70,8 +80,13 @@ logger = logging.getLogger("prefect_recovery.checkpointer")
 
 LAYOUT = "prefect-recovery/distributed/1"
 GLOBAL_COMPONENTS = ("model", "optimizer", "scheduler", "scaler", "extras", "counters")
-RANK_COMPONENTS = ("rng", "data", "determinism", "buffers")
+RANK_COMPONENTS = ("rng", "data", "determinism", "buffers", "generators")
 _LABELS = ("every_n_steps", "timebox", "milestones")
+
+
+def _is_generator(obj: Any) -> bool:
+    """A private random generator given as an extra: its state is this rank's own, like the global RNG."""
+    return isinstance(obj, torch.Generator | np.random.Generator | np.random.RandomState | random.Random)
 
 
 class WorldSizeChangeError(CheckpointError):
@@ -241,10 +256,10 @@ class DistributedCheckpointer(Checkpointer):
                     raise CheckpointNotFoundError(f"checkpoint of {self.lineage} has no {name!r} component to restore")
                 self.objects[name].load_state_dict(state[name])
         for name, target in self.extras.items():
+            if _is_generator(target):
+                continue  # per rank: _restore_rank
             value = state.get("extras", {}).get(name)
-            if hasattr(target, "load_state_dict"):
-                target.load_state_dict(value)
-            else:
+            if not load_extra_state(target, value):
                 self.extras[name] = value
 
     def _restore_rank(self, state: dict[str, Any], saved_world: int) -> None:
@@ -265,12 +280,16 @@ class DistributedCheckpointer(Checkpointer):
         self._settings = state["determinism"]
         if self.rank < saved_world:
             restore_rng(state["rng"])
+            for name, value in dict(state.get("generators") or {}).items():
+                if name in self.extras and _is_generator(self.extras[name]):
+                    load_extra_state(self.extras[name], value)
         else:
             seed = derived_seed(self.seed, self.rank)
             message = (
                 f"rank {self.rank} did not exist when {self.lineage} was saved by {saved_world} ranks: its RNG is "
-                f"seeded from the run's seed {self.seed} and its rank (derived_seed = {seed}), so this resume is "
-                "repeatable but not bit-identical to a run that always had this many ranks"
+                f"seeded from the run's seed {self.seed} and its rank (derived_seed = {seed}), and its private "
+                "generators (extras) stay as the script seeded them, so this resume is repeatable but not "
+                "bit-identical to a run that always had this many ranks"
             )
             logger.warning(message)
             warnings.warn(message, RankStateWarning, stacklevel=4)
@@ -329,10 +348,9 @@ class DistributedCheckpointer(Checkpointer):
         for name in ("scheduler", "scaler"):
             if name in self.objects:
                 global_state[name] = self.objects[name].state_dict()
-        if self.extras:
-            global_state["extras"] = {
-                name: obj.state_dict() if hasattr(obj, "state_dict") else obj for name, obj in self.extras.items()
-            }
+        shared = {name: obj for name, obj in self.extras.items() if not _is_generator(obj)}
+        if shared:
+            global_state["extras"] = {name: extra_state(obj) for name, obj in shared.items()}
         global_state["counters"] = {"step": self.step_count, "epoch": self.epoch}
         rank_state: dict[str, Any] = {"rng": capture_rng()}
         if "data" in self.objects:
@@ -341,12 +359,18 @@ class DistributedCheckpointer(Checkpointer):
         buffers = self._rank_buffers()
         if buffers:
             rank_state["buffers"] = buffers
+        generators = {name: extra_state(obj) for name, obj in self.extras.items() if _is_generator(obj)}
+        if generators:
+            rank_state["generators"] = generators
         if wanted is not None:
             global_state = {key: value for key, value in global_state.items() if key in wanted or key == "counters"}
             rank_state = {
                 key: value
                 for key, value in rank_state.items()
-                if key in wanted or key == "determinism" or (key == "buffers" and "model" in wanted)
+                if key in wanted
+                or key == "determinism"
+                or (key == "buffers" and "model" in wanted)
+                or (key == "generators" and "extras" in wanted)
             }
         return global_state, rank_state
 
