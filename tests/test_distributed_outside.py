@@ -49,7 +49,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import Shard, distribute_tensor
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 from prefect_recovery.core.region import LocalRegionIO
 from prefect_recovery.core.store import Store
@@ -87,6 +87,8 @@ def train(model, optim, steps: int, seed: int) -> None:
 def state_of(model, optim, fill: float | None = None):
     msd, osd = get_state_dict(model, optim)
     rows = torch.arange(7 * 3, dtype=torch.float32).reshape(7, 3).bfloat16()
+    cols = torch.arange(4 * 5, dtype=torch.float64).reshape(4, 5) / 3  # 5 columns: split 3+2, then 2+2+1
+    kept = torch.tensor([[1, -2], [3, 2**40]], dtype=torch.int64)
     extra = {
         "epoch": 3,
         "name": "rün/1 ✓",
@@ -98,6 +100,7 @@ def state_of(model, optim, fill: float | None = None):
     }
     if fill is not None:  # a load template: other values of the same kinds
         rows = torch.full_like(rows, fill)
+        cols, kept = torch.full_like(cols, fill), torch.zeros_like(kept)
         extra = {
             "epoch": -1,
             "name": "",
@@ -111,6 +114,8 @@ def state_of(model, optim, fill: float | None = None):
         "model": msd,
         "optim": osd,
         "rows": distribute_tensor(rows, mesh, [Shard(0)]),  # a user's own DTensor, 7 rows over the ranks
+        "cols": distribute_tensor(cols, mesh, [Shard(1)]),
+        "kept": distribute_tensor(kept, mesh, [Replicate()]),
         "extra": extra,
     }
 
@@ -164,7 +169,8 @@ elif scenario == "load":
     set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     msd, osd = get_state_dict(model, optim, options=options)
-    loaded = {"model": msd, "optim": osd, "rows": state["rows"].full_tensor(), "extra": full(state["extra"])}
+    loaded = {"model": msd, "optim": osd, **{k: state[k].full_tensor() for k in ("rows", "cols", "kept")}}
+    loaded["extra"] = full(state["extra"])
     if rank == 0:
         torch.save(loaded, out / f"loaded-{world}.pt")
     # Version 2 has a shard blob the test damaged in every region: every rank must fail, none hang.
@@ -207,7 +213,7 @@ elif scenario == "after-commit-kill":
     state = state_of(model, optim, fill=3.0)
     loaded = dcp.load(state, storage_reader=dcp_reader(ck, "ck"))  # the latest consistent version
     set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    whole = full(state_of(model, optim) | {"rows": state["rows"], "extra": state["extra"]})
+    whole = full(state_of(model, optim) | {k: state[k] for k in ("rows", "cols", "kept", "extra")})
     if rank == 0:
         torch.save(whole, out / "ck-loaded.pt")
     train(model, optim, 1, seed=2)
@@ -315,8 +321,9 @@ def test_fsdp2_checkpoint_of_two_ranks_loads_resharded_on_three_equal_to_what_wa
     assert [r["versions"] for r in reports(dcp_jobs, "save", 2)] == [[1, 2], [1, 2]]  # async_save, then save
     saved = torch.load(dcp_jobs / "out" / "v1.pt", weights_only=True)
     loaded = torch.load(dcp_jobs / "out" / "loaded-3.pt", weights_only=True)
-    # Model and optimizer (7- and 5-row layers, re-split 4+3 -> 3+2+2), the user's bf16 DTensor of 7
-    # rows, and the objects (ints, a unicode string, nested lists/dicts, bool/int64/empty/bf16 tensors).
+    # Model and optimizer (7- and 5-row layers, re-split 4+3 -> 3+2+2), the user's DTensors (bf16
+    # Shard(0) of 7 rows, float64 Shard(1) of 5 columns, int64 Replicate) and the objects (ints, a
+    # unicode string, nested lists/dicts, bool/int64/empty/bf16 tensors).
     assert differences(saved, loaded) == []
     assert loaded["extra"]["name"] == "rün/1 ✓" and loaded["extra"]["ids"][-1] == 4 * 2**40
 
