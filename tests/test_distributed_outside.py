@@ -656,6 +656,52 @@ def test_private_generators_of_each_rank_given_as_extras_resume_bit_identically(
     assert runs["reference"][0]["coin"] != runs["reference"][1]["coin"]  # each rank's own stream
 
 
+PLAIN_DCP_THEN_CHECKPOINTER = r'''"""dcp.save through the store, then a Checkpointer on the same lineage."""
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from prefect_recovery import Checkpointer
+from prefect_recovery.core.region import LocalRegionIO
+from prefect_recovery.core.store import Store
+from prefect_recovery.distributed import dcp_writer
+
+root = Path(sys.argv[1])
+dist.init_process_group("gloo")
+store = Store([LocalRegionIO(str(root / r), name=r) for r in ("eu", "us")], write_quorum=2)
+model = torch.nn.Linear(3, 2)
+dcp.save({"model": model.state_dict()}, storage_writer=dcp_writer(store, "mine", step=5))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+with Checkpointer(store, "mine", model=model, optimizer=optimizer, distributed=True) as ckpt:
+    pass
+'''
+
+
+@pytest.mark.slow
+def test_a_checkpointer_pointed_at_a_lineage_saved_by_plain_dcp_says_so(tmp_path):
+    """It said "written by a single process, not by torch.distributed ranks" (wrong: ranks wrote it)."""
+    for region in ("eu", "us"):
+        (tmp_path / region).mkdir()
+    script = tmp_path / "mine.py"
+    script.write_text(PLAIN_DCP_THEN_CHECKPOINTER)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", str(script)]
+    done = subprocess.run(
+        [*command, str(tmp_path)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode != 0
+    output = done.stdout + done.stderr
+    assert "WorldSizeChangeError" in output and "saved by dcp.save through dcp_writer" in output, output[-3000:]
+    assert "single process" not in output
+
+
 # -- in this process ---------------------------------------------------------------------------------
 def test_store_errors_survive_the_pickling_that_carries_them_between_ranks():
     import prefect_recovery.distributed  # noqa: F401  (registers the reduction, as any rank using dcp_writer does)

@@ -61,7 +61,7 @@ from ..training.determinism import (
 )
 from ..training.schedule import Tier
 from .context import rank_context
-from .dcp import dcp_reader, dcp_writer
+from .dcp import dcp_reader, dcp_tree, dcp_writer
 from .rank_state import (
     GLOBAL,
     TREE,
@@ -156,7 +156,14 @@ class DistributedCheckpointer(Checkpointer):
             try:
                 manifest, _holders = self.store.resolve(self.lineage, version)
                 layout = manifest.metadata.get("distributed")
-                if not isinstance(layout, dict) or "world_size" not in layout:
+                if (not isinstance(layout, dict) or "world_size" not in layout) and manifest.tree == dcp_tree():
+                    answer = (None, None, (
+                        f"checkpoint {self.lineage} v{manifest.version} was saved by dcp.save through dcp_writer, not "
+                        "by a Checkpointer: it holds whatever state dict was passed, not a Checkpointer's layout; "
+                        "load it with dcp.load(state_dict, storage_reader=dcp_reader(store, lineage)), or give the "
+                        "Checkpointer a lineage of its own"
+                    ))  # fmt: skip
+                elif not isinstance(layout, dict) or "world_size" not in layout:
                     answer = (None, None, (
                         f"checkpoint {self.lineage} v{manifest.version} was written by a single process, not by "
                         f"torch.distributed ranks; restore it without torchrun (or start a new lineage)"
