@@ -153,6 +153,12 @@ if scenario == "save":
     if rank == 0:
         torch.save(whole, out / "v2.pt")
     report["versions"] = [committed_version(v1), committed_version(v2)]
+    # A user's mistake: a lineage per rank in one dcp.save (one manifest cannot land in both).
+    try:
+        dcp.save(state, storage_writer=dcp_writer(good, f"mine-{rank}", step=3))
+        report["per_rank_lineage"] = "saved"
+    except BaseException as exc:
+        report["per_rank_lineage"] = failure(exc)
     # One of two regions is broken (the test put a file where its directory was).
     for name, quorum in (("broken", 2), ("lenient", 1)):
         try:
@@ -228,12 +234,19 @@ def open_store(root: Path, name: str, quorum: int) -> Store:
     return Store(regions, write_quorum=quorum, chunk_bytes=256)
 
 
+def launch(command: list[str], **options: Any) -> subprocess.CompletedProcess[str]:
+    """``subprocess.run`` of a torchrun job, once more if its rendezvous port was taken meanwhile
+    (``--standalone`` picks a free port, then binds it: another job on the machine can win the race)."""
+    done = subprocess.run(command, **options)
+    if done.returncode != 0 and "EADDRINUSE" in done.stdout + done.stderr:
+        done = subprocess.run(command, **options)
+    return done
+
+
 def torchrun(script: Path, ranks: int, *args: str) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", str(script)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [*command, *args], cwd=script.parent, env=env, capture_output=True, text=True, timeout=TIMEOUT
-    )
+    return launch([*command, *args], cwd=script.parent, env=env, capture_output=True, text=True, timeout=TIMEOUT)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -366,6 +379,17 @@ def test_a_save_with_one_region_down_is_refused_on_every_rank_at_quorum_2_and_co
     target = emptied(saved)
     dcp.load(target, storage_reader=dcp_reader(lenient, "q"), no_dist=True)
     assert differences(saved, target) == []
+
+
+@pytest.mark.slow
+def test_ranks_passing_writers_of_different_lineages_are_refused_before_any_blob_is_written(dcp_jobs):
+    """It committed one manifest naming both ranks' entries under rank 0's lineage, silently."""
+    for report in reports(dcp_jobs, "save", 2):
+        failures = report["per_rank_lineage"]
+        assert failures != "saved" and [kind for kind, _ in failures.values()] == ["DCPArgumentError"], report
+        assert "mine-0, mine-1" in next(iter(failures.values()))[1]
+    store = open_store(dcp_jobs, "good", 2)
+    assert store.latest("mine-0") is None and store.latest("mine-1") is None
 
 
 @pytest.mark.slow
@@ -507,7 +531,7 @@ def ckpt_job(root: Path, name: str, steps: int, ranks: int = 2, **env: str) -> s
     script.write_text(CKPT_USER_SCRIPT)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", str(script)]
     environment = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **env}
-    return subprocess.run(
+    return launch(
         [*command, str(root / "store"), str(root / name), str(steps)],
         cwd=root,
         env=environment,
@@ -640,7 +664,7 @@ def test_private_generators_of_each_rank_given_as_extras_resume_bit_identically(
             out = tmp_path / name / f"out{attempt}"
             out.mkdir()
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-            done = subprocess.run(
+            done = launch(
                 [*command, str(script), str(tmp_path / name), str(out), "7"],
                 cwd=tmp_path,
                 env={**os.environ, "PYTHONPATH": str(REPO), **env},
@@ -688,7 +712,7 @@ def test_a_checkpointer_pointed_at_a_lineage_saved_by_plain_dcp_says_so(tmp_path
     script = tmp_path / "mine.py"
     script.write_text(PLAIN_DCP_THEN_CHECKPOINTER)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", str(script)]
-    done = subprocess.run(
+    done = launch(
         [*command, str(tmp_path)],
         cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(REPO)},

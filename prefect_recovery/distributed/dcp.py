@@ -203,9 +203,17 @@ class StoreWriter(StorageWriter):
         return StorageMeta(checkpoint_id=self.lineage, save_id=self.save_id)
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        return plan
+        # Which lineage this rank's writer names: the coordinator checks that every rank names the same one.
+        return dataclasses.replace(plan, storage_data=self.lineage)
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        lineages = sorted({str(plan.storage_data) for plan in plans})
+        if len(lineages) > 1:
+            # One manifest names every rank's entries: it would land under the coordinator's lineage only.
+            raise DCPArgumentError(
+                f"the ranks of one dcp.save passed writers of {len(lineages)} lineages ({', '.join(lineages[:4])}); "
+                "every rank must pass dcp_writer the same lineage (a per-rank lineage needs a process group per rank)"
+            )
         for plan in plans:  # refuse planner data JSON cannot carry now, not after every rank wrote
             check_planner_data(plan.planner_data)
         # Ranks page their own parts only when the manifest will be paged whatever they do (its
