@@ -605,7 +605,8 @@ def _divergence(a: str, b: str, checkpoint_store: CheckpointStore, as_json: bool
                    "step": found.step, "tier": found.tier, "trigger": found.trigger,
                    "versions": list(found.versions), "first_cause": found.first_cause,
                    "differing": found.differing, "identical_before": found.compared,
-                   "execution_differences": found.execution}})  # fmt: skip
+                   "execution_differences": found.execution, "ended_at": found.ended_at,
+                   "run_differences": found.runs}})  # fmt: skip
         return
     console.print(f"{a} and {b}: every checkpoint identical" if found is None else found.describe(a, b))
 

@@ -372,6 +372,7 @@ def test_history_against_identical_runs_and_runs_of_different_lengths(tmp_path: 
     code, output = history(tmp_path, "--lineage", "shorter", "--against", "reference", "--json")
     found = json.loads(output)["first_divergence"]
     assert (found["step"], found["versions"], found["identical_before"]) == (12, [None, 3], 2), found
+    assert (found["ended_at"], found["differing"], found["run_differences"]) == (8, [], {}), found
 
 
 def test_history_against_a_missing_lineage_a_single_checkpoint_and_other_schedules(tmp_path: Path) -> None:
