@@ -22,6 +22,7 @@ from .dcp import (
     committed_version,
     dcp_reader,
     dcp_writer,
+    load_full_state,
     rank_errors,
 )
 from .errors import (
@@ -57,6 +58,7 @@ __all__ = [
     "committed_version",
     "dcp_reader",
     "dcp_writer",
+    "load_full_state",
     "rank_context",
     "rank_errors",
     "run_ranks",
