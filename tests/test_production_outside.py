@@ -41,6 +41,7 @@ from conftest import CLI, REPO
 from helpers.derived_lineage_pipeline import lineage_of, prepare, train
 from helpers.live_prefect import BIN, LiveServer, api, deployment_id, flow_runs, stop, wait_for
 from helpers.postgres import postgres_database
+from helpers.prefect_events import BACKLOG_CLI
 from helpers.production_stack import _start_server, kill_tree
 
 from prefect_recovery import CheckpointStore
@@ -462,35 +463,11 @@ def test_recover_crashed_run_from_another_host_waits_for_prefect_to_call_it_cras
 
 
 # -- the quiet CLI ------------------------------------------------------------------------------------------------
-BACKLOG = """
-import sys
-import prefect_recovery.cli as cli
-from prefect.events import emit_event
-{patch}
-for i in range(3000):  # far more than the websocket sends before the command exits
-    emit_event(event="test.backlog", resource={{"prefect.resource.id": f"test.backlog.{{i}}"}})
-sys.argv = ["prefect-recovery", *sys.argv[1:]]
-try:
-    cli.main()
-except SystemExit as done:
-    # the exit drain sends every queued event (minutes on a busy machine); the noise comes at its start:
-    # end the process a few seconds into it, keeping the exit code
-    import os, threading, time
-
-    def cut(code=done.code or 0):
-        time.sleep(3)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-
-    threading.Thread(target=cut, daemon=True).start()
-    raise
-"""
 
 
 def with_backlog(env: dict[str, str], cwd: Path, args: list[str], patch: str = "") -> subprocess.Popen:
     env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))}
-    return subprocess.Popen([sys.executable, "-c", BACKLOG.format(patch=patch), *args], env=env, cwd=cwd,
+    return subprocess.Popen([sys.executable, "-c", BACKLOG_CLI.format(patch=patch), *args], env=env, cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 

@@ -18,31 +18,7 @@ import sys
 from pathlib import Path
 
 from conftest import CLI, REPO
-
-COMMAND = """
-import sys
-import prefect_recovery.cli as cli
-from prefect.events import emit_event
-{patch}
-for i in range(3000):  # far more than the websocket sends before the command below exits
-    emit_event(event="test.backlog", resource={{"prefect.resource.id": f"test.backlog.{{i}}"}})
-sys.argv = ["prefect-recovery", "ls", "--json"]
-try:
-    cli.main()
-except SystemExit as done:
-    # The exit drain sends every queued event before the process ends (minutes on a busy machine); the line
-    # in question comes at its start. End the process a few seconds into the drain, keeping the exit code.
-    import os, threading, time
-
-    def cut(code=done.code or 0):
-        time.sleep(3)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-
-    threading.Thread(target=cut, daemon=True).start()
-    raise
-"""
+from helpers.prefect_events import BACKLOG_CLI
 
 
 def run(patch: str, tmp_path: Path, recovery_home: Path) -> subprocess.CompletedProcess[str]:
@@ -51,7 +27,7 @@ def run(patch: str, tmp_path: Path, recovery_home: Path) -> subprocess.Completed
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_RECOVERY_HOME": str(recovery_home)}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return subprocess.run(
-        [sys.executable, "-c", COMMAND.format(patch=patch)],
+        [sys.executable, "-c", BACKLOG_CLI.format(patch=patch), "ls", "--json"],
         capture_output=True,
         text=True,
         timeout=300,
