@@ -118,19 +118,21 @@ def test_export_shows_a_progress_bar_of_the_chunks_read_on_a_terminal_and_none_w
 
 
 def killed_demo(env: dict[str, str], home: Path, cwd: Path, lineage: str) -> None:
-    """A demo run SIGKILLed after its second heavy checkpoint: an unfinished lineage for `recover`."""
+    """A demo run SIGKILLed after its second heavy checkpoint: an unfinished lineage for `recover`. The whole
+    process group goes, as with a lost machine: the run and the temporary Prefect server it started (killing the
+    run alone left that server running after the test session)."""
     import signal
     import time
 
     manifests = home / "regions" / "region-a" / "lineages" / lineage / "manifests"
     command = [*CLI, "demo", "--json", "--lineage", lineage, "--steps", "150"]
-    with subprocess.Popen(command, env={**env, "PREFECT_RECOVERY_HOME": str(home)}, cwd=cwd,
+    with subprocess.Popen(command, env={**env, "PREFECT_RECOVERY_HOME": str(home)}, cwd=cwd, start_new_session=True,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as run:  # fmt: skip
         deadline = time.monotonic() + 300
         while len(list(manifests.glob("*.json")) if manifests.is_dir() else []) < 2:
             assert run.poll() is None and time.monotonic() < deadline, "the run ended before its second checkpoint"
             time.sleep(0.05)
-        run.send_signal(signal.SIGKILL)
+        os.killpg(run.pid, signal.SIGKILL)
 
 
 def test_demo_and_recover_show_the_checkpoints_written_and_read_on_a_terminal_and_none_in_json(
