@@ -33,13 +33,11 @@ their rank (``derived_seed``), with a ``RankStateWarning``; any other data objec
 from __future__ import annotations
 
 import logging
-import random
 import warnings
 from concurrent.futures import Future
 from datetime import timedelta
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -55,6 +53,7 @@ from ..training.determinism import (
     capture_rng,
     capture_settings,
     extra_state,
+    is_generator,
     load_extra_state,
     restore_rng,
     seed_everything,
@@ -82,11 +81,6 @@ LAYOUT = "prefect-recovery/distributed/1"
 GLOBAL_COMPONENTS = ("model", "optimizer", "scheduler", "scaler", "extras", "counters")
 RANK_COMPONENTS = ("rng", "data", "determinism", "buffers", "generators")
 _LABELS = ("every_n_steps", "timebox", "milestones")
-
-
-def _is_generator(obj: Any) -> bool:
-    """A private random generator given as an extra: its state is this rank's own, like the global RNG."""
-    return isinstance(obj, torch.Generator | np.random.Generator | np.random.RandomState | random.Random)
 
 
 class WorldSizeChangeError(CheckpointError):
@@ -263,7 +257,7 @@ class DistributedCheckpointer(Checkpointer):
                     raise CheckpointNotFoundError(f"checkpoint of {self.lineage} has no {name!r} component to restore")
                 self.objects[name].load_state_dict(state[name])
         for name, target in self.extras.items():
-            if _is_generator(target):
+            if is_generator(target):
                 continue  # per rank: _restore_rank
             value = state.get("extras", {}).get(name)
             if not load_extra_state(target, value):
@@ -288,7 +282,7 @@ class DistributedCheckpointer(Checkpointer):
         if self.rank < saved_world:
             restore_rng(state["rng"])
             for name, value in dict(state.get("generators") or {}).items():
-                if name in self.extras and _is_generator(self.extras[name]):
+                if name in self.extras and is_generator(self.extras[name]):
                     load_extra_state(self.extras[name], value)
         else:
             seed = derived_seed(self.seed, self.rank)
@@ -355,7 +349,7 @@ class DistributedCheckpointer(Checkpointer):
         for name in ("scheduler", "scaler"):
             if name in self.objects:
                 global_state[name] = self.objects[name].state_dict()
-        shared = {name: obj for name, obj in self.extras.items() if not _is_generator(obj)}
+        shared = {name: obj for name, obj in self.extras.items() if not is_generator(obj)}
         if shared:
             global_state["extras"] = {name: extra_state(obj) for name, obj in shared.items()}
         global_state["counters"] = {"step": self.step_count, "epoch": self.epoch}
@@ -366,7 +360,7 @@ class DistributedCheckpointer(Checkpointer):
         buffers = self._rank_buffers()
         if buffers:
             rank_state["buffers"] = buffers
-        generators = {name: extra_state(obj) for name, obj in self.extras.items() if _is_generator(obj)}
+        generators = {name: extra_state(obj) for name, obj in self.extras.items() if is_generator(obj)}
         if generators:
             rank_state["generators"] = generators
         if wanted is not None:

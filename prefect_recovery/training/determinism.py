@@ -84,6 +84,15 @@ def _from_jsonable(value: Any) -> Any:
     return int(value) if isinstance(value, str) and value.lstrip("-").isdigit() else value
 
 
+# The private generator types an extra may be: saved as their state and restored in place.
+GENERATOR_TYPES = (torch.Generator, np.random.Generator, np.random.RandomState, random.Random)
+
+
+def is_generator(obj: Any) -> bool:
+    """A private random generator (its state is its thread's, or in a distributed job its rank's, own)."""
+    return isinstance(obj, GENERATOR_TYPES)
+
+
 def extra_state(obj: Any) -> Any:
     """What a checkpoint holds for one of ``Checkpointer(extras=...)``: ``state_dict()``, the state of a
     private generator (``torch.Generator``, ``numpy.random.Generator``/``RandomState``, ``random.Random``),
