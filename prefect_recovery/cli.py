@@ -170,19 +170,23 @@ def _main_options(
             run_logger.addFilter(_NoFlowTracebacks())
 
 
+def _no_server(doing: str, exc: BaseException | None = None, remedy: str = "") -> str:
+    """The one line for a PREFECT_API_URL where no Prefect server answers: what could not be done, the URL, why."""
+    from .deploy import _api_url
+
+    cause = f" ({type(exc).__name__}: {exc})" if exc is not None else ""
+    remedy = remedy or "or point PREFECT_API_URL at your server"
+    return f"{doing}: no Prefect server answers at {_api_url()}{cause}; start it, {remedy}"
+
+
 def _pipeline_failed(exc: BaseException, as_json: bool) -> NoReturn:
     """A pipeline's own error as one line; the traceback with --debug or PREFECT_RECOVERY_DEBUG=1."""
     if _debug():
         raise exc
     if isinstance(exc, RuntimeError) and str(exc).startswith("Failed to reach API at"):
         # Prefect's own error when PREFECT_API_URL names a server that does not answer: no pipeline ran
-        from .deploy import _api_url
-
-        _fail(
-            f"cannot start the flow run: no Prefect server answers at {_api_url()}; start it, point PREFECT_API_URL "
-            "at your server, or unset it to run on Prefect's temporary local server",
-            as_json,
-        )
+        remedy = "point PREFECT_API_URL at your server, or unset it to run on Prefect's temporary local server"
+        _fail(_no_server("cannot start the flow run", remedy=remedy), as_json)
     _fail(f"the pipeline failed: {type(exc).__name__}: {exc}", as_json, code=1)
 
 
@@ -192,8 +196,6 @@ def open_store(regions: list[str] | None, store: str | None, quorum: int = 1) ->
     if store:
         import httpx
 
-        from .deploy import _api_url
-
         try:
             return CheckpointStore.load(store)
         except ValueError as exc:  # Prefect's "Unable to find block document named ..."
@@ -202,10 +204,7 @@ def open_store(regions: list[str] | None, store: str | None, quorum: int = 1) ->
                 f"CheckpointStore(regions=[...]).save({store!r}) or check PREFECT_API_URL"
             ) from None
         except (OSError, httpx.TransportError) as exc:  # the block lives on a server that does not answer
-            raise CheckpointError(
-                f"cannot load the CheckpointStore block {store!r}: no Prefect server answers at {_api_url()} "
-                f"({type(exc).__name__}: {exc}); start it, or point PREFECT_API_URL at your server"
-            ) from None
+            raise CheckpointError(_no_server(f"cannot load the CheckpointStore block {store!r}", exc)) from None
     if regions:
         if quorum > len(regions):
             raise CheckpointError(
@@ -858,7 +857,7 @@ def automations_install(
 
     import httpx
 
-    from .deploy import RECOVER_AGAIN_AUTOMATION, AutomationScopeError, _api_url, install_automations
+    from .deploy import RECOVER_AGAIN_AUTOMATION, AutomationScopeError, install_automations
 
     try:
         results = install_automations(
@@ -867,11 +866,7 @@ def automations_install(
     except AutomationScopeError as exc:
         _fail(f"cannot install automations: {exc}", as_json)
     except (OSError, httpx.TransportError) as exc:  # nothing answers at PREFECT_API_URL
-        _fail(
-            f"cannot install automations: no Prefect server answers at {_api_url()} ({type(exc).__name__}: {exc}); "
-            "start it, or point PREFECT_API_URL at your server",
-            as_json,
-        )
+        _fail(_no_server("cannot install automations", exc), as_json)
     except Exception as exc:  # the server's answer (refused, an error) is the message
         _fail(
             f"cannot install automations: {exc}. Serve or deploy the deployments first "
