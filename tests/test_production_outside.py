@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import re
 import signal
 import subprocess
@@ -43,6 +42,7 @@ from helpers.live_prefect import BIN, LiveServer, api, deployment_id, flow_runs,
 from helpers.postgres import postgres_database
 from helpers.prefect_events import BACKLOG_CLI
 from helpers.production_stack import _start_server, kill_tree
+from helpers.terminal import run_on_a_terminal
 
 from prefect_recovery import CheckpointStore
 from prefect_recovery.core.journal import Journal
@@ -521,21 +521,9 @@ def on_terminals(commands: dict[str, list[str]], env: dict[str, str], cwd: Path)
     shown: dict[str, bytes] = {}
 
     def one(name: str, command: list[str]) -> None:
-        primary, secondary = pty.openpty()
-        errors = (cwd / f"{name.replace(' ', '-')}.stderr").open("wb")
-        with errors, subprocess.Popen(command, stdout=secondary, stderr=errors, env=env, cwd=cwd) as process:
-            os.close(secondary)
-            text = b""
-            while True:
-                try:
-                    chunk = os.read(primary, 65536)
-                except OSError:  # EIO: the command exited and closed the terminal
-                    break
-                if not chunk:
-                    break
-                text += chunk
-            shown[name] = text + f"\n[exit {process.wait(TIMEOUT)}]".encode()
-        os.close(primary)
+        with (cwd / f"{name.replace(' ', '-')}.stderr").open("wb") as errors:
+            text, code = run_on_a_terminal(command, env, cwd, stderr=errors, timeout=TIMEOUT)
+        shown[name] = text + f"\n[exit {code}]".encode()
 
     threads = [threading.Thread(target=one, args=item) for item in commands.items()]
     for thread in threads:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from conftest import CLI, REPO
 from helpers.prefect_events import BACKLOG_CLI
+from helpers.terminal import run_on_a_terminal
 
 
 def run(patch: str, tmp_path: Path, recovery_home: Path) -> subprocess.CompletedProcess[str]:
@@ -64,22 +65,8 @@ def _store_with_blobs(home: Path) -> None:
 
 def on_a_terminal(command: list[str], env: dict[str, str], cwd: Path) -> str:
     """What ``command`` shows when its output is a terminal (a pseudo-terminal); it must exit 0."""
-    import pty
-
-    primary, secondary = pty.openpty()
-    with subprocess.Popen(command, stdout=secondary, stderr=secondary, env=env, cwd=cwd) as process:
-        os.close(secondary)
-        shown = b""
-        while True:
-            try:
-                chunk = os.read(primary, 65536)
-            except OSError:  # EIO: the command exited and closed the terminal
-                break
-            if not chunk:
-                break
-            shown += chunk
-        assert process.wait(120) == 0, shown.decode(errors="replace")[-3000:]
-    os.close(primary)
+    shown, code = run_on_a_terminal(command, env, cwd)
+    assert code == 0, shown.decode(errors="replace")[-3000:]
     return shown.decode(errors="replace")
 
 
