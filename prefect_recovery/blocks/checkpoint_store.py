@@ -255,6 +255,12 @@ class CheckpointStore(ResultStorage, AsyncStoreApi, WritableFileSystem):
         description="How chunks are stored: none (raw), zstd, bytegroup-zstd (byte planes of floating-point "
         "tensors, then zstd) or auto (per chunk, compressed only where it saves; docs/FORMAT.md, Codecs).",
     )
+    region_codecs: dict[str, Literal["none", "zstd", "bytegroup-zstd", "auto"]] = Field(
+        default_factory=dict,
+        description="A codec of its own for some regions, by region name (or URL for a region without a name), "
+        'e.g. {"s3://bucket/ckpt": "auto"} to compress a cloud region while a local one stays raw; the others '
+        "use codec. Each region then holds the chunks in its own codec (docs/FORMAT.md, Region codecs).",
+    )
     delta: bool = Field(
         default=False,
         description="Store changed chunks as the XOR with the lineage's previous version, compressed, where "
@@ -314,6 +320,20 @@ class CheckpointStore(ResultStorage, AsyncStoreApi, WritableFileSystem):
         if isinstance(value, (str, Region, dict)):
             value = [value]
         return [Region(url=item) if isinstance(item, str) else _check_region_input(item) for item in value]
+
+    @model_validator(mode="after")
+    def _region_codecs_name_regions(self) -> CheckpointStore:
+        """Every key of ``region_codecs`` names exactly one region: a typo is an error, not a codec
+        silently unused."""
+        keys = [region.key for region in self.regions]
+        for key in self.region_codecs:
+            if keys.count(key) != 1:
+                problem = "names no region" if key not in keys else "names several regions"
+                raise RegionConfigError(
+                    f"region_codecs: key {str(key)[:60]!r} {problem}; keys are region names (or URLs for regions "
+                    f"without a name): {', '.join(redact_url(k) for k in keys)}"
+                )
+        return self
 
     @model_validator(mode="after")
     def _storage_options_into_regions(self) -> CheckpointStore:
@@ -412,6 +432,11 @@ class CheckpointStore(ResultStorage, AsyncStoreApi, WritableFileSystem):
                 chunk_bytes=self.chunk_bytes,
                 io_threads=self.io_threads,
                 codec=self.codec,
+                region_codecs={
+                    opened.name: self.region_codecs[region.key]
+                    for region, opened in zip(self.regions, regions, strict=True)
+                    if region.key in self.region_codecs
+                },
                 delta=self.delta,
                 straggler_grace=self.straggler_grace_seconds,
                 keyring=self.keyring(),

@@ -37,7 +37,24 @@ def _algorithm(digest: str) -> HashAlgorithm:
 
 
 def resolve_into(read_blob: ReadBlob, chunk: ChunkRef, out: memoryview) -> None:
-    """Fill ``out`` (``chunk.size`` bytes) with the chunk's decoded, verified bytes."""
+    """Fill ``out`` (``chunk.size`` bytes) with the chunk's decoded, verified bytes: from its
+    primary stored form, or, when that has no intact copy in any region, from the next of its
+    ``forms`` (regions with different codecs; FORMAT.md, "Region codecs")."""
+    if chunk.forms is None:
+        _resolve_form(read_blob, chunk, out)
+        return
+    first: BlobUnavailableError | None = None
+    for form in chunk.stored_forms():
+        try:
+            _resolve_form(read_blob, form, out)
+            return
+        except BlobUnavailableError as exc:
+            first = first or exc
+    assert first is not None
+    raise first
+
+
+def _resolve_form(read_blob: ReadBlob, chunk: ChunkRef, out: memoryview) -> None:
     if chunk.stored_raw:
         read_blob(chunk.digest, out)  # verified against the digest, which is the content's
         return
@@ -59,7 +76,7 @@ def resolve_into(read_blob: ReadBlob, chunk: ChunkRef, out: memoryview) -> None:
             ) from None
     if chunk.parent is not None:
         base = bytearray(chunk.size)
-        resolve_into(read_blob, chunk.parent, memoryview(base))
+        _resolve_form(read_blob, chunk.parent, memoryview(base))
         codecs.xor_into(out, base)
     if hash_bytes(out, _algorithm(chunk.content_digest)) != chunk.content_digest:
         raise BlobUnavailableError(

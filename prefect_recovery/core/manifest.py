@@ -54,6 +54,8 @@ MAX_DELTA_CHAIN = 8
 # A chunk claiming more decoded bytes per stored byte is refused by the schema, so an unsigned
 # manifest cannot make a reader allocate much more than the blobs the consistency rule checked.
 MAX_EXPANSION = 2**15
+# Most stored forms one chunk may name (one per distinct codec of the store's regions).
+MAX_FORMS = 4
 
 
 class ChunkRef(_Strict):
@@ -75,6 +77,9 @@ class ChunkRef(_Strict):
     decoded_digest: str | None = None
     # Delta chunk: the stored bytes decode to ``chunk XOR parent`` (same size).
     parent: ChunkRef | None = None
+    # Other stored forms of the same chunk, for regions with other codecs (FORMAT.md, "Region
+    # codecs"): each one a reference without ``forms``, of this chunk's size and content digest.
+    forms: list[ChunkRef] | None = Field(default=None, min_length=1, max_length=MAX_FORMS - 1)
 
     @field_validator("digest", "decoded_digest")
     @classmethod
@@ -83,6 +88,8 @@ class ChunkRef(_Strict):
 
     @model_validator(mode="after")
     def _stored_form(self) -> ChunkRef:
+        if self.forms is not None:
+            self._check_forms(self.forms)
         if self.codec is None and self.parent is None:
             if self.stored_size is not None or self.decoded_digest is not None or self.width is not None:
                 raise ValueError("a raw chunk names no stored_size, decoded_digest or width")
@@ -100,11 +107,24 @@ class ChunkRef(_Strict):
                 f"a bytegroup-zstd chunk of {self.size} bytes is no whole number of {self.width}-byte elements"
             )
         if self.parent is not None:
+            if self.parent.forms is not None:
+                raise ValueError("a delta chunk's parent names one stored form (no forms)")
             if self.parent.size != self.size:
                 raise ValueError("a delta chunk's parent has the chunk's size")
             if self.chain_length() > MAX_DELTA_CHAIN:
                 raise ValueError(f"a delta chain longer than {MAX_DELTA_CHAIN}")
         return self
+
+    def _check_forms(self, forms: list[ChunkRef]) -> None:
+        digests = {self.digest}
+        for form in forms:
+            if form.forms is not None:
+                raise ValueError("a stored form names no further forms")
+            if form.size != self.size or form.content_digest != self.content_digest:
+                raise ValueError("every stored form of a chunk has its size and content digest")
+            if form.digest in digests:
+                raise ValueError("the stored forms of a chunk are distinct blobs")
+            digests.add(form.digest)
 
     @model_serializer(mode="wrap")
     def _omit_unset(self, handler: Any) -> dict[str, Any]:
@@ -133,14 +153,28 @@ class ChunkRef(_Strict):
             length, ref = length + 1, ref.parent
         return length
 
-    def blobs(self) -> list[tuple[str, int]]:
-        """(digest, blob size) of this chunk's blob and of every delta parent's, nearest first:
-        all of them must stay (GC, retention, verify and export count each)."""
+    def stored_forms(self) -> list[ChunkRef]:
+        """Each stored form of this chunk, the primary first, as references without ``forms``."""
+        if self.forms is None:
+            return [self]
+        return [self.model_copy(update={"forms": None}), *self.forms]
+
+    def form_blobs(self) -> list[tuple[str, int]]:
+        """(digest, blob size) of this form's blob and of every delta parent's, nearest first:
+        what a region needs to serve the chunk in this form (``forms`` not included)."""
         found, ref = [], self
         while ref is not None:
             found.append((ref.digest, ref.blob_size))
             ref = ref.parent
         return found
+
+    def blobs(self) -> list[tuple[str, int]]:
+        """(digest, blob size) of this chunk's blob and of every delta parent's, nearest first,
+        then the same for each other stored form: all of them must stay (GC, retention, verify
+        and export count each)."""
+        if self.forms is None:
+            return self.form_blobs()
+        return [pair for form in self.stored_forms() for pair in form.form_blobs()]
 
 
 class ShardInfo(_Strict):

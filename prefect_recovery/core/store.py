@@ -17,7 +17,7 @@ public names, so ``from prefect_recovery.core.store import Store, EntryPlan, ...
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from .codecs import DEFAULT_MIN_SAVING, CodecName, check_codec
@@ -89,6 +89,7 @@ class Store(StoreWrites, StoreConsistency):
         codec: CodecName = "none",
         codec_min_saving: float = DEFAULT_MIN_SAVING,
         delta: bool = False,
+        region_codecs: Mapping[str, CodecName] | None = None,
     ):
         """
         Args:
@@ -124,11 +125,23 @@ class Store(StoreWrites, StoreConsistency):
             delta: Store a chunk that changed since the lineage's latest version as the XOR
                 with that version's chunk, encoded, where that saves (core/chunks.py); a read
                 resolves at most ``MAX_DELTA_CHAIN`` parents, GC keeps every parent.
+            region_codecs: A codec of its own for some regions (region name -> codec), the
+                others using ``codec``: e.g. a cloud region compressed, a local one raw. Each
+                chunk then names one stored form per codec, each region holding its own
+                (core/region_codecs.py; FORMAT.md, "Region codecs"); with ``delta``, a region
+                whose codec is ``none`` holds every chunk whole.
         """
         check_regions(regions, write_quorum)
         if chunk_bytes < 1:
             raise InvalidArgumentError("chunk_bytes must be positive")
         check_codec(codec)
+        names = [region.name for region in regions]
+        for name, region_codec in (region_codecs or {}).items():
+            if name not in names:
+                raise InvalidArgumentError(
+                    f"region_codecs names {name!r}, which is no region of this store (regions: {', '.join(names)})"
+                )
+            check_codec(region_codec)
         if not 0.0 <= codec_min_saving < 1.0:
             raise InvalidArgumentError(f"codec_min_saving must be in [0, 1), got {codec_min_saving}")
         if page_entries is not None and page_entries < 1:
@@ -145,10 +158,16 @@ class Store(StoreWrites, StoreConsistency):
         self.keyring = keyring
         self.page_entries = page_entries
         self.codec = codec
+        # The regions with a codec of their own (``codec_of`` gives every region's).
+        self.region_codecs: dict[str, CodecName] = dict(region_codecs or {})
         self.codec_min_saving = codec_min_saving
         self.delta = delta
         self._delta_kept: dict[str, bytes] = {}
         self._slow_until: dict[str, float] = {}
+
+    def codec_of(self, region: str) -> CodecName:
+        """The codec ``region`` stores new chunks with."""
+        return self.region_codecs.get(region, self.codec)
 
     def derive(self, regions: Sequence[RegionIO], *, write_quorum: int, placement: Literal["all", "primary"]) -> Store:
         """A store over ``regions`` with this one's other settings (hashing, signing, observers)."""
@@ -167,4 +186,5 @@ class Store(StoreWrites, StoreConsistency):
             codec=self.codec,
             codec_min_saving=self.codec_min_saving,
             delta=self.delta,
+            region_codecs={r.name: self.region_codecs[r.name] for r in regions if r.name in self.region_codecs},
         )

@@ -26,8 +26,9 @@ from .errors import (
     RegionError,
 )
 from .layout import check_lineage, manifest_key
-from .manifest import MAX_MANIFEST_BYTES, Manifest, decode_manifest, entry_blob_sizes
+from .manifest import MAX_MANIFEST_BYTES, Manifest, decode_manifest
 from .models import CheckpointInfo
+from .region_codecs import required_forms
 from .region_object import RegionIO
 from .signing import Keyring
 from .store_listing import StoreListing
@@ -186,10 +187,16 @@ class StoreConsistency(StoreListing):
             # the pages exist to avoid). Blobs were written before their pages, their digests are
             # checked as they are read, and verify checks their presence (docs/SCALING.md).
             sizes = {page.digest: page.size for page in manifest.pages}
+            several: list[list[list[tuple[str, int]]]] = []
         else:
-            sizes = entry_blob_sizes(manifest.entries)  # delta parents included
+            # Delta parents included; a chunk with several stored forms (regions with different
+            # codecs) needs one form's blobs only (FORMAT.md, "Region codecs").
+            sizes, several = required_forms(manifest.entries)
         if not all(self.blob_present(d, s) for d, s in sizes.items()):
             return None
+        for forms in several:
+            if not any(all(self.blob_present(d, s) for d, s in blobs) for blobs in forms):
+                return None
         return manifest, holders
 
     def resolve(self, lineage: str, version: int | None = None) -> tuple[Manifest, list[str]]:

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from pydantic import JsonValue
 
-from .chunks import StoredChunk, parents_of, prepare
+from .chunks import parents_of, prepare
 from .codecs import CodecName
 from .digest import HashAlgorithm, hash_bytes
 from .errors import (
@@ -66,6 +66,7 @@ from .models import CheckpointInfo
 from .observe import StoreEvent, StoreObserver, notify
 from .progress import advance
 from .publish import publish
+from .region_codecs import combine, select_form
 from .region_common import PutOutcome
 from .region_object import RegionIO
 from .signing import Keyring
@@ -103,6 +104,15 @@ class WrittenEntries:
     # The entry pages already written for these entries (``Store.write_entry_pages``, run by
     # each rank so that the committer only lists them); None: paged at commit if needed.
     pages: list[PageRef] | None = None
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """One chunk ready to write: its manifest reference (every stored form) and the bytes of
+    each blob it created, by digest (a blob not there already exists: an unchanged chunk's)."""
+
+    ref: ChunkRef
+    blobs: dict[str, bytes | memoryview]
 
 
 def _writer_info() -> dict[str, JsonValue]:
@@ -239,7 +249,9 @@ class StoreWrites(StoreListing, StorePages):
             duplicates = sorted({name for name in names if names.count(name) > 1})
             raise InvalidNameError(f"duplicate entry names {duplicates}")
         region_causes, bytes_written, chunk_refs = self._write_blobs(
-            entries, codec=self.codec, base={entry.name: entry for entry in base} if base is not None else None
+            entries,
+            region_codecs=[self.codec_of(region.name) for region in self.regions],  # type: ignore[attr-defined]
+            base={entry.name: entry for entry in base} if base is not None else None,
         )
         manifest_entries = [
             Entry(
@@ -409,13 +421,15 @@ class StoreWrites(StoreListing, StorePages):
         entries: Sequence[EntryPlan],
         chunk_bytes: int | None = None,
         *,
-        codec: CodecName = "none",
+        region_codecs: Sequence[CodecName] | None = None,
         base: dict[str, Entry] | None = None,
     ) -> tuple[dict[str, str], int, list[list[ChunkRef]]]:
         """Encode and hash every chunk once and write it to every region; returns per-region
-        failures. ``codec`` and ``base`` (the entries a delta chunk may name as parents, by
-        name) decide each chunk's stored form (core/chunks.py); the manifest's own entry pages
-        are always raw."""
+        failures. ``region_codecs`` (each region's codec, in region order; None: all raw) and
+        ``base`` (the entries a delta chunk may name as parents, by name) decide each chunk's
+        stored form (core/chunks.py); the manifest's own entry pages are always raw. Regions
+        with different codecs make one form per codec, each region getting its own
+        (core/region_codecs.py; FORMAT.md, "Region codecs")."""
         step = chunk_bytes or self.chunk_bytes
         slices: list[tuple[int, memoryview, ChunkRef | None]] = []
         for index, plan in enumerate(entries):
@@ -426,12 +440,13 @@ class StoreWrites(StoreListing, StorePages):
             parents = parents_of(len(data), plan.dtype, known, step)
             for number, start in enumerate(range(0, len(data), step)):
                 slices.append((index, data[start : start + step], parents[number]))
-        raw = codec == "none" and not base
+        codec_of_region: list[CodecName] = list(region_codecs or ["none"] * len(self.regions))
+        codec_by_name = {region.name: c for region, c in zip(self.regions, codec_of_region, strict=True)}
+        distinct = list(dict.fromkeys(codec_of_region))
+        raw = distinct == ["none"] and not base
 
-        def prepare_slice(index: int, data: memoryview, parent: ChunkRef | None) -> StoredChunk:
-            if raw:  # the path of every save before codecs: one hash, the blob is the chunk
-                return StoredChunk(ChunkRef(digest=hash_bytes(data, self.hash_algorithm), size=len(data)), data)
-            return prepare(
+        def prepare_as(index: int, data: memoryview, codec: CodecName, parent: ChunkRef | None) -> tuple[ChunkRef, Any]:
+            stored = prepare(
                 data,
                 codec=codec,
                 dtype=entries[index].dtype,
@@ -440,30 +455,55 @@ class StoreWrites(StoreListing, StorePages):
                 read_parent=self._read_parent,
                 min_saving=self.codec_min_saving,
             )
+            return stored.ref, stored.data
+
+        def prepare_slice(index: int, data: memoryview, parent: ChunkRef | None) -> _Prepared:
+            if raw:  # the path of every save before codecs: one hash, the blob is the chunk
+                digest = hash_bytes(data, self.hash_algorithm)
+                return _Prepared(ChunkRef(digest=digest, size=len(data)), {digest: data})
+            if len(distinct) == 1:
+                ref, blob = prepare_as(index, data, distinct[0], parent)
+                return _Prepared(ref, {} if blob is None else {ref.digest: blob})
+            # Regions with different codecs: one form per codec, verified against one content digest.
+            unchanged = parent is not None and parent.size == len(data)
+            if unchanged and parent.content_digest == hash_bytes(data, self.hash_algorithm):  # type: ignore[union-attr]
+                return _Prepared(parent, {})  # type: ignore[arg-type]  # unchanged: the base's reference, forms and all
+            forms: list[ChunkRef] = []
+            blobs: dict[str, bytes | memoryview] = {}
+            for codec in distinct:
+                # A raw region holds every chunk whole; the others may take a delta against the
+                # base's form they hold (a parent names one form, so chains stay linear).
+                own_parent = None if parent is None or codec == "none" else select_form(parent, codec)
+                ref, blob = prepare_as(index, data, codec, own_parent)
+                forms.append(ref)
+                if blob is not None:
+                    blobs[ref.digest] = blob
+            return _Prepared(combine(forms, codec_of_region), blobs)
 
         causes: dict[str, str] = {}
         written = [0]
         lock = threading.Lock()
         claimed: dict[str, set[str]] = {region.name: set() for region in self.regions}
 
-        def put(region: RegionIO, stored_future: Future[StoredChunk]) -> None:
+        def put(region: RegionIO, prepared_future: Future[_Prepared]) -> None:
             if region.name in causes:
                 return
-            stored = stored_future.result()
-            digest = stored.ref.digest
-            with lock:
-                if digest in claimed[region.name]:
-                    return
-                claimed[region.name].add(digest)
+            prepared = prepared_future.result()
+            # The form this region holds, and with it a delta's parents (or an unchanged chunk's
+            # stored blobs): all in every region that counts this save (DESIGN.md invariant 3).
+            form = select_form(prepared.ref, codec_by_name[region.name])
             try:
-                if stored.data is not None and self._ensure_blob(region, digest, memoryview(stored.data)):
+                for digest, size in form.form_blobs():
                     with lock:
-                        written[0] += len(stored.data)
-                # A delta's parents (or an unchanged chunk's stored blobs) must be in every
-                # region that counts this save, as its own blob is (DESIGN.md invariant 3).
-                chain = stored.ref.blobs()[0 if stored.data is None else 1 :]
-                for parent_digest, parent_size in chain:
-                    self._ensure_copied(region, parent_digest, parent_size)
+                        if digest in claimed[region.name]:
+                            continue
+                        claimed[region.name].add(digest)
+                    data = prepared.blobs.get(digest)
+                    if data is None:
+                        self._ensure_copied(region, digest, size)
+                    elif self._ensure_blob(region, digest, memoryview(data)):
+                        with lock:
+                            written[0] += len(data)
             except (RegionError, BlobUnavailableError) as exc:
                 with lock:
                     causes.setdefault(region.name, str(exc))

@@ -30,9 +30,10 @@ from .errors import (
 )
 from .journal import Journal
 from .layout import blob_key, manifest_key
-from .manifest import ChunkRef, Manifest, canonical_json, entry_blob_sizes
+from .manifest import ChunkRef, Manifest, canonical_json
 from .models import CheckpointAudit, Problem, VerifyReport
 from .progress import advance
+from .region_codecs import expected_blob_regions, rebuild_blob, rebuild_sources
 from .region_object import RegionIO
 from .store import Store
 
@@ -128,6 +129,9 @@ def verify_store(
     blob_rows: dict[tuple[str, int], list[CheckpointAudit]] = {}
     # Chunks that only decoding checks (codec or delta), by their reference: what decode reads.
     coded: dict[bytes, tuple[ChunkRef, list[CheckpointAudit]]] = {}
+    # Blob of a stored form of a chunk with several forms -> (chunk, form, dtype), to rebuild it.
+    rebuild: dict[tuple[str, int], tuple[ChunkRef, ChunkRef, str | None]] = {}
+    codec_of = {name: store.codec_of(name) for name in store.region_names}
     rows: list[CheckpointAudit] = []
     versions = 0
     lineages = [lineage] if lineage else store.lineages()
@@ -228,17 +232,23 @@ def verify_store(
                         version=version,
                     )
                 )
-            named += list(entry_blob_sizes(entries).items())  # blobs as stored; delta parents too
-            for pair in named:
+            # Blobs as stored, delta parents too; of a chunk with several stored forms (regions
+            # with different codecs), each region is expected to hold the form its codec selects.
+            where = {pair: expected & set(up) for pair in named}
+            where |= expected_blob_regions(entries, expected & set(up), codec_of)
+            rebuild.update(rebuild_sources(entries))
+            for pair, regions in where.items():
                 blobs[pair] = pair[1]
-                blob_regions.setdefault(pair, set()).update(expected & set(up))
+                blob_regions.setdefault(pair, set()).update(regions)
                 if not blob_rows.get(pair) or blob_rows[pair][-1] is not row:
                     blob_rows.setdefault(pair, []).append(row)
             if decode:
                 for entry in entries:
                     for chunk in entry.chunks:
-                        if not chunk.stored_raw:  # a raw chunk's blob digest is its content's: hashed above
-                            rows_of = coded.setdefault(canonical_json(chunk.model_dump(mode="json")), (chunk, []))[1]
+                        for form in chunk.stored_forms():
+                            if form.stored_raw:  # a raw form's blob digest is its content's: hashed above
+                                continue
+                            rows_of = coded.setdefault(canonical_json(form.model_dump(mode="json")), (form, []))[1]
                             if not rows_of or rows_of[-1] is not row:
                                 rows_of.append(row)
             good = copies.raw[holders[0]]
@@ -273,6 +283,8 @@ def verify_store(
                         if problem.region == region and problem.object == key:
                             problem.repaired = True
 
+    # Every chunk with several forms by its content: a lost delta parent is read through its other forms.
+    by_content = {chunk.content_digest: chunk for chunk, _form, _dtype in rebuild.values()}
     ordered = sorted(blobs)
     sample_size = math.ceil(read_data * len(ordered))
     to_read = set(random.Random(seed).sample(ordered, sample_size)) | pages
@@ -340,10 +352,27 @@ def verify_store(
                     healthy = read_verified(source, pair)
                 except RegionError:
                     continue
+            rebuilt = ""
+            if healthy is None and pair in rebuild:
+                # No region holds this form of the chunk: rebuild it from another form's verified
+                # content (FORMAT.md, "Region codecs"), kept only if it hashes to its name.
+                chunk, form, _dtype = rebuild[pair]
+                try:
+                    healthy = rebuild_blob(chunk, form, store.read_chunk_into, by_content)
+                except BlobUnavailableError as exc:
+                    rebuilt = f"; no other stored form to rebuild it from ({exc})"
+                else:
+                    rebuilt = (
+                        "; rebuilt from another stored form of its chunk"
+                        if healthy is not None
+                        else "; re-encoding its chunk gives other bytes (another zstandard version?): "
+                        "the other stored forms still serve it"
+                    )
             for problem in found:
                 if healthy is None:
-                    problem.detail += "; no intact copy in any region to repair from"
+                    problem.detail += rebuilt or "; no intact copy in any region to repair from"
                     continue
+                problem.detail += rebuilt
                 try:
                     _replace(store._region(problem.region), key, healthy)
                     problem.repaired = True
