@@ -236,6 +236,8 @@ def _progress(as_json: bool, label: str) -> Iterator[None]:
     ) as bar:  # fmt: skip
 
         def report(operation: str, done: int, total: int) -> None:
+            if total <= 0:  # open-ended (the training's step count): nothing to draw a bar against
+                return
             if operation not in tasks:
                 tasks[operation] = bar.add_task(f"{label} ({operation})", total=total)
             bar.update(tasks[operation], completed=done, total=total)

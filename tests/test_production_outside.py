@@ -546,6 +546,8 @@ def test_replay_check_and_audit_bars_on_a_terminal_never_in_json_or_piped(
     )
     assert all(text.endswith("[exit 0]") for text in shown.values()), {k: v[-2000:] for k, v in shown.items()}
     assert "replaying (read)" in shown["replay"], shown["replay"][-3000:]
+    # while the replay trains, its bar counts the segment's steps (v1 at step 50 -> v2 at step 60), not reads
+    assert re.search(r"replaying \(train\).*?10/10", shown["replay"], re.S), shown["replay"][-3000:]
     assert "deterministic: q v1 (step 50)" in re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown["replay"])
     assert "auditing blobs (verify)" in shown["audit"], shown["audit"][-3000:]
     for name in ("replay json", "audit json"):  # --json on a terminal: the JSON alone, no bar

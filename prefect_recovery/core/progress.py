@@ -14,7 +14,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 
 # (operation, done, total): e.g. ("verify", 120, 4000) after the 120th of 4000 blobs, ("read", 3, 40) after
-# the 3rd of 40 chunks of a load.
+# the 3rd of 40 chunks of a load. A total of 0 means open-ended: ("step", 1200, 0) is the training's step
+# count, which only a caller that knows the last step (a replay, to its target step) can show as a bar.
 ProgressReporter = Callable[[str, int, int], None]
 
 _reporter: ContextVar[ProgressReporter | None] = ContextVar("prefect_recovery_progress", default=None)

@@ -25,6 +25,8 @@ import itertools
 import random
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -33,6 +35,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from ..blocks import CheckpointStore, open_store
+from ..core import progress
 from ..core.errors import CheckpointError, CheckpointNotFoundError
 from ..core.journal import Journal
 from ..core.journal_format import JournalEvent
@@ -156,6 +159,25 @@ def _environment_notes(recorded: Any) -> list[str]:
     return problems + warnings
 
 
+@contextmanager
+def _steps_reported(from_step: int, to_step: int) -> Iterator[None]:
+    """While the hook trains, show its steps against the segment (a terminal's bar: "train 4/10"): the
+    Checkpointer reports its open-ended step count, which only the replay can turn into a fraction."""
+    outer = progress.current_reporter()
+    if outer is None:
+        yield
+        return
+
+    def report(operation: str, done: int, total: int) -> None:
+        if operation == "step" and total <= 0:
+            outer("train", max(0, done - from_step), max(1, to_step - from_step))
+        else:
+            outer(operation, done, total)
+
+    with progress.reporting(report):
+        yield
+
+
 def replay_check(store: Any, lineage: str, from_version: int, to_version: int) -> ReplayReport:
     """Re-run ``lineage``'s training from checkpoint ``from_version`` to ``to_version``'s step and
     compare the result with ``to_version``'s stored state, tensor by tensor. Writes nothing.
@@ -221,7 +243,7 @@ def replay_check(store: Any, lineage: str, from_version: int, to_version: int) -
         run_id=writer.run_id if writer is not None else None,
         events=events,
     )
-    with preserved_global_state():
+    with preserved_global_state(), _steps_reported(source.step, target.step):
         try:
             state = hook(segment)
         except CheckpointError:

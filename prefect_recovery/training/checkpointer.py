@@ -47,6 +47,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+from ..core import progress
 from ..core.errors import CheckpointNotFoundError, InvalidArgumentError
 from ..core.layout import LIGHT_SUFFIX, check_base_lineage
 from ..core.manifest import Component
@@ -334,6 +335,7 @@ class Checkpointer:
         self._saver.raise_errors()
         previous = self.step_count
         self.step_count += n
+        progress.advance("step", self.step_count, 0)  # open-ended: whoever knows the last step shows a bar
         self._grads_pending = False
         if self._preempted.is_set():
             self._emergency_exit()
