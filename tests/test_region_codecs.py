@@ -386,3 +386,23 @@ def test_s3_region_compressed_while_the_local_one_stays_raw(tmp_path, s3):
     after = fs.find(f"{prefix}/blobs", detail=True)
     assert {f"{p.split('/')[-3]}:{p.split('/')[-1]}": d["size"] for p, d in after.items()} == in_cloud
     assert verify_store(restored).healthy
+
+
+def test_delta_saves_go_on_when_the_regions_codecs_change(tmp_path):
+    """A base saved with per-region codecs, the next save with one codec everywhere, then back:
+    each delta names one form of its parent, and every version loads from each region."""
+    base = _state()
+    _store(tmp_path, delta=True).commit("ft", _plan(base))
+    roots = _roots(tmp_path)
+    regions = [LocalRegionIO(str(roots[name]), name=name) for name in (RAW, PACKED)]
+    uniform = Store(regions, write_quorum=2, chunk_bytes=CHUNK, codec="auto", delta=True)
+    second = {name: _nudge(t, 2) if t.is_floating_point() else t for name, t in base.items()}
+    uniform.commit("ft", _plan(second))
+    assert any(c.parent is not None for _, c in _chunks(uniform, "ft", 2))
+    third = {name: _nudge(t, 3) if t.is_floating_point() else t for name, t in second.items()}
+    _store(tmp_path, delta=True).commit("ft", _plan(third))
+    assert verify_store(_store(tmp_path), decode=True).healthy
+    for version, state in ((1, base), (2, second), (3, third)):
+        for only in (RAW, PACKED):
+            _, loaded = _load(_store(tmp_path, only=only, write_quorum=1), "ft", version)
+            assert loaded == {name: _raw(t) for name, t in state.items()}, (version, only)

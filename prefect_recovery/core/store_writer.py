@@ -462,6 +462,8 @@ class StoreWrites(StoreListing, StorePages):
                 digest = hash_bytes(data, self.hash_algorithm)
                 return _Prepared(ChunkRef(digest=digest, size=len(data)), {digest: data})
             if len(distinct) == 1:
+                if parent is not None and parent.forms is not None:  # a base saved when codecs differed
+                    parent = select_form(parent, distinct[0])  # a parent names one form
                 ref, blob = prepare_as(index, data, distinct[0], parent)
                 return _Prepared(ref, {} if blob is None else {ref.digest: blob})
             # Regions with different codecs: one form per codec, verified against one content digest.
