@@ -406,3 +406,19 @@ def test_delta_saves_go_on_when_the_regions_codecs_change(tmp_path):
         for only in (RAW, PACKED):
             _, loaded = _load(_store(tmp_path, only=only, write_quorum=1), "ft", version)
             assert loaded == {name: _raw(t) for name, t in state.items()}, (version, only)
+
+
+def test_a_saved_block_keeps_its_region_codecs(prefect_server, tmp_path):
+    roots = _roots(tmp_path)
+    name = f"rcodecs-{tmp_path.name[-20:]}".lower().replace("_", "-")
+    CheckpointStore(
+        regions=[{"url": str(roots[RAW]), "name": RAW}, {"url": str(roots[PACKED]), "name": PACKED}],
+        region_codecs={PACKED: "bytegroup-zstd"},
+        chunk_bytes=CHUNK,
+    ).save(name)
+    loaded = CheckpointStore.load(name)
+    assert loaded.region_codecs == {PACKED: "bytegroup-zstd"}
+    assert [loaded.core.codec_of(region) for region in (RAW, PACKED)] == ["none", "bytegroup-zstd"]
+    state = _state()
+    loaded.core.commit("run", _plan(state))
+    _assert_region_holds_its_codec(tmp_path, loaded.core, "run", state)
