@@ -77,8 +77,9 @@ class LiveServer:
         return env
 
 
-@contextmanager
-def live_server(tmp: Path, startup_timeout: float = 180) -> Iterator[LiveServer]:
+def start_server(tmp: Path, extra_env: dict[str, str] | None = None, startup_timeout: float = 180) -> LiveServer:
+    """A `prefect server start` on a free port with its own PREFECT_HOME under ``tmp``, healthy when this
+    returns (stopped again if it never got there); ``extra_env`` adds server settings (a database URL...)."""
     port = free_port()
     home = tmp / "prefect-server-home"
     home.mkdir(parents=True, exist_ok=True)
@@ -88,6 +89,7 @@ def live_server(tmp: Path, startup_timeout: float = 180) -> Iterator[LiveServer]
         "PREFECT_HOME": str(home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
+        **(extra_env or {}),
     }
     env.pop("PREFECT_API_URL", None)
     with log.open("wb") as out:
@@ -101,9 +103,19 @@ def live_server(tmp: Path, startup_timeout: float = 180) -> Iterator[LiveServer]
     server = LiveServer(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/api", home, process, log)
     try:
         wait_http(f"{server.api_url}/health", startup_timeout, process, log)
+    except BaseException:
+        stop(process)
+        raise
+    return server
+
+
+@contextmanager
+def live_server(tmp: Path, startup_timeout: float = 180) -> Iterator[LiveServer]:
+    server = start_server(tmp, startup_timeout=startup_timeout)
+    try:
         yield server
     finally:
-        stop(process)
+        stop(server.process)
 
 
 @contextmanager

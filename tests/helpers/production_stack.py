@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from helpers.live_prefect import BIN, LiveServer, api, free_port, stop, wait_for, wait_http
+from helpers.live_prefect import BIN, LiveServer, api, start_server, stop, wait_for
 from helpers.postgres import postgres_database
 
 REPO = Path(__file__).resolve().parents[2]
@@ -148,34 +148,14 @@ class ProductionStack:
 
 
 def _start_server(tmp: Path, database_url: str) -> LiveServer:
-    port = free_port()
-    home = tmp / "prefect-server-home"
-    home.mkdir(parents=True, exist_ok=True)
-    log = tmp / "prefect-server.log"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_DATABASE_CONNECTION_URL": database_url,
-        "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": str(SLOT_WAIT_SECONDS),
-        "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
-    }
-    env.pop("PREFECT_API_URL", None)
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-    server = LiveServer(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/api", home, process, log)
-    try:
-        wait_http(f"{server.api_url}/health", 240, process, log)
-    except BaseException:
-        stop(process)
-        raise
-    return server
+    return start_server(
+        tmp,
+        {
+            "PREFECT_SERVER_DATABASE_CONNECTION_URL": database_url,
+            "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": str(SLOT_WAIT_SECONDS),
+        },
+        startup_timeout=240,
+    )
 
 
 def descendants(pid: int) -> list[int]:
