@@ -22,18 +22,20 @@ import torch
 from test_codecs import _load, _plan, _raw
 
 from prefect_recovery.blocks.checkpoint_store import CheckpointStore
-from prefect_recovery.core import InvalidArgumentError, Store, open_region
+from prefect_recovery.core import BlobUnavailableError, InvalidArgumentError, Store, open_region
 from prefect_recovery.core.audit import audit_store
 from prefect_recovery.core.digest import hash_bytes
-from prefect_recovery.core.errors import ManifestSignatureError, RegionConfigError
+from prefect_recovery.core.errors import ManifestError, ManifestSignatureError, RegionConfigError
 from prefect_recovery.core.gc import collect_garbage
 from prefect_recovery.core.layout import blob_key, manifest_key
-from prefect_recovery.core.manifest import ChunkRef, Manifest, canonical_json
+from prefect_recovery.core.manifest import ChunkRef, Manifest, canonical_json, decode_manifest
 from prefect_recovery.core.region_local import LocalRegionIO
 from prefect_recovery.core.region_marker import init_region
 from prefect_recovery.core.retention import RetentionPolicy, apply_retention, plan_retention
 from prefect_recovery.core.signing import Keyring, hmac_key
 from prefect_recovery.core.verify import verify_store
+from prefect_recovery.training.export import export_checkpoint
+from prefect_recovery.training.state_io import save_state
 
 CHUNK = 64 * 1024
 RAW, PACKED = "local", "cloud"
@@ -422,3 +424,67 @@ def test_a_saved_block_keeps_its_region_codecs(prefect_server, tmp_path):
     state = _state()
     loaded.core.commit("run", _plan(state))
     _assert_region_holds_its_codec(tmp_path, loaded.core, "run", state)
+
+
+@pytest.mark.parametrize("only", [RAW, PACKED])
+def test_export_reads_the_region_that_is_left(tmp_path, only):
+    from safetensors.torch import load_file
+
+    state = _state()
+    save_state(_store(tmp_path), dict(state), lineage="run")  # a state tree, as a Checkpointer saves it
+    shutil.rmtree(_roots(tmp_path)[PACKED if only == RAW else RAW])
+    out = export_checkpoint(_store(tmp_path, only=only, write_quorum=1), lineage="run", version=None, to=tmp_path / "x")
+    exported = {}
+    for file in out["files"]:
+        if str(file).endswith(".safetensors"):
+            exported.update(load_file(file))
+    assert {_raw(t) for t in exported.values()} == {_raw(t) for t in state.values()}
+
+
+def test_both_forms_corrupt_is_an_error_never_wrong_bytes(tmp_path):
+    store = _store(tmp_path)
+    store.commit("run", _plan(_state()))
+    _, chunk = _chunks(store, "run")[0]
+    for form, region in zip(_forms(chunk), (RAW, PACKED), strict=True):
+        path = _roots(tmp_path)[region] / blob_key(form.digest)
+        body = bytearray(path.read_bytes())
+        body[7] ^= 0x01
+        path.write_bytes(bytes(body))
+    with pytest.raises(BlobUnavailableError):
+        _load(store, "run")
+    report = verify_store(store, repair=True)
+    assert {(p.region, p.kind) for p in report.problems} == {(RAW, "corrupt"), (PACKED, "corrupt")}
+    assert not any(p.repaired for p in report.problems)  # no verified copy of the content anywhere
+
+
+def _forge(path: Path, edit) -> None:
+    doc = json.loads(path.read_bytes())
+    edit(doc["entries"][0]["chunks"][0])
+    body = {k: v for k, v in doc.items() if k not in ("manifest_digest", "signature")}
+    doc["manifest_digest"] = hash_bytes(canonical_json(body), "blake3")
+    path.write_bytes(canonical_json(doc))
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda c: c["forms"][0].update(decoded_digest="blake3:" + "1" * 64),  # another content
+        lambda c: c["forms"].append(dict(c["forms"][0])),  # one blob named twice
+        lambda c: c["forms"][0].update(forms=[{"digest": c["digest"], "size": c["size"]}]),  # nested
+        lambda c: c["forms"][0].update(size=c["size"] + 1),
+        lambda c: c.update(forms=[]),
+    ],
+    ids=["content", "duplicate", "nested", "size", "empty"],
+)
+def test_a_manifest_with_inconsistent_forms_is_a_damaged_copy(tmp_path, edit):
+    store = _store(tmp_path)
+    state = _state()
+    store.commit("run", _plan(state))
+    path = _roots(tmp_path)[PACKED] / manifest_key("run", 1)
+    _forge(path, edit)
+    with pytest.raises(ManifestError):
+        decode_manifest(path.read_bytes())
+    _, loaded = _load(store, "run")  # the other region's copy serves
+    assert loaded == {name: _raw(t) for name, t in state.items()}
+    report = verify_store(store, repair=True)
+    assert [(p.region, p.kind, p.repaired) for p in report.problems] == [(PACKED, "unreadable manifest", True)]
