@@ -488,3 +488,20 @@ def test_a_manifest_with_inconsistent_forms_is_a_damaged_copy(tmp_path, edit):
     assert loaded == {name: _raw(t) for name, t in state.items()}
     report = verify_store(store, repair=True)
     assert [(p.region, p.kind, p.repaired) for p in report.problems] == [(PACKED, "unreadable manifest", True)]
+
+
+def test_after_a_region_codec_change_repair_writes_the_new_codec_there(tmp_path):
+    state = _state()
+    _store(tmp_path).commit("run", _plan(state))  # local raw, cloud auto
+    roots = _roots(tmp_path)
+    regions = [LocalRegionIO(str(roots[name]), name=name) for name in (RAW, PACKED)]
+    changed = Store(regions, write_quorum=2, chunk_bytes=CHUNK, codec="auto")  # local compressed from now on
+    report = verify_store(changed)
+    assert report.problems and {(p.region, p.kind) for p in report.problems} == {(RAW, "missing")}
+    assert all(p.repaired for p in verify_store(changed, repair=True).problems)
+    assert verify_store(changed).healthy
+    local = _blobs(roots[RAW])
+    for _, chunk in _chunks(changed, "run"):
+        assert _forms(chunk)[1].digest in local  # the compressed form, copied from the cloud
+    _, loaded = _load(Store(regions[:1], chunk_bytes=CHUNK, codec="auto"), "run")
+    assert loaded == {name: _raw(t) for name, t in state.items()}
