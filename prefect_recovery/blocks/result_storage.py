@@ -160,11 +160,15 @@ def read_result(store: Store, path: str) -> bytes:
     [entry] = entries
     buffer = bytearray(entry.size)
     view = memoryview(buffer)
-    skipped: dict[str, str] = {}  # region -> why its copy was passed over
+    skipped: dict[str, list[str]] = {}  # region -> why its copies were passed over (every chunk's cause)
     served: list[str] = []  # the regions the verified bytes came from
 
     def read_blob(digest: str, out: memoryview) -> None:
-        served.append(store.read_blob_into(digest, out, prefer=holders, skipped=skipped))
+        passed_over: dict[str, str] = {}  # one chunk's: the core keeps one cause per region
+        served.append(store.read_blob_into(digest, out, prefer=holders, skipped=passed_over))
+        for region, cause in passed_over.items():
+            if cause not in skipped.setdefault(region, []):
+                skipped[region].append(cause)
 
     offset = 0
     for chunk in entry.chunks:
@@ -182,7 +186,7 @@ def read_result(store: Store, path: str) -> bytes:
             "Heal the store with `prefect-recovery verify --repair`.",
             path,
             lineage,
-            "; ".join(f"{name}: {cause}" for name, cause in skipped.items()),
+            "; ".join(f"{name}: {', '.join(causes)}" for name, causes in skipped.items()),
             ", ".join(dict.fromkeys(served)),
         )
     return bytes(buffer)
