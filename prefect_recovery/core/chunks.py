@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from . import codecs
 from .codecs import CodecError, CodecName
-from .digest import HashAlgorithm, hash_bytes
+from .digest import PARALLEL_HASH_BYTES, HashAlgorithm, hash_bytes, hasher_digest, new_hasher
 from .errors import BlobUnavailableError
 from .manifest import MAX_DELTA_CHAIN, ChunkRef, Entry
 
@@ -60,6 +60,7 @@ def _resolve_form(read_blob: ReadBlob, chunk: ChunkRef, out: memoryview) -> None
         return
     if chunk.chain_length() > MAX_DELTA_CHAIN:  # the schema refuses these; never recurse unbounded
         raise BlobUnavailableError(chunk.digest, {"manifest": f"delta chain longer than {MAX_DELTA_CHAIN}"})
+    hasher = None
     if chunk.codec is None:  # a delta stored without a codec: the blob is the XOR itself
         read_blob(chunk.digest, out)
     else:
@@ -67,8 +68,11 @@ def _resolve_form(read_blob: ReadBlob, chunk: ChunkRef, out: memoryview) -> None
         # faults); it is decoded before a parent is resolved, so a chain can share it.
         stored = codecs.scratch("blob", chunk.blob_size)
         read_blob(chunk.digest, stored)
+        # Without a parent the decoded bytes are the chunk's: hashed as they are decoded.
+        if chunk.parent is None and len(out) < PARALLEL_HASH_BYTES:
+            hasher = new_hasher(_algorithm(chunk.content_digest))
         try:
-            codecs.decode_into(stored, chunk.codec, chunk.width, out)
+            codecs.decode_into(stored, chunk.codec, chunk.width, out, hasher)
         except CodecError as exc:
             # The blob hashed to its name, so every region holds these same bytes: no failover.
             raise BlobUnavailableError(
@@ -78,7 +82,9 @@ def _resolve_form(read_blob: ReadBlob, chunk: ChunkRef, out: memoryview) -> None
         base = bytearray(chunk.size)
         _resolve_form(read_blob, chunk.parent, memoryview(base))
         codecs.xor_into(out, base)
-    if hash_bytes(out, _algorithm(chunk.content_digest)) != chunk.content_digest:
+    algorithm = _algorithm(chunk.content_digest)
+    got = hasher_digest(hasher, algorithm) if hasher is not None else hash_bytes(out, algorithm)
+    if got != chunk.content_digest:
         raise BlobUnavailableError(
             chunk.digest,
             {"every region": f"decoded bytes do not match decoded_digest {chunk.content_digest} (corrupt)"},

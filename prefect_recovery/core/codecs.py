@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import zstandard
 
+from .digest import HASH_PIECE_BYTES
 from .errors import InvalidArgumentError
+from .region_local import prefault
 
 CodecName = Literal["none", "zstd", "bytegroup-zstd", "auto"]
 StoredCodec = Literal["zstd", "bytegroup-zstd"]
@@ -58,8 +60,10 @@ _FLOAT_WIDTHS = {
     "torch.float64": 8,
 }
 _UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
-# Elements per block of ``ungroup_bytes`` (1 MiB of fp32: a block's planes and words stay in cache).
-UNGROUP_BLOCK = 1 << 18
+# Elements per block of ``group_bytes`` and ``ungroup_bytes`` (256 KiB of fp32: a block's planes,
+# words and temporaries stay in the CPU cache). Measured per 16 MiB on this VM against blocks of
+# 1 << 18: group fp32 8.3 -> 6.1 ms, fp64 17.9 -> 9.2 ms, bf16 4.3 -> 4.5 ms (noise).
+UNGROUP_BLOCK = 1 << 16
 # A pool thread keeps its byte-plane buffer (and a reader its stored-blob buffer,
 # core/chunks.py) for the next chunk up to this size: a fresh buffer per chunk costs a page
 # fault per 4 KiB written, about as much as the decode. Larger ones are allocated per chunk.
@@ -123,47 +127,37 @@ def group_bytes(data: memoryview, width: int, out: memoryview | None = None) -> 
     return planes
 
 
-def ungroup_bytes(planes: bytes | memoryview, width: int, out: memoryview) -> None:
-    """Inverse of ``group_bytes``, written into ``out``.
+def ungroup_bytes(planes: bytes | memoryview, width: int, out: memoryview, hasher: Any = None) -> None:
+    """Inverse of ``group_bytes``, written into ``out``; with ``hasher`` (``digest.new_hasher``),
+    each block of ``out`` is hashed right after it is written, while it is in the CPU cache.
 
-    Block by block (``UNGROUP_BLOCK`` elements) with small reused temporaries, so a block's
-    planes are joined and rotated back while in the CPU cache (whole-chunk temporaries are
-    fresh memory whose page faults cost more than the arithmetic). Planes are joined pairwise
-    by widening casts, shifts and ors (two uint8 planes into uint16, two of those into uint32,
-    ...): contiguous, vectorised operations, 2x (bf16) and 1.5x (fp32) faster than scattering
-    each plane into every ``width``-th byte of ``out``."""
+    Block by block (``UNGROUP_BLOCK`` elements) with one small reused temporary, so a block's
+    planes are joined while in the CPU cache (whole-chunk temporaries are fresh memory whose
+    page faults cost more than the arithmetic). Each plane is widened, shifted straight to its
+    place in the original word (the rotation undone in the same shift: the sign bit, at the
+    bottom of the last plane, goes to the top) and or-ed in: one widening shift and one or per
+    plane, contiguous and vectorised. Measured per 16 MiB on this VM (one process, best of 15):
+    fp32 11.3 -> 8.7 ms and bf16 7.4 -> 7.2 ms against joining planes pairwise into ever wider
+    words; scattering each plane into every ``width``-th byte of ``out`` (a strided copy, then
+    the rotation) took 17 and 29 ms."""
     count = len(out) // width
+    unsigned = _UINT[width]
     grouped = np.frombuffer(planes, dtype=np.uint8).reshape(width, count)
-    words = np.frombuffer(out, dtype=_UINT[width])
-    size = min(UNGROUP_BLOCK, count)
-    # For each joined width: one buffer per join result of that width, and one spare.
-    temporaries = {
-        joined: [np.empty(size, dtype=_UINT[joined]) for _ in range(width // joined + 1)]
-        for joined in _UINT
-        if joined <= width
-    }
+    words = np.frombuffer(out, dtype=unsigned)
+    spare = np.empty(min(UNGROUP_BLOCK, count), dtype=unsigned)
     high = 8 * width - 1
     for start in range(0, count, UNGROUP_BLOCK):
         stop = min(count, start + UNGROUP_BLOCK)
-        n = stop - start
-        level = [grouped[plane, start:stop] for plane in range(width)]  # most significant first
-        while len(level) > 1:
-            joined = 2 * level[0].itemsize
-            buffers = temporaries[joined]
-            spare = buffers[-1][:n]
-            pairs = []
-            for index in range(0, len(level), 2):
-                word = buffers[index // 2][:n]
-                np.copyto(word, level[index], casting="unsafe")
-                np.left_shift(word, 4 * joined, out=word)
-                np.copyto(spare, level[index + 1], casting="unsafe")
-                np.bitwise_or(word, spare, out=word)
-                pairs.append(word)
-            level = pairs
-        rotated, block = level[0], words[start:stop]
-        np.right_shift(rotated, 1, out=block)
-        np.left_shift(rotated, high, out=rotated)
-        np.bitwise_or(block, rotated, out=block)
+        block, shifted, last = words[start:stop], spare[: stop - start], grouped[width - 1, start:stop]
+        # The last plane holds the lowest bits after the rotation: its bit 0 is the sign.
+        np.right_shift(last, 1, out=block, dtype=unsigned)
+        np.left_shift(last, high, out=shifted, dtype=unsigned)
+        np.bitwise_or(block, shifted, out=block)
+        for plane in range(width - 1):  # most significant first: bits 8 * (width - 1 - plane) up, less one
+            np.left_shift(grouped[plane, start:stop], 8 * (width - 1 - plane) - 1, out=shifted, dtype=unsigned)
+            np.bitwise_or(block, shifted, out=block)
+        if hasher is not None:
+            hasher.update(block.view(np.uint8))
 
 
 def _compress(data: bytes | memoryview, level: int) -> bytes:
@@ -250,14 +244,20 @@ def scratch(slot: str, size: int) -> memoryview:
     return memoryview(buffer)[:size]
 
 
-def decode_into(blob: bytes | memoryview, codec: StoredCodec, width: int | None, out: memoryview) -> None:
+def decode_into(
+    blob: bytes | memoryview, codec: StoredCodec, width: int | None, out: memoryview, hasher: Any = None
+) -> None:
     """Decode ``blob`` into ``out``, whose length is the size the manifest declares; CodecError
     when the blob is no frame of exactly that size (corrupt, or declared small but inflating
     large: zstd writes into a buffer of the declared size, so it never writes past it).
 
     ``zstd`` decodes straight into ``out``; ``bytegroup-zstd`` decodes its planes into this
     thread's scratch buffer and ungroups them into ``out``. zstd releases the GIL, so chunks
-    decode in parallel on a reader's threads."""
+    decode in parallel on a reader's threads. With ``hasher`` (``digest.new_hasher``) the
+    decoded bytes are hashed piece by piece as they are written, while in the CPU cache (a
+    second pass over a chunk larger than the cache reads it back from memory); it has been fed
+    all of ``out`` when this returns. A fresh ``out`` (a new tensor) has its pages made present
+    first, in one call (``region_local.prefault``), instead of a page fault per 4 KiB written."""
     size = len(out)
     if codec != "zstd" and not (codec == "bytegroup-zstd" and width in _UINT):
         raise CodecError(f"unknown stored codec {codec!r} (width {width})")
@@ -268,13 +268,19 @@ def decode_into(blob: bytes | memoryview, codec: StoredCodec, width: int | None,
     if declared != size:
         raise CodecError(f"the frame declares {declared} decoded bytes, the manifest {size}")
     target = out if codec == "zstd" else scratch("planes", size)
+    prefault(out)
+    # zstd straight into ``out`` in pieces, each hashed as it lands; the planes of
+    # bytegroup-zstd are not the chunk's bytes: they are hashed as ``ungroup_bytes`` joins them.
+    piece = HASH_PIECE_BYTES if hasher is not None and codec == "zstd" else size
     filled = 0
     try:
         with zstandard.ZstdDecompressor().stream_reader(blob, closefd=False) as reader:
             while filled < size:
-                got = reader.readinto(target[filled:])
+                got = reader.readinto(target[filled : filled + piece])
                 if not got:
                     break
+                if piece != size:
+                    hasher.update(target[filled : filled + got])
                 filled += got
             # The frame must end here: reading on checks its size and checksum, and a frame
             # that would inflate further yields more bytes (never written into ``out``).
@@ -284,7 +290,7 @@ def decode_into(blob: bytes | memoryview, codec: StoredCodec, width: int | None,
     if filled != size or extra:
         raise CodecError(f"decoded to {filled if filled != size else 'more than'} bytes, the manifest declares {size}")
     if codec == "bytegroup-zstd":
-        ungroup_bytes(target, width, out)  # type: ignore[arg-type]
+        ungroup_bytes(target, width, out, hasher)  # type: ignore[arg-type]
 
 
 def xor_into(target: memoryview, other: bytes | memoryview) -> None:
