@@ -10,9 +10,9 @@
    disturbed.
 2. End to end: the trained state saved through the store to one region throttled to
    100 MB/s (an fsspec filesystem that sleeps per byte written), codec ``auto`` vs ``none``;
-   to local disk (fsync'd), ``auto`` vs ``none``; loads of the ``none`` and ``auto``
-   checkpoints vs ``torch.load`` of the same state, and restores into existing tensors vs
-   ``torch.load`` + the copy ``load_state_dict`` makes (interleaved, best of N).
+   to local disk (fsync'd), ``auto`` vs ``none``. Loads and restores with each codec against
+   ``torch.load`` (and + the copy ``load_state_dict`` makes) are measured at 1 GiB, with the
+   other methods, by benchmarks/save_restore.py --codecs none,auto.
 3. Delta: the transformer fine-tuned at lr 1e-5 for ``--finetune-steps`` steps from the base,
    saved every 10 steps: bytes written with ``auto`` + delta vs full checkpoints (``none``)
    and vs ``auto`` alone, model weights alone and the whole state (weights + AdamW moments).
@@ -21,8 +21,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
-import gc
 import json
 import os
 import platform
@@ -43,7 +41,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from prefect_recovery.core import Store, open_region
 from prefect_recovery.core import codecs as codecs_mod
-from prefect_recovery.training.state_io import load_state, save_state
+from prefect_recovery.training.state_io import save_state
 
 CHUNK = 1 << 20  # codec table: 1 MiB chunks so small tensors still spread over the threads
 CODECS = ("zstd", "bytegroup-zstd", "auto")
@@ -259,49 +257,9 @@ def end_to_end(state: dict[str, Any], workdir: Path, threads: int, repeat: int) 
                 "MB_written": round(written / 1e6, 1),
                 "save_GBps": round(total / min(times) / 1e9, 3),
             }
-    # Loads of the none and auto checkpoints (local disk) vs torch.load of the same state from
-    # the same disk; restores into existing tensors vs torch.load + the copy load_state_dict
-    # makes. Interleaved, best of ``repeat`` each: the VM is shared, so every method sees the
-    # same disturbances.
-    path = workdir / "state.pt"
-    torch.save(state, path)
-    target = copy.deepcopy(state)
-    stores = {
-        codec: Store([open_region(str(workdir / f"local_disk-{codec}-{repeat - 1}"), name="r")], io_threads=threads)
-        for codec in ("none", "auto")
-    }
-    methods: dict[str, Callable[[], Any]] = {
-        "torch_load": lambda: torch.load(path, weights_only=True),
-        "torch_load_copy": lambda: copy_into(target, torch.load(path, weights_only=True)),
-    }
-    for codec, store in stores.items():
-        methods[f"store_{codec}"] = lambda store=store: load_state(store, lineage="e2e")
-        methods[f"store_{codec}_into"] = lambda store=store: load_state(store, lineage="e2e", into=target)
-    best = dict.fromkeys(methods, float("inf"))
-    for _ in range(max(repeat, 3)):
-        for name, fn in methods.items():
-            gc.collect()
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    for name, seconds in best.items():
-        out[f"load/{name}_s"] = round(seconds, 4)
-    for codec in ("none", "auto"):
-        out[f"load/{codec}_vs_torch_load"] = round(best["torch_load"] / best[f"store_{codec}"], 2)
-        out[f"restore/{codec}_vs_torch_load_copy"] = round(best["torch_load_copy"] / best[f"store_{codec}_into"], 2)
+    # Loads and restores (vs torch.load, and torch.load + copy) are measured in one place:
+    # benchmarks/save_restore.py --codecs none,auto, at the 1 GiB size of its goals.
     return out
-
-
-def copy_into(target: Any, loaded: Any) -> None:
-    """What ``load_state_dict`` does after ``torch.load``: copy every tensor into the model's."""
-    if isinstance(target, torch.Tensor):
-        target.copy_(loaded)
-    elif isinstance(target, dict):
-        for key, value in target.items():
-            copy_into(value, loaded[key])
-    elif isinstance(target, list | tuple):
-        for mine, theirs in zip(target, loaded, strict=True):
-            copy_into(mine, theirs)
 
 
 def _snapshot(part: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

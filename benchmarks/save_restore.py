@@ -226,6 +226,7 @@ def run_one(method: str, source: Path, root: Path) -> dict[str, float]:
 def run(
     tensors: int, mib: int, root: Path, repeat: int, values: str, codecs: list[str], steps: int
 ) -> dict[str, object]:
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     state = make_state(tensors, mib, values, steps)
     total = sum(t.numel() * t.element_size() for t in state.values())
     source = root / "source.safetensors"
@@ -289,7 +290,8 @@ def run(
             "cpus": os.cpu_count(),
             "node": platform.node(),
         },
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "started": started,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "load_average_before_each_round": load_averages,
         "methods": results,
         "ratios": ratios,
