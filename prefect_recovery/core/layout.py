@@ -13,7 +13,7 @@ from .digest import check_digest
 from .errors import InvalidNameError
 
 LINEAGE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-MANIFEST_NAME = re.compile(r"(\d{12})\.json")
+MANIFEST_NAME = re.compile(r"([0-9]{12})\.json")  # ASCII digits: \d takes "٢" and "２" too
 VERSION_WIDTH = 12
 
 
@@ -97,12 +97,15 @@ def manifest_key(lineage: str, version: int) -> str:
 
 
 def version_from_manifest_name(name: str) -> int | None:
+    """The version of a manifest file name (``000000000007.json``), or None for anything else (incl.
+    version 0, which no save writes: a stray ``000000000000.json`` is ignored, never a version)."""
     match = MANIFEST_NAME.fullmatch(name)
-    return int(match.group(1)) if match else None
+    version = int(match.group(1)) if match else 0
+    return version or None
 
 
 # -- journal (DESIGN.md invariant 8, FORMAT.md "Journal") ------------------------------------
-JOURNAL_NAME = re.compile(r"(\d{12})\.json")
+JOURNAL_NAME = re.compile(r"([0-9]{12})\.json")
 SEQ_WIDTH = 12
 
 

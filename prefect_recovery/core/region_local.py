@@ -36,7 +36,7 @@ from .region_object import RegionIO
 # for each kind of object of the layout (FORMAT.md, "Layout"): what garbage collection may delete.
 TEMP_KEY = re.compile(
     r"(?:blobs/(?:blake3|sha256)/[0-9a-f]{2}/\.tmp-[0-9a-f]{1,32}"
-    r"|lineages/[A-Za-z0-9][A-Za-z0-9._-]{0,127}/(?:manifests|journal)/\.tmp-\d{12}\.json"
+    r"|lineages/[A-Za-z0-9][A-Za-z0-9._-]{0,127}/(?:manifests|journal)/\.tmp-[0-9]{12}\.json"
     r"|preflight/\.tmp-[0-9a-f]{1,32})-[0-9a-f]{32}"
 )
 
