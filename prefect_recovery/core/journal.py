@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 
 from pydantic import BaseModel, Field, JsonValue, ValidationError
 
-from .errors import JournalError, JournalSignatureError, RegionError
+from .errors import ForeignObjectError, JournalError, JournalSignatureError, ObjectNotFoundError, RegionError
 from .journal_format import (
     _STEP_KINDS,
     EVENT_KINDS,
@@ -47,6 +47,9 @@ from .layout import check_lineage, journal_key, journal_prefix, seq_from_journal
 from .lineage_history import LineageHistory, fold_journal
 from .publish import publish
 from .store import Store
+
+# Stray files under event names skipped from the top when numbering an append (as for manifests).
+MAX_STRAY_SEQS = 32
 
 __all__ = [
     "EVENT_KINDS",
@@ -79,6 +82,12 @@ class JournalRead(BaseModel):
     )
     lost: dict[int, dict[str, str]] = Field(
         default_factory=dict, description="Committed seqs with no intact copy anywhere: region -> cause."
+    )
+    stray: dict[int, dict[str, str]] = Field(
+        default_factory=dict,
+        description="seq -> region -> what it is: names listed where no append wrote an event (an empty file, a "
+        "directory or an object store's prefix, a symbolic link or other non-regular file, a copy withdrawn since "
+        "the listing). Never events, never holes; also in skipped_copies when the seq has an event.",
     )
     bad_signatures: dict[int, dict[str, str]] = Field(
         default_factory=dict,
@@ -122,9 +131,27 @@ class Journal:
         """Every seq any reachable region lists (committed or not), with the regions listing it."""
         return self._listing()[0]
 
+    def _stray_copy(self, seq: int, name: str) -> str | None:
+        """Why the copy of ``seq`` in region ``name`` cannot be an event any append wrote (an empty file,
+        a directory, a link: appends write whole non-empty files, create-only), or None."""
+        region = next(region for region in self.store.regions if region.name == name)
+        try:
+            head = region.get(journal_key(self.lineage, seq), max_bytes=0)  # one byte at most
+        except (ForeignObjectError, ObjectNotFoundError) as exc:
+            return f"not a journal event ({exc})"
+        except RegionError:
+            return None  # cannot tell now: counts as taken
+        return None if head else "not a journal event (an empty file)"
+
     def next_seq(self) -> int:
-        """One more than the highest seq any reachable region lists."""
-        return max(self._listing()[0], default=0) + 1
+        """One more than the highest seq any reachable region lists, not counting stray files at the top
+        (at most ``MAX_STRAY_SEQS`` of them): a stray empty ``999999999999.json`` must not exhaust the seqs."""
+        listed = self._listing()[0]
+        top = sorted(listed, reverse=True)
+        for index, seq in enumerate(top):
+            if index == MAX_STRAY_SEQS or not all(self._stray_copy(seq, name) for name in listed[seq]):
+                return seq + 1
+        return 1
 
     # -- writing ------------------------------------------------------------------------------
     def append(self, kind: EventKind, *, run_id: str, data: dict[str, JsonValue] | None = None) -> JournalEvent:
@@ -216,30 +243,39 @@ class Journal:
 
         keyring = self.store.keyring
 
-        def fetch(job: tuple[int, str]) -> tuple[int, str, JournalEvent | Exception]:
+        def fetch(job: tuple[int, str]) -> tuple[int, str, JournalEvent | Exception | str]:
             seq, name = job
             key = journal_key(self.lineage, seq)
             try:
                 data = regions[name].get(key, max_bytes=MAX_EVENT_BYTES)
+                if not data:  # appends write whole non-empty files: a stray, not a damaged event
+                    return seq, name, f"not a journal event (an empty file at {key})"
                 return seq, name, decode_event(data, self.lineage, seq, region=name, key=key, keyring=keyring)
+            except (ForeignObjectError, ObjectNotFoundError) as exc:
+                # A directory or link in an event's place (never ours), an object store's "directory" (a
+                # prefix listed like a name), or a copy withdrawn since the listing: no event to count.
+                return seq, name, f"not a journal event ({exc})"
             except (RegionError, JournalError) as exc:
                 return seq, name, exc
 
         valid: dict[int, dict[str, JournalEvent]] = {}
         damaged: dict[int, dict[str, str]] = {}
         forged: dict[int, dict[str, str]] = {}
+        strays: dict[int, dict[str, str]] = {}
         if jobs:
             workers = max(1, min(len(jobs), self.store.io_threads * len(region_names)))
             with ThreadPoolExecutor(workers, thread_name_prefix="journal-get") as pool:
                 for seq, name, result in pool.map(fetch, jobs):
                     if isinstance(result, JournalEvent):
                         valid.setdefault(seq, {})[name] = result
+                    elif isinstance(result, str):
+                        strays.setdefault(seq, {})[name] = result
                     else:
                         damaged.setdefault(seq, {})[name] = str(result)
                         if isinstance(result, JournalSignatureError):
                             forged.setdefault(seq, {})[name] = str(result)
 
-        found = JournalRead(events=[], unreachable=unreachable, bad_signatures=forged)
+        found = JournalRead(events=[], unreachable=unreachable, bad_signatures=forged, stray=strays)
         for seq in sorted({seq for seq, _ in jobs}):
             copies = valid.get(seq, {})
             bad = damaged.get(seq, {})
@@ -250,11 +286,11 @@ class Journal:
             if not groups:
                 if len(bad) >= required:
                     found.lost[seq] = bad
-                else:
+                elif bad:
                     found.uncommitted.append(seq)
-                continue
+                continue  # only stray files under this seq: no event, no hole (found.stray)
             holders = max(groups.values(), key=len)  # max keeps the first of equal lengths
-            skipped = dict(bad)
+            skipped = {**strays.get(seq, {}), **bad}
             for name, event in copies.items():
                 if name not in holders:
                     skipped[name] = f"a different event (digest {event.event_digest}) under the same seq"
@@ -285,7 +321,9 @@ class Journal:
                 )
             raise JournalError(
                 f"journal of lineage {self.lineage!r}: event {seq} has no intact copy in any region ({detail}). "
-                "Run `prefect-recovery verify` to see the damage."
+                "A history with a hole is not replayed, so nothing was done: if a file named here is not an event "
+                f"of this lineage, move it out of lineages/{self.lineage}/journal/; if it is a damaged event, put "
+                "back an intact copy (another region's or a backup's)."
             )
         return found.events
 
