@@ -16,6 +16,19 @@ from pydantic import BaseModel, ValidationError
 Record = TypeVar("Record", bound=BaseModel)
 
 
+# Longest piece of a record quoted in an error: a crafted record (a 4,096-character name, a path 250
+# levels deep) must not make every log line, event and verify problem that names it that long.
+MAX_QUOTED_CHARS = 200
+
+
+def clip(text: str, limit: int = MAX_QUOTED_CHARS) -> str:
+    """``text`` cut to about ``limit`` characters (its start and end kept, the middle elided)."""
+    if len(text) <= limit:
+        return text
+    tail = limit // 4
+    return f"{text[: limit - tail]}...({len(text) - limit} characters)...{text[-tail:]}"
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
@@ -58,7 +71,7 @@ def parse_record(
     except RecursionError:  # valid JSON, but nested deeper than any record of ours
         raise fail(f"{what} is nested too deeply") from None
     except (UnicodeError, ValueError) as exc:
-        raise fail(f"{what} is not valid JSON (truncated or corrupt?): {exc}") from None
+        raise fail(f"{what} is not valid JSON (truncated or corrupt?): {clip(str(exc))}") from None
     if not isinstance(raw, dict) or raw.get("format") != format_name:
         raise fail(f"not a prefect-recovery {what} (missing or wrong 'format')")
     version = raw.get("format_version")
@@ -66,7 +79,7 @@ def parse_record(
     if version not in known or isinstance(version, bool):
         readable = " and ".join(str(v) for v in known)
         raise fail(
-            f"unknown {what} format_version {version!r}; this prefect-recovery reads version "
+            f"unknown {what} format_version {clip(repr(version))}; this prefect-recovery reads version "
             f"{readable}. Upgrade prefect-recovery."
         )
     try:
@@ -74,6 +87,6 @@ def parse_record(
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
-        raise fail(f"{what} failed schema validation at {where}: {first['msg']}") from None
+        raise fail(f"{what} failed schema validation at {clip(where)}: {clip(first['msg'])}") from None
     except RecursionError:
         raise fail(f"{what} is nested too deeply") from None
