@@ -206,7 +206,7 @@ def run_one(method: str, source: Path, root: Path) -> dict[str, float]:
             result["restore_into_s"], restored = timed(load_and_copy)
             check(restored)
         return result
-    codec = method.split("/", 1)[1]
+    codec = method.split("/", 1)[1].split("@", 1)[0]
     region = root / "store-region"
     region.mkdir()
     store = CheckpointStore(regions=[str(region)], write_quorum=1, codec=codec)
@@ -224,7 +224,14 @@ def run_one(method: str, source: Path, root: Path) -> dict[str, float]:
 
 
 def run(
-    tensors: int, mib: int, root: Path, repeat: int, values: str, codecs: list[str], steps: int
+    tensors: int,
+    mib: int,
+    root: Path,
+    repeat: int,
+    values: str,
+    codecs: list[str],
+    steps: int,
+    baseline: Path | None = None,
 ) -> dict[str, object]:
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     state = make_state(tensors, mib, values, steps)
@@ -234,6 +241,8 @@ def run(
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state.values()})
     del state
     methods = [*METHODS, *(f"{STORE_PREFIX}/{codec}" for codec in codecs)]
+    if baseline is not None:  # the same store methods from another checkout, in the same rounds
+        methods += [f"{STORE_PREFIX}/{codec}@baseline" for codec in codecs]
     results: dict[str, dict[str, float]] = {}
     load_averages: dict[str, list[float]] = {}
     for _ in range(repeat):
@@ -241,7 +250,10 @@ def run(
             workdir = Path(tempfile.mkdtemp(prefix=f"{method.replace('/', '-')}-", dir=root))
             load_averages.setdefault(method, []).append(round(os.getloadavg()[0], 2))
             command = [sys.executable, __file__, "--one", method, "--source", str(source), "--dir", str(workdir)]
-            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            env = None
+            if method.endswith("@baseline"):  # prefect_recovery imported from the baseline checkout
+                env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(baseline), os.environ.get("PYTHONPATH", "")])}
+            done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
             shutil.rmtree(workdir, ignore_errors=True)
             measured = json.loads(done.stdout)
             entry = results.setdefault(method, {})
@@ -258,7 +270,7 @@ def run(
                 entry["unchanged_bytes_written"] = measured["unchanged_bytes_written"]
 
     ratios: dict[str, dict[str, float]] = {}
-    for codec in codecs:
+    for codec in [*codecs, *(f"{codec}@baseline" for codec in codecs if baseline is not None)]:
         store = results[f"{STORE_PREFIX}/{codec}"]
         ratios[codec] = {
             "save_vs_torch_save": round(results["torch_save"]["save_s"] / store["save_s"], 2),
@@ -282,6 +294,7 @@ def run(
         "dtypes": dtypes,
         "train_steps": steps if values == "trained" else None,
         "repeat": repeat,
+        "baseline_checkout": str(baseline) if baseline is not None else None,
         "note": "each method runs in a fresh process after the same memory warm-up; methods alternate round by "
         "round; best of `repeat`",
         "host": {
@@ -314,6 +327,13 @@ def main() -> None:
     parser.add_argument("--values", choices=("trained", "random"), default="trained", help="see the docstring")
     parser.add_argument("--train-steps", type=int, default=150, help="AdamW steps of the MLP the values come from")
     parser.add_argument("--codecs", default="none,auto", help="the store's codecs to measure, comma-separated")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="a checkout of another commit (e.g. `git worktree add /tmp/base HEAD~3`): its store is measured too, "
+        "as checkpoint_store/CODEC@baseline, in the same rounds (old vs new in one run)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON (the only output format)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one method, this process
     parser.add_argument("--source", type=Path, default=None, help=argparse.SUPPRESS)  # internal: the state
@@ -324,7 +344,7 @@ def main() -> None:
     codecs = [check_codec(name) for name in args.codecs.split(",") if name]
     root = Path(tempfile.mkdtemp(prefix="bench-", dir=args.dir))
     try:
-        report = run(args.tensors, args.mib, root, args.repeat, args.values, codecs, args.train_steps)
+        report = run(args.tensors, args.mib, root, args.repeat, args.values, codecs, args.train_steps, args.baseline)
         print(json.dumps(report, indent=2))
     finally:
         shutil.rmtree(root, ignore_errors=True)
