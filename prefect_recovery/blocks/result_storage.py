@@ -215,7 +215,9 @@ class ResultStorage:
             ResultNotFoundError: nothing is stored under ``path``.
             ResultUnavailableError: no region holds an intact copy.
         """
-        return await run_sync_in_worker_thread(read_result, self.core, path)
+        # self.core is built in the worker too: opening a store loads its signing keys from Secret
+        # blocks, and Block.load on the event loop's thread returns a coroutine (async_dispatch)
+        return await run_sync_in_worker_thread(lambda: read_result(self.core, path))
 
     @async_dispatch(aread_path)
     def read_path(self, path: str) -> bytes:
@@ -237,7 +239,7 @@ class ResultStorage:
 
     async def awrite_path(self, path: str, content: bytes) -> str:
         """Store ``content`` under ``path`` (a new version) without blocking the event loop."""
-        await run_sync_in_worker_thread(write_result, self.core, path, content)
+        await run_sync_in_worker_thread(lambda: write_result(self.core, path, content))  # core: see aread_path
         return path
 
     @async_dispatch(awrite_path)
