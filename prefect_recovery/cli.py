@@ -659,16 +659,28 @@ def demo(
 
 def latest_unfinished_lineage(store: CheckpointStore) -> str | None:
     """The unfinished lineage (journal status running or failed) with the most recent event."""
-    from .core.journal import Journal
+    from .core.journal import Journal, JournalError
     from .core.layout import LIGHT_SUFFIX, STEPS_SUFFIX
 
     candidates: list[tuple[str, str]] = []
+    unreadable: dict[str, str] = {}
     for name in store.lineages():
         if name.endswith((STEPS_SUFFIX, LIGHT_SUFFIX)):
             continue
-        history = Journal(store.core, name).history()
+        try:
+            history = Journal(store.core, name).history()
+        except JournalError as exc:  # every journal is read: one that cannot be may be the crashed run's
+            unreadable[name] = str(exc)
+            continue
         if history.status in ("running", "failed"):
             candidates.append((history.last_time or "", name))
+    if unreadable:
+        name, cause = next(iter(sorted(unreadable.items())))
+        others = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
+        raise JournalError(
+            f"cannot tell which lineage to recover: the journal of lineage {name!r}{others} cannot be read, and it "
+            f"may be the crashed run's. Pass --lineage NAME to recover a lineage; {cause}"
+        )
     return max(candidates)[1] if candidates else None
 
 

@@ -661,6 +661,76 @@ def test_a_damaged_event_stops_history_with_a_message_that_names_the_file_and_th
     assert _load(store, "run") == (1, _data("v1"))  # checkpoints do not depend on the journal
 
 
+def test_recover_without_a_lineage_names_the_journal_it_cannot_read_and_the_way_out(tmp_path: Path):
+    """``recover`` picks the latest unfinished lineage from every journal: one it cannot read may be the
+    crashed run's, so it refuses (before any flow run) naming that lineage and --lineage."""
+    a, b = _regions(tmp_path)
+    store = _store([a, b])
+    Journal(store, "good").append("run_started", run_id="r1", data={})
+    Journal(store, "bad").append("run_started", run_id="r2", data={})
+    for region in (a, b):
+        (region / journal_key("bad", 1)).write_text("rotten")
+    result = run_cli("recover", *_region_args([a, b]))
+    line = _one_line_error(result)
+    assert "'bad'" in line and "--lineage" in line and "000000000001.json" in line
+    assert "temporary server" not in result.stdout + result.stderr  # refused before any flow run
+
+
+def _event_dup_key(text: str) -> str:
+    return '{"seq":1,' + text[1:]
+
+
+def _event_field(field: str, value):
+    def edit(text: str) -> str:
+        raw = json.loads(text)
+        raw[field] = value
+        return json.dumps(raw, separators=(",", ":"), sort_keys=True)
+
+    return edit
+
+
+CRAFTED_EVENTS = {
+    "duplicate-key": _event_dup_key,
+    "lone-surrogate": lambda text: text.replace('"data":{}', '"data":{"x":"\\ud800"}', 1),  # the escape, as text
+    "int-5000-digits": lambda text: text.replace('"data":{}', '"data":{"x":' + "9" * 5000 + "}", 1),
+    "nested-100000": lambda text: text.replace('"data":{}', '"data":{"x":' + "[" * 100_000 + "]" * 100_000 + "}", 1),
+    "over-1-MiB": lambda text: text.replace('"data":{}', '"data":{"x":"' + "a" * (1 << 20) + '"}', 1),
+    "seq-string": _event_field("seq", "2"),
+    "seq-of-another": _event_field("seq", 1),
+    "lineage-of-another": _event_field("lineage", "other"),
+    "kind-unknown": _event_field("kind", "run_deleted"),
+    "run-id-empty": _event_field("run_id", ""),
+    "extra-field": _event_field("evil", True),
+    "data-a-list": _event_field("data", []),
+    "nan": lambda text: text.replace('"data":{}', '"data":{"x":NaN}', 1),
+    "not-utf8": lambda text: (
+        text.replace('"data":{}', '"data":{"x":"\udcff"}', 1).encode("utf-8", "surrogateescape").decode("latin-1")
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED_EVENTS))
+def test_a_crafted_event_copy_is_skipped_for_the_good_copy_and_a_hole_when_it_is_every_copy(tmp_path: Path, case: str):
+    a, b = _regions(tmp_path)
+    store = _store([a, b])
+    journal = Journal(store, "run")
+    journal.append("run_started", run_id="r1", data={})
+    journal.append("run_finished", run_id="r1", data={})
+    path = a / journal_key("run", 2)
+    crafted = CRAFTED_EVENTS[case](path.read_text())
+    path.write_bytes(crafted.encode("latin-1") if case == "not-utf8" else crafted.encode())
+    assert path.read_bytes() != (b / journal_key("run", 2)).read_bytes()
+
+    assert [event.kind for event in journal.events()] == ["run_started", "run_finished"]
+    found = journal.read()
+    assert list(found.skipped_copies) == [2] and str(a) in found.skipped_copies[2]
+    assert len(found.skipped_copies[2][str(a)]) < 2000
+
+    shutil.copyfile(path, b / journal_key("run", 2))
+    with pytest.raises(JournalError, match="event 2"):
+        journal.events()
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="core/verify.py verify_store does not read journals: a committed seq with no intact copy (which stops "
