@@ -961,3 +961,59 @@ def test_empty_and_prefix_strays_in_an_object_store_never_block_saves_or_appends
     assert _load(store, "run") == (info.version, _data("v2"))
     assert [i.version for i in store.list("run")] == [1, info.version]
     assert fs.cat_file(f"{base}/manifests/999999999999.json") == b""
+
+
+# -- secrets through whole tracebacks (what Prefect logs for a failed task: causes and contexts included) --------
+def _secret(prefix: str = "") -> str:
+    return f"{prefix}{random.Random().getrandbits(128):032x}Zq/+="
+
+
+def _down_regions(endpoint: str) -> dict[str, tuple[dict, list[str]]]:
+    from helpers.emulators import FAST_FAIL_OPTIONS
+
+    token, key, secret, account_key = _secret("ya29."), "AKIA" + _secret()[:16].upper(), _secret(), _secret()
+    connection = (
+        f"DefaultEndpointsProtocol=http;AccountName=acct;AccountKey={account_key};BlobEndpoint={endpoint}/acct;"
+    )
+    return {
+        "gs": ({"url": "gs://ckpt/prod", "storage_options": {"endpoint_url": endpoint, "token": token}}, [token]),
+        "s3": (
+            {
+                "url": "s3://ckpt/prod",
+                "storage_options": {"endpoint_url": endpoint, "key": key, "secret": secret, **FAST_FAIL_OPTIONS["s3"]},
+            },
+            [key, secret],
+        ),
+        "az": ({"url": "az://ckpt/prod", "storage_options": {"connection_string": connection}}, [account_key]),
+    }
+
+
+@pytest.mark.parametrize("kind", ["gs", "s3", "az"])
+def test_no_secret_in_the_whole_traceback_of_any_failed_operation(kind: str, tmp_path: Path):
+    import traceback
+
+    from helpers.emulators import refused_endpoint
+
+    with refused_endpoint() as endpoint:
+        region, secrets = _down_regions(endpoint)[kind]
+        block = CheckpointStore(regions=[region])
+        for io in block.core.regions:
+            io.retry_attempts, io.call_deadline = 1, 10.0
+        journal = Journal(block.core, "leak")
+        texts = []
+        for operation in (
+            lambda: block.save_checkpoint({"w": torch.ones(4)}, lineage="leak", step=1),
+            lambda: block.load_checkpoint(lineage="leak"),
+            lambda: journal.append("run_started", run_id="r1", data={}),
+            lambda: journal.events(),
+            lambda: block.core.resolve("leak", 1),
+        ):
+            with pytest.raises(CheckpointError) as failed:
+                operation()
+            texts.append("".join(traceback.format_exception(failed.value)))
+        texts.append(block.verify().model_dump_json())
+        texts.append(audit_store(block.core).model_dump_json())
+    for text in texts:
+        for secret in secrets:
+            windows = {secret[i : i + 10] for i in range(len(secret) - 9)}
+            assert not [w for w in windows if w in text], f"a piece of a secret in:\n{text[:3000]}"
