@@ -853,6 +853,32 @@ def test_a_crafted_uncommitted_manifest_does_not_make_gc_delete_a_kept_versions_
         assert _load(store, "run", version) == (version, _data(seed))
 
 
+@pytest.mark.parametrize("delta", [1, -1])
+def test_a_manifest_of_another_lineage_claiming_a_blob_with_another_size_never_costs_the_blob(
+    tmp_path: Path, delta: int
+):
+    """A crafted lineage ``evil`` in every region names run's blob with a wrong size: verify blames evil,
+    repair and the audit (with GC) never delete or rewrite the blob run's kept version needs."""
+    (a, b), store = _two_versions(tmp_path)
+    raw = _raw(a, "run", 2)
+    raw["lineage"], raw["version"] = "evil", 1
+    raw["entries"][0]["size"] += delta
+    raw["entries"][0]["chunks"][0]["size"] += delta
+    for region in (a, b):
+        _mpath(region, "evil", 1).parent.mkdir(parents=True)
+        _mpath(region, "evil", 1).write_bytes(reseal(raw))
+    blobs = _blob_files([a, b])
+    _age(a)
+    _age(b)
+
+    report = verify_store(store, repair=True)
+    assert not report.healthy and {p.object for p in report.problems} and all(p.version == 1 for p in report.problems)
+    audit_store(store, gc_grace=HOUR)
+    collect_garbage(store, grace=HOUR)
+    assert _blob_files([a, b]) == blobs
+    assert _load(store, "run") == (2, _data("v2")) and _load(store, "run", 1) == (1, _data("v1"))
+
+
 # -- wrong credentials and unreachable regions --------------------------------------------------------------
 @pytest.mark.xfail(
     strict=True,
