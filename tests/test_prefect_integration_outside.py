@@ -346,8 +346,12 @@ READ_STATE = """
 
     async def main():
         async with get_client() as client:
-            run = await client.read_flow_run(sys.argv[1])
-            print("VALUE", await run.state.result())
+            for run_id in sys.argv[1:]:
+                run = await client.read_flow_run(run_id)
+                try:
+                    print("VALUE", await run.state.result())
+                except KeyError as exc:  # a failed run's persisted exception, raised again
+                    print("RAISED", type(exc).__name__, exc)
 
     asyncio.run(main())
 """
@@ -361,40 +365,49 @@ def test_a_flow_result_is_read_back_from_its_state_in_another_process_verified(p
     def produce() -> dict[str, str]:
         return answer
 
-    state = produce(return_state=True)
-    run_id = str(state.state_details.flow_run_id)
-    [path] = result_paths(store)
+    @flow(result_storage=store, persist_result=True)
+    def fails() -> None:
+        raise KeyError("the-missing-key")
+
+    produced = produce(return_state=True)
+    run_id = str(produced.state_details.flow_run_id)
+    path = produced.data.metadata.storage_key  # a flow's result: its serialized value alone
+    failed = fails(return_state=True)
+    assert failed.is_failed() and len(result_paths(store)) == 2  # the exception is persisted too
     script = tmp_path / "read_state.py"
     script.write_text(textwrap.dedent(READ_STATE))
 
-    def read_in_new_process() -> subprocess.CompletedProcess[str]:
+    def read_in_new_process(*run_ids: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, str(script), run_id],
+            [sys.executable, str(script), *run_ids],
             env={**os.environ, "PREFECT_API_URL": api_url(), "COLUMNS": "500"},
             capture_output=True,
             text=True,
             timeout=240,
         )
 
-    done = read_in_new_process()
-    assert done.returncode == 0 and f"VALUE {answer}" in done.stdout, done.stderr
+    done = read_in_new_process(run_id, str(failed.state_details.flow_run_id))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-2:] == [f"VALUE {answer}", "RAISED KeyError 'the-missing-key'"]
 
     # region a is unmounted: the value comes from b
     shutil.move(a, tmp_path / "unmounted")
-    done = read_in_new_process()
+    done = read_in_new_process(run_id)
     assert done.returncode == 0 and f"VALUE {answer}" in done.stdout, done.stderr
     shutil.move(tmp_path / "unmounted", a)
 
-    # region b's copy rots: still the right value, and the damage is named
-    for blob in blobs_of(store, path, b):
-        flip_byte(blob, offset=1)
-    done = read_in_new_process()
-    assert done.returncode == 0 and f"VALUE {answer}" in done.stdout, done.stderr
-
-    # every copy rots: a typed error naming both regions, never a wrong value
+    # region a's copy rots: still the right value, from b, and the damage is named
     for blob in blobs_of(store, path, a):
         flip_byte(blob, offset=1)
-    done = read_in_new_process()
+    done = read_in_new_process(run_id)
+    assert done.returncode == 0 and f"VALUE {answer}" in done.stdout, done.stderr
+    assert "passed over" in done.stderr and f"{a}: content does not match its digest" in done.stderr
+    assert f"served from {b}" in done.stderr
+
+    # every copy rots: a typed error naming both regions, never a wrong value
+    for blob in blobs_of(store, path, b):
+        flip_byte(blob, offset=1)
+    done = read_in_new_process(run_id)
     assert done.returncode != 0 and "VALUE" not in done.stdout
     assert "ResultUnavailableError" in done.stderr and "no intact copy" in done.stderr
     assert str(a) in done.stderr and str(b) in done.stderr
@@ -780,6 +793,13 @@ def test_an_async_flow_persists_and_reuses_results_in_a_signing_store(prefect_se
     assert len(result_paths(store)) == 3, "nothing was persisted"  # the task's record, each run's flow result
     assert runs == [x], "the second run was not a cache hit"
 
+    @flow
+    async def checkpoints() -> int:  # the same cause: the async API on a signing store
+        loaded = await CheckpointStore.load(name)
+        return (await loaded.save_checkpoint({"w": torch.ones(3)}, lineage="signed-async")).version
+
+    assert asyncio.run(checkpoints()) == 1
+
 
 def test_an_unsaved_store_is_refused_as_result_storage_with_prefects_message(tmp_path: Path) -> None:
     (a,) = regions(tmp_path, "region-a")
@@ -787,3 +807,47 @@ def test_an_unsaved_store_is_refused_as_result_storage_with_prefects_message(tmp
 
         @task(result_storage=CheckpointStore(regions=[str(a)]), persist_result=True)
         def never() -> None: ...
+
+
+def test_the_audits_retention_keeps_the_latest_version_of_every_result(tmp_path: Path) -> None:
+    from prefect_recovery import RetentionPolicy
+
+    a, b = regions(tmp_path, "region-a", "region-b")
+    store = CheckpointStore(regions=[str(a), str(b)], write_quorum=2, retention=RetentionPolicy(keep_last=1))
+    for version in range(3):  # a cache entry Prefect refreshed twice
+        store.write_path("refreshed", f"value {version}".encode())
+    store.write_path("written-once", b"only value")
+    store.audit()
+    assert [info.version for info in store.list(store.result_lineage("refreshed"))] == [3]
+    assert store.read_path("refreshed") == b"value 2"
+    assert store.read_path("written-once") == b"only value"
+    assert store.verify().healthy
+
+
+def test_a_passed_over_copy_is_in_the_runs_logs_on_the_server(prefect_server, tmp_path: Path) -> None:
+    from helpers.live_prefect import wait_for
+
+    store, a, b, _ = saved_store(tmp_path)
+    tag = uuid.uuid4().hex
+
+    @task(result_storage=store, persist_result=True, cache_policy=INPUTS)
+    def value(tag: str) -> str:
+        return "v"
+
+    @flow
+    def cached(tag: str) -> str:
+        return value(tag)
+
+    cached(tag)
+    [path] = result_paths(store)
+    for blob in blobs_of(store, path, a):
+        flip_byte(blob)
+    state = cached(tag, return_state=True)
+    assert state.result() == "v"
+
+    def logged() -> str:
+        text = flow_run_logs(state.state_details.flow_run_id)
+        return text if "passed over" in text else ""
+
+    text = wait_for(logged, 60, "the warning in the flow run's logs")
+    assert f"{a}: content does not match its digest" in text and f"served from {b}" in text
