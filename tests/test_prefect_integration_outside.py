@@ -285,6 +285,34 @@ def test_concurrent_threaded_and_async_tasks_each_persist_their_own_result(prefe
     assert store.verify().healthy
 
 
+@task(persist_result=True, cache_policy=INPUTS)
+def in_a_process(i: int, tag: str) -> dict[str, int]:
+    """Module level, so ProcessPoolTaskRunner's worker processes import it."""
+    return {"i": i, "pid": os.getpid()}
+
+
+def test_tasks_in_a_process_pool_write_results_the_next_run_reads(prefect_server, tmp_path: Path) -> None:
+    from prefect.task_runners import ProcessPoolTaskRunner
+
+    store, _, _, name = saved_store(tmp_path)
+    tag = uuid.uuid4().hex
+
+    @flow(task_runner=ProcessPoolTaskRunner(max_workers=2), result_storage=f"checkpoint-store/{name}")
+    def pooled(tag: str) -> list[dict[str, int]]:
+        return in_a_process.map(range(6), tag=tag).result()
+
+    @flow(result_storage=f"checkpoint-store/{name}")
+    def here(tag: str) -> list[dict[str, int]]:
+        return in_a_process.map(range(6), tag=tag).result()
+
+    first = pooled(tag)
+    assert [r["i"] for r in first] == list(range(6))
+    assert os.getpid() not in {r["pid"] for r in first}  # computed in the pool's processes
+    assert here(tag) == first  # cache hits in this process: the records the workers wrote, their pids
+    task_records = [p for p in result_paths(store) if b'"metadata"' in store.read_path(p)]
+    assert sorted(task_value(store, p)["i"] for p in task_records) == list(range(6))
+
+
 RESULT_FLOW = """
     import json, os, sys
     from prefect import flow, task
