@@ -879,3 +879,45 @@ def test_a_passed_over_copy_is_in_the_runs_logs_on_the_server(prefect_server, tm
 
     text = wait_for(logged, 60, "the warning in the flow run's logs")
     assert f"{a}: content does not match its digest" in text and f"served from {b}" in text
+
+
+def test_a_transaction_commits_its_records_into_the_store_only_when_it_succeeds(prefect_server, tmp_path: Path) -> None:
+    from prefect.transactions import transaction
+
+    store, _, _, _ = saved_store(tmp_path)
+    tag = uuid.uuid4().hex
+    runs: list[str] = []
+    rolled_back: list[str] = []
+
+    @task(result_storage=store, persist_result=True, cache_policy=INPUTS)
+    def extract(tag: str) -> list[int]:
+        runs.append("extract")
+        return [1, 2, 3]
+
+    @extract.on_rollback
+    def undo(txn: Any) -> None:
+        rolled_back.append("extract")
+
+    @task(result_storage=store, persist_result=True, cache_policy=INPUTS)
+    def load(rows: list[int], tag: str, fail: bool) -> int:
+        runs.append("load")
+        if fail:
+            raise RuntimeError("warehouse refused the rows")
+        return sum(rows)
+
+    @flow
+    def etl(tag: str, fail: bool) -> int:
+        with transaction():
+            return load(extract(tag), tag, fail)
+
+    with pytest.raises(RuntimeError, match="warehouse refused"):
+        etl(tag, True)
+    assert rolled_back == ["extract"]
+    # Only the failed task's exception is stored (Prefect persists it like a value, under its own key);
+    # extract's record was staged in the transaction and never committed
+    [failure] = [task_value(store, p) for p in result_paths(store)]
+    assert isinstance(failure, RuntimeError)
+    assert etl(tag, False) == 6 and runs == ["extract", "load", "extract", "load"]
+    values = [task_value(store, p) for p in result_paths(store)]
+    assert [1, 2, 3] in values and 6 in values and len(values) == 3
+    assert etl(tag, False) == 6 and len(runs) == 4  # both committed records are cache hits now
