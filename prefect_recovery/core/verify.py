@@ -126,7 +126,10 @@ def verify_store(
     # Regions each blob must be in: every reachable one, unless only single-region
     # (placement "primary") manifests name it, which need it where they are.
     blob_regions: dict[tuple[str, int], set[str]] = {}
-    blob_rows: dict[tuple[str, int], list[CheckpointAudit]] = {}
+    # The versions naming each blob, with the regions each expects it in: a chunk with several
+    # forms expects a form only where a region's codec selects it, so a blob one version expects
+    # in a region (a forged manifest, say) is never the fault of another that does not.
+    blob_rows: dict[tuple[str, int], list[tuple[CheckpointAudit, set[str]]]] = {}
     # Chunks that only decoding checks (codec or delta), by their reference: what decode reads.
     coded: dict[bytes, tuple[ChunkRef, list[CheckpointAudit]]] = {}
     # Blob of a stored form of a chunk with several forms -> (chunk, form, dtype), to rebuild it.
@@ -240,8 +243,9 @@ def verify_store(
             for pair, regions in where.items():
                 blobs[pair] = pair[1]
                 blob_regions.setdefault(pair, set()).update(regions)
-                if not blob_rows.get(pair) or blob_rows[pair][-1] is not row:
-                    blob_rows.setdefault(pair, []).append(row)
+                if not blob_rows.get(pair) or blob_rows[pair][-1][0] is not row:
+                    blob_rows.setdefault(pair, []).append((row, set()))
+                blob_rows[pair][-1][1].update(regions)
             if decode:
                 for entry in entries:
                     for chunk in entry.chunks:
@@ -385,8 +389,10 @@ def verify_store(
             advance("verify", done, len(ordered))  # the CLI's progress bar, on a terminal
             problems.extend(found)
             for problem in found:
-                problem.lineage, problem.version = blob_rows[pair][0].lineage, blob_rows[pair][0].version
-                for row in blob_rows[pair]:
+                named_by = [row for row, regions in blob_rows[pair] if problem.region in regions]
+                named_by = named_by or [row for row, _ in blob_rows[pair]]
+                problem.lineage, problem.version = named_by[0].lineage, named_by[0].version
+                for row in named_by:
                     current = row.regions.get(problem.region)
                     if problem.repaired:
                         if current == "ok":
