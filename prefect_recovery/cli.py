@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 import typer.core
 from rich.console import Console
+from rich.markup import escape as escape_markup
 from rich.table import Table
 
 from .blocks import CheckpointStore
@@ -47,11 +49,31 @@ def _debug() -> bool:
     return _debug_flag or bool(os.environ.get(DEBUG_ENV))
 
 
+# Control characters (C0 but tab and newline, DEL, C1) and bidirectional overrides: in a stored record
+# (a journal event's step or error, a manifest's created_at, a stray file's name) they could clear the
+# operator's screen, retitle the window, plant a hyperlink, fake an output line or reorder what is read.
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` safe to show on a terminal: each control character or bidi override escaped (``\\x1b``)."""
+    return _UNPRINTABLE.sub(lambda found: found.group().encode("unicode_escape").decode("ascii"), text)
+
+
+class _RecordSafeConsole(Console):
+    """What the CLI prints quotes stored records, which anyone who can write a region controls: rich
+    markup is off unless a call asks for it (and escapes the record text it embeds: ``[/x]`` in a step
+    name made `history` fail with MarkupError), and control characters are shown escaped."""
+
+    def render_str(self, text: str, **kwargs: Any) -> Any:
+        return super().render_str(printable(text), **kwargs)
+
+
 def _error_line(message: str) -> None:
     """One line on stderr, never wrapped at the terminal's width (scripts grep it)."""
     if _debug() and sys.exc_info()[0] is not None:
         traceback.print_exc()
-    print(f"error: {scrub(' '.join(message.split()))}", file=sys.stderr, flush=True)
+    print(f"error: {printable(scrub(' '.join(message.split())))}", file=sys.stderr, flush=True)
 
 
 class _OneLineErrors(typer.core.TyperGroup):
@@ -100,8 +122,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     cls=_OneLineErrors,
 )
-console = Console()
-err_console = Console(stderr=True)
+console = _RecordSafeConsole(markup=False)
+err_console = _RecordSafeConsole(stderr=True, markup=False)
 
 RegionOpt = Annotated[
     list[str] | None,
@@ -299,7 +321,9 @@ def ls(
     except CheckpointError as exc:
         _fail(str(exc), as_json)
     for cause in down.values():
-        err_console.print(f"[yellow]warning:[/] {cause}; listing what the other regions hold")
+        err_console.print(
+            f"[yellow]warning:[/] {escape_markup(cause)}; listing what the other regions hold", markup=True
+        )
     if as_json:
         _emit(
             [info.model_dump(mode="json") for info in infos] + [{"lineage": n, "error": e} for n, e in refused.items()]
@@ -308,7 +332,9 @@ def ls(
             raise typer.Exit(1)
         return
     for name, cause in refused.items():
-        err_console.print(f"[red]error:[/] lineage {name} not listed: {scrub(cause)}", soft_wrap=True, markup=True)
+        err_console.print(
+            f"[red]error:[/] lineage {name} not listed: {escape_markup(scrub(cause))}", soft_wrap=True, markup=True
+        )
     if not infos:
         if not refused:
             console.print("no checkpoints yet")
@@ -357,7 +383,8 @@ def verify(
         status = "[green]healthy[/]" if report.healthy else "[red]problems remain[/]"
         console.print(
             f"{status}: {report.lineages} lineages, {report.versions} versions, {report.blobs} blobs, "
-            f"{human_bytes(report.bytes_checked)} re-hashed in {len(report.regions)} regions"
+            f"{human_bytes(report.bytes_checked)} re-hashed in {len(report.regions)} regions",
+            markup=True,
         )
         console.print(f"signing: {report.signing}")
         if report.problems:
@@ -803,7 +830,11 @@ def replay_check_command(
     if as_json:
         _emit(report.model_dump(mode="json"))
     else:
-        console.print(("[green]" if report.deterministic else "[red]") + describe(report) + "[/]", soft_wrap=True)
+        console.print(
+            ("[green]" if report.deterministic else "[red]") + escape_markup(describe(report)) + "[/]",
+            soft_wrap=True,
+            markup=True,
+        )
         for name in report.differing[1:10]:
             console.print(f"  also differs: {name}", soft_wrap=True)
         for note in report.notes:

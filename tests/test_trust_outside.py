@@ -936,6 +936,41 @@ def test_the_cli_on_a_store_with_strays_everywhere_lists_verifies_audits_and_exp
     assert (a / "lineages" / "run" / "manifests" / "000000000000.json").exists()
 
 
+def test_the_cli_prints_crafted_record_text_as_text_never_as_terminal_codes_or_markup(tmp_path: Path):
+    """A journal writer (any writer, on an unsigned store) controls step names, errors and run ids; a region
+    writer names stray entries. `history`, `verify`, `audit` show them escaped: no escape sequence reaches the
+    operator's terminal (clear screen, window title, hyperlink, a faked line), no bidi override reorders the
+    text, and rich markup in them is text (``[/bold]`` made `history` fail with MarkupError)."""
+    a, b = _regions(tmp_path)
+    store = _store([a, b])
+    journal = Journal(store, "run")
+    journal.append("run_started", run_id="r1\x1b]0;PWNED\x07", data={})
+    journal.append(
+        "failure",
+        run_id="r1",
+        data={
+            "step": "tr[/bold]ain\x1b[2J",
+            "error": "boom \x1b]8;;http://evil\x07click\x1b]8;;\x07 \r\x1b[Kfake line "
+            "[link=http://evil]x[/link] \u202egnp.exe",
+            "final": True,
+            "attempt": 1,
+        },
+    )
+    _save(store, "run", _data("v1"))
+    (a / "lineages" / "[bold]x\x1b[2J\u202e").mkdir()
+    args = _region_args([a, b])
+
+    outputs = []
+    for command, code in ((["history", "--lineage", "run"], 0), (["verify"], 0), (["audit"], 0), (["ls"], 0)):
+        result = run_cli(*command, *args)
+        outputs.append(result.stdout + result.stderr)
+        assert result.returncode == code, outputs[-1]
+    text = "".join(outputs)
+    assert "Traceback" not in text and "MarkupError" not in text
+    assert not [c for c in text if c in "\x1b\x07\r\u202e"], "a control character or bidi override was printed"
+    assert "tr[/bold]ain" in outputs[0] and "\\x1b" in outputs[0] and "[bold]x" in outputs[1]
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="training/encoding.py decode_tree raises a bare TypeError for a {bytes} node naming a tensor entry, so "
