@@ -921,3 +921,36 @@ def test_a_transaction_commits_its_records_into_the_store_only_when_it_succeeds(
     values = [task_value(store, p) for p in result_paths(store)]
     assert [1, 2, 3] in values and 6 in values and len(values) == 3
     assert etl(tag, False) == 6 and len(runs) == 4  # both committed records are cache hits now
+
+
+def test_a_refreshed_cache_entry_whose_record_rotted_everywhere_is_recomputed_not_served_stale(
+    prefect_server, tmp_path: Path
+) -> None:
+    store, a, b, _ = saved_store(tmp_path)
+    runs: list[int] = []
+    tag = uuid.uuid4().hex
+
+    @task(result_storage=store, persist_result=True, cache_policy=INPUTS)
+    def exchange_rate(tag: str) -> int:
+        runs.append(1)
+        return 100 + len(runs)  # a new value each time it really runs
+
+    @flow
+    def rates(tag: str, refresh: bool) -> int:
+        return exchange_rate.with_options(refresh_cache=refresh)(tag)
+
+    assert rates(tag, False) == 101
+    assert rates(tag, True) == 102  # the refreshed record is version 2 of the same path
+    [path] = result_paths(store)
+    assert [info.version for info in store.list(store.result_lineage(path))] == [1, 2]
+    for region in (a, b):  # version 2's manifest rots in every region
+        flip_byte(region / "lineages" / store.result_lineage(path) / "manifests" / "000000000002.json", offset=40)
+
+    # the value last written is gone: version 1 is a stale value, never served in its place
+    with pytest.raises(ResultUnavailableError) as caught:
+        store.read_path(path)
+    assert set(caught.value.causes) == {str(a), str(b)} and "manifest of version 2" in str(caught.value)
+    # Prefect reads the failure as a miss: the task runs again, and its rewrite is the newest version
+    assert rates(tag, False) == 103 and len(runs) == 3
+    assert rates(tag, False) == 103 and len(runs) == 3
+    assert task_value(store, path) == 103

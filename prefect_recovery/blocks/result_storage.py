@@ -11,7 +11,8 @@ result gets what a checkpoint gets (FORMAT.md, "Prefect results"):
   manifest (which records ``path``) published at the store's write quorum. A failed quorum
   raises, never a silent half-write.
 * ``read_path(path)`` reads the latest consistent version and re-hashes every byte before
-  returning it. A corrupt or missing copy in one region is skipped (and logged, naming the
+  returning it. A newer version whose manifest is damaged in every region is not skipped as a
+  checkpoint load would skip it: the older version is a stale value, so the read fails. A corrupt or missing copy in one region is skipped (and logged, naming the
   region) and another region's copy is served; no intact copy anywhere is
   ``ResultUnavailableError``, never a wrong value.
 
@@ -145,13 +146,37 @@ def _delete_corrupt_copies(
     return deleted
 
 
+def _damaged_newer(store: Store, lineage: str, listed: dict[int, list[str]], newer_than: int) -> dict[str, str]:
+    """Why each region's manifest of the newest version above ``newer_than`` is unreadable, when that
+    version's manifest is damaged in every region that holds one; else {} (nothing newer, or a newer
+    write that is still in flight or never reached its quorum: valid copies, not damage)."""
+    for version in sorted((v for v in listed if v > newer_than), reverse=True):
+        copies = store.manifest_copies(lineage, version, listed[version])
+        if copies.damaged and not copies.valid:
+            return {region: f"manifest of version {version}: {cause}" for region, cause in copies.invalid.items()}
+    return {}
+
+
+def _refuse_damaged_newer(store: Store, path: str, lineage: str, listed: dict[int, list[str]], newer_than: int) -> None:
+    """A result path is a key, not a history: when the version written last is damaged everywhere, an older
+    version is a stale value, so none is returned (``ResultUnavailableError``; Prefect recomputes, and the
+    rewrite becomes the newest version). ``Store.resolve`` would skip to the older version, as checkpoints do."""
+    if causes := _damaged_newer(store, lineage, listed, newer_than):
+        error = ResultUnavailableError(path, lineage, causes)
+        _logger().error("%s", error)
+        raise error
+
+
 def read_result(store: Store, path: str) -> bytes:
-    """The bytes of ``path``'s latest consistent version, every chunk verified (other regions on a bad copy)."""
+    """The bytes of ``path``'s latest version, every chunk verified (other regions on a bad copy)."""
     lineage = result_lineage(path)
+    listed, _unreachable = store.version_listing(lineage)
     try:
         manifest, holders = store.resolve(lineage)
     except CheckpointNotFoundError:
+        _refuse_damaged_newer(store, path, lineage, listed, 0)
         raise ResultNotFoundError(path, lineage, store.region_names) from None
+    _refuse_damaged_newer(store, path, lineage, listed, manifest.version)
     entries = store.manifest_entries(manifest, prefer=holders)
     if [(entry.name, entry.kind) for entry in entries] != [(CONTENT_ENTRY, "bytes")]:
         raise ResultUnavailableError(
