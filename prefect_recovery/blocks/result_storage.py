@@ -11,10 +11,11 @@ result gets what a checkpoint gets (FORMAT.md, "Prefect results"):
   manifest (which records ``path``) published at the store's write quorum. A failed quorum
   raises, never a silent half-write.
 * ``read_path(path)`` reads the latest consistent version and re-hashes every byte before
-  returning it. A newer version whose manifest is damaged in every region is not skipped as a
-  checkpoint load would skip it: the older version is a stale value, so the read fails. A corrupt or missing copy in one region is skipped (and logged, naming the
+  returning it. A corrupt or missing copy in one region is skipped (and logged, naming the
   region) and another region's copy is served; no intact copy anywhere is
-  ``ResultUnavailableError``, never a wrong value.
+  ``ResultUnavailableError``, never a wrong value. A newer version whose manifest is damaged in
+  every region is not skipped as a checkpoint load would skip it: the older version is a stale
+  value, so the read fails the same way.
 
 Prefect's own semantics are kept: a path is overwritten by writing it again (a new version;
 the old one is left to retention), and reading a path never written raises
