@@ -879,6 +879,34 @@ def test_a_manifest_of_another_lineage_claiming_a_blob_with_another_size_never_c
     assert _load(store, "run") == (2, _data("v2")) and _load(store, "run", 1) == (1, _data("v1"))
 
 
+def test_forged_newer_versions_on_a_signing_store_never_push_real_versions_out_of_retention(tmp_path: Path):
+    """keep_last=3 and three forged unsigned versions above three real ones: retention must not count the
+    forged ones as the newest three and delete the real v1..v3."""
+    from prefect_recovery.core import RetentionPolicy, apply_retention, plan_retention
+
+    a, b = _regions(tmp_path)
+    store = _store([a, b], signed=True)
+    for version in (1, 2, 3):
+        _save(store, "run", _data(f"v{version}"), step=version)
+    for version in (4, 5, 6):
+        raw = _raw(a, "run", 3)
+        raw.update(version=version, step=version, signature=None)
+        for region in (a, b):
+            _mpath(region, "run", version).write_bytes(reseal(raw))
+    _age(a)
+    _age(b)
+
+    policy = RetentionPolicy(keep_last=3)
+    audit_store(store, policy=policy, gc_grace=HOUR)
+    try:
+        apply_retention(store, plan_retention(store, policy))
+    except CheckpointError:
+        pass  # refusing is fine; deleting is not
+    collect_garbage(store, grace=HOUR)
+    for version in (1, 2, 3):
+        assert _load(store, "run", version) == (version, _data(f"v{version}"))
+
+
 # -- wrong credentials and unreachable regions --------------------------------------------------------------
 @pytest.mark.xfail(
     strict=True,
