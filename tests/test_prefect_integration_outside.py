@@ -757,7 +757,9 @@ def manifest_signatures(store: CheckpointStore, region: str) -> list[Any]:
     ]
 
 
-def test_results_in_a_signing_store_are_signed_and_a_forged_record_is_refused(prefect_server, tmp_path: Path) -> None:
+def test_results_in_a_signing_store_are_signed_and_a_forged_record_is_refused(
+    prefect_server, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from helpers.tamper import reseal
 
     store, name = signed_store(tmp_path)
@@ -789,8 +791,14 @@ def test_results_in_a_signing_store_are_signed_and_a_forged_record_is_refused(pr
     with pytest.raises(Exception, match=r"(?i)sign") as caught:
         CheckpointStore.load(name).read_path(task_path)
     assert "forged" not in str(caught.value)
-    # Prefect reads the refused record as a miss: the task runs again rather than trusting it
+    # Prefect reads the refused record as a miss: the task runs again rather than trusting it, and
+    # the refusal is in the run's log (Prefect's cache lookup itself says nothing)
+    caplog.clear()
     assert signed(x) == x + 1 and runs == [x, x]
+    assert any(
+        record.levelname == "ERROR" and "refused" in record.getMessage() and task_path in record.getMessage()
+        for record in caplog.records
+    ), caplog.text
 
 
 @pytest.mark.xfail(

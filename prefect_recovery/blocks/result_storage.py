@@ -177,6 +177,9 @@ def read_result(store: Store, path: str) -> bytes:
     except CheckpointNotFoundError:
         _refuse_damaged_newer(store, path, lineage, listed, 0)
         raise ResultNotFoundError(path, lineage, store.region_names) from None
+    except CheckpointError as exc:  # a forged or untrusted manifest on a signing store, ...
+        _logger().error("Prefect result %r (lineage %r) refused: %s", path, lineage, exc)  # Prefect swallows it: say it
+        raise
     _refuse_damaged_newer(store, path, lineage, listed, manifest.version)
     entries = store.manifest_entries(manifest, prefer=holders)
     if [(entry.name, entry.kind) for entry in entries] != [(CONTENT_ENTRY, "bytes")]:
