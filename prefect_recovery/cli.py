@@ -547,6 +547,14 @@ def export(
         _fail(f"--to {to} is a file: give a directory (new or empty) to export into", as_json)
     if to.is_dir() and any(to.iterdir()) and not force:
         _fail(f"--to {to} is not empty: give a new or empty directory, or --force to write into it", as_json)
+    for name in ("tensors.safetensors", "state.json"):  # the files export_checkpoint writes
+        target = to / name
+        if target.is_symlink() or (target.exists() and not target.is_file()):
+            _fail(
+                f"--to {to}: {name} there is a symbolic link or not a regular file, and export never writes "
+                "through one (it would replace what it points to): remove it, or give a new directory",
+                as_json,
+            )
     try:
         with _progress(as_json, "exporting"):  # chunks read and verified
             summary = export_checkpoint(open_store(region, store, quorum).core, lineage=lineage, version=version, to=to)

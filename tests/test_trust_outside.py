@@ -999,6 +999,22 @@ def test_the_cli_prints_crafted_record_text_as_text_never_as_terminal_codes_or_m
     assert "tr[/bold]ain" in outputs[0] and "\\x1b" in outputs[0] and "[bold]x" in outputs[1]
 
 
+@pytest.mark.parametrize("name", ["state.json", "tensors.safetensors"])
+def test_export_force_never_writes_through_a_link_in_the_target_directory(tmp_path: Path, name: str):
+    """Someone who can write into the export directory links state.json to a file of the operator's:
+    `export --force` must not replace that file."""
+    (a,) = _regions(tmp_path, 1)
+    CheckpointStore(regions=[str(a)]).save_checkpoint({"w": torch.ones(2)}, lineage="run", step=1)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).symlink_to(victim)
+    line = _one_line_error(run_cli("export", "--lineage", "run", "--to", str(out), "--force", "--region", str(a)))
+    assert name in line and "link" in line
+    assert victim.read_text() == "precious" and (out / name).is_symlink()
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="core/audit.py AuditReport.markdown puts record-derived text (stray entry names, problem details) into "
