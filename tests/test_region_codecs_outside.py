@@ -36,7 +36,7 @@ from prefect_recovery.core.layout import blob_key, manifest_key
 from prefect_recovery.core.manifest import ChunkRef, canonical_json
 from prefect_recovery.core.region_codecs import select_form
 from prefect_recovery.core.retention import RetentionPolicy
-from prefect_recovery.training.state_io import load_state
+from prefect_recovery.training.state_io import load_state, save_state
 
 CHUNK = 64 * 1024
 CLI = [sys.executable, "-m", "prefect_recovery.cli"]
@@ -140,10 +140,11 @@ def _cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None)
 # -- three regions, three codecs, quorum 2, one region down during the save -----------------------------------
 
 
+@pytest.mark.parametrize("delta", [False, True], ids=["whole", "delta"])
 @pytest.mark.parametrize("down", list(THREE))
-def test_a_region_down_during_a_save_gets_its_own_codecs_form_from_repair(tmp_path, down):
-    block = _block(tmp_path, THREE, quorum=2)
-    first, second = _state(1), _state(2)
+def test_a_region_down_during_a_save_gets_its_own_codecs_form_from_repair(tmp_path, down, delta):
+    block = _block(tmp_path, THREE, quorum=2, delta=delta)
+    first, second = _finetune(2, 2) if delta else (_state(1), _state(2))
     assert block.save_checkpoint(first, lineage="run").version == 1
     os.rename(tmp_path / down, tmp_path / f"{down}.off")  # unmounted while the save runs
     info = block.save_checkpoint(second, lineage="run")
@@ -170,6 +171,8 @@ def test_a_region_down_during_a_save_gets_its_own_codecs_form_from_repair(tmp_pa
     assert not (everything - mine) & added
     if THREE[down] != "none":
         assert any(c.forms for c in chunks)  # the store really keeps several forms
+        if delta:  # and the returned region got deltas on its own forms of version 1's chunks
+            assert any(select_form(c, THREE[down]).parent is not None for c in chunks)
 
     # Every region alone serves both versions bit for bit, the returned one included.
     for name in THREE:
@@ -514,7 +517,7 @@ def _other_lineages_blob(raw: dict[str, Any]) -> None:
 def _huge_forms(raw: dict[str, Any]) -> None:
     mine = _multi(raw)
     form = _zstd_of(mine)
-    mine["forms"] = [form] * 200_000
+    mine["forms"] = [form] * 20_000
 
 
 def _forms_in_a_form(raw: dict[str, Any]) -> None:
@@ -532,7 +535,7 @@ LIES = {
     "primary-is-another-chunks-blob": _blob_of_another_chunk_first,
     "form-is-another-chunks-blob": _blob_of_another_chunk_as_form,
     "form-is-another-lineages-blob": _other_lineages_blob,
-    "200k-forms": _huge_forms,
+    "20k-forms": _huge_forms,
     "form-with-forms": _forms_in_a_form,
     "primary-repeated-as-form": _primary_repeated,
 }
@@ -625,3 +628,121 @@ def test_rewriting_a_rotten_result_on_a_mixed_store_heals_every_regions_copy(tmp
     block.write_path("key", value)  # what Prefect does after a failed read: the same bytes again
     assert block.read_path("key") == value
     assert CheckpointStore(regions=[str(tmp_path / "au")]).read_path("key") == value
+
+
+# -- DCP through the store's writer, and export after the raw region is gone ----------------------------------------
+
+
+def test_dcp_saves_on_a_mixed_store_load_from_each_region_alone_and_export_without_the_raw_region(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from prefect_recovery.training.export import export_checkpoint
+
+    block = _block(tmp_path, THREE, quorum=2)
+    model = torch.nn.Sequential(torch.nn.Linear(96, 300), torch.nn.Linear(300, 40)).to(torch.bfloat16)
+    state = {"model": model.state_dict(), "extra": {"ids": torch.arange(20_000)}}
+    dcp.save(state, storage_writer=block.dcp_writer("dcp-run", step=5))
+    chunks = _chunks(block.core, "dcp-run")
+    assert any(c.forms for c in chunks)  # each region in its own codec
+    for name in THREE:
+        alone = CheckpointStore(regions=[str(tmp_path / name)])
+        target = {
+            "model": {k: torch.zeros_like(v) for k, v in model.state_dict().items()},
+            "extra": {"ids": torch.zeros(20_000, dtype=torch.int64)},
+        }
+        dcp.load(target, storage_reader=alone.dcp_reader("dcp-run"), no_dist=True)
+        _assert_equal(target, state)
+    # The raw region deleted outright (a lost disk): the store exports from the compressed ones.
+    shutil.rmtree(tmp_path / "raw")
+    summary = export_checkpoint(block.core, lineage="dcp-run", version=None, to=tmp_path / "out")
+    assert summary
+    tensors = load_file(str(tmp_path / "out" / "tensors.safetensors"))
+    want = [t for t in _flat(state).values() if isinstance(t, torch.Tensor)]
+    assert sorted(_bits(t) for t in tensors.values()) == sorted(_bits(t) for t in want)
+    # ... and so does the CLI, given the two remaining regions.
+    flags = [arg for name in ("zs", "au") for arg in ("--region", str(tmp_path / name))]
+    exported = _cli("export", *flags, "--lineage", "dcp-run", "--to", str(tmp_path / "cli-out"), "--json")
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    again = load_file(str(tmp_path / "cli-out" / "tensors.safetensors"))
+    assert sorted(_bits(t) for t in again.values()) == sorted(_bits(t) for t in tensors.values())
+
+
+# -- a region lost whole and re-created empty is rebuilt in its own codec -------------------------------------------
+
+
+@pytest.mark.parametrize("lost", ["raw", "au"])
+def test_a_region_lost_whole_is_rebuilt_by_repair_in_its_own_codec(tmp_path, lost):
+    block = _block(tmp_path, THREE, quorum=2, delta=True)
+    states = _finetune(11, 5)
+    for state in states:
+        block.save_checkpoint(state, lineage="lost")
+    kept = _blob_names(tmp_path / lost)
+    shutil.rmtree(tmp_path / lost)
+    assert _cli("init", "--region", str(tmp_path / lost), "--json").returncode == 0
+    # Meanwhile the store still loads every version (quorum 2 of the other two holds).
+    for version, state in enumerate(states, 1):
+        _assert_equal(block.load_checkpoint(lineage="lost", version=version), state)
+    healed = block.verify(repair=True)
+    assert healed.problems and all(p.repaired for p in healed.problems), [
+        p.detail for p in healed.problems if not p.repaired
+    ]
+    assert block.verify(decode=True).healthy
+    # The region holds again exactly what it held: its own codec's forms, byte for byte.
+    assert _blob_names(tmp_path / lost) == kept
+    for version, state in enumerate(states, 1):
+        _assert_equal(load_state(_alone(tmp_path, lost), lineage="lost", version=version)[0], state)
+
+
+# -- signing covers forms; bad settings are refused before anything is written -----------------------------------
+
+
+def test_on_a_signing_mixed_store_a_manifest_with_edited_forms_is_refused(tmp_path):
+    import secrets
+
+    from prefect_recovery.core.errors import ManifestSignatureError
+    from prefect_recovery.core.signing import Keyring, hmac_key
+
+    keyring = Keyring(hmac_key("k1", secrets.token_hex(32)))
+    for name in THREE:
+        (tmp_path / name).mkdir()
+    regions = [open_region(str(tmp_path / name)) for name in THREE]
+    codecs = {region.name: THREE[Path(region.name).name] for region in regions}
+    store = Store(regions, chunk_bytes=CHUNK, region_codecs=codecs, keyring=keyring)  # type: ignore[arg-type]
+    honest = _state(6)
+    save_state(store, honest, lineage="signed")
+    # A writer without the key swaps the auto region's form for another chunk's, keeping the signature.
+    raw = json.loads((tmp_path / "raw" / manifest_key("signed", 1)).read_bytes())
+    signature = raw["signature"]
+    raw["version"] = 2
+    _blob_of_another_chunk_as_form(raw)
+    body = {key: value for key, value in raw.items() if key not in ("manifest_digest", "signature")}
+    raw["manifest_digest"] = hash_bytes(canonical_json(body), raw["hash_algorithm"])
+    raw["signature"] = signature
+    for name in THREE:
+        (tmp_path / name / manifest_key("signed", 2)).write_bytes(canonical_json(raw))
+    for name in THREE:
+        alone = Store([open_region(str(tmp_path / name))], keyring=keyring)
+        with pytest.raises(CheckpointError):
+            load_state(alone, lineage="signed", version=2)
+        with pytest.raises(ManifestSignatureError):  # nor is it skipped silently for "latest"
+            load_state(alone, lineage="signed")
+        _assert_equal(load_state(alone, lineage="signed", version=1)[0], honest)
+
+
+def test_bad_region_codec_settings_are_typed_errors_before_anything_is_written(tmp_path):
+    from pydantic import ValidationError
+
+    from prefect_recovery.core.errors import InvalidArgumentError, RegionConfigError
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    with pytest.raises(RegionConfigError, match="names no region"):
+        CheckpointStore(regions=[str(a), str(b)], region_codecs={str(tmp_path / "c"): "zstd"})
+    with pytest.raises(ValidationError, match="region_codecs"):
+        CheckpointStore(regions=[str(a), str(b)], region_codecs={str(a): "lz4"})
+    with pytest.raises(InvalidArgumentError, match="no region of this store"):
+        Store([open_region(str(a))], region_codecs={"elsewhere": "zstd"})
+    with pytest.raises(CheckpointError):
+        Store([open_region(str(a))], region_codecs={str(a): "brotli"})  # type: ignore[dict-item]
+    assert not any(a.iterdir()) and not any(b.iterdir())
