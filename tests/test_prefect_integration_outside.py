@@ -609,7 +609,28 @@ def test_invalid_values_are_named_by_the_servers_form_validation_and_by_load(pre
         assert field in cause and SECRET not in cause and SECRET not in str(caught.value)
 
     # values the schema allows but the store cannot run with: typed errors at load, secret-free
+    from prefect.blocks.system import Secret
+
+    wrong_kind = Secret(value=SECRET).save(f"not-credentials-{uuid.uuid4().hex[:8]}")
     cases = {
+        "a Secret block picked as a region's credentials": (
+            {
+                "regions": [
+                    {"url": str(a), "name": "a", "credentials": {"$ref": {"block_document_id": str(wrong_kind)}}},
+                    {"url": str(b), "name": "b"},
+                ]
+            },
+            "a 'secret' block cannot be a region's credentials",
+        ),
+        "a deleted credentials block": (
+            {
+                "regions": [
+                    {"url": str(a), "name": "a", "credentials": {"$ref": {"block_document_id": str(uuid.uuid4())}}},
+                    {"url": str(b), "name": "b"},
+                ]
+            },
+            "was it deleted? Pick another credentials block for this region",
+        ),
         "quorum above the region count": ({"write_quorum": 3}, "write_quorum must be between 1 and the number"),
         "a mistyped region field": (
             {"regions": [{"url": str(a), "name": "a", "credential": "x"}, {"url": str(b), "name": "b"}]},
@@ -624,9 +645,9 @@ def test_invalid_values_are_named_by_the_servers_form_validation_and_by_load(pre
     for what, (change, message) in cases.items():
         _patch(document["id"], {**document["data"], **change})
         with pytest.raises(Exception) as caught:
-            _ = CheckpointStore.load(name).core
+            CheckpointStore.load(name).write_path("probe", b"x")
         assert message in str(caught.value), (what, str(caught.value))
-        assert SECRET not in str(caught.value), what
+        assert SECRET not in str(caught.value) + str(caught.value.__cause__), what
 
     # the document sent back unchanged (the masked secret as the UI shows it) loads with the secret
     _patch(document["id"], document["data"])
