@@ -908,6 +908,36 @@ def test_forged_newer_versions_on_a_signing_store_never_push_real_versions_out_o
 
 
 # -- wrong credentials and unreachable regions --------------------------------------------------------------
+@pytest.mark.parametrize("wrong", ["same key id, another secret", "same key id, another algorithm"])
+def test_a_store_opened_with_the_wrong_signing_key_says_so_and_never_prints_a_key(tmp_path: Path, wrong: str):
+    """Every manifest fails alike: the error must say the key may be wrong (not only 'tampering'),
+    carry no key material, and nothing is repaired or deleted on its word."""
+    from prefect_recovery.core import ManifestSignatureError, ed25519_key
+    from prefect_recovery.core.signing import new_ed25519_key_pem
+
+    (a, b), store = _two_versions(tmp_path, signed=True)
+    blobs = _blob_files([a, b])
+    manifests = {p: p.read_bytes() for region in (a, b) for p in (region / "lineages").rglob("*.json")}
+    other_secret = "w" * 40
+    if wrong.endswith("secret"):
+        keyring = Keyring(hmac_key("k1", other_secret))
+    else:
+        private_pem, _public = new_ed25519_key_pem()
+        keyring = Keyring(ed25519_key("k1", private_pem))
+    wrong_store = _store([a, b], signed=False)
+    wrong_store.keyring = keyring
+    with pytest.raises(ManifestSignatureError) as raised:
+        _load(wrong_store, "run")
+    message = str(raised.value)
+    assert "check the secret" in message or "signing_algorithm" in message
+    assert SECRET[:10] not in message and other_secret[:10] not in message and "PRIVATE" not in message
+    verify_store(wrong_store, repair=True)
+    audit_store(wrong_store, gc_grace=HOUR)
+    assert _blob_files([a, b]) == blobs
+    assert {p: p.read_bytes() for p in manifests} == manifests
+    assert _load(store, "run") == (2, _data("v2"))  # the right key still loads everything
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="core/store_consistency.py Store.resolve/list and core/store_listing.py lineages treat 'no region could "

@@ -224,7 +224,20 @@ class Keyring:
                 f"{what} is signed with key {signature.key_id!r}, which this store does not know "
                 f"(known: {sorted(self.keys)}); add it to the store's verification keys if it was rotated out"
             )
-        if key.algorithm != signature.algorithm or not key.verify(context + message, signature.value):
+        # Either the record was changed, or this store holds another key under that name (a wrong secret
+        # in its Secret block, another algorithm): the second fails every record alike, so say both.
+        wrong_key = (
+            f"or this store's key {key.key_id!r} is not the one that signed it (if every {what} fails like this, "
+            f"check the secret and signing_algorithm of key {key.key_id!r} before repairing anything)"
+        )
+        if key.algorithm != signature.algorithm:
+            raise fail(
+                f"{what} signature (key {signature.key_id!r}, {signature.algorithm}) does not match its content: "
+                f"this store's key {key.key_id!r} is {key.algorithm}, so either the {what} was changed after it "
+                f"was signed (tampering?) or the store names another key {key.key_id!r} (check its "
+                "signing_algorithm and Secret block)"
+            )
+        if not key.verify(context + message, signature.value):
             remedy = (
                 "do not load it; `prefect-recovery audit` restores it from a region whose copy verifies"
                 if context == SIGNATURE_CONTEXT
@@ -232,7 +245,7 @@ class Keyring:
             )
             raise fail(
                 f"{what} signature (key {signature.key_id!r}) does not match its content: the {what} was "
-                f"changed after it was signed (tampering?) — {remedy}"
+                f"changed after it was signed (tampering?) — {remedy}; {wrong_key}"
             )
         return key.key_id
 
