@@ -286,9 +286,12 @@ def test_verify_with_region_flags_on_a_healthy_mixed_store_finds_nothing_and_rep
 TRAIN = Path(__file__).parent / "helpers" / "mixed_codec_train.py"
 
 
-def _train(out: Path, regions: dict[Path, str], kill_after: int | None = None) -> subprocess.Popen[str]:
+def _train(out: Path, regions: dict[Path, str], delta: bool = False) -> subprocess.Popen[str]:
     args = [sys.executable, str(TRAIN), str(out), *(f"{path}={codec}" for path, codec in regions.items())]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    env = {**os.environ, "MIXED_CODEC_DELTA": "1" if delta else "0"}
+    return subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env
+    )
 
 
 def _finish(process: subprocess.Popen[str]) -> str:
@@ -301,19 +304,26 @@ def _finish(process: subprocess.Popen[str]) -> str:
     return out
 
 
-def test_a_checkpointer_run_killed_mid_save_resumes_bit_identical_from_each_region_alone(tmp_path):
-    reference = tmp_path / "reference"
-    codecs = {reference / name: codec for name, codec in THREE.items()}
-    for path in codecs:
-        path.mkdir(parents=True)
-    _finish(_train(tmp_path / "uninterrupted.pt", codecs))
-    expected = torch.load(tmp_path / "uninterrupted.pt")
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The final state of the training run never interrupted (on one raw region: the codecs do not
+    change the training)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    (root / "raw").mkdir()
+    _finish(_train(root / "final.pt", {root / "raw": "none"}))
+    return torch.load(root / "final.pt")
 
+
+@pytest.mark.parametrize("delta", [False, True], ids=["whole", "delta"])
+def test_a_checkpointer_run_killed_mid_save_resumes_bit_identical_from_each_region_alone(
+    tmp_path, uninterrupted, delta
+):
+    expected = uninterrupted
     crashed = tmp_path / "crashed"
     codecs = {crashed / name: codec for name, codec in THREE.items()}
     for path in codecs:
         path.mkdir(parents=True)
-    process = _train(tmp_path / "never.pt", codecs)
+    process = _train(tmp_path / "never.pt", codecs, delta)
     try:
         assert process.stdout is not None
         for _ in range(12):  # step 12 started a heavy save (async): the kill lands while it writes
@@ -327,7 +337,7 @@ def test_a_checkpointer_run_killed_mid_save_resumes_bit_identical_from_each_regi
         alone = tmp_path / f"only-{name}"
         shutil.copytree(crashed / name, alone / name)
         out = tmp_path / f"resumed-{name}.pt"
-        _finish(_train(out, {alone / name: codec}))
+        _finish(_train(out, {alone / name: codec}, delta))
         got = torch.load(out)
         for part in ("model", "optimizer"):
             want_flat = {k: v for k, v in _flat(expected[part]).items() if isinstance(v, torch.Tensor)}
@@ -338,6 +348,10 @@ def test_a_checkpointer_run_killed_mid_save_resumes_bit_identical_from_each_regi
     block = _block(crashed, THREE, quorum=2)
     versions = sorted(block.core.versions("mixed-run"))
     assert versions, "no heavy checkpoint committed before the kill"
+    if delta:  # the compressed regions really hold deltas, the raw one whole chunks
+        chunks = _chunks(block.core, "mixed-run", versions[-1])
+        assert any(select_form(c, "auto").parent is not None for c in chunks)
+        assert all(select_form(c, "none").parent is None for c in chunks)
     for name in THREE:
         for version in versions:
             load_state(_alone(crashed, name), lineage="mixed-run", version=version)

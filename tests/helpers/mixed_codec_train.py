@@ -1,9 +1,12 @@
-"""Test helper: train a small bf16 MLP with a Checkpointer (heavy every 4 steps, light every 2, async
-saves) on a store with per-region codecs. argv: OUT.pt, then REGION=CODEC pairs (quorum 2 of 3,
-else every region). Prints "step" after each step so a test can SIGKILL it mid-save; writes the final
+"""Test helper: train a small bf16 MLP with a Checkpointer (heavy every 4 steps, light every 2,
+async saves) on a store with per-region codecs.
+
+argv: OUT.pt, then REGION=CODEC pairs (quorum 2 of 3, else every region); $MIXED_CODEC_DELTA=1
+turns delta on. Prints "step" after each step so a test can SIGKILL it mid-save; writes the final
 model and optimizer state to OUT.pt.
 """
 
+import os
 import sys
 
 import torch
@@ -18,6 +21,7 @@ store = CheckpointStore(
     region_codecs={r: c for r, c in pairs},
     write_quorum=len(pairs) if len(pairs) < 3 else 2,
     chunk_bytes=192 * 1024,
+    delta=os.environ.get("MIXED_CODEC_DELTA") == "1",
 )
 schedule = CheckpointSchedule(triggers=[EveryNSteps(every=4), EveryNSteps(every=2, tier="light")])
 seed_everything(0)
