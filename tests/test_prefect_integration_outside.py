@@ -822,15 +822,6 @@ def test_results_in_a_signing_store_are_signed_and_a_forged_record_is_refused(
     ), caplog.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CheckpointStore.keyring (blocks/checkpoint_store.py) calls Secret.load(name) without _sync=True: in an "
-    "async flow or task Prefect's async_dispatch returns a coroutine (also in the worker thread aread_path/"
-    "awrite_path run in, which carries the run's context), so opening a signing store fails with "
-    "\"AttributeError: 'coroutine' object has no attribute 'get'\", Prefect logs 'the result has not been "
-    "persisted' and the run still completes: no result is ever stored and every cached task runs again. "
-    "Secret.load(name, _sync=True) there fixes it (checked by patching Secret.load).",
-)
 def test_an_async_flow_persists_and_reuses_results_in_a_signing_store(prefect_server, tmp_path: Path) -> None:
     store, name = signed_store(tmp_path)
     runs: list[int] = []

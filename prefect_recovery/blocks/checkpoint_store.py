@@ -452,7 +452,7 @@ class CheckpointStore(ResultStorage, AsyncStoreApi, WritableFileSystem):
 
         def key(name: str) -> ManifestKey:
             try:
-                material = Secret.load(name).get()
+                material = Secret.load(name, _sync=True).get()  # a coroutine in an async flow without _sync
             except ValueError as exc:
                 raise SigningKeyError(
                     f"signing key Secret block {name!r} cannot be loaded ({exc}); create it with "
@@ -702,7 +702,7 @@ def open_store(
         store_block._opened_as = spec
         return store_block
     if store_block:
-        store = CheckpointStore.load(store_block)
+        store = CheckpointStore.load(store_block, _sync=True)  # sync even when called in an async flow
     elif regions:
         store = CheckpointStore(regions=regions, write_quorum=write_quorum)
     else:
