@@ -410,10 +410,9 @@ def test_a_delta_fine_tune_through_rounds_of_retention_and_gc_never_leaves_a_kep
     assert all(select_form(c, "none").parent is None and select_form(c, "none").codec is None for c in chunks)
     assert block.verify(decode=True).healthy
 
-    # The documented limit: the auto region loses the first blob of one of its delta chains, which
-    # only a pruned version named with another form (retention removed it, GC swept its raw form).
-    # Repair may say it cannot rebuild it there, but no kept version becomes unloadable, from the
-    # store or from the raw and zstd regions alone, and the auto region's other chunks still serve.
+    # The auto region loses the first blob of one of its delta chains, which only a pruned
+    # version named with another form (retention removed it, GC swept its raw form). Repair
+    # rebuilds it from the zstd region's chain of the same content, in the auto region's codec.
     def root(chunk: ChunkRef) -> ChunkRef:
         return chunk if chunk.parent is None else root(chunk.parent)
 
@@ -421,12 +420,15 @@ def test_a_delta_fine_tune_through_rounds_of_retention_and_gc_never_leaves_a_kep
     assert select_form(deepest, "auto").chain_length() > 3
     lost = root(select_form(deepest, "auto"))
     assert lost.digest not in {d for c in chunks for d, _ in select_form(c, "none").form_blobs()}
+    assert lost.content_digest not in {c.content_digest for c in chunks}  # no kept version names it
     (tmp_path / "au" / blob_key(lost.digest)).unlink()
     healed = block.verify(repair=True)
-    assert healed.problems and all(Path(p.region).name == "au" for p in healed.problems), healed.problems
+    assert healed.problems and all(p.repaired for p in healed.problems), [p.detail for p in healed.problems]
+    assert (tmp_path / "au" / blob_key(lost.digest)).is_file()
+    assert block.verify(decode=True).healthy
     for version in sorted(block.core.versions("ft")):
         _assert_equal(block.load_checkpoint(lineage="ft", version=version), states[version - 1])
-        for name in ("raw", "zs"):
+        for name in THREE:
             loaded = load_state(_alone(tmp_path, name), lineage="ft", version=version)[0]
             _assert_equal(loaded, states[version - 1])
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from . import codecs
 from .codecs import CodecName
 from .digest import HashAlgorithm, hash_bytes
-from .manifest import ChunkRef, Entry
+from .manifest import MAX_FORMS, ChunkRef, Entry
 
 # A dtype of each bytegroup width, for re-encoding a form from its recorded width alone (the
 # byte grouping depends on the element width only).
@@ -114,6 +114,44 @@ def rebuild_sources(entries: Iterable[Entry]) -> dict[tuple[str, int], tuple[Chu
                 continue
             for form in chunk.stored_forms():
                 found.setdefault((form.digest, form.blob_size), (chunk, form, entry.dtype))
+    return found
+
+
+def collect_parents(entries: Iterable[Entry], nodes: dict[str, dict[str, ChunkRef]]) -> None:
+    """Add to ``nodes`` (content digest -> blob digest -> reference) every delta parent of a form
+    of a chunk with several forms in ``entries``: what ``parent_sources`` rebuilds parents from."""
+    for entry in entries:
+        for chunk in entry.chunks:
+            if chunk.forms is None:
+                continue
+            for form in chunk.stored_forms():
+                node = form.parent
+                while node is not None:
+                    nodes.setdefault(node.content_digest, {}).setdefault(node.digest, node)
+                    node = node.parent
+
+
+def parent_sources(
+    nodes: Mapping[str, Mapping[str, ChunkRef]], by_content: Mapping[str, ChunkRef]
+) -> dict[tuple[str, int], tuple[ChunkRef, ChunkRef, str | None]]:
+    """For each delta parent in ``nodes`` (``collect_parents``): a reference to read its content
+    another way, so repair can rebuild the parent's blob where no region holds it
+    (``rebuild_blob``). The source is a kept chunk of that content (``by_content``), else the
+    other chains' parents of that content joined as forms of one reference (the regions' chains
+    of one chunk start at the same versions, so another codec's chain usually holds the same
+    content): the first that reads serves. Retention may have removed every version that named
+    the parent's chunk itself, and GC its raw form."""
+    found: dict[tuple[str, int], tuple[ChunkRef, ChunkRef, str | None]] = {}
+    for content, refs in nodes.items():
+        for digest, node in refs.items():
+            kept = by_content.get(content)
+            if kept is not None and kept.size == node.size:
+                found[(digest, node.blob_size)] = (kept, node, None)
+                continue
+            others = [ref for other, ref in refs.items() if other != digest][:MAX_FORMS]
+            if others:
+                source = others[0].model_copy(update={"forms": others[1:] or None})
+                found[(digest, node.blob_size)] = (source, node, None)
     return found
 
 
