@@ -109,12 +109,18 @@ def prepare(
     parent: ChunkRef | None = None,
     read_parent: ReadChunk | None = None,
     min_saving: float = codecs.DEFAULT_MIN_SAVING,
+    known: Callable[[str, int], ChunkRef | None] | None = None,
 ) -> StoredChunk:
     """How to store ``data``: raw, encoded, or as a delta against ``parent`` (kept only when it
-    is at least ``min_saving`` smaller than the chunk encoded alone would be)."""
+    is at least ``min_saving`` smaller than the chunk encoded alone would be). ``known(content
+    digest, size)`` may name a stored form of the same content written before (the writer's last
+    save): it is named again, not encoded again."""
     content = hash_bytes(data, algorithm)
     if parent is not None and parent.content_digest == content and parent.size == len(data):
         return StoredChunk(parent, None)  # unchanged since the parent: name the same blob(s)
+    earlier = known(content, len(data)) if known is not None else None
+    if earlier is not None and earlier.content_digest == content and earlier.size == len(data):
+        return StoredChunk(earlier, None)  # e.g. a frozen layer, saved again: no encode, no write
     encoded = codecs.encode(data, codec, dtype, min_saving=min_saving)
     alone = len(encoded.data)
     usable = parent is not None and read_parent is not None and parent.size == len(data)

@@ -23,6 +23,7 @@ from typing import Any, Literal
 from .codecs import DEFAULT_MIN_SAVING, CodecName, check_codec
 from .digest import HashAlgorithm
 from .errors import InvalidArgumentError
+from .manifest import ChunkRef
 from .observe import StoreObserver
 from .region_object import RegionIO
 from .signing import Keyring
@@ -163,6 +164,7 @@ class Store(StoreWrites, StoreConsistency):
         self.codec_min_saving = codec_min_saving
         self.delta = delta
         self._delta_kept: dict[str, bytes] = {}
+        self._encoded_last: dict[tuple[str, str, int], ChunkRef] = {}
         self._slow_until: dict[str, float] = {}
 
     def codec_of(self, region: str) -> CodecName:

@@ -146,6 +146,9 @@ class StoreWrites(StoreListing, StorePages):
     delta: bool
     # Content digest -> bytes of the chunks of the last delta save (Store.__init__ sets it).
     _delta_kept: dict[str, bytes]
+    # (codec, content digest, size) -> stored form, of the encoded chunks of the last save: an unchanged
+    # chunk saved again (another version, another lineage) is named, not encoded again (Store.__init__).
+    _encoded_last: dict[tuple[str, str, int], ChunkRef]
 
     def commit(
         self,
@@ -454,6 +457,9 @@ class StoreWrites(StoreListing, StorePages):
                 parent=parent,
                 read_parent=self._read_parent,
                 min_saving=self.codec_min_saving,
+                known=(lambda content, size: self._still_stored(self._encoded_last.get((codec, content, size))))
+                if len(distinct) == 1
+                else None,
             )
             return stored.ref, stored.data
 
@@ -535,6 +541,10 @@ class StoreWrites(StoreListing, StorePages):
             refs: list[list[ChunkRef]] = [[] for _ in entries]
             for (index, _, _), digest in zip(slices, digests, strict=True):
                 refs[index].append(digest.result().ref)
+            if not raw and len(distinct) == 1:
+                self._encoded_last = {
+                    (distinct[0], ref.content_digest, ref.size): ref for chunk in refs for ref in chunk
+                }
             if base is not None:
                 # The next delta save's parents are these chunks: keep their bytes (one copy of
                 # the state in host memory) so it need not read and decode them back.
@@ -543,6 +553,25 @@ class StoreWrites(StoreListing, StorePages):
                     for (index, data, _), ref in zip(slices, (d.result().ref for d in digests), strict=True)
                 }
         return causes, written[0], refs
+
+    def _still_stored(self, ref: ChunkRef | None) -> ChunkRef | None:
+        """``ref`` (a form the last save wrote) when some region still holds each of its blobs, so
+        naming it again loses nothing (a region lacking one gets a verified copy, ``_ensure_copied``);
+        else None, and the chunk is encoded anew."""
+        if ref is None:
+            return None
+        for digest, size in ref.form_blobs():
+            held = False
+            for region in self.regions:
+                try:
+                    held = region.size(blob_key(digest)) == size
+                except RegionError:
+                    continue
+                if held:
+                    break
+            if not held:
+                return None
+        return ref
 
     def _read_parent(self, parent: ChunkRef, buffer: memoryview) -> None:
         """A delta parent's bytes: from the previous save's, kept in memory, or read back (a
