@@ -357,12 +357,6 @@ def test_a_checkpointer_run_killed_mid_save_resumes_bit_identical_from_each_regi
             load_state(_alone(crashed, name), lineage="mixed-run", version=version)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="codecs.decode_into: a zstd chunk of exactly HASH_PIECE_BYTES (256 KiB, e.g. a 256x256 fp32 "
-    "Linear weight at the default chunk_bytes) is decoded with `piece == size`, so the hasher is never fed "
-    "and the read refuses intact bytes (BlobUnavailableError); a zstd region alone cannot load it",
-)
 @pytest.mark.parametrize("codecs", [{"zs": "zstd"}, {"raw": "none", "zs": "zstd"}], ids=["zstd-store", "mixed"])
 def test_a_256_kib_tensor_loads_from_a_zstd_region(tmp_path, codecs):
     for name in codecs:

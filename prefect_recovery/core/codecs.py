@@ -271,7 +271,8 @@ def decode_into(
     prefault(out)
     # zstd straight into ``out`` in pieces, each hashed as it lands; the planes of
     # bytegroup-zstd are not the chunk's bytes: they are hashed as ``ungroup_bytes`` joins them.
-    piece = HASH_PIECE_BYTES if hasher is not None and codec == "zstd" else size
+    hash_pieces = hasher is not None and codec == "zstd"
+    piece = HASH_PIECE_BYTES if hash_pieces else size
     filled = 0
     try:
         with zstandard.ZstdDecompressor().stream_reader(blob, closefd=False) as reader:
@@ -279,8 +280,8 @@ def decode_into(
                 got = reader.readinto(target[filled : filled + piece])
                 if not got:
                     break
-                if piece != size:
-                    hasher.update(target[filled : filled + got])
+                if hash_pieces:  # (not ``piece != size``: a chunk of exactly one piece went unhashed)
+                    hasher.update(target[filled : filled + got])  # type: ignore[union-attr]
                 filled += got
             # The frame must end here: reading on checks its size and checksum, and a frame
             # that would inflate further yields more bytes (never written into ``out``).
