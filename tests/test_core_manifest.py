@@ -66,7 +66,12 @@ def _manifest(lineage: str = "lin", version: int = 3, step: int | None = 7) -> M
                     name="extra/meta", kind="bytes", size=777, chunks=[ChunkRef(digest=hash_bytes(b"meta"), size=777)]
                 ),
             ],
-            tree={"model": {"layer.0": {"weight": "model/layer.0/weight"}}, "n": [1, 2.5, None]},
+            tree={
+                "dict": [
+                    ["model", {"tensor": "model/layer.0/weight"}],
+                    ["n", {"list": [1, {"float": "0x1.4p+1"}, None]}],
+                ]
+            },
             components=[Component(name="model", durable=True, owner="trainer")],
             metadata={"loss": 0.25, "tags": ["a", "b"]},
             writer={"host": "h", "pid": 1},
@@ -123,7 +128,9 @@ def test_manifest_round_trip_is_exact():
     assert decoded.encode() == data  # canonical: re-encoding gives the same bytes
     assert decoded.entries[0].chunks[1].size == 6
     assert decoded.entries[1].chunks == []
-    assert decoded.tree == {"model": {"layer.0": {"weight": "model/layer.0/weight"}}, "n": [1, 2.5, None]}
+    assert decoded.tree == {
+        "dict": [["model", {"tensor": "model/layer.0/weight"}], ["n", {"list": [1, {"float": "0x1.4p+1"}, None]}]]
+    }
     assert decoded.metadata == {"loss": 0.25, "tags": ["a", "b"]}
     assert decoded.total_bytes == 1240 + 0 + 777
     assert decoded.blob_digests() == [hash_bytes(b"first chunk"), hash_bytes(b"second"), hash_bytes(b"meta")]

@@ -23,6 +23,7 @@ from .errors import ManifestError, ManifestSignatureError
 from .layout import check_entry_name, check_lineage
 from .records import parse_record
 from .signing import Keyring
+from .state_tree import check_tensor_entry, check_tree
 
 FORMAT_NAME = "prefect-recovery/manifest"
 FORMAT_VERSION = 1
@@ -211,6 +212,7 @@ class Entry(_Strict):
                 raise ValueError(f"tensor entry {self.name!r} needs dtype and shape")
             if any(dim < 0 for dim in self.shape):
                 raise ValueError(f"tensor entry {self.name!r} has a negative dimension")
+            check_tensor_entry(self.name, self.dtype, self.shape, self.size)
         return self
 
 
@@ -385,10 +387,12 @@ class ManifestBody(_Strict):
             digests = [page.digest for page in self.pages]
             if len(digests) != len(set(digests)):
                 raise ValueError("a paged manifest lists one page twice")
+            check_tree(self.tree, None)  # its entries are in its pages: the leaves' names are not checked
             return self
         if self.pages is not None:
             raise ValueError("pages are listed only by paged manifests (format_version 2)")
         check_entries(self.entries)
+        check_tree(self.tree, {entry.name: entry.kind for entry in self.entries})
         return self
 
     @property

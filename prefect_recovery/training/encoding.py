@@ -25,6 +25,7 @@ import torch
 
 from ..core.errors import InvalidNameError, ManifestError
 from ..core.manifest import Entry, Manifest
+from ..core.state_tree import DTYPE_SIZES
 from ..core.store_writer import EntryPlan
 
 # How deep the state tree's JSON may nest. A dict node costs 3 JSON levels, a list or tuple 2
@@ -160,6 +161,8 @@ def encode_state(
                     f"{name!r}: only dense tensors can be stored (got {value.layout}, "
                     f"quantized={value.is_quantized}); convert it with .to_dense()/.dequantize()"
                 )
+            if _dtype_name(value.dtype) not in DTYPE_SIZES:
+                raise UnsupportedValueError(f"{name!r}: tensors of dtype {value.dtype} cannot be stored")
             tensor = value.detach()
             if tensor.is_conj():
                 tensor = tensor.resolve_conj()
@@ -397,6 +400,12 @@ def decode_tree(tree: Any, values: Mapping[str, Any], *, keys: Iterable[Key] | N
     def leaf(tag: str, name: str, path: tuple[str | int, ...]) -> Any:
         if name not in values:
             raise ManifestError(f"state tree refers to entry {name!r}, which the manifest lacks")
-        return bytes(values[name]) if tag == "bytes" else values[name]
+        value = values[name]
+        if (tag == "bytes") == isinstance(value, torch.Tensor):
+            raise ManifestError(
+                f"state tree names entry {name!r} as {tag}, but the manifest lists it as "
+                f"{'a tensor' if isinstance(value, torch.Tensor) else 'bytes'}"
+            )
+        return bytes(value) if tag == "bytes" else value
 
     return _walk(tree, _Selection(keys), leaf)
