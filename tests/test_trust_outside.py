@@ -1039,12 +1039,6 @@ def test_export_force_never_writes_through_a_link_in_the_target_directory(tmp_pa
     assert victim.read_text() == "precious" and (out / name).is_symlink()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core/audit.py AuditReport.markdown puts record-derived text (stray entry names, problem details) into "
-    "the markdown the audit flow publishes as a Prefect artifact (flows/audit.py) unescaped, so a region writer "
-    "plants a link or raw HTML in the Prefect UI with a directory name",
-)
 def test_the_audit_markdown_shows_stray_names_as_text(tmp_path: Path):
     (a,), store = _two_versions(tmp_path, count=1)
     (a / "lineages" / "[click here](https:evil.example)").mkdir()

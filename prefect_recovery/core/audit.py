@@ -83,10 +83,10 @@ class AuditReport(BaseModel):
             f"**{'Healthy' if self.healthy else 'PROBLEMS REMAIN'}** — {self.started_at:%Y-%m-%d %H:%M} UTC, "
             f"{self.seconds:.1f} s{' (dry run)' if self.dry_run else ''}",
             "",
-            f"* regions: {', '.join(scrub.regions)}",
+            f"* regions: {text(', '.join(scrub.regions))}",
             f"* lineages: {scrub.lineages}, versions: {scrub.versions}, blobs: {scrub.blobs} "
             f"({scrub.blobs_read} read and re-hashed, {human_bytes(scrub.bytes_checked)})",
-            f"* signing: {scrub.signing}",
+            f"* signing: {text(scrub.signing)}",
             f"* problems: {len(scrub.problems)} found, {len(scrub.unrepaired)} unrepaired",
             f"* under-replicated checkpoints: {sum(row.under_replicated for row in scrub.checkpoints)}",
         ]
@@ -97,7 +97,7 @@ class AuditReport(BaseModel):
             )
         if self.gc is not None:
             if self.gc.refusals:
-                lines.append(f"* garbage collection refused: {'; '.join(self.gc.refusals)}")
+                lines.append(f"* garbage collection refused: {text('; '.join(self.gc.refusals))}")
             else:
                 verb = "would free" if self.dry_run else "freed"
                 stale = sum(len(keys) for keys in self.gc.stale_manifests_deleted.values())
@@ -108,26 +108,42 @@ class AuditReport(BaseModel):
                 )
         if self.replay is not None:
             replay = self.replay
-            verdict = "deterministic" if replay.get("deterministic") else f"NOT deterministic: {replay}"
+            verdict = "deterministic" if replay.get("deterministic") else f"NOT deterministic: {text(str(replay))}"
             lines.append(
-                f"* replay check {replay.get('lineage')} v{replay.get('from_version')}→"
-                f"v{replay.get('to_version')}: {verdict}"
+                f"* replay check {text(str(replay.get('lineage')))} v{text(str(replay.get('from_version')))}→"
+                f"v{text(str(replay.get('to_version')))}: {verdict}"
             )
         repaired = [p for p in scrub.problems if p.repaired]
         if repaired:
             lines += ["", "## Repaired", "", "| checkpoint | region | was | object |", "|---|---|---|---|"]
             for p in repaired[:50]:
                 shown = p.object if len(p.object) <= 40 else p.object[:40] + "…"  # blob keys are 80+ characters
-                lines.append(f"| {p.lineage or '-'} v{p.version or '-'} | {p.region} | {p.kind} | `{shown}` |")
+                checkpoint = f"{text(p.lineage or '-')} v{p.version or '-'}"
+                lines.append(f"| {checkpoint} | {text(p.region)} | {text(p.kind)} | {text(shown)} |")
         if scrub.unrepaired:
             lines += ["", "## Unrepaired problems", "", "| region | object | kind | detail |", "|---|---|---|---|"]
-            lines += [f"| {p.region} | `{p.object}` | {p.kind} | {p.detail} |" for p in scrub.unrepaired[:50]]
+            lines += [
+                f"| {text(p.region)} | {text(p.object)} | {text(p.kind)} | {text(p.detail)} |"
+                for p in scrub.unrepaired[:50]
+            ]
         notes = [*self.notes, *scrub.notes]
         if notes:
-            lines += ["", "## Notes", "", *[f"* {note}" for note in notes[:50]]]
+            lines += ["", "## Notes", "", *[f"* {text(note)}" for note in notes[:50]]]
         for caption, url in (images or {}).items():
-            lines += ["", f"## {caption}", "", f"![{caption}]({url})"]
+            lines += ["", f"## {text(caption)}", "", f"![{text(caption)}]({url})"]
         return "\n".join(lines) + "\n"
+
+
+# What the Prefect UI's markdown renderer would read as markup in store-controlled text (stray
+# entry names, region names, problem details): escaped, so such text shows as itself and can
+# plant no link, image, table cell or raw HTML in the audit artifact.
+_MARKDOWN_SPECIAL = {c: "\\" + c for c in "\\`*_[](){}|~!#"} | {"<": "&lt;", ">": "&gt;", "&": "&amp;"}
+_MARKDOWN_ESCAPES = str.maketrans(_MARKDOWN_SPECIAL | {"\n": " ", "\r": " "})
+
+
+def text(value: str) -> str:
+    """``value`` as literal text in markdown (a table cell or list item): markup escaped."""
+    return str(value).translate(_MARKDOWN_ESCAPES)
 
 
 def human_bytes(count: int) -> str:
