@@ -617,12 +617,6 @@ def test_prefect_results_on_a_mixed_store_round_trip_from_each_region_alone(pref
     assert block.verify(decode=True).healthy
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="result_storage._delete_corrupt_copies re-hashes only a chunk's primary form (and its parents), "
-    "not its other forms: a result rewritten after its copies rotted keeps the compressed regions' "
-    "rotten form blobs (deduplicated by name and size), so those regions alone still cannot read it",
-)
 def test_rewriting_a_rotten_result_on_a_mixed_store_heals_every_regions_copy(tmp_path):
     block = _block(tmp_path, {"raw": "none", "au": "auto"}, quorum=2)
     value = bytes(_bits(_weights(100_000, 3)))

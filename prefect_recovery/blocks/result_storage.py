@@ -39,7 +39,6 @@ from ..core.chunks import resolve_into
 from ..core.digest import algorithm_of, hash_bytes
 from ..core.errors import BlobUnavailableError, CheckpointError, CheckpointNotFoundError, RegionError
 from ..core.layout import blob_key, result_lineage
-from ..core.manifest import ChunkRef
 
 CONTENT_ENTRY = "content"
 PATH_METADATA = "prefect_result_path"
@@ -120,10 +119,8 @@ def _delete_corrupt_copies(
     stored: dict[str, int] = {}
     for entry in store.manifest_entries(manifest, prefer=holders):
         for chunk in entry.chunks:
-            ref: ChunkRef | None = chunk
-            while ref is not None:  # a delta chunk's parents are blobs it needs too
-                stored[ref.digest] = ref.blob_size
-                ref = ref.parent
+            # Every blob the chunk needs: a delta's parents, and each region codec's form (FORMAT.md).
+            stored.update(chunk.blobs())
     written, regions = fresh
     if written is not None and written >= sum(stored.values()) * regions:
         return []
