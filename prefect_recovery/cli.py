@@ -32,7 +32,8 @@ from rich.table import Table
 from .blocks import CheckpointStore
 from .core import CheckpointError
 from .core.audit import human_bytes
-from .core.errors import ManifestError, RegionConfigError
+from .core.codecs import check_codec
+from .core.errors import InvalidArgumentError, ManifestError, RegionConfigError
 from .core.redact import scrub, scrub_obj
 
 try:  # typer vendors click (typer._click) and raises its exceptions
@@ -130,6 +131,14 @@ RegionOpt = Annotated[
     typer.Option("--region", help="Region URL or local path (repeat for several regions)."),
 ]
 StoreOpt = Annotated[str | None, typer.Option("--store", help="Name of a saved CheckpointStore block.")]
+RegionCodecOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--region-codec",
+        help="REGION=CODEC: the codec a --region stores chunks in (none, zstd, bytegroup-zstd, auto), as the "
+        "store's region_codecs say; repeat per region. Without it, verify and repair take every --region for raw.",
+    ),
+]
 QuorumOpt = Annotated[int, typer.Option("--quorum", min=1, help="Write quorum when --region is given.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
@@ -212,9 +221,14 @@ def _pipeline_failed(exc: BaseException, as_json: bool) -> NoReturn:
     _fail(f"the pipeline failed: {type(exc).__name__}: {exc}", as_json, code=1)
 
 
-def open_store(regions: list[str] | None, store: str | None, quorum: int = 1) -> CheckpointStore:
+def open_store(
+    regions: list[str] | None, store: str | None, quorum: int = 1, region_codecs: list[str] | None = None
+) -> CheckpointStore:
     if regions and store:
         raise typer.BadParameter("give either --region or --store, not both")
+    if region_codecs and not regions:
+        raise typer.BadParameter("--region-codec names a --region's codec: give the --region options too (a --store "
+                                 "block has its own region_codecs)")  # fmt: skip
     if store:
         import httpx
 
@@ -233,8 +247,17 @@ def open_store(regions: list[str] | None, store: str | None, quorum: int = 1) ->
                 f"--quorum {quorum} is more than the {len(regions)} region(s) given: give a quorum of at most "
                 f"{len(regions)}, or more --region options"
             )
+        codecs: dict[str, str] = {}
+        for item in region_codecs or []:
+            region, sep, codec = item.rpartition("=")
+            if not sep or not region:
+                raise typer.BadParameter(f"--region-codec {item!r}: give REGION=CODEC, e.g. s3://bucket/ckpt=auto")
+            try:
+                codecs[region] = check_codec(codec)
+            except InvalidArgumentError as exc:
+                raise typer.BadParameter(f"--region-codec {item!r}: {exc}") from None
         try:
-            return CheckpointStore(regions=regions, write_quorum=quorum)
+            return CheckpointStore(regions=regions, write_quorum=quorum, region_codecs=codecs)
         except RegionConfigError as exc:
             raise RegionConfigError(f"--region: {exc}") from None
     return CheckpointStore.default()
@@ -367,6 +390,7 @@ def verify(
         bool, typer.Option("--decode", help="Also decode compressed and delta chunks and check their content digest.")
     ] = False,
     region: RegionOpt = None,
+    region_codec: RegionCodecOpt = None,
     store: StoreOpt = None,
     quorum: QuorumOpt = 1,
     as_json: JsonOpt = False,
@@ -374,7 +398,8 @@ def verify(
     """Re-hash every manifest and blob in every region. Exit 0 when healthy, 1 otherwise."""
     try:
         with _progress(as_json, "verifying blobs"):
-            report = open_store(region, store, quorum).verify(repair=repair, lineage=lineage, decode=decode)
+            opened = open_store(region, store, quorum, region_codec)
+            report = opened.verify(repair=repair, lineage=lineage, decode=decode)
     except CheckpointError as exc:
         _fail(str(exc), as_json)
     if as_json:
@@ -418,6 +443,7 @@ def audit_command(
     lineage: Annotated[str | None, typer.Option("--lineage", help="Only this lineage (no GC).")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of the read-data sample.")] = None,
     region: RegionOpt = None,
+    region_codec: RegionCodecOpt = None,
     store: StoreOpt = None,
     quorum: QuorumOpt = 1,
     as_json: JsonOpt = False,
@@ -425,7 +451,7 @@ def audit_command(
     """Scrub, repair and prune the store (the audit flow's work, without Prefect). Exit 0 when healthy."""
     try:
         with _progress(as_json, "auditing blobs"):
-            report = open_store(region, store, quorum).audit(
+            report = open_store(region, store, quorum, region_codec).audit(
                 read_data=read_data,
                 repair=repair,
                 apply_retention=retention,

@@ -263,21 +263,25 @@ def test_the_cli_on_a_saved_block_with_region_codecs_inits_lists_verifies_repair
     assert bad.returncode != 0 and "Traceback" not in bad.stderr + bad.stdout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.open_store: --region flags build a store whose every region is codec none, so verify on a "
-    "healthy mixed-codec store reports every compressed region's raw forms missing, and --repair/audit "
-    "write raw copies into the compressed regions (no --region-codec option, no way to say them)",
-)
 def test_verify_with_region_flags_on_a_healthy_mixed_store_finds_nothing_and_repair_writes_nothing(tmp_path):
+    """--region flags cannot know each region's codec: --region-codec REGION=CODEC says it (as the block's
+    region_codecs do), and verify/repair/audit then expect each region's own form."""
     block = _block(tmp_path, THREE, quorum=3)
     block.save_checkpoint(_state(1), lineage="flags")
     assert block.verify().healthy
     sizes = {name: _blob_bytes(tmp_path / name) for name in THREE}
     flags = [arg for name in THREE for arg in ("--region", str(tmp_path / name))]
+    flags += [arg for name, codec in THREE.items() for arg in ("--region-codec", f"{tmp_path / name}={codec}")]
     found = _cli("verify", *flags, "--json")
     assert json.loads(found.stdout)["problems"] == [], found.stdout[:2000]
     _cli("verify", *flags, "--repair", "--json")
+    audited = _cli("audit", *flags, "--no-retention", "--json")
+    assert json.loads(audited.stdout)["healthy"] is True, audited.stdout[:2000]
+    assert {name: _blob_bytes(tmp_path / name) for name in THREE} == sizes
+    # A mistyped codec or a codec for a region not given: one line, exit 2, nothing written.
+    for bad in (f"{tmp_path / 'zs'}=gzip", f"{tmp_path / 'elsewhere'}=auto", "auto"):
+        refused = _cli("verify", *flags[:6], "--region-codec", bad, "--repair")
+        assert refused.returncode == 2 and "--region" in refused.stderr, refused.stderr
     assert {name: _blob_bytes(tmp_path / name) for name in THREE} == sizes
 
 
