@@ -725,11 +725,6 @@ def test_a_crafted_event_copy_is_skipped_for_the_good_copy_and_a_hole_when_it_is
         journal.events()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core/verify.py verify_store does not read journals: a committed seq with no intact copy (which stops "
-    "history, recover and retention of the lineage) is reported healthy, so `verify` cannot show the damage",
-)
 def test_verify_reports_a_journal_hole(tmp_path: Path):
     (a,) = _regions(tmp_path, 1)
     store = _store([a])
@@ -798,13 +793,6 @@ def test_gc_never_sweeps_blobs_named_by_manifests_it_cannot_read(tmp_path: Path,
     assert _load(store, "run", 1) == (1, _data("v1")) and _load(store, "run") == (2, _data("v2"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core/verify.py verify_store (and so the audit) reports healthy, 0 versions, when lineages/<lineage> or "
-    "its manifests/ directory is a symbolic link: the ForeignObjectError of the listing is not reported, though "
-    "FORMAT.md ('Symbolic links') says verify reports a link in place of a layout directory; the lineage's "
-    "checkpoints meanwhile read as 'no consistent checkpoint' and GC refuses to sweep",
-)
 @pytest.mark.parametrize("what", ["lineage directory", "manifests directory"])
 def test_verify_reports_a_linked_lineage_directory(tmp_path: Path, what: str):
     (a,), store = _two_versions(tmp_path, count=1)
@@ -932,13 +920,6 @@ def test_a_store_opened_with_the_wrong_signing_key_says_so_and_never_prints_a_ke
     assert _load(store, "run") == (2, _data("v2"))  # the right key still loads everything
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core/store_consistency.py Store.resolve/list and core/store_listing.py lineages treat 'no region could "
-    "be listed' as 'no checkpoints': with every region down (wrong credentials, unmounted disk) load raises "
-    "CheckpointNotFoundError 'has no consistent checkpoint', list() is [] and CheckpointStore.latest() is None "
-    "(Journal.read raises for the same case)",
-)
 def test_a_store_none_of_whose_regions_answers_says_so_instead_of_empty(tmp_path: Path):
     (a,) = _regions(tmp_path, 1)
     block = CheckpointStore(regions=[str(a)])

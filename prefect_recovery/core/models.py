@@ -24,7 +24,17 @@ class CheckpointInfo(BaseModel):
     metadata: dict[str, JsonValue] = Field(default_factory=dict)
 
 
-ProblemKind = Literal["missing", "corrupt", "unreadable manifest", "bad signature", "unreachable region"]
+ProblemKind = Literal[
+    "missing",
+    "corrupt",
+    "unreadable manifest",
+    "bad signature",
+    "unreachable region",
+    # A layout directory that cannot be listed (a symbolic link in its place), and a committed
+    # journal event with no intact copy anywhere: reported, never repaired (nothing to copy from).
+    "unreadable listing",
+    "journal hole",
+]
 
 
 class Problem(BaseModel):

@@ -212,6 +212,7 @@ class StoreConsistency(StoreListing):
         """
         check_lineage(lineage)
         listing = self.version_listing(lineage)
+        self.require_answer(listing[1], f"the checkpoints of lineage {lineage!r}")
         listed = listing[0]
         candidates = [version] if version is not None else sorted(listed, reverse=True)
         for candidate in candidates:
@@ -253,8 +254,14 @@ class StoreConsistency(StoreListing):
         ``latest`` and ``recover`` never silently fall back past a forged newest version.
         """
         infos = []
-        for name in [lineage] if lineage else self.lineages():
+        if lineage:
+            names = [lineage]
+        else:
+            names, _strays, unreachable = self._lineage_listing()
+            self.require_answer(unreachable, "the lineages")
+        for name in names:
             listing = self.version_listing(name)
+            self.require_answer(listing[1], f"the checkpoints of lineage {name!r}")
             untrusted: tuple[int, ManifestCopies] | None = None
             for version in listing[0]:
                 found, copies = self._consistent(name, version, listing)

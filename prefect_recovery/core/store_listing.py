@@ -10,10 +10,13 @@ lineage names are strays: reported, never touched.
 
 from __future__ import annotations
 
-from .errors import InvalidNameError, RegionError
+from .errors import InvalidNameError, RegionError, RegionUnavailableError
 from .layout import check_lineage, lineages_prefix, manifests_prefix, version_from_manifest_name
 from .region_object import RegionIO
 from .store_reads import StoreReads
+
+# Why a region was not listed when a recent read of it stalled (not asked again for a while).
+STALLED = "stalled recently; skipped"
 
 
 class StoreListing(StoreReads):
@@ -26,7 +29,7 @@ class StoreListing(StoreReads):
 
         def one(region: RegionIO) -> None:
             if self._is_slow(region):
-                causes[region.name] = "stalled recently; skipped"
+                causes[region.name] = STALLED
                 return
             try:
                 names[region.name] = self._bounded(region, region.list, prefix)
@@ -46,8 +49,20 @@ class StoreListing(StoreReads):
         not the store's, never read, written or deleted; verify and the audit report them."""
         return self._lineage_listing()[1]
 
-    def _lineage_listing(self) -> tuple[list[str], list[str]]:
-        listed, _causes = self._list_all(lineages_prefix())
+    def require_answer(self, unreachable: dict[str, str], what: str) -> None:
+        """RegionUnavailableError when no region could be listed (``unreachable`` names every one):
+        the store cannot tell what it holds, which is never "no checkpoints" (wrong credentials,
+        an unmounted disk). One region down of several is the consistency rule's business."""
+        if self.region_names and all(name in unreachable for name in self.region_names):
+            causes = "; ".join(unreachable[name] for name in self.region_names)
+            raise RegionUnavailableError(
+                ", ".join(self.region_names),
+                f"no region of the store answers, so {what} cannot be listed ({causes}). Nothing was read or "
+                "changed: fix each region named here (credentials, network, the disk it lives on) and try again",
+            )
+
+    def _lineage_listing(self) -> tuple[list[str], list[str], dict[str, str]]:
+        listed, causes = self._list_all(lineages_prefix())
         names: set[str] = set()
         strays: list[str] = []
         for region in self.region_names:
@@ -56,7 +71,7 @@ class StoreListing(StoreReads):
                     names.add(check_lineage(name))
                 except InvalidNameError:
                     strays.append(f"{region}: lineages/{name}")
-        return sorted(names), strays
+        return sorted(names), strays, causes
 
     def reachable_regions(self) -> tuple[list[RegionIO], dict[str, str]]:
         reachable, causes = [], {}

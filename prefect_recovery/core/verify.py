@@ -29,7 +29,7 @@ from .errors import (
     RegionError,
 )
 from .journal import Journal
-from .layout import blob_key, manifest_key
+from .layout import blob_key, journal_key, journal_prefix, manifest_key, manifests_prefix
 from .manifest import ChunkRef, Manifest, canonical_json
 from .models import CheckpointAudit, Problem, VerifyReport
 from .progress import advance
@@ -42,6 +42,7 @@ from .region_codecs import (
 )
 from .region_object import RegionIO
 from .store import Store
+from .store_listing import STALLED
 
 
 def _signature_status(store: Store, manifest: Manifest) -> str:
@@ -74,6 +75,30 @@ def _journaled_commits(store: Store, lineage: str) -> tuple[dict[int, str | None
         if event.kind == "checkpoint_committed" and isinstance(version, int) and not isinstance(version, bool):
             found[version] = digest if isinstance(digest, str) else None
     return found, None
+
+
+def _journal_problems(store: Store, lineage: str) -> list[Problem]:
+    """The journal of ``lineage`` read as history, recover and retention read it (``Journal.read``):
+    a committed event with no intact copy in any region (a hole) stops them, so it is a problem."""
+    try:
+        found = Journal(store, lineage).read()
+    except (JournalError, RegionError) as exc:
+        return [
+            Problem(region="*", object=journal_prefix(lineage), kind="journal hole", detail=str(exc), lineage=lineage)
+        ]
+    return [
+        Problem(
+            region=region,
+            object=journal_key(lineage, seq),
+            kind="journal hole",
+            detail=f"event {seq} has no intact copy in any region ({cause}): history, recover and retention of the "
+            "lineage stop here. Put back an intact copy (a backup's), or move the file out of "
+            f"lineages/{lineage}/journal/ if it is not an event of this lineage",
+            lineage=lineage,
+        )
+        for seq, causes in found.lost.items()
+        for region, cause in causes.items()
+    ]
 
 
 def _replace(region: RegionIO, key: str, good: bytes) -> None:
@@ -150,7 +175,21 @@ def verify_store(
             notes.append(f"{stray} is not a lineage name: not the store's, skipped (remove it if it is not yours)")
     for name in lineages:
         journaled: tuple[dict[int, str | None], str | None] | None = None  # read once, when needed
-        for version in store.versions(name):
+        listed, unlisted = store.version_listing(name)
+        for region, cause in unlisted.items():
+            if region in up and cause != STALLED:  # answers, but its manifests of this lineage cannot be listed
+                problems.append(
+                    Problem(
+                        region=region,
+                        object=manifests_prefix(name),
+                        kind="unreadable listing",
+                        detail=f"{cause}; the lineage's checkpoints in this region cannot be seen until it is fixed",
+                        lineage=name,
+                    )
+                )
+        if up:
+            problems += _journal_problems(store, name)
+        for version in listed:
             versions += 1
             key = manifest_key(name, version)
             copies = store.manifest_copies(name, version, up)
