@@ -467,3 +467,21 @@ def test_a_small_dcp_checkpoint_stays_one_manifest_file_and_no_rank_pages(tmp_pa
     dcp.save(saved, storage_writer=dcp_writer(store, "dcp", step=11))
     manifest, _ = store.resolve("dcp")
     assert manifest.paged and len(calls) == 2 and len(calls[0]) == 14
+
+
+def test_a_paged_manifests_tree_naming_no_entry_of_its_pages_is_refused_and_reported(tmp_path):
+    """The single-file form's schema checks that each tree leaf names an entry of its kind; a paged
+    root's entries are in its pages, so the check runs when every page has been read."""
+    from helpers.tamper import reseal
+
+    store = make_store(regions_at(tmp_path, "a", "b"))
+    info = save_state(store, state(1), lineage="run", step=1)
+    raw = json.loads(manifest_file(tmp_path, "a", "run", info.version).read_bytes())
+    raw["tree"] = {"dict": [["model", {"tensor": "model/not-saved"}]]}
+    for region in ("a", "b"):
+        manifest_file(tmp_path, region, "run", info.version).write_bytes(reseal(raw))
+    with pytest.raises(ManifestError, match="lacks"):
+        load_state(store, lineage="run")
+    report = verify_store(store)
+    assert not report.healthy
+    assert any(p.kind == "unreadable manifest" and "lacks" in p.detail for p in report.problems)

@@ -23,6 +23,7 @@ from .digest import HashAlgorithm, hash_bytes
 from .errors import ManifestError, RegionError
 from .layout import blob_key
 from .manifest import Entry, Manifest, PageRef, check_entries, decode_page, state_digest_of
+from .state_tree import check_tree
 from .store_reads import StoreReads
 
 # A page is closed at this many bytes of JSON (or ``page_entries`` entries), and a manifest
@@ -72,6 +73,8 @@ class StorePages(StoreReads):
         entries = [entry for page in pages for entry in page]
         try:
             check_entries(entries)  # what the single-file form's schema checks, across pages
+            if wanted is None:  # every page read: the tree's leaves name entries of their kind
+                check_tree(manifest.tree, {entry.name: entry.kind for entry in entries})
         except ValueError as exc:
             raise ManifestError(f"lineage {manifest.lineage!r} version {manifest.version}: {exc}") from None
         return entries
