@@ -539,3 +539,17 @@ def test_export_of_a_dcp_checkpoint_writes_every_tensor_whole(tmp_path):
     assert_same(saved["extra"], exported["extra"])
     moments = exported["optim"]["state"]
     assert_same({str(index): value for index, value in saved["optim"]["state"].items()}, moments)
+
+
+def test_a_quantized_tensor_is_the_writers_typed_error_and_commits_nothing(tmp_path):
+    """Its scale and zero-point live outside its bytes, and no reader could rebuild it from the
+    manifest (core/state_tree.py DTYPE_SIZES): refused for the item, before any manifest."""
+    store = make_store(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch deprecates quantize_per_tensor
+        quantized = torch.quantize_per_tensor(torch.ones(4), 0.1, 0, torch.qint8)
+    with pytest.raises(BaseException) as caught:
+        dcp.save({"q": quantized, "w": torch.ones(2)}, storage_writer=dcp_writer(store, "run"))
+    [error] = rank_errors(caught.value).values()
+    assert isinstance(error, DCPArgumentError) and "qint8" in str(error) and "'q'" in str(error)
+    assert store.latest("run") is None

@@ -59,6 +59,7 @@ from ..core.manifest import Component, Entry, Manifest, PageRef, ShardInfo
 from ..core.models import CheckpointInfo
 from ..core.observe import StoreEvent, notify
 from ..core.region_local import LocalRegionIO
+from ..core.state_tree import DTYPE_SIZES
 from ..core.store import EntryPlan, Store, WrittenEntries, core_store
 from ..training.encoding import _dtype_name, _path_part, allocate, contiguous_copy, reusable, tensor_bytes
 from .errors import (
@@ -265,6 +266,8 @@ class StoreWriter(StorageWriter):
             return EntryPlan(name=bytes_entry_name(fqn), kind="bytes", data=buffer, component=_component(fqn))
         if not isinstance(data, torch.Tensor) or item.tensor_data is None:
             raise DCPArgumentError(f"item {fqn!r} resolved to a {type(data).__name__}, not a tensor")
+        if _dtype_name(data.dtype) not in DTYPE_SIZES:  # quantized: scale/zero-point live outside the bytes
+            raise DCPArgumentError(f"item {fqn!r}: tensors of dtype {data.dtype} cannot be stored; dequantize it")
         tensor = data.detach()
         if tensor.device.type != "cpu":
             tensor = tensor.to("cpu")
