@@ -156,6 +156,9 @@ class _NoFlowTracebacks(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and not _debug():
+            exc = record.exc_info[1]
+            if exc is not None:  # the exception stays in the line: "... transaction 'k': QuorumNotMetError: ..."
+                record.msg, record.args = f"{record.getMessage()}: {type(exc).__name__}: {scrub(str(exc))}", ()
             record.exc_info = None
             record.exc_text = None
         return True

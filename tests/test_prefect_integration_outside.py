@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from decimal import Decimal
 from pathlib import Path
@@ -560,17 +561,26 @@ def _document(name: str) -> dict[str, Any]:
     return {"id": document.id, "data": document.data, "schema_id": document.block_schema_id}
 
 
-def _patch(document_id: Any, data: dict[str, Any]) -> None:
+def _http(method: str, url: str, **kwargs: Any) -> Any:
+    """One API call, retried while the busy SQLite-backed test server answers 503 (seen under the full suite)."""
     import httpx
 
-    response = httpx.patch(
-        f"{api_url()}/block_documents/{document_id}", json={"data": data, "merge_existing_data": False}
+    for attempt in range(20):
+        response = httpx.request(method, url, timeout=30, **kwargs)
+        if response.status_code != 503:
+            return response
+        time.sleep(min(0.25 * 2**attempt, 3))
+    return response
+
+
+def _patch(document_id: Any, data: dict[str, Any]) -> None:
+    response = _http(
+        "PATCH", f"{api_url()}/block_documents/{document_id}", json={"data": data, "merge_existing_data": False}
     )
     assert response.status_code == 204, response.text
 
 
 def test_invalid_values_are_named_by_the_servers_form_validation_and_by_load(prefect_server, tmp_path: Path) -> None:
-    import httpx
 
     a, b = regions(tmp_path, "region-a", "region-b")
     name = f"edited-{uuid.uuid4().hex[:8]}"
@@ -581,7 +591,7 @@ def test_invalid_values_are_named_by_the_servers_form_validation_and_by_load(pre
     ).save(name)
     document = _document(name)
     assert SECRET not in json.dumps(document["data"])
-    schema = httpx.get(f"{api_url()}/block_schemas/{document['schema_id']}").json()["fields"]
+    schema = _http("GET", f"{api_url()}/block_schemas/{document['schema_id']}").json()["fields"]
 
     bad_values = {
         "write_quorum": 0,
@@ -594,7 +604,7 @@ def test_invalid_values_are_named_by_the_servers_form_validation_and_by_load(pre
     for field, bad in bad_values.items():
         values = {**document["data"], field: bad}
         # what the UI's schema form asks the server before Save
-        response = httpx.post(f"{api_url()}/ui/schemas/validate", json={"schema": schema, "values": values})
+        response = _http("POST", f"{api_url()}/ui/schemas/validate", json={"schema": schema, "values": values})
         assert response.status_code == 200, response.text
         errors = response.json()
         assert not errors["valid"], field
