@@ -62,9 +62,10 @@ DTYPE_SIZES: dict[str, int] = {
     "uint64": 8,
 }
 
-# How deep the tree's JSON may nest (training/encoding.py MAX_JSON_DEPTH): a dict node costs 3
-# levels, a list or tuple 2.
+# How deep the tree's JSON may nest (pydantic validates JSON values up to about 255 levels): a dict
+# node costs 3 levels, a list or tuple 2.
 MAX_TREE_DEPTH = 250
+DICT_LEVELS, SEQUENCE_LEVELS = 3, 2
 _NAN = re.compile(r"nan:[0-9a-fA-F]{16}")
 
 
@@ -85,6 +86,13 @@ def decode_float(text: str) -> float:
             raise ValueError(f"malformed NaN {text[:40]!r} in state tree")
         return struct.unpack(">d", bytes.fromhex(text[4:]))[0]
     return float.fromhex(text)
+
+
+def is_dict_pair(pair: Any) -> bool:
+    """A dict node's ``[key, value]`` item, its key a str or int (never a bool)."""
+    return (
+        isinstance(pair, list) and len(pair) == 2 and not isinstance(pair[0], bool) and isinstance(pair[0], (str, int))
+    )
 
 
 def check_tree(tree: Any, kinds: Mapping[str, str] | None) -> None:
@@ -118,17 +126,12 @@ def check_tree(tree: Any, kinds: Mapping[str, str] | None) -> None:
             if not isinstance(body, list):
                 raise ValueError("malformed dict node in state tree")
             for pair in body:
-                if (
-                    not isinstance(pair, list)
-                    or len(pair) != 2
-                    or isinstance(pair[0], bool)
-                    or not isinstance(pair[0], (str, int))
-                ):
+                if not is_dict_pair(pair):
                     raise ValueError("malformed dict node in state tree")
-                stack.append((pair[1], depth + 3))
+                stack.append((pair[1], depth + DICT_LEVELS))
         elif tag in ("list", "tuple"):
             if not isinstance(body, list):
                 raise ValueError(f"malformed {tag} node in state tree")
-            stack.extend((child, depth + 2) for child in body)
+            stack.extend((child, depth + SEQUENCE_LEVELS) for child in body)
         else:
             raise ValueError(f"unknown node type {str(tag)[:40]!r} in state tree")

@@ -25,13 +25,12 @@ import torch
 
 from ..core.errors import InvalidNameError, ManifestError
 from ..core.manifest import Entry, Manifest
-from ..core.state_tree import DTYPE_SIZES
+from ..core.state_tree import DICT_LEVELS, DTYPE_SIZES, MAX_TREE_DEPTH, SEQUENCE_LEVELS, decode_float, is_dict_pair
 from ..core.store_writer import EntryPlan
 
-# How deep the state tree's JSON may nest. A dict node costs 3 JSON levels, a list or tuple 2
-# (FORMAT.md, "State tree"); pydantic validates JSON values up to about 255 levels.
-MAX_JSON_DEPTH = 250
-_DICT_LEVELS, _SEQUENCE_LEVELS = 3, 2
+# How deep the state tree's JSON may nest (FORMAT.md, "State tree"; core/state_tree.py checks it on read).
+MAX_JSON_DEPTH = MAX_TREE_DEPTH
+_DICT_LEVELS, _SEQUENCE_LEVELS = DICT_LEVELS, SEQUENCE_LEVELS
 
 # Every dtype this torch build can store as raw bytes, by its name without the "torch." prefix.
 # Quantized dtypes carry scale/zero-point outside their bytes, so they are left out.
@@ -82,12 +81,6 @@ def encode_float(value: float) -> str:
     if math.isnan(value):
         return "nan:" + struct.pack(">d", value).hex()
     return float(value).hex()
-
-
-def decode_float(text: str) -> float:
-    if text.startswith("nan:"):
-        return struct.unpack(">d", bytes.fromhex(text[4:]))[0]
-    return float.fromhex(text)
 
 
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -310,7 +303,7 @@ def _walk(tree: Any, selection: _Selection, leaf: Callable[..., Any], depth: int
                 return MISSING
             try:
                 return decode_float(body)
-            except (TypeError, ValueError, struct.error):
+            except (TypeError, ValueError, AttributeError, struct.error):
                 raise ManifestError(f"malformed float {body!r} in state tree") from None
         if tag in ("tensor", "bytes"):
             if not isinstance(body, str):
@@ -321,12 +314,7 @@ def _walk(tree: Any, selection: _Selection, leaf: Callable[..., Any], depth: int
                 raise ManifestError("malformed dict node in state tree")
             result = {}
             for pair in body:
-                if (
-                    not isinstance(pair, list)
-                    or len(pair) != 2
-                    or isinstance(pair[0], bool)
-                    or not isinstance(pair[0], (str, int))
-                ):
+                if not is_dict_pair(pair):
                     raise ManifestError("malformed dict node in state tree")
                 child = build(pair[1], (*path, pair[0]), depth + _DICT_LEVELS)
                 if child is not MISSING:
