@@ -22,7 +22,7 @@ import pytest
 import torch
 import zstandard
 from conftest import CLI
-from helpers.tamper import reseal
+from helpers.tamper import manifest_path, raw_manifest, read_entry, reseal
 
 from prefect_recovery import CheckpointStore
 from prefect_recovery.core import (
@@ -42,7 +42,7 @@ from prefect_recovery.core import (
 )
 from prefect_recovery.core.audit import audit_store
 from prefect_recovery.core.digest import hash_bytes
-from prefect_recovery.core.layout import blob_key, journal_key, manifest_key
+from prefect_recovery.core.layout import blob_key, journal_key
 from prefect_recovery.core.manifest import Component
 from prefect_recovery.core.signing import Keyring
 from prefect_recovery.training.encoding import decode_tree
@@ -74,21 +74,6 @@ def _save(store: Store, lineage: str, data: bytes, step: int | None = None):
     return store.commit(
         lineage, [EntryPlan(name="w", kind="bytes", data=memoryview(data))], step=step, components=[Component(name="w")]
     )
-
-
-def _load(store: Store, lineage: str, version: int | None = None) -> tuple[int, bytes]:
-    manifest, holders = store.resolve(lineage, version)
-    buffers = {entry.name: bytearray(entry.size) for entry in manifest.entries}
-    store.read_entries_into([(e, memoryview(buffers[e.name])) for e in manifest.entries], prefer=holders)
-    return manifest.version, bytes(buffers["w"])
-
-
-def _mpath(region: Path, lineage: str, version: int) -> Path:
-    return region / manifest_key(lineage, version)
-
-
-def _raw(region: Path, lineage: str, version: int) -> dict:
-    return json.loads(_mpath(region, lineage, version).read_bytes())
 
 
 def _age(root: Path) -> None:
@@ -221,27 +206,27 @@ def test_a_crafted_manifest_is_a_damaged_copy_served_by_the_other_region_and_rep
     """One region's copy of the newest manifest is crafted; the other region serves it, verify names the
     crafted copy, repair replaces it, and the crafted copy in every region leaves v1 the latest."""
     (a, b), store = _two_versions(tmp_path)
-    path = _mpath(a, "run", 2)
+    path = manifest_path(a, "run", 2)
     text = path.read_text()
     crafted = CRAFTED_FIELDS[case](text)
     path.write_bytes(crafted.encode("utf-16") if case == "utf16" else crafted.encode("utf-8", "surrogatepass"))
-    assert path.read_bytes() != _mpath(b, "run", 2).read_bytes()
-    assert _load(store, "run") == (2, _data("v2"))
+    assert path.read_bytes() != manifest_path(b, "run", 2).read_bytes()
+    assert read_entry(store, "run") == (2, _data("v2"))
     report = verify_store(store)
     assert not report.healthy
     assert [(p.region, p.version) for p in report.problems] == [(str(a), 2)], report.problems
     assert all(len(p.detail) < 2000 for p in report.problems), "a problem's text is bounded, whatever the record"
     repaired = verify_store(store, repair=True)
     assert repaired.healthy, repaired.problems
-    assert path.read_bytes() == _mpath(b, "run", 2).read_bytes()
+    assert path.read_bytes() == manifest_path(b, "run", 2).read_bytes()
 
     # the same craft in every region: the version is damaged everywhere and latest is the version below
     path.write_bytes(crafted.encode("utf-16") if case == "utf16" else crafted.encode("utf-8", "surrogatepass"))
-    shutil.copyfile(path, _mpath(b, "run", 2))
-    assert _load(store, "run") == (1, _data("v1"))
+    shutil.copyfile(path, manifest_path(b, "run", 2))
+    assert read_entry(store, "run") == (1, _data("v1"))
     assert [info.version for info in store.list("run")] == [1]
     with pytest.raises(CheckpointNotFoundError):
-        _load(store, "run", 2)
+        read_entry(store, "run", 2)
     assert not verify_store(store).healthy
 
 
@@ -267,9 +252,9 @@ def _tensor_versions(tmp_path: Path) -> tuple[list[Path], CheckpointStore]:
 @pytest.mark.parametrize("defect", sorted(TREE_DEFECTS))
 def test_a_version_whose_tree_cannot_be_decoded_is_not_reported_healthy(tmp_path: Path, defect: str):
     (a,), block = _tensor_versions(tmp_path)
-    raw = _raw(a, "run", 2)
+    raw = raw_manifest(a, "run", 2)
     TREE_DEFECTS[defect](raw)
-    _mpath(a, "run", 2).write_bytes(reseal(raw))
+    manifest_path(a, "run", 2).write_bytes(reseal(raw))
     with pytest.raises(CheckpointError):
         block.load_checkpoint(lineage="run", version=2)
     assert not verify_store(block.core).healthy
@@ -277,9 +262,9 @@ def test_a_version_whose_tree_cannot_be_decoded_is_not_reported_healthy(tmp_path
 
 def test_a_bytes_node_naming_a_tensor_entry_is_the_stores_error(tmp_path: Path):
     (a,), block = _tensor_versions(tmp_path)
-    raw = _raw(a, "run", 2)
+    raw = raw_manifest(a, "run", 2)
     TREE_DEFECTS["tensor-entry-as-bytes"](raw)
-    _mpath(a, "run", 2).write_bytes(reseal(raw))
+    manifest_path(a, "run", 2).write_bytes(reseal(raw))
     # a damaged copy (core/state_tree.py): "latest" falls back to v1, and v2 by number is the store's error
     assert block.load_checkpoint(lineage="run")["n"] == 1
     with pytest.raises(CheckpointError, match="lists as tensor"):
@@ -360,13 +345,13 @@ def test_a_damaged_blob_under_a_signed_manifest_is_served_from_the_other_region_
     other = _blob_path(a, store, 1) if how != "link-to-the-good-copy" else _blob_path(b, store, 2)
     _damage_blob(target, other, how)
 
-    assert _load(store, "run") == (2, _data("v2"))
+    assert read_entry(store, "run") == (2, _data("v2"))
     report = verify_store(store)
     assert not report.healthy
     assert {p.region for p in report.problems} == {str(a)}
     assert verify_store(store, repair=True).healthy
     assert target.is_file() and not target.is_symlink() and hash_bytes(target.read_bytes()).endswith(target.name)
-    assert _load(store, "run", 1) == (1, _data("v1"))
+    assert read_entry(store, "run", 1) == (1, _data("v1"))
 
 
 @pytest.mark.parametrize("how", [h for h in BLOB_DAMAGE if h != "link-to-the-good-copy"])
@@ -377,12 +362,12 @@ def test_a_damaged_blob_in_every_region_is_never_wrong_bytes(tmp_path: Path, how
     _damage_blob(_blob_path(a, store, 2), _blob_path(a, store, 1), how)
     if how in ("swapped-for-another-blob", "bit-flip"):
         with pytest.raises(BlobUnavailableError, match="no intact copy"):
-            _load(store, "run")
+            read_entry(store, "run")
     else:
-        assert _load(store, "run") == (1, _data("v1"))
+        assert read_entry(store, "run") == (1, _data("v1"))
         with pytest.raises(CheckpointError):
-            _load(store, "run", 2)
-    assert _load(store, "run", 1) == (1, _data("v1"))
+            read_entry(store, "run", 2)
+    assert read_entry(store, "run", 1) == (1, _data("v1"))
     report = verify_store(store)
     assert not report.healthy and {p.version for p in report.problems if p.version is not None} <= {2}
 
@@ -393,25 +378,25 @@ def test_a_replayed_older_signed_manifest_never_loads_as_a_newer_version(tmp_pat
     _save(store, "other", _data("o1"))
     # v1's signed bytes as v3, and lineage other's v1 as run v4: valid signatures, wrong places
     for region in (a, b):
-        shutil.copyfile(_mpath(region, "run", 1), _mpath(region, "run", 3))
-        shutil.copyfile(_mpath(region, "other", 1), _mpath(region, "run", 4))
+        shutil.copyfile(manifest_path(region, "run", 1), manifest_path(region, "run", 3))
+        shutil.copyfile(manifest_path(region, "other", 1), manifest_path(region, "run", 4))
     for read in (lambda: store.resolve("run"), lambda: store.list("run")):
         with pytest.raises(ManifestError, match="version 4"):
             read()
-    assert _load(store, "run", 2) == (2, _data("v2"))  # asked for by number, the real ones load
-    assert _load(store, "other") == (1, _data("o1"))
+    assert read_entry(store, "run", 2) == (2, _data("v2"))  # asked for by number, the real ones load
+    assert read_entry(store, "other") == (1, _data("o1"))
     report = verify_store(store)
     assert not report.healthy and {p.version for p in report.problems} == {3, 4}
 
 
 def test_a_replayed_signed_manifest_in_place_of_a_lost_copy_is_replaced_by_repair(tmp_path: Path):
     (a, b), store = _two_versions(tmp_path, signed=True)
-    _mpath(a, "run", 2).unlink()
-    shutil.copyfile(_mpath(a, "run", 1), _mpath(a, "run", 2))  # an older signed manifest under v2's name
-    assert _load(store, "run") == (2, _data("v2"))
+    manifest_path(a, "run", 2).unlink()
+    shutil.copyfile(manifest_path(a, "run", 1), manifest_path(a, "run", 2))  # an older signed manifest under v2's name
+    assert read_entry(store, "run") == (2, _data("v2"))
     assert not verify_store(store).healthy
     assert verify_store(store, repair=True).healthy
-    assert _mpath(a, "run", 2).read_bytes() == _mpath(b, "run", 2).read_bytes()
+    assert manifest_path(a, "run", 2).read_bytes() == manifest_path(b, "run", 2).read_bytes()
 
 
 def test_an_unsigned_manifest_added_to_a_signing_store_is_refused(tmp_path: Path):
@@ -419,13 +404,13 @@ def test_an_unsigned_manifest_added_to_a_signing_store_is_refused(tmp_path: Path
     lineage's blob: on a signing store it is damage, and latest stops rather than serving it."""
     (a, b), store = _two_versions(tmp_path, signed=True)
     _save(store, "other", _data("o1"))
-    raw = _raw(a, "other", 1)
+    raw = raw_manifest(a, "other", 1)
     raw.update(lineage="run", version=3, signature=None)
     for region in (a, b):
-        _mpath(region, "run", 3).write_bytes(reseal(raw))
+        manifest_path(region, "run", 3).write_bytes(reseal(raw))
     with pytest.raises(ManifestError):
-        _load(store, "run")
-    assert _load(store, "run", 2) == (2, _data("v2"))
+        read_entry(store, "run")
+    assert read_entry(store, "run", 2) == (2, _data("v2"))
 
 
 # -- compressed and delta chunks -----------------------------------------------------------------------------
@@ -457,24 +442,24 @@ def test_a_zstd_bomb_in_a_compressed_chunk_is_refused_within_its_declared_size(t
     digest = hash_bytes(data)
     (a / blob_key(digest)).parent.mkdir(parents=True, exist_ok=True)
     (a / blob_key(digest)).write_bytes(data)
-    raw = _raw(a, "run", 2)
+    raw = raw_manifest(a, "run", 2)
     raw["entries"][0]["chunks"][0].update(digest=digest, stored_size=len(data))
-    _mpath(a, "run", 2).write_bytes(reseal(raw))
+    manifest_path(a, "run", 2).write_bytes(reseal(raw))
 
     with pytest.raises(BlobUnavailableError):
-        _load(store, "run")
-    assert _load(store, "run", 1) == (1, bytes(4096))
+        read_entry(store, "run")
+    assert read_entry(store, "run", 1) == (1, bytes(4096))
     report = verify_store(store, decode=True)
     assert not report.healthy and any(p.kind == "corrupt" for p in report.problems)
 
 
 def test_a_chunk_claiming_more_than_the_zstd_ratio_bound_is_damage(tmp_path: Path):
     a, store = _compressed_versions(tmp_path)
-    raw = _raw(a, "run", 2)
+    raw = raw_manifest(a, "run", 2)
     chunk = raw["entries"][0]["chunks"][0]
     chunk["size"] = raw["entries"][0]["size"] = chunk["stored_size"] * 2**15 + 1
-    _mpath(a, "run", 2).write_bytes(reseal(raw))
-    assert _load(store, "run") == (1, bytes(4096))  # never allocated: the schema refuses the claim
+    manifest_path(a, "run", 2).write_bytes(reseal(raw))
+    assert read_entry(store, "run") == (1, bytes(4096))  # never allocated: the schema refuses the claim
     assert not verify_store(store).healthy
 
 
@@ -485,14 +470,14 @@ def test_a_delta_chunk_that_names_itself_as_parent_is_refused(tmp_path: Path):
     _save(store, "run", bytes(base))
     base[:3] = b"xyz"
     _save(store, "run", bytes(base))  # a delta of v1
-    raw = _raw(a, "run", 2)
+    raw = raw_manifest(a, "run", 2)
     chunk = raw["entries"][0]["chunks"][0]
     assert "parent" in chunk, chunk
     chunk["parent"] = {k: v for k, v in chunk.items()}  # the chunk its own parent: a loop unrolled once
-    _mpath(a, "run", 2).write_bytes(reseal(raw))
+    manifest_path(a, "run", 2).write_bytes(reseal(raw))
     with pytest.raises(BlobUnavailableError):
-        _load(store, "run")
-    assert _load(store, "run", 1) == (1, _data("base", 4096))
+        read_entry(store, "run")
+    assert read_entry(store, "run", 1) == (1, _data("base", 4096))
     assert not verify_store(store, decode=True).healthy
 
 
@@ -547,7 +532,7 @@ def _put_stray(region: Path, store: Store, relpath: str, what: str) -> Path:
         path.mkdir()
         (path / "keep.txt").write_text("user data")
     elif what == "copy":
-        path.write_bytes(_mpath(region, "run", 1).read_bytes())
+        path.write_bytes(manifest_path(region, "run", 1).read_bytes())
     elif what == "copy-blob":
         path.write_bytes(blob.read_bytes())
     return path
@@ -566,37 +551,37 @@ def test_a_stray_entry_anywhere_in_the_layout_is_skipped_and_never_touched(tmp_p
 
     assert [(info.lineage, info.version) for info in store.list()] == [("run", 1), ("run", 2)]
     assert _save(store, "run", _data("v3")).version == 3
-    assert _load(store, "run") == (3, _data("v3"))
-    assert _load(store, "run", 1) == (1, _data("v1"))
+    assert read_entry(store, "run") == (3, _data("v3"))
+    assert read_entry(store, "run", 1) == (1, _data("v1"))
     report = verify_store(store, repair=True)
     assert report.healthy, report.problems
     audit = audit_store(store, gc_grace=HOUR)
     assert audit.healthy, audit.markdown()
-    assert all(_load(store, "run", info.version)[0] == info.version for info in store.list("run"))
+    assert all(read_entry(store, "run", info.version)[0] == info.version for info in store.list("run"))
     gc = collect_garbage(store, grace=HOUR)
     assert gc.swept, gc
     assert _tree_state(path) == before, "a stray entry was changed or deleted"
-    assert all(_load(store, "run", info.version)[0] == info.version for info in store.list("run"))
+    assert all(read_entry(store, "run", info.version)[0] == info.version for info in store.list("run"))
 
 
 def test_a_directory_in_a_manifests_place_is_reported_kept_and_never_blocks_saves(tmp_path: Path):
     (a, b), store = _two_versions(tmp_path)
     for version in (5, 999999999999):
-        (_mpath(a, "run", version)).mkdir()
-        (_mpath(a, "run", version) / "keep.txt").write_text("mine")
+        (manifest_path(a, "run", version)).mkdir()
+        (manifest_path(a, "run", version) / "keep.txt").write_text("mine")
     blobs = _blob_files([a, b])
     _age(a)
     _age(b)
 
     info = _save(store, "run", _data("v3"))
     assert 2 < info.version < 999999999999
-    assert _load(store, "run") == (info.version, _data("v3"))
+    assert read_entry(store, "run") == (info.version, _data("v3"))
     report = verify_store(store, repair=True)
     assert any("repair failed" in p.detail or not p.repaired for p in report.problems)
     gc = collect_garbage(store, grace=HOUR)
     assert not gc.swept  # what a manifest path that cannot be read names is unknown: nothing is swept
     assert all(_blob_files([a, b]).get(k) == v for k, v in blobs.items())
-    assert (_mpath(a, "run", 5) / "keep.txt").read_text() == "mine"
+    assert (manifest_path(a, "run", 5) / "keep.txt").read_text() == "mine"
 
 
 # -- stray files in the journal -----------------------------------------------------------------------------
@@ -652,7 +637,7 @@ def test_a_damaged_event_stops_history_with_a_message_that_names_the_file_and_th
     assert "000000000002.json" in message and "move it out" in message and "intact copy" in message
     line = _one_line_error(run_cli("history", "--lineage", "run", *_region_args([a, b])))
     assert "000000000002.json" in line
-    assert _load(store, "run") == (1, _data("v1"))  # checkpoints do not depend on the journal
+    assert read_entry(store, "run") == (1, _data("v1"))  # checkpoints do not depend on the journal
 
 
 def test_recover_without_a_lineage_names_the_journal_it_cannot_read_and_the_way_out(tmp_path: Path):
@@ -771,9 +756,9 @@ def test_gc_never_sweeps_blobs_named_by_manifests_it_cannot_read(tmp_path: Path,
     elif what == "manifests directory":
         _move_out_and_link(lineage_dir / "manifests", moved)
     elif what == "manifest file":
-        _move_out_and_link(_mpath(a, "run", 1), moved)
+        _move_out_and_link(manifest_path(a, "run", 1), moved)
     else:
-        os.mkfifo(_mpath(a, "run", 3))
+        os.mkfifo(manifest_path(a, "run", 3))
     _age(a)
 
     report = collect_garbage(store, grace=HOUR)
@@ -784,13 +769,13 @@ def test_gc_never_sweeps_blobs_named_by_manifests_it_cannot_read(tmp_path: Path,
         link = (
             lineage_dir
             if what == "lineage directory"
-            else (lineage_dir / "manifests" if what == "manifests directory" else _mpath(a, "run", 1))
+            else (lineage_dir / "manifests" if what == "manifests directory" else manifest_path(a, "run", 1))
         )
         link.unlink()
         moved.rename(link)
     else:
-        _mpath(a, "run", 3).unlink()
-    assert _load(store, "run", 1) == (1, _data("v1")) and _load(store, "run") == (2, _data("v2"))
+        manifest_path(a, "run", 3).unlink()
+    assert read_entry(store, "run", 1) == (1, _data("v1")) and read_entry(store, "run") == (2, _data("v2"))
 
 
 @pytest.mark.parametrize("what", ["lineage directory", "manifests directory"])
@@ -821,18 +806,18 @@ def test_a_crafted_uncommitted_manifest_does_not_make_gc_delete_a_kept_versions_
     """A forged v3 in one region of a quorum-2 store (below quorum, old, naming v2's blob under another
     size): GC may remove the stale v3, never the blob v2 needs."""
     (a, b), store = _two_versions(tmp_path, quorum=2)
-    raw = _raw(a, "run", 2)
+    raw = raw_manifest(a, "run", 2)
     raw["version"] = 3
     raw["entries"][0]["chunks"][0]["size"] += 1
     raw["entries"][0]["size"] += 1
-    _mpath(a, "run", 3).write_bytes(reseal(raw))
+    manifest_path(a, "run", 3).write_bytes(reseal(raw))
     _save(store, "run", _data("v4"))
     _age(a)
     _age(b)
     collect_garbage(store, grace=HOUR)
     audit_store(store, gc_grace=HOUR)
     for version, seed in ((2, "v2"), (4, "v4")):
-        assert _load(store, "run", version) == (version, _data(seed))
+        assert read_entry(store, "run", version) == (version, _data(seed))
 
 
 @pytest.mark.parametrize("delta", [1, -1])
@@ -842,13 +827,13 @@ def test_a_manifest_of_another_lineage_claiming_a_blob_with_another_size_never_c
     """A crafted lineage ``evil`` in every region names run's blob with a wrong size: verify blames evil,
     repair and the audit (with GC) never delete or rewrite the blob run's kept version needs."""
     (a, b), store = _two_versions(tmp_path)
-    raw = _raw(a, "run", 2)
+    raw = raw_manifest(a, "run", 2)
     raw["lineage"], raw["version"] = "evil", 1
     raw["entries"][0]["size"] += delta
     raw["entries"][0]["chunks"][0]["size"] += delta
     for region in (a, b):
-        _mpath(region, "evil", 1).parent.mkdir(parents=True)
-        _mpath(region, "evil", 1).write_bytes(reseal(raw))
+        manifest_path(region, "evil", 1).parent.mkdir(parents=True)
+        manifest_path(region, "evil", 1).write_bytes(reseal(raw))
     blobs = _blob_files([a, b])
     _age(a)
     _age(b)
@@ -858,7 +843,7 @@ def test_a_manifest_of_another_lineage_claiming_a_blob_with_another_size_never_c
     audit_store(store, gc_grace=HOUR)
     collect_garbage(store, grace=HOUR)
     assert _blob_files([a, b]) == blobs
-    assert _load(store, "run") == (2, _data("v2")) and _load(store, "run", 1) == (1, _data("v1"))
+    assert read_entry(store, "run") == (2, _data("v2")) and read_entry(store, "run", 1) == (1, _data("v1"))
 
 
 def test_forged_newer_versions_on_a_signing_store_never_push_real_versions_out_of_retention(tmp_path: Path):
@@ -871,10 +856,10 @@ def test_forged_newer_versions_on_a_signing_store_never_push_real_versions_out_o
     for version in (1, 2, 3):
         _save(store, "run", _data(f"v{version}"), step=version)
     for version in (4, 5, 6):
-        raw = _raw(a, "run", 3)
+        raw = raw_manifest(a, "run", 3)
         raw.update(version=version, step=version, signature=None)
         for region in (a, b):
-            _mpath(region, "run", version).write_bytes(reseal(raw))
+            manifest_path(region, "run", version).write_bytes(reseal(raw))
     _age(a)
     _age(b)
 
@@ -886,7 +871,7 @@ def test_forged_newer_versions_on_a_signing_store_never_push_real_versions_out_o
         pass  # refusing is fine; deleting is not
     collect_garbage(store, grace=HOUR)
     for version in (1, 2, 3):
-        assert _load(store, "run", version) == (version, _data(f"v{version}"))
+        assert read_entry(store, "run", version) == (version, _data(f"v{version}"))
 
 
 # -- wrong credentials and unreachable regions --------------------------------------------------------------
@@ -909,7 +894,7 @@ def test_a_store_opened_with_the_wrong_signing_key_says_so_and_never_prints_a_ke
     wrong_store = _store([a, b], signed=False)
     wrong_store.keyring = keyring
     with pytest.raises(ManifestSignatureError) as raised:
-        _load(wrong_store, "run")
+        read_entry(wrong_store, "run")
     message = str(raised.value)
     assert "check the secret" in message or "signing_algorithm" in message
     assert SECRET[:10] not in message and other_secret[:10] not in message and "PRIVATE" not in message
@@ -917,7 +902,7 @@ def test_a_store_opened_with_the_wrong_signing_key_says_so_and_never_prints_a_ke
     audit_store(wrong_store, gc_grace=HOUR)
     assert _blob_files([a, b]) == blobs
     assert {p: p.read_bytes() for p in manifests} == manifests
-    assert _load(store, "run") == (2, _data("v2"))  # the right key still loads everything
+    assert read_entry(store, "run") == (2, _data("v2"))  # the right key still loads everything
 
 
 def test_a_store_none_of_whose_regions_answers_says_so_instead_of_empty(tmp_path: Path):
@@ -1031,9 +1016,9 @@ def test_the_audit_markdown_shows_stray_names_as_text(tmp_path: Path):
 
 def test_export_of_a_crafted_tree_is_a_one_line_error(tmp_path: Path):
     (a,), _block = _tensor_versions(tmp_path)
-    raw = _raw(a, "run", 2)
+    raw = raw_manifest(a, "run", 2)
     TREE_DEFECTS["tensor-entry-as-bytes"](raw)
-    _mpath(a, "run", 2).write_bytes(reseal(raw))
+    manifest_path(a, "run", 2).write_bytes(reseal(raw))
     # the crafted copy is a damaged manifest (core/state_tree.py): "latest" is v1, and v2 by number is one line
     latest = run_cli("export", "--lineage", "run", "--to", str(tmp_path / "v1"), "--json", "--region", str(a))
     assert latest.returncode == 0 and json.loads(latest.stdout)["version"] == 1, latest.stdout + latest.stderr
@@ -1075,7 +1060,7 @@ def test_empty_and_prefix_strays_in_an_object_store_never_block_saves_or_appends
     assert journal.append("run_finished", run_id="r1", data={}).seq < 999999999999
     info = _save(store, "run", _data("v2"))
     assert 1 < info.version < 999999999999
-    assert _load(store, "run") == (info.version, _data("v2"))
+    assert read_entry(store, "run") == (info.version, _data("v2"))
     assert [i.version for i in store.list("run")] == [1, info.version]
     assert fs.cat_file(f"{base}/manifests/999999999999.json") == b""
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from helpers.snapshot import snapshot
-from helpers.tamper import reseal
+from helpers.tamper import manifest_path, raw_manifest, read_entry, reseal
 from typer.testing import CliRunner
 
 from prefect_recovery.core import (
@@ -33,7 +33,7 @@ from prefect_recovery.core import (
     verify_store,
 )
 from prefect_recovery.core.audit import audit_store
-from prefect_recovery.core.layout import blob_key, manifest_key
+from prefect_recovery.core.layout import blob_key
 from prefect_recovery.core.manifest import Component, decode_manifest
 from prefect_recovery.core.signing import Keyring
 
@@ -71,21 +71,6 @@ def _save(store: Store, lineage: str, seed: str, step: int | None = None):
     )
 
 
-def _load(store: Store, lineage: str, version: int | None = None) -> tuple[int, bytes]:
-    manifest, holders = store.resolve(lineage, version)
-    buffers = {entry.name: bytearray(entry.size) for entry in manifest.entries}
-    store.read_entries_into([(e, memoryview(buffers[e.name])) for e in manifest.entries], prefer=holders)
-    return manifest.version, bytes(buffers["w"])
-
-
-def _manifest_path(region: Path, lineage: str, version: int) -> Path:
-    return region / manifest_key(lineage, version)
-
-
-def _raw(region: Path, lineage: str, version: int) -> dict:
-    return json.loads(_manifest_path(region, lineage, version).read_bytes())
-
-
 def _cli(*args: str):
     from prefect_recovery.cli import app
 
@@ -99,7 +84,7 @@ def _region_args(paths: list[Path]) -> list[str]:
 # -- class 2: records that cannot be hashed or checked are damaged copies ----------------------
 def _with_lone_surrogate(region: Path, lineage: str, version: int) -> None:
     """Put a lone-surrogate escape into a manifest's metadata: valid JSON, not encodable as UTF-8."""
-    path = _manifest_path(region, lineage, version)
+    path = manifest_path(region, lineage, version)
     text = path.read_text()
     path.write_text(text.replace('"metadata":{}', '"metadata":{"note":"\\ud800"}', 1))
     assert "\\ud800" in path.read_text()
@@ -113,14 +98,14 @@ def test_lone_surrogate_manifest_is_a_damaged_copy_verify_reports_and_repairs(tm
     _save(store, "run", "v2")
     _with_lone_surrogate(a, "run", 2)
 
-    assert _load(store, "run") == (2, saved)  # region b's copy serves the read
+    assert read_entry(store, "run") == (2, saved)  # region b's copy serves the read
     report = verify_store(store)
     assert not report.healthy
     assert [(p.region, p.kind, p.version) for p in report.problems] == [(str(a), "unreadable manifest", 2)]
     repaired = verify_store(store, repair=True)
     assert repaired.problems[0].repaired and repaired.healthy
     assert verify_store(store).healthy
-    assert decode_manifest(_manifest_path(a, "run", 2).read_bytes()).version == 2
+    assert decode_manifest(manifest_path(a, "run", 2).read_bytes()).version == 2
 
 
 def test_lone_surrogate_in_every_copy_is_refused_with_the_stores_error(tmp_path: Path):
@@ -131,12 +116,12 @@ def test_lone_surrogate_in_every_copy_is_refused_with_the_stores_error(tmp_path:
     _with_lone_surrogate(a, "run", 2)
 
     with pytest.raises(ManifestError):
-        decode_manifest(_manifest_path(a, "run", 2).read_bytes())
+        decode_manifest(manifest_path(a, "run", 2).read_bytes())
     # unsigned store: "latest" is the latest consistent version, the damaged one is skipped...
-    assert _load(store, "run") == (1, _data("v1"))
+    assert read_entry(store, "run") == (1, _data("v1"))
     # ...and asked for by number, it is the store's own error naming the damage
     with pytest.raises(CheckpointNotFoundError, match="damaged"):
-        _load(store, "run", 2)
+        read_entry(store, "run", 2)
     assert not verify_store(store).healthy
     assert audit_store(store, apply_retention_policy=False).scrub.healthy is False
 
@@ -147,13 +132,13 @@ def test_non_ascii_signature_value_is_a_bad_signature_not_a_crash(tmp_path: Path
     _save(store, "run", "v1")
     _save(store, "run", "v2")
     for region in (a, b):
-        raw = _raw(region, "run", 2)
+        raw = raw_manifest(region, "run", 2)
         raw["signature"]["value"] = "é" * 44  # outside the signed body: the digest still matches
-        _manifest_path(region, "run", 2).write_text(json.dumps(raw, ensure_ascii=False))
+        manifest_path(region, "run", 2).write_text(json.dumps(raw, ensure_ascii=False))
 
     with pytest.raises(ManifestSignatureError):
-        _load(store, "run")
-    assert _load(store, "run", 1) == (1, _data("v1"))
+        read_entry(store, "run")
+    assert read_entry(store, "run", 1) == (1, _data("v1"))
     report = verify_store(store)
     assert not report.healthy
     assert sorted((p.region, p.kind) for p in report.problems) == [(str(a), "bad signature"), (str(b), "bad signature")]
@@ -165,17 +150,17 @@ def test_blob_named_twice_with_two_sizes_is_damage_not_a_consistent_version(tmp_
     store = _store([a])
     _save(store, "run", "v1")
     _save(store, "run", "v2")
-    raw = _raw(a, "run", 2)
+    raw = raw_manifest(a, "run", 2)
     real = raw["entries"][0]["chunks"][0]
     huge = {"digest": real["digest"], "size": 2**40}
     # the huge claim first, the true size last: a "last size wins" check sees only the true one
     raw["entries"].insert(0, {**raw["entries"][0], "name": "a-huge", "size": 2**40, "chunks": [huge]})
-    _manifest_path(a, "run", 2).write_bytes(reseal(raw))
+    manifest_path(a, "run", 2).write_bytes(reseal(raw))
 
     assert [info.version for info in store.list("run")] == [1]
-    assert _load(store, "run") == (1, _data("v1"))  # never allocates the claimed TiB
+    assert read_entry(store, "run") == (1, _data("v1"))  # never allocates the claimed TiB
     with pytest.raises(CheckpointError):
-        _load(store, "run", 2)
+        read_entry(store, "run", 2)
     assert not verify_store(store).healthy
 
 
@@ -185,14 +170,14 @@ def test_a_huge_sparse_manifest_is_not_read_whole(tmp_path: Path):
     store = _store([a])
     _save(store, "run", "v1")
     _save(store, "run", "v2")
-    path = _manifest_path(a, "run", 2)
+    path = manifest_path(a, "run", 2)
     path.unlink()
     with open(path, "wb") as handle:  # 384 MiB, sparse: costs no disk
         handle.truncate(384 * 2**20)
 
     tracemalloc.start()
     try:
-        assert _load(store, "run") == (1, _data("v1"))
+        assert read_entry(store, "run") == (1, _data("v1"))
         report = verify_store(store)
         _peak = tracemalloc.get_traced_memory()[1]
     finally:
@@ -206,11 +191,11 @@ def test_a_manifest_symlinked_to_dev_zero_is_refused(tmp_path: Path):
     store = _store([a])
     _save(store, "run", "v1")
     _save(store, "run", "v2")
-    path = _manifest_path(a, "run", 2)
+    path = manifest_path(a, "run", 2)
     path.unlink()
     path.symlink_to("/dev/zero")
 
-    assert _load(store, "run") == (1, _data("v1"))
+    assert read_entry(store, "run") == (1, _data("v1"))
     report = verify_store(store)
     assert not report.healthy
     assert [p.version for p in report.problems] == [2]
@@ -221,11 +206,11 @@ def test_an_empty_highest_version_file_does_not_block_later_saves(tmp_path: Path
     a, b = _regions(tmp_path)
     store = _store([a, b])
     _save(store, "run", "v1")
-    _manifest_path(b, "run", 999999999999).write_bytes(b"")
+    manifest_path(b, "run", 999999999999).write_bytes(b"")
 
     info = _save(store, "run", "v2")
     assert info.version == 2
-    assert _load(store, "run") == (2, _data("v2"))
+    assert read_entry(store, "run") == (2, _data("v2"))
     assert [i.version for i in store.list("run")] == [1, 2]
 
 
@@ -283,7 +268,7 @@ def test_repair_of_an_occupied_manifest_path_is_checked(tmp_path: Path, occupant
     a, b = _regions(tmp_path)
     store = _store([a, b], quorum=1)
     _save(store, "run", "v1")
-    path = _manifest_path(b, "run", 1)
+    path = manifest_path(b, "run", 1)
     path.unlink()
     if occupant == "directory":
         path.mkdir()
@@ -328,7 +313,7 @@ def test_a_symlinked_blob_directory_is_not_read_or_written_through(tmp_path: Pat
     (a / "blobs").symlink_to(outside, target_is_directory=True)
     before = snapshot(outside)
 
-    assert _load(store, "run") == (info.version, _data("v1"))  # served by region b
+    assert read_entry(store, "run") == (info.version, _data("v1"))  # served by region b
     _save(store, "run", "v2")
     assert snapshot(outside) == before
     assert (outside / blob_key(digest).removeprefix("blobs/")).exists()
@@ -342,9 +327,9 @@ def test_a_forged_newest_version_stops_list_latest_and_load_alike(tmp_path: Path
     _save(store, "run", "v1")
     _save(store, "run", "v2")
     for region in (a, b):  # forged: an entry changed, digest recomputed, signature kept
-        raw = _raw(region, "run", 2)
+        raw = raw_manifest(region, "run", 2)
         raw["metadata"] = {"evil": True}
-        _manifest_path(region, "run", 2).write_bytes(reseal(raw))
+        manifest_path(region, "run", 2).write_bytes(reseal(raw))
 
     with pytest.raises(ManifestSignatureError):
         store.resolve("run")
@@ -375,11 +360,11 @@ def test_loose_types_are_damage_even_under_a_valid_signature(tmp_path: Path, edi
     (a,) = _regions(tmp_path, 1)
     store = _store([a], signed=True)
     _save(store, "run", "v1", step=7)
-    raw = _raw(a, "run", 1)
+    raw = raw_manifest(a, "run", 1)
     edit(raw)  # digest and signature kept: a lax parser coerces back to the signed body
     from prefect_recovery.core.manifest import canonical_json
 
-    path = _manifest_path(a, "run", 1)
+    path = manifest_path(a, "run", 1)
     path.write_bytes(canonical_json(raw))
     with pytest.raises(ManifestError):
         decode_manifest(path.read_bytes(), keyring=store.keyring)
@@ -391,7 +376,7 @@ def test_duplicate_keys_are_damage_even_under_a_valid_signature(tmp_path: Path):
     (a,) = _regions(tmp_path, 1)
     store = _store([a], signed=True)
     _save(store, "run", "v1", step=3)
-    path = _manifest_path(a, "run", 1)
+    path = manifest_path(a, "run", 1)
     text = path.read_text()
     assert text.startswith("{")
     path.write_text('{"step":999,' + text[1:])  # json.loads keeps the last "step": the signed one
