@@ -71,6 +71,7 @@ from .loaders import adapt
 from .schedule import CheckpointSchedule, Tier
 from .staging import StagingBuffers
 from .state_io import load_state
+from .step_trace import StepTrace
 
 logger = logging.getLogger("prefect_recovery.checkpointer")
 
@@ -238,6 +239,12 @@ class Checkpointer:
         self._light_store = self.store.derive(self.store.regions[:1], write_quorum=1, placement="primary")
         self._preempted = threading.Event()
         self._previous_handler: Any = None
+        # PREFECT_RECOVERY_STEP_TRACE=DIR: a digest of the weights and gradients at every step (step_trace.py)
+        self._trace = StepTrace.from_environment(
+            self.lineage,
+            model,
+            {"lineage": self.lineage, "seed": seed, "store": [region.name for region in self.store.regions]},
+        )
         # The global RNGs belong to the thread that enters (training/rng_guard.py); strict mode
         # also checks that the Checkpointer's own work (saves, hooks, events) leaves them alone.
         if strict_determinism is None:
@@ -337,6 +344,8 @@ class Checkpointer:
         self.step_count += n
         progress.advance("step", self.step_count, 0)  # open-ended: whoever knows the last step shows a bar
         self._grads_pending = False
+        if self._trace is not None:
+            self._trace.record(self.step_count)
         if self._preempted.is_set():
             self._emergency_exit()
         decision = self.schedule.decide(self.step_count, seconds_since=self._seconds_since(), previous_step=previous)
