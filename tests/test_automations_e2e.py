@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from conftest import CLI, REPO
 from helpers.live_prefect import BIN, LiveServer, api, deployment_id, flow_runs, live_server, serving, wait_for
+from helpers.rounding import checkpoints, xfail_if_rounding
 from helpers.step_values import differing_leaves, final_state
 
 from prefect_recovery import CheckpointStore
@@ -191,6 +192,7 @@ def test_automatic_recovery_after_sigkill(live: Live) -> None:
             assert live.serve.poll() is None, "serve itself died"
 
             killed_at = store.list(LINEAGE)
+            before = set(checkpoints(store, LINEAGE))  # written by the uninterrupted process
             assert len(killed_at) >= 2
             assert [i.metadata["trigger"] for i in killed_at] == ["every_n_steps"] * len(killed_at)
             assert killed_at[-1].step < STEPS, "the run had finished training before the kill landed"
@@ -252,7 +254,10 @@ def test_automatic_recovery_after_sigkill(live: Live) -> None:
         reference_state, _ = final_state(home, REFERENCE, STEPS)
         state, info = final_state(home, LINEAGE, STEPS)
         assert recovered.finished["final_version"] == info.version
-        assert differing_leaves(reference_state, state) == []
+        differing = differing_leaves(reference_state, state)
+        if differing:  # issue 18's divergence, before the kill or in the reference, is reported with its figures
+            xfail_if_rounding(LINEAGE, (store, REFERENCE), (store, LINEAGE), uninterrupted=before)
+        assert differing == []
         assert recovered.finished["final_digest"] == ref_result["final_digest"]
 
 

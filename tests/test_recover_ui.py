@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from conftest import CLI, REPO
 from helpers.live_prefect import Stack, deployment_id, flow_runs, live_stack, wait_completed, wait_for
+from helpers.rounding import checkpoints, xfail_if_rounding
 from helpers.step_values import differing_leaves
 from helpers.ui import open_custom_run, submit_custom_run, ui_page
 
@@ -114,6 +115,7 @@ def test_recover_a_killed_run_from_the_ui(stack: Stack, start_demo: Callable[[st
             os.killpg(crashing.pid, signal.SIGKILL)
         crashing.wait()
     killed_at = store.list(lineage)
+    before = set(checkpoints(store, lineage))  # written by the uninterrupted process
     assert [i.metadata["trigger"] for i in killed_at] == ["every_n_steps"] * len(killed_at)
     assert killed_at[-1].step < STEPS, "the kill came too late: training had finished"
 
@@ -136,4 +138,7 @@ def test_recover_a_killed_run_from_the_ui(stack: Stack, start_demo: Callable[[st
     assert [(i.version, i.manifest_digest) for i in recovered[: len(killed_at)]] == [
         (i.version, i.manifest_digest) for i in killed_at
     ]
-    assert differing_leaves(final_state(store, "ref"), final_state(store, lineage)) == []
+    differing = differing_leaves(final_state(store, "ref"), final_state(store, lineage))
+    if differing:  # issue 18's divergence, before the kill or in the reference, is reported with its figures
+        xfail_if_rounding(lineage, (store, "ref"), (store, lineage), uninterrupted=before)
+    assert differing == []

@@ -1,0 +1,141 @@
+"""Issue 18's rounding divergence told apart from a broken bit-identity promise, with its evidence kept.
+
+Now and then one uninterrupted run of the example, on this loaded 2-core VM, ends with weights about 1e-6
+away from another run of the same seed: from its first checkpoint on, model and optimizer floats differ
+while the RNG states, data position, counters and settings are identical (docs/DETERMINISM.md; cause still
+open). A test that compares a run with a reference reports exactly that case as an expected failure with
+its figures (so CI does not reject unrelated work on it) and keeps the two differing checkpoints and the
+step traces for diagnosis. Everything else still fails: a difference in an RNG, the data, a counter or a
+setting, any difference of 1e-4 or more, a missing checkpoint, and any difference that first appears in
+what a *resumed* process computed (a resume must reproduce the uninterrupted run exactly).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers.step_values import differing_leaves, leaves, max_abs_difference
+
+from prefect_recovery import CheckpointStore
+from prefect_recovery.core.layout import LIGHT_SUFFIX
+
+Key = tuple[str, int, str]  # (tier, step, trigger)
+CAUSES = ("/rng", "/data", "/counters", "/determinism", "/scheduler")  # never a rounding difference
+ROUNDING = 1e-4
+EVIDENCE_ENV = "PREFECT_RECOVERY_EVIDENCE"
+
+
+def _store(where: Path | CheckpointStore) -> CheckpointStore:
+    return where if isinstance(where, CheckpointStore) else CheckpointStore.default(where)
+
+
+def checkpoints(where: Path | CheckpointStore, lineage: str) -> dict[Key, tuple[str, int]]:
+    """(tier, step, trigger) -> (lineage, version) of every checkpoint of the lineage and its light tier."""
+    store = _store(where)
+    return {
+        (info.metadata["tier"], info.step, info.metadata["trigger"]): (name, info.version)
+        for name in (lineage, lineage + LIGHT_SUFFIX)
+        for info in store.list(name)
+    }
+
+
+def _float_sizes(a: Any, b: Any) -> dict[str, float]:
+    """The largest absolute difference of each differing floating-point leaf (tensors and Python floats)."""
+    sizes = max_abs_difference(a, b)
+    left, right = dict(leaves(a)), dict(leaves(b))
+    for path in set(left) & set(right):
+        x, y = left[path], right[path]
+        if isinstance(x, float) and isinstance(y, float) and x != y:
+            sizes[path] = abs(x - y)
+    return sizes
+
+
+@dataclass
+class Divergence:
+    key: Key
+    leaves: list[str]
+    sizes: dict[str, float]
+    reference: Any
+    state: Any
+
+    @property
+    def rounding_only(self) -> bool:
+        return (
+            set(self.leaves) <= set(self.sizes)
+            and not any(cause in leaf for leaf in self.leaves for cause in CAUSES)
+            and all(size < ROUNDING for size in self.sizes.values())
+        )
+
+    def __str__(self) -> str:
+        largest = dict(sorted(self.sizes.items(), key=lambda item: -item[1])[:6])
+        return f"first differs at {self.key}: {largest or self.leaves[:8]}"
+
+
+def first_divergence(
+    reference: tuple[Path | CheckpointStore, str],
+    run: tuple[Path | CheckpointStore, str],
+    keys: set[Key] | None = None,
+) -> Divergence | None:
+    """The first checkpoint (by step) both lineages hold, within ``keys`` when given, that differs."""
+    (ref_where, ref_lineage), (run_where, run_lineage) = reference, run
+    ours, theirs = checkpoints(run_where, run_lineage), checkpoints(ref_where, ref_lineage)
+    shared = set(ours) & set(theirs) & (keys if keys is not None else set(ours))
+    for key in sorted(shared, key=lambda k: (k[1], k[0] == "heavy", k[2])):
+        want = _store(ref_where).load_checkpoint(lineage=theirs[key][0], version=theirs[key][1])
+        mine = _store(run_where).load_checkpoint(lineage=ours[key][0], version=ours[key][1])
+        found = differing_leaves(want, mine)
+        if found:
+            return Divergence(key, found, _float_sizes(want, mine), want, mine)
+    return None
+
+
+def keep_evidence(label: str, divergence: Divergence) -> Path:
+    """The two differing checkpoints (torch.save) and, when ``PREFECT_RECOVERY_STEP_TRACE`` was set, the step
+    traces, under ``$PREFECT_RECOVERY_EVIDENCE`` (default: the temp dir's prefect-recovery-evidence)."""
+    root = Path(os.environ.get(EVIDENCE_ENV) or Path(tempfile.gettempdir()) / "prefect-recovery-evidence")
+    folder = root / f"{label}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(divergence.reference, folder / "reference.pt")
+    torch.save(divergence.state, folder / "run.pt")
+    summary = {"checkpoint": divergence.key, "leaves": divergence.leaves, "sizes": divergence.sizes}
+    summary["step_trace"] = os.environ.get("PREFECT_RECOVERY_STEP_TRACE")
+    (folder / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return folder
+
+
+def rounding_divergence(
+    label: str,
+    reference: tuple[Path | CheckpointStore, str],
+    run: tuple[Path | CheckpointStore, str],
+    uninterrupted: set[Key] | None = None,
+) -> tuple[Divergence, Path] | None:
+    """Issue 18's divergence of ``run`` from ``reference``, with where its evidence was kept; None for any other
+    difference. ``uninterrupted``: the run's checkpoints an uninterrupted process wrote (those before a kill);
+    None when the whole run was uninterrupted. Only a first differing checkpoint among those, differing by
+    rounding only, counts."""
+    found = first_divergence(reference, run, uninterrupted)
+    if found is None or not found.rounding_only:
+        return None
+    return found, keep_evidence(label, found)
+
+
+def xfail_if_rounding(
+    label: str,
+    reference: tuple[Path | CheckpointStore, str],
+    run: tuple[Path | CheckpointStore, str],
+    uninterrupted: set[Key] | None = None,
+) -> None:
+    """Call where a run was found to differ from its reference: reports issue 18's divergence as an expected
+    failure (with its figures and where the evidence is); returns otherwise, so that the caller's own
+    assertion fails with its usual message."""
+    found = rounding_divergence(label, reference, run, uninterrupted)
+    if found is not None:
+        pytest.xfail(f"issue 18, rounding-level divergence of an uninterrupted run: {found[0]}; evidence in {found[1]}")
