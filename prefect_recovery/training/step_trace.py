@@ -1,21 +1,25 @@
 """A per-step record of what training computed, to name the step where two runs first differ.
 
 Checkpoints show a divergence only at the next save: issue 18's rounding difference (about 1e-6 in the
-weights, docs/DETERMINISM.md) surfaced at step 10 and could have come from any of steps 1-10. With
-``PREFECT_RECOVERY_STEP_TRACE=DIR`` set, every ``Checkpointer.step()`` appends one JSON line to
+weights, docs/DETERMINISM.md) surfaced at step 10 and could have come from any of steps 1-10.
+With ``PREFECT_RECOVERY_STEP_TRACE=DIR`` set, every ``Checkpointer.step()`` appends one JSON line to
 ``DIR/<lineage>-<pid>.jsonl``: the step, a digest of each parameter and of its gradient, the thread that
-stepped, and how many threads the process runs. The first line also holds what the process computes
-with (``execution_fingerprint``), the shared libraries it has loaded, and the store it saves to, so two
-traces of the same seed can be paired. ``first_difference(a, b)`` names the first step, and its
-parameters and gradients, where two traces differ.
+stepped and its floating-point control bits, and how many threads the process runs. The first line also
+holds what the process computes with (``execution_fingerprint``), the shared libraries it has loaded, and
+the store it saves to, so two traces of the same seed can be paired. ``first_difference(a, b)`` names the
+first step, and its parameters and gradients, where two traces differ.
 
 A diagnostic, off by default: it hashes the model (and copies GPU tensors to the host) at every step.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import json
 import os
+import platform
 import threading
 import time
 from pathlib import Path
@@ -39,6 +43,28 @@ def _loaded_libraries() -> list[str]:
             return sorted({line.split()[-1] for line in maps if ".so" in line and "/" in line})
     except OSError:  # not Linux
         return []
+
+
+@functools.cache
+def _fegetenv() -> Any:
+    if platform.machine().lower() not in ("x86_64", "amd64") or platform.system() != "Linux":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("m")).fegetenv
+    except (OSError, AttributeError):
+        return None
+
+
+def _mxcsr_control() -> str | None:
+    """The calling thread's SSE control bits (rounding mode, flush-to-zero, denormals-are-zero, exception
+    masks; default 0x1f80): a library built with -ffast-math sets FTZ/DAZ in whichever thread loads it."""
+    fegetenv = _fegetenv()
+    if fegetenv is None:
+        return None
+    environment = ctypes.create_string_buffer(32)  # glibc x86-64 fenv_t: the x87 environment, then MXCSR
+    if fegetenv(environment) != 0:
+        return None
+    return hex(int.from_bytes(environment.raw[28:32], "little") & ~0x3F)  # without the sticky status flags
 
 
 def _os_threads() -> int | None:
@@ -72,6 +98,7 @@ class StepTrace:
             "python_threads": threading.active_count(),
             "os_threads": _os_threads(),
             "torch_threads": torch.get_num_threads(),
+            "mxcsr": _mxcsr_control(),
             "parameters": {name: _tensor_digest(p) for name, p in self.parameters},
             "gradients": {name: _tensor_digest(p.grad) for name, p in self.parameters if p.grad is not None},
         }
