@@ -505,3 +505,66 @@ def test_after_a_region_codec_change_repair_writes_the_new_codec_there(tmp_path)
         assert _forms(chunk)[1].digest in local  # the compressed form, copied from the cloud
     _, loaded = _load(Store(regions[:1], chunk_bytes=CHUNK, codec="auto"), "run")
     assert loaded == {name: _raw(t) for name, t in state.items()}
+
+
+def _count_reads(monkeypatch, region, method: str) -> list[str]:
+    """The blobs ``region`` (a real region) is asked to read, in order: the real read still runs."""
+    asked: list[str] = []
+    real = getattr(region, method)
+
+    def counted(key, *args, **kwargs):
+        if key.startswith("blobs/"):
+            asked.append(key)
+        return real(key, *args, **kwargs)
+
+    monkeypatch.setattr(region, method, counted)
+    return asked
+
+
+def test_a_load_reads_the_raw_local_form_even_when_the_compressed_region_is_listed_first(tmp_path, monkeypatch):
+    """A store that lists its compressed region first (placement and writes follow that order) still loads
+    each chunk from the raw one: nothing to decode. The compressed form serves only what the raw region
+    cannot."""
+    roots = _roots(tmp_path)
+    regions = [LocalRegionIO(str(roots[PACKED]), name=PACKED), LocalRegionIO(str(roots[RAW]), name=RAW)]
+    store = Store(regions, write_quorum=2, chunk_bytes=CHUNK, region_codecs={PACKED: "auto", RAW: "none"})
+    state = _state()
+    store.commit("run", _plan(state))
+    chunks = _chunks(store, "run")
+    assert any(chunk.forms for _, chunk in chunks)  # the bf16 weights compress: two forms
+
+    packed_reads = _count_reads(monkeypatch, regions[0], "read_into")
+    raw_reads = _count_reads(monkeypatch, regions[1], "read_into")
+    _, loaded = _load(store, "run")
+    assert loaded == {name: _raw(t) for name, t in state.items()}
+    assert packed_reads == [] and len(raw_reads) == len(chunks)
+
+    # one raw blob damaged: that chunk alone comes from the compressed region, decoded and verified
+    damaged = next(chunk for _, chunk in chunks if chunk.forms)
+    raw, packed = _forms(damaged)
+    path = roots[RAW] / blob_key(raw.digest)
+    path.write_bytes(b"\0" * path.stat().st_size)
+    _, loaded = _load(store, "run")
+    assert loaded == {name: _raw(t) for name, t in state.items()}
+    assert packed_reads == [blob_key(packed.digest)]
+
+
+def test_a_load_reads_nothing_from_the_object_store_while_the_local_raw_region_serves(tmp_path, s3, monkeypatch):
+    """A compressed S3 region listed first, a local raw disk second: a load costs no request to S3."""
+    local = tmp_path / "disk"
+    local.mkdir()
+    cloud = {"url": f"s3://rcodecs/{tmp_path.name}", "name": "cloud", "storage_options": s3.storage_options}
+    block = CheckpointStore(
+        regions=[cloud, {"url": str(local), "name": "disk"}], region_codecs={"cloud": "auto"}, chunk_bytes=CHUNK
+    )
+    store = block.core
+    state = _state()
+    store.commit("run", _plan(state))
+    s3_reads = _count_reads(monkeypatch, store.regions[0], "get")
+    _, loaded = _load(store, "run")
+    assert loaded == {name: _raw(t) for name, t in state.items()}
+    assert s3_reads == []
+    shutil.rmtree(local / "blobs")  # the disk's blobs gone: every chunk from S3, in its compressed form
+    _, loaded = _load(store, "run")
+    assert loaded == {name: _raw(t) for name, t in state.items()}
+    assert len(s3_reads) == len(_chunks(store, "run"))

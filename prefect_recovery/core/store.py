@@ -167,10 +167,6 @@ class Store(StoreWrites, StoreConsistency):
         self._encoded_last: dict[tuple[str, str, int], ChunkRef] = {}
         self._slow_until: dict[str, float] = {}
 
-    def codec_of(self, region: str) -> CodecName:
-        """The codec ``region`` stores new chunks with."""
-        return self.region_codecs.get(region, self.codec)
-
     def derive(self, regions: Sequence[RegionIO], *, write_quorum: int, placement: Literal["all", "primary"]) -> Store:
         """A store over ``regions`` with this one's other settings (hashing, signing, observers)."""
         return Store(

@@ -18,11 +18,13 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, TypeVar
 
 from .chunks import resolve_into
+from .codecs import CodecName
 from .digest import PARALLEL_HASH_BYTES, HashAlgorithm, hash_bytes, hasher_digest, new_hasher
 from .errors import BlobUnavailableError, RegionError, RegionUnavailableError
 from .layout import blob_key
 from .manifest import ChunkRef, Entry
 from .progress import advance
+from .region_codecs import select_form
 from .region_local import LocalRegionIO
 from .region_object import RegionIO
 
@@ -36,9 +38,15 @@ class StoreReads:
 
     regions: list[RegionIO]
     io_threads: int
+    codec: CodecName
+    region_codecs: dict[str, CodecName]  # the regions with a codec of their own
     read_deadline: float | None
     # Region name -> monotonic time until which it counts as slow (read last, not listed).
     _slow_until: dict[str, float]
+
+    def codec_of(self, region: str) -> CodecName:
+        """The codec ``region`` stores new chunks with."""
+        return self.region_codecs.get(region, self.codec)
 
     @property
     def region_names(self) -> list[str]:
@@ -110,17 +118,24 @@ class StoreReads:
         return False
 
     def read_blob_into(
-        self, digest: str, buffer: memoryview, prefer: Sequence[str] = (), skipped: dict[str, str] | None = None
+        self,
+        digest: str,
+        buffer: memoryview,
+        prefer: Sequence[str] = (),
+        skipped: dict[str, str] | None = None,
+        only: Sequence[str] | None = None,
     ) -> str:
         """Fill ``buffer`` with an intact copy of blob ``digest``; return the region it came from.
 
         ``skipped``, when given, receives each region whose copy was passed over and why, so a
-        caller that was served from another region can say which copy is damaged.
+        caller that was served from another region can say which copy is damaged. ``only``: ask
+        these regions alone, in this order (recently stalled ones last).
         """
         key = blob_key(digest)
         causes: dict[str, str] = {} if skipped is None else skipped
         algorithm: HashAlgorithm = digest.split(":", 1)[0]  # type: ignore[assignment]
-        for region in self._read_order(prefer):
+        regions = self._read_order(prefer) if only is None else sorted(map(self._region, only), key=self._is_slow)
+        for region in regions:
             got: str | None = None  # the digest computed while reading, if it was
             try:
                 if isinstance(region, LocalRegionIO):  # straight into the buffer, hashed as it lands
@@ -147,8 +162,47 @@ class StoreReads:
 
     def read_chunk_into(self, chunk: ChunkRef, buffer: memoryview, prefer: Sequence[str] = ()) -> None:
         """Fill ``buffer`` with one chunk's verified bytes, whatever its stored form (raw, a
-        codec, a delta chain: core/chunks.py)."""
-        resolve_into(lambda digest, view: self.read_blob_into(digest, view, prefer), chunk, buffer)
+        codec, a delta chain: core/chunks.py); a chunk with a form per region codec is read in
+        its cheapest form first (``_forms_by_cost``), the others on failure."""
+        if chunk.forms is None:
+            resolve_into(lambda digest, view: self.read_blob_into(digest, view, prefer), chunk, buffer)
+            return
+        first: BlobUnavailableError | None = None
+        for form, holders in self._forms_by_cost(chunk, prefer):
+            try:
+                resolve_into(lambda digest, view, h=holders: self.read_blob_into(digest, view, only=h), form, buffer)
+                return
+            except BlobUnavailableError as exc:
+                first = first or exc
+        assert first is not None
+        raise first
+
+    def _forms_by_cost(self, chunk: ChunkRef, prefer: Sequence[str]) -> list[tuple[ChunkRef, list[str]]]:
+        """Each stored form of ``chunk`` with the regions to ask for it (those whose codec selects it first),
+        cheapest first: a form a healthy local region holds raw (no network, no decoding), then one a local
+        region holds coded, then the object stores' (raw before coded); ``prefer`` and the configuration
+        order decide within each group. Reading the first region's form whatever it was made a store listing
+        its compressed cloud region first decode every load from the cloud while a raw local copy sat idle."""
+        order = self._read_order(prefer)
+        cheapest = sorted(
+            order,
+            key=lambda r: (self._is_slow(r), not isinstance(r, LocalRegionIO), self.codec_of(r.name) != "none"),
+        )
+        ranked: list[tuple[ChunkRef, list[str]]] = []
+        for region in cheapest:
+            form = select_form(chunk, self.codec_of(region.name))
+            for known, holders in ranked:
+                if known.digest == form.digest:
+                    holders.append(region.name)
+                    break
+            else:
+                ranked.append((form, [region.name]))
+        named = {form.digest for form, _ in ranked}
+        ranked += [(form, []) for form in chunk.stored_forms() if form.digest not in named]  # no region selects it
+        # Last, each form from the regions whose codec does not select it (one whose codec changed may still
+        # hold it): asked only once every holder failed, so a lost region costs no request per chunk elsewhere.
+        others = [(form, [r.name for r in order if r.name not in holders]) for form, holders in ranked]
+        return [(form, holders) for form, holders in ranked if holders] + [pair for pair in others if pair[1]]
 
     def read_entries_into(
         self, targets: Sequence[tuple[Entry, memoryview]], prefer: Sequence[str] = (), threads: int | None = None
