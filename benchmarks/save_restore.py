@@ -4,7 +4,7 @@ Every method writes the same state (default 64 tensors of 16 MiB = 1 GiB) to the
 makes it durable (fsync) before the clock stops; then each reads it back. Prints JSON.
 
     python benchmarks/save_restore.py --json [--tensors 64] [--mib 16] [--dir DIR] [--repeat 2]
-        [--values trained|random] [--codecs none,auto,bytegroup-zstd]
+        [--values trained|random] [--codecs none,auto,bytegroup-zstd,auto+none]
 
 The state (``--values trained``, the default) has the values of a training state: an MLP
 trained here with AdamW in fp32 and in bf16, its weights, ``exp_avg`` and ``exp_avg_sq``; each
@@ -13,7 +13,9 @@ value distribution (what a codec compresses) while no two tensors or chunks are 
 content addressing would dedup). Half the bytes are fp32, half bf16. ``--values random`` is the
 earlier state: fp32 normal noise, which ``auto`` stores raw.
 
-The store is measured once per codec (``--codecs``): each is its own method. Each method runs
+The store is measured once per codec (``--codecs``): each is its own method. ``auto+none`` is a
+store of two regions on the same disk with a codec each (region codecs), the compressed one listed
+first: what a store with a compressed cloud region and a raw local disk costs to save and load. Each method runs
 in a fresh process (same memory warm-up), so no method reuses memory another one faulted in.
 Methods alternate round by round (``--repeat`` rounds, best of them). Reads come from the page
 cache for every method alike (the files were just written); compare ratios within one run, not
@@ -206,10 +208,17 @@ def run_one(method: str, source: Path, root: Path) -> dict[str, float]:
             result["restore_into_s"], restored = timed(load_and_copy)
             check(restored)
         return result
-    codec = method.split("/", 1)[1].split("@", 1)[0]
-    region = root / "store-region"
-    region.mkdir()
-    store = CheckpointStore(regions=[str(region)], write_quorum=1, codec=codec)
+    # "auto" one region with that codec; "auto+none" two regions, one codec each (region codecs), in that order
+    per_region = method.split("/", 1)[1].split("@", 1)[0].split("+")
+    regions = [root / f"store-region-{i}" for i in range(len(per_region))]
+    for region in regions:
+        region.mkdir()
+    store = CheckpointStore(
+        regions=[str(region) for region in regions],
+        write_quorum=len(regions),
+        codec=per_region[0],
+        region_codecs={str(r): c for r, c in zip(regions, per_region, strict=True)} if len(regions) > 1 else {},
+    )
     result["save_s"], info = timed(lambda: store.save(state, lineage="bench", step=1))
     result["bytes_written"] = info.bytes_written
     result["load_s"], loaded = timed(lambda: store.load(lineage="bench"))
@@ -326,7 +335,9 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None, help="directory on the disk to measure")
     parser.add_argument("--values", choices=("trained", "random"), default="trained", help="see the docstring")
     parser.add_argument("--train-steps", type=int, default=150, help="AdamW steps of the MLP the values come from")
-    parser.add_argument("--codecs", default="none,auto", help="the store's codecs to measure, comma-separated")
+    parser.add_argument(
+        "--codecs", default="none,auto", help="the store's codecs to measure, comma-separated; a+b: two regions"
+    )
     parser.add_argument(
         "--baseline",
         type=Path,
@@ -341,7 +352,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_one(args.one, args.source, args.dir)))
         return
-    codecs = [check_codec(name) for name in args.codecs.split(",") if name]
+    codecs = ["+".join(check_codec(c) for c in name.split("+")) for name in args.codecs.split(",") if name]
     root = Path(tempfile.mkdtemp(prefix="bench-", dir=args.dir))
     try:
         report = run(args.tensors, args.mib, root, args.repeat, args.values, codecs, args.train_steps, args.baseline)

@@ -136,3 +136,32 @@ def test_a_region_that_lost_the_form_gets_a_verified_copy(tmp_path: Path, encode
     for region in ("r0", "r1"):  # the version loads from either region alone
         only = Store([open_region(str(tmp_path / region))], chunk_bytes=CHUNK, codec="auto")
         assert _load(only, "run", second.version) == _raw(state)
+
+
+def test_regions_with_different_codecs_encode_an_unchanged_state_once(tmp_path: Path, encodes: list[int]) -> None:
+    """A raw local region beside a compressed one (region codecs): the second save of the same state, or
+    another lineage's copy of it, names both stored forms of each chunk instead of compressing it again."""
+    for name in ("r0", "r1"):
+        (tmp_path / name).mkdir()
+    r0, r1 = open_region(str(tmp_path / "r0")), open_region(str(tmp_path / "r1"))
+    store = Store([r0, r1], chunk_bytes=CHUNK, region_codecs={r0.name: "none", r1.name: "auto"})
+    state = _state(4)
+    first = store.commit("run", _plan(state), step=1)
+    assert encodes, "the first save encodes the compressed region's form"
+    encodes.clear()
+    second = store.commit("run", _plan(state), step=2)
+    third = store.commit("copy", _plan(state), step=2)
+    assert encodes == [] and second.bytes_written == 0 and third.bytes_written == 0
+    for region in ("r0", "r1"):  # each region still serves every version alone, in its own form
+        only = Store([open_region(str(tmp_path / region))], chunk_bytes=CHUNK)
+        for lineage, info in (("run", first), ("run", second), ("copy", third)):
+            assert _load(only, lineage, info.version) == _raw(state)
+    assert verify_store(store).healthy
+
+    # The raw region lost its blobs: no region holds its forms any more, so the next save prepares the
+    # chunks again (never names a form that is gone) and the raw region serves it alone.
+    shutil.rmtree(tmp_path / "r0" / "blobs")
+    fourth = store.commit("run", _plan(state), step=3)
+    assert fourth.bytes_written >= sum(t.numel() * 4 for t in state.values())
+    only = Store([open_region(str(tmp_path / "r0"))], chunk_bytes=CHUNK)
+    assert _load(only, "run", fourth.version) == _raw(state)

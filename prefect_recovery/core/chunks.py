@@ -110,12 +110,14 @@ def prepare(
     read_parent: ReadChunk | None = None,
     min_saving: float = codecs.DEFAULT_MIN_SAVING,
     known: Callable[[str, int], ChunkRef | None] | None = None,
+    content: str | None = None,
 ) -> StoredChunk:
     """How to store ``data``: raw, encoded, or as a delta against ``parent`` (kept only when it
     is at least ``min_saving`` smaller than the chunk encoded alone would be). ``known(content
     digest, size)`` may name a stored form of the same content written before (the writer's last
-    save): it is named again, not encoded again."""
-    content = hash_bytes(data, algorithm)
+    save): it is named again, not encoded again. ``content``: the digest of ``data`` when the
+    caller hashed it already (one chunk prepared in several codecs is hashed once)."""
+    content = content or hash_bytes(data, algorithm)
     if parent is not None and parent.content_digest == content and parent.size == len(data):
         return StoredChunk(parent, None)  # unchanged since the parent: name the same blob(s)
     earlier = known(content, len(data)) if known is not None else None

@@ -448,7 +448,12 @@ class StoreWrites(StoreListing, StorePages):
         distinct = list(dict.fromkeys(codec_of_region))
         raw = distinct == ["none"] and not base
 
-        def prepare_as(index: int, data: memoryview, codec: CodecName, parent: ChunkRef | None) -> tuple[ChunkRef, Any]:
+        # What the last save's forms are remembered under: the codec, or every region's codec when they differ.
+        remembered_as = distinct[0] if len(distinct) == 1 else "/".join(codec_of_region)
+
+        def prepare_as(
+            index: int, data: memoryview, codec: CodecName, parent: ChunkRef | None, content: str | None = None
+        ) -> tuple[ChunkRef, Any]:
             stored = prepare(
                 data,
                 codec=codec,
@@ -460,6 +465,7 @@ class StoreWrites(StoreListing, StorePages):
                 known=(lambda content, size: self._still_stored(self._encoded_last.get((codec, content, size))))
                 if len(distinct) == 1
                 else None,
+                content=content,
             )
             return stored.ref, stored.data
 
@@ -472,17 +478,21 @@ class StoreWrites(StoreListing, StorePages):
                     parent = select_form(parent, distinct[0])  # a parent names one form
                 ref, blob = prepare_as(index, data, distinct[0], parent)
                 return _Prepared(ref, {} if blob is None else {ref.digest: blob})
-            # Regions with different codecs: one form per codec, verified against one content digest.
-            unchanged = parent is not None and parent.size == len(data)
-            if unchanged and parent.content_digest == hash_bytes(data, self.hash_algorithm):  # type: ignore[union-attr]
-                return _Prepared(parent, {})  # type: ignore[arg-type]  # unchanged: the base's reference, forms and all
+            # Regions with different codecs: one form per codec, verified against one content digest,
+            # hashed once for all of them.
+            content = hash_bytes(data, self.hash_algorithm)
+            if parent is not None and parent.size == len(data) and parent.content_digest == content:
+                return _Prepared(parent, {})  # unchanged: the base's reference, forms and all
+            earlier = self._still_stored(self._encoded_last.get((remembered_as, content, len(data))))
+            if earlier is not None:
+                return _Prepared(earlier, {})  # saved unchanged by the last save: named, not encoded again
             forms: list[ChunkRef] = []
             blobs: dict[str, bytes | memoryview] = {}
             for codec in distinct:
                 # A raw region holds every chunk whole; the others may take a delta against the
                 # base's form they hold (a parent names one form, so chains stay linear).
                 own_parent = None if parent is None or codec == "none" else select_form(parent, codec)
-                ref, blob = prepare_as(index, data, codec, own_parent)
+                ref, blob = prepare_as(index, data, codec, own_parent, content)
                 forms.append(ref)
                 if blob is not None:
                     blobs[ref.digest] = blob
@@ -541,9 +551,9 @@ class StoreWrites(StoreListing, StorePages):
             refs: list[list[ChunkRef]] = [[] for _ in entries]
             for (index, _, _), digest in zip(slices, digests, strict=True):
                 refs[index].append(digest.result().ref)
-            if not raw and len(distinct) == 1:
+            if not raw:
                 self._encoded_last = {
-                    (distinct[0], ref.content_digest, ref.size): ref for chunk in refs for ref in chunk
+                    (remembered_as, ref.content_digest, ref.size): ref for chunk in refs for ref in chunk
                 }
             if base is not None:
                 # The next delta save's parents are these chunks: keep their bytes (one copy of
@@ -560,7 +570,7 @@ class StoreWrites(StoreListing, StorePages):
         else None, and the chunk is encoded anew."""
         if ref is None:
             return None
-        for digest, size in ref.form_blobs():
+        for digest, size in ref.blobs():  # every form's, when the regions' codecs differ
             held = False
             for region in self.regions:
                 try:
