@@ -35,6 +35,13 @@ def write(store: CheckpointStore, lineage: str, changed_from: int | None = None,
         save_state(store.core, value, lineage=name, step=step, metadata={"tier": tier, "trigger": "every_n_steps"})
 
 
+@pytest.fixture(autouse=True)
+def evidence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where the classifier keeps the checkpoints of a divergence it excuses (not the shared temp dir)."""
+    monkeypatch.setenv("PREFECT_RECOVERY_EVIDENCE", str(tmp_path / "evidence"))
+    return tmp_path / "evidence"
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> CheckpointStore:
     store = CheckpointStore.default(tmp_path / "home")
@@ -42,15 +49,15 @@ def store(tmp_path: Path) -> CheckpointStore:
     return store
 
 
-def test_a_rounding_difference_of_the_weights_is_issue_18_and_its_evidence_is_kept(store, tmp_path, monkeypatch):
-    monkeypatch.setenv("PREFECT_RECOVERY_EVIDENCE", str(tmp_path / "evidence"))
+def test_a_rounding_difference_of_the_weights_is_issue_18_and_its_evidence_is_kept(store, evidence):
     write(store, "run", changed_from=20, weight_shift=2e-6)
     found = rounding_divergence("run", (store, "ref"), (store, "run"))
     assert found is not None
     divergence, folder = found
     assert divergence.key == ("light", 20, "every_n_steps")  # the first that differs, not the last
     assert set(divergence.leaves) == {"/model/0.weight", "/metrics/loss"}
-    assert torch.load(folder / "run.pt")["counters"] == {"step": 20} and (folder / "summary.json").is_file()
+    assert folder.parent == evidence and (folder / "summary.json").is_file()
+    assert torch.load(folder / "run.pt")["counters"] == {"step": 20}
 
 
 @pytest.mark.parametrize(
