@@ -14,27 +14,33 @@ from prefect_recovery.training import step_trace
 
 TRAIN = """
 import sys, torch
+from torch.utils.data import TensorDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 from prefect_recovery import CheckpointStore, Checkpointer, seed_everything
-home, lineage, nudge_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+home, lineage, nudge_at, poke_at = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 seed_everything(3)
 model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-with Checkpointer(CheckpointStore.default(home), lineage, model=model, optimizer=optimizer, seed=3) as ckpt:
-    for step in range(1, 9):
+features = torch.randn(64, 16)
+loader = StatefulDataLoader(TensorDataset(features), batch_size=8)
+store = CheckpointStore.default(home)
+with Checkpointer(store, lineage, model=model, optimizer=optimizer, data=loader, seed=3) as ckpt:
+    for step, (x,) in enumerate(loader, start=1):
         optimizer.zero_grad()
-        x = torch.randn(8, 16)
         if step == nudge_at:  # one step computed a rounding away from the others
             x = x + 1e-6
         model(x).square().mean().backward()
         optimizer.step()
+        if step == poke_at:  # something changed the data under the training (a later batch's rows)
+            features[-1, 0] += 1.0
         ckpt.step()
 """
 
 
-def run(tmp_path: Path, trace: Path, lineage: str, nudge_at: int = 0) -> None:
+def run(tmp_path: Path, trace: Path, lineage: str, nudge_at: int = 0, poke_at: int = 0) -> None:
     env = {**os.environ, step_trace.ENV: str(trace)}
     done = subprocess.run(
-        [sys.executable, "-c", TRAIN, str(tmp_path / "home"), lineage, str(nudge_at)],
+        [sys.executable, "-c", TRAIN, str(tmp_path / "home"), lineage, str(nudge_at), str(poke_at)],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -50,7 +56,8 @@ def test_traces_name_the_first_step_that_computed_differently(tmp_path: Path) ->
     run(tmp_path, trace, "a")
     run(tmp_path, trace, "b")
     run(tmp_path, trace, "c", nudge_at=5)
-    a, b, c = (only_trace(trace, name) for name in "abc")
+    run(tmp_path, trace, "d", poke_at=3)
+    a, b, c, d = (only_trace(trace, name) for name in "abcd")
 
     assert [record["step"] for record in a] == list(range(1, 9))
     first = a[0]  # what the process computed with, and where it saved, once per process
@@ -65,7 +72,9 @@ def test_traces_name_the_first_step_that_computed_differently(tmp_path: Path) ->
     found = step_trace.first_difference(a, c)
     # step 5's input differed: its gradients first (the forward/backward), then every later parameter
     assert found is not None and found["step"] == 5
-    assert "0.weight" in found["gradients"] and "0.weight" in found["parameters"]
+    assert "0.weight" in found["gradients"] and "0.weight" in found["parameters"] and found["dataset"] == []
+    # the data changed after step 3's batch was used: named at step 3, before any weight differs
+    assert step_trace.first_difference(a, d) == {"step": 3, "gradients": [], "parameters": [], "dataset": [0]}
 
 
 def test_no_trace_without_the_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

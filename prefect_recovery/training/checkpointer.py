@@ -243,6 +243,7 @@ class Checkpointer:
         self._trace = StepTrace.from_environment(
             self.lineage,
             model,
+            data,
             {"lineage": self.lineage, "seed": seed, "store": [region.name for region in self.store.regions]},
         )
         # The global RNGs belong to the thread that enters (training/rng_guard.py); strict mode

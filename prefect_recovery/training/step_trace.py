@@ -3,8 +3,9 @@
 Checkpoints show a divergence only at the next save: issue 18's rounding difference (about 1e-6 in the
 weights, docs/DETERMINISM.md) surfaced at step 10 and could have come from any of steps 1-10.
 With ``PREFECT_RECOVERY_STEP_TRACE=DIR`` set, every ``Checkpointer.step()`` appends one JSON line to
-``DIR/<lineage>-<pid>.jsonl``: the step, a digest of each parameter and of its gradient, the thread that
-stepped and its floating-point control bits, and how many threads the process runs. The first line also
+``DIR/<lineage>-<pid>.jsonl``: the step, a digest of each parameter and of its gradient (and of a
+``TensorDataset``'s tensors), the thread that stepped and its floating-point control bits, and how many
+threads the process runs. The first line also
 holds what the process computes with (``execution_fingerprint``), the shared libraries it has loaded, and
 the store it saves to, so two traces of the same seed can be paired. ``first_difference(a, b)`` names the
 first step, and its parameters and gradients, where two traces differ.
@@ -77,16 +78,20 @@ def _os_threads() -> int | None:
 class StepTrace:
     """Appends one record per training step to ``DIR/<lineage>-<pid>.jsonl``."""
 
-    def __init__(self, directory: str | os.PathLike[str], lineage: str, model: Any, context: dict[str, Any]):
+    def __init__(self, directory: str | os.PathLike[str], lineage: str, model: Any, data: Any, context: dict[str, Any]):
         self.path = Path(directory) / f"{lineage}-{os.getpid()}.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.parameters = list(model.named_parameters()) if hasattr(model, "named_parameters") else []
+        # A TensorDataset's tensors (the data every batch is cut from): a change under the training shows here.
+        # Any other loader's dataset is not traced.
+        dataset = getattr(getattr(data, "loader", data), "dataset", None)
+        self.dataset = list(getattr(dataset, "tensors", ()))
         self._context: dict[str, Any] | None = context
 
     @classmethod
-    def from_environment(cls, lineage: str, model: Any, context: dict[str, Any]) -> StepTrace | None:
+    def from_environment(cls, lineage: str, model: Any, data: Any, context: dict[str, Any]) -> StepTrace | None:
         directory = os.environ.get(ENV)
-        return cls(directory, lineage, model, context) if directory else None
+        return cls(directory, lineage, model, data, context) if directory else None
 
     def record(self, step: int) -> None:
         import torch  # the trace is written only where training runs
@@ -101,6 +106,7 @@ class StepTrace:
             "mxcsr": _mxcsr_control(),
             "parameters": {name: _tensor_digest(p) for name, p in self.parameters},
             "gradients": {name: _tensor_digest(p.grad) for name, p in self.parameters if p.grad is not None},
+            "dataset": [_tensor_digest(tensor) for tensor in self.dataset],
         }
         if self._context is not None:  # once per process: what it computes with and where it saves
             from .determinism import execution_fingerprint
@@ -117,9 +123,10 @@ def read(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def first_difference(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The first step both traces recorded whose parameters or gradients differ: ``{"step": n,
-    "gradients": [names], "parameters": [names]}`` (gradients differing first means that step's
-    forward/backward computed differently; parameters only, its optimizer step). None: no difference."""
+    """The first step both traces recorded whose parameters, gradients or dataset tensors differ: ``{"step":
+    n, "gradients": [names], "parameters": [names], "dataset": [indexes]}`` (gradients differing first
+    means that step's forward/backward computed differently; parameters only, its optimizer step; the
+    dataset, that the data changed under the training). None: no difference."""
     theirs = {record["step"]: record for record in b}
     for mine in a:
         other = theirs.get(mine["step"])
@@ -129,6 +136,7 @@ def first_difference(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[s
             kind: sorted(name for name in mine[kind] if mine[kind][name] != other[kind].get(name))
             for kind in ("gradients", "parameters")
         }
-        if found["gradients"] or found["parameters"]:
+        found["dataset"] = [i for i, digest in enumerate(mine.get("dataset", [])) if digest != other["dataset"][i]]
+        if found["gradients"] or found["parameters"] or found["dataset"]:
             return {"step": mine["step"], **found}
     return None
