@@ -450,8 +450,11 @@ def test_both_forms_corrupt_is_an_error_never_wrong_bytes(tmp_path):
         body = bytearray(path.read_bytes())
         body[7] ^= 0x01
         path.write_bytes(bytes(body))
-    with pytest.raises(BlobUnavailableError):
+    with pytest.raises(BlobUnavailableError) as caught:
         _load(store, "run")
+    # each region is named with what was wrong with the copy it was asked for (its own form)
+    assert set(caught.value.causes) == {RAW, PACKED}
+    assert all("corrupt" in cause for cause in caught.value.causes.values()), caught.value.causes
     report = verify_store(store, repair=True)
     assert {(p.region, p.kind) for p in report.problems} == {(RAW, "corrupt"), (PACKED, "corrupt")}
     assert not any(p.repaired for p in report.problems)  # no verified copy of the content anywhere

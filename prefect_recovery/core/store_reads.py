@@ -168,14 +168,17 @@ class StoreReads:
             resolve_into(lambda digest, view: self.read_blob_into(digest, view, prefer), chunk, buffer)
             return
         first: BlobUnavailableError | None = None
+        causes: dict[str, str] = {}  # every region's first cause, whichever form it was asked for
         for form, holders in self._forms_by_cost(chunk, prefer):
             try:
                 resolve_into(lambda digest, view, h=holders: self.read_blob_into(digest, view, only=h), form, buffer)
                 return
             except BlobUnavailableError as exc:
                 first = first or exc
+                for region, cause in exc.causes.items():  # named with its blob when it is another form's
+                    causes.setdefault(region, cause if exc.digest == first.digest else f"{exc.digest}: {cause}")
         assert first is not None
-        raise first
+        raise BlobUnavailableError(first.digest, causes)
 
     def _forms_by_cost(self, chunk: ChunkRef, prefer: Sequence[str]) -> list[tuple[ChunkRef, list[str]]]:
         """Each stored form of ``chunk`` with the regions to ask for it (those whose codec selects it first),
