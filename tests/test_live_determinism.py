@@ -50,7 +50,7 @@ def checkpoints_by_step(store: CheckpointStore, lineage: str) -> dict[tuple[str,
     for name in (lineage, lineage + LIGHT_SUFFIX):
         for info in store.list(name):
             key = (info.metadata["tier"], info.step, info.metadata["trigger"])
-            found[key] = store.load(lineage=name, version=info.version)
+            found[key] = store.load_checkpoint(lineage=name, version=info.version)
     return found
 
 
