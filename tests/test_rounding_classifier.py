@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.rounding import first_divergence, rounding_divergence
+from helpers.rounding import checkpoints, first_divergence, rounding_divergence
 
 from prefect_recovery import CheckpointStore
 from prefect_recovery.training.state_io import save_state
@@ -79,9 +79,22 @@ def test_a_difference_first_seen_after_the_uninterrupted_part_is_not_excused(sto
     """What a resumed process computed must match exactly: a divergence from step 30 on, when the process
     was killed after step 20, is the resume's."""
     write(store, "run", changed_from=30, weight_shift=2e-6)
-    before_the_kill = {("light", 10, "every_n_steps"), ("light", 20, "every_n_steps")}
+    before_the_kill = {version for version, key in checkpoints(store, "run").items() if key[1] <= 20}
     assert rounding_divergence("run", (store, "ref"), (store, "run"), uninterrupted=before_the_kill) is None
     assert rounding_divergence("run", (store, "ref"), (store, "run")) is not None  # the same run, uninterrupted
+
+
+def test_a_step_trained_again_after_the_resume_is_the_resumes(store):
+    """A resumed run writes again the light checkpoints of the steps it trains again: the new copy of step
+    20 differing is the resume's, even though the killed run also wrote a (matching) step 20."""
+    write(store, "run")  # the killed run: steps 10, 20 light and 30 heavy, all identical to the reference
+    before_the_kill = set(checkpoints(store, "run"))
+    resumed = state(20, weight_shift=2e-6)  # the resume trained step 20 again, a rounding away
+    save_state(
+        store.core, resumed, lineage="run.light", step=20, metadata={"tier": "light", "trigger": "every_n_steps"}
+    )
+    assert rounding_divergence("run", (store, "ref"), (store, "run"), uninterrupted=before_the_kill) is None
+    assert first_divergence((store, "ref"), (store, "run")) is not None
 
 
 def test_identical_runs_have_no_divergence(store):

@@ -37,11 +37,12 @@ def _store(where: Path | CheckpointStore) -> CheckpointStore:
     return where if isinstance(where, CheckpointStore) else CheckpointStore.default(where)
 
 
-def checkpoints(where: Path | CheckpointStore, lineage: str) -> dict[Key, tuple[str, int]]:
-    """(tier, step, trigger) -> (lineage, version) of every checkpoint of the lineage and its light tier."""
+def checkpoints(where: Path | CheckpointStore, lineage: str) -> dict[tuple[str, int], Key]:
+    """(lineage, version) -> (tier, step, trigger) of every checkpoint of the lineage and its light tier.
+    Keyed by version: a resumed run writes again the light checkpoints of the steps it trains again."""
     store = _store(where)
     return {
-        (info.metadata["tier"], info.step, info.metadata["trigger"]): (name, info.version)
+        (name, info.version): (info.metadata["tier"], info.step, info.metadata["trigger"])
         for name in (lineage, lineage + LIGHT_SUFFIX)
         for info in store.list(name)
     }
@@ -82,15 +83,20 @@ class Divergence:
 def first_divergence(
     reference: tuple[Path | CheckpointStore, str],
     run: tuple[Path | CheckpointStore, str],
-    keys: set[Key] | None = None,
+    uninterrupted: set[tuple[str, int]] | None = None,
 ) -> Divergence | None:
-    """The first checkpoint (by step) both lineages hold, within ``keys`` when given, that differs."""
+    """The first checkpoint (by step) of ``run`` that differs from the reference's of the same (tier, step,
+    trigger); only those in ``uninterrupted`` ((lineage, version) pairs) when given."""
     (ref_where, ref_lineage), (run_where, run_lineage) = reference, run
-    ours, theirs = checkpoints(run_where, run_lineage), checkpoints(ref_where, ref_lineage)
-    shared = set(ours) & set(theirs) & (keys if keys is not None else set(ours))
-    for key in sorted(shared, key=lambda k: (k[1], k[0] == "heavy", k[2])):
+    theirs = {key: version for version, key in checkpoints(ref_where, ref_lineage).items()}
+    ours = [
+        (key, version)
+        for version, key in checkpoints(run_where, run_lineage).items()
+        if key in theirs and (uninterrupted is None or version in uninterrupted)
+    ]
+    for key, version in sorted(ours, key=lambda pair: (pair[0][1], pair[0][0] == "heavy", pair[0][2], pair[1])):
         want = _store(ref_where).load_checkpoint(lineage=theirs[key][0], version=theirs[key][1])
-        mine = _store(run_where).load_checkpoint(lineage=ours[key][0], version=ours[key][1])
+        mine = _store(run_where).load_checkpoint(lineage=version[0], version=version[1])
         found = differing_leaves(want, mine)
         if found:
             return Divergence(key, found, _float_sizes(want, mine), want, mine)
@@ -115,12 +121,12 @@ def rounding_divergence(
     label: str,
     reference: tuple[Path | CheckpointStore, str],
     run: tuple[Path | CheckpointStore, str],
-    uninterrupted: set[Key] | None = None,
+    uninterrupted: set[tuple[str, int]] | None = None,
 ) -> tuple[Divergence, Path] | None:
     """Issue 18's divergence of ``run`` from ``reference``, with where its evidence was kept; None for any other
-    difference. ``uninterrupted``: the run's checkpoints an uninterrupted process wrote (those before a kill);
-    None when the whole run was uninterrupted. Only a first differing checkpoint among those, differing by
-    rounding only, counts."""
+    difference. ``uninterrupted``: the run's checkpoints an uninterrupted process wrote, as (lineage, version)
+    pairs (``set(checkpoints(...))`` before the resume); None when the whole run was uninterrupted. Only a
+    first differing checkpoint among those, differing by rounding only, counts."""
     found = first_divergence(reference, run, uninterrupted)
     if found is None or not found.rounding_only:
         return None
@@ -131,7 +137,7 @@ def xfail_if_rounding(
     label: str,
     reference: tuple[Path | CheckpointStore, str],
     run: tuple[Path | CheckpointStore, str],
-    uninterrupted: set[Key] | None = None,
+    uninterrupted: set[tuple[str, int]] | None = None,
 ) -> None:
     """Call where a run was found to differ from its reference: reports issue 18's divergence as an expected
     failure (with its figures and where the evidence is); returns otherwise, so that the caller's own
