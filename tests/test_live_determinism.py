@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from conftest import CLI, REPO
 from helpers.live_prefect import Stack, api, deployment_id, live_stack, wait_completed
-from helpers.rounding import rounding_divergence
+from helpers.rounding import CAUSES, ROUNDING, rounding_divergence
 from helpers.step_values import differing_leaves, max_abs_difference
 
 from prefect_recovery import CheckpointStore
@@ -64,12 +64,11 @@ class Divergence:
 
     def rounding_only(self) -> bool:
         """Only floating-point training state (model, optimizer) differs, each by less than 1e-4."""
-        named = ("/rng", "/data", "/counters", "/determinism", "/scheduler")
         return (
             self.checkpoint is not None
             and set(self.leaves) == set(self.sizes)
-            and not any(word in leaf for leaf in self.leaves for word in named)
-            and all(size < 1e-4 for size in self.sizes.values())
+            and not any(cause in leaf for leaf in self.leaves for cause in CAUSES)
+            and all(size < ROUNDING for size in self.sizes.values())
         )
 
     def __str__(self) -> str:

@@ -35,7 +35,7 @@ def _tensor_digest(tensor: Any) -> str:
     import torch
 
     data = tensor.detach().cpu().contiguous().reshape(-1)
-    return hash_bytes(data.view(torch.uint8).numpy().tobytes())
+    return hash_bytes(memoryview(data.view(torch.uint8).numpy()))  # no copy of the bytes
 
 
 def _loaded_libraries() -> list[str]:

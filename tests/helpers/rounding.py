@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers.step_values import differing_leaves, leaves, max_abs_difference
+from helpers.step_values import differing_leaves, max_abs_difference
 
 from prefect_recovery import CheckpointStore
 from prefect_recovery.core.layout import LIGHT_SUFFIX
@@ -46,17 +46,6 @@ def checkpoints(where: Path | CheckpointStore, lineage: str) -> dict[tuple[str, 
         for name in (lineage, lineage + LIGHT_SUFFIX)
         for info in store.list(name)
     }
-
-
-def _float_sizes(a: Any, b: Any) -> dict[str, float]:
-    """The largest absolute difference of each differing floating-point leaf (tensors and Python floats)."""
-    sizes = max_abs_difference(a, b)
-    left, right = dict(leaves(a)), dict(leaves(b))
-    for path in set(left) & set(right):
-        x, y = left[path], right[path]
-        if isinstance(x, float) and isinstance(y, float) and x != y:
-            sizes[path] = abs(x - y)
-    return sizes
 
 
 @dataclass
@@ -99,7 +88,7 @@ def first_divergence(
         mine = _store(run_where).load_checkpoint(lineage=version[0], version=version[1])
         found = differing_leaves(want, mine)
         if found:
-            return Divergence(key, found, _float_sizes(want, mine), want, mine)
+            return Divergence(key, found, max_abs_difference(want, mine), want, mine)
     return None
 
 

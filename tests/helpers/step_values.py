@@ -47,7 +47,8 @@ def differing_leaves(a: Any, b: Any) -> list[str]:
 
 
 def max_abs_difference(a: Any, b: Any) -> dict[str, float]:
-    """For each floating-point tensor leaf that differs: the largest absolute difference (a divergence's size)."""
+    """For each floating-point leaf that differs (a tensor, or a Python float such as a metric): the largest
+    absolute difference (a divergence's size)."""
     left, right = dict(leaves(a)), dict(leaves(b))
     sizes = {}
     for path in sorted(set(left) & set(right)):
@@ -55,6 +56,8 @@ def max_abs_difference(a: Any, b: Any) -> dict[str, float]:
         comparable = isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.is_floating_point()
         if comparable and x.shape == y.shape and x.dtype == y.dtype and not same(x, y):
             sizes[path] = float((x.double() - y.double()).abs().max())
+        elif isinstance(x, float) and isinstance(y, float) and not same(x, y):
+            sizes[path] = abs(x - y)
     return sizes
 
 
