@@ -214,3 +214,44 @@ def test_a_prefect_transaction_commits_its_record_into_the_store(tmp_path: Path)
     with transaction(key="nightly-2026-12-07", store=ResultStore(result_storage=store)) as again:
         assert again.is_committed()
         assert again.read().result == {"rows": 1234}
+
+
+def test_a_result_is_read_from_the_raw_region_when_the_compressed_one_is_listed_first(
+    tmp_path: Path, monkeypatch, caplog
+) -> None:
+    # Region codecs (issue 17): a result's chunks are read in their cheapest form like a checkpoint's,
+    # not in the order the regions are listed; the compressed form serves a chunk whose raw copy rotted,
+    # and the warning names the copy passed over.
+    packed, raw = two_regions(tmp_path)
+    store = CheckpointStore(
+        regions=[{"url": str(packed), "name": "packed"}, {"url": str(raw), "name": "raw"}],
+        region_codecs={"packed": "zstd"},
+        write_quorum=2,
+        chunk_bytes=64 * 1024,
+    )
+    value = b"".join(b"result line %d\n" % i for i in range(40_000))  # compressible, no two chunks alike
+    store.write_path("key", value)
+    manifest, _holders = store.core.resolve(store.result_lineage("key"))
+    chunks = [chunk for entry in manifest.entries for chunk in entry.chunks]
+    assert len(chunks) > 1 and all(chunk.forms for chunk in chunks)  # a raw and a zstd form each
+
+    asked: dict[str, list[str]] = {"packed": [], "raw": []}
+    for region in store.core.regions:
+        original = region.read_into
+        monkeypatch.setattr(
+            region,
+            "read_into",
+            lambda key, *a, _f=original, _n=region.name, **kw: asked[_n].append(key) or _f(key, *a, **kw),
+        )
+    assert store.read_path("key") == value
+    assert asked["packed"] == [] and len(asked["raw"]) == len(chunks)
+
+    [first_raw] = [form for form in chunks[0].stored_forms() if form.stored_raw]
+    flip_byte(raw / blob_key(first_raw.digest))
+    with caplog.at_level("WARNING"):
+        assert store.read_path("key") == value
+    [packed_form] = [form for form in chunks[0].stored_forms() if not form.stored_raw]
+    assert asked["packed"] == [blob_key(packed_form.digest)]  # that chunk alone, in its compressed form
+    [warning] = [r.getMessage() for r in caplog.records if "passed over" in r.getMessage()]
+    assert "raw: content does not match its digest" in warning
+    assert "served from packed, raw" in warning  # chunk 0 from packed, the others from raw

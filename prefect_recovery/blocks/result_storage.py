@@ -35,10 +35,10 @@ from prefect.logging import get_run_logger
 from prefect.utilities.asyncutils import run_sync_in_worker_thread
 
 from ..core import Store
-from ..core.chunks import resolve_into
 from ..core.digest import algorithm_of, hash_bytes
 from ..core.errors import BlobUnavailableError, CheckpointError, CheckpointNotFoundError, RegionError
 from ..core.layout import blob_key, result_lineage
+from ..core.store_reads import ReadReport
 
 CONTENT_ENTRY = "content"
 PATH_METADATA = "prefect_result_path"
@@ -186,34 +186,26 @@ def read_result(store: Store, path: str) -> bytes:
     [entry] = entries
     buffer = bytearray(entry.size)
     view = memoryview(buffer)
-    skipped: dict[str, list[str]] = {}  # region -> why its copies were passed over (every chunk's cause)
-    served: list[str] = []  # the regions the verified bytes came from
-
-    def read_blob(digest: str, out: memoryview) -> None:
-        passed_over: dict[str, str] = {}  # one chunk's: the core keeps one cause per region
-        served.append(store.read_blob_into(digest, out, prefer=holders, skipped=passed_over))
-        for region, cause in passed_over.items():
-            if cause not in skipped.setdefault(region, []):
-                skipped[region].append(cause)
-
+    report = ReadReport()  # where the verified bytes came from, and why a copy was passed over
     offset = 0
     for chunk in entry.chunks:
         try:
-            # Whatever the chunk's stored form (raw, a codec, a delta: core/chunks.py), decoded and verified.
-            resolve_into(read_blob, chunk, view[offset : offset + chunk.size])
+            # Whatever the chunk's stored form (raw, a codec, a delta: core/chunks.py), decoded and verified;
+            # with region codecs, its cheapest form first (a raw local copy before a compressed cloud one).
+            store.read_chunk_into(chunk, view[offset : offset + chunk.size], prefer=holders, report=report)
         except BlobUnavailableError as exc:
             error = ResultUnavailableError(path, lineage, exc.causes)
             _logger().error("%s", error)  # Prefect's cache lookup swallows read errors: say it here
             raise error from None
         offset += chunk.size
-    if skipped:
+    if report.passed_over:
         _logger().warning(
             "Prefect result %r (lineage %r): a copy was passed over (%s); a verified copy was served from %s. "
             "Heal the store with `prefect-recovery verify --repair`.",
             path,
             lineage,
-            "; ".join(f"{name}: {', '.join(causes)}" for name, causes in skipped.items()),
-            ", ".join(dict.fromkeys(served)),
+            "; ".join(f"{name}: {', '.join(causes)}" for name, causes in report.passed_over.items()),
+            ", ".join(dict.fromkeys(report.served)),
         )
     return bytes(buffer)
 

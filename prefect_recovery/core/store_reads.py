@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .chunks import resolve_into
@@ -31,6 +32,20 @@ from .region_object import RegionIO
 # How long a region whose read stalled past read_deadline is tried last and not listed.
 SLOW_PENALTY = 300.0
 _T = TypeVar("_T")
+
+
+@dataclass
+class ReadReport:
+    """What reads went through, for a caller that tells the user (Prefect result reads): the region each
+    verified blob came from, and every cause for which a region's copy was passed over."""
+
+    served: list[str] = field(default_factory=list)
+    passed_over: dict[str, list[str]] = field(default_factory=dict)
+
+    def note_passed_over(self, causes: dict[str, str]) -> None:
+        for region, cause in causes.items():
+            if cause not in self.passed_over.setdefault(region, []):
+                self.passed_over[region].append(cause)
 
 
 class StoreReads:
@@ -160,18 +175,32 @@ class StoreReads:
             return region.name
         raise BlobUnavailableError(digest, causes)
 
-    def read_chunk_into(self, chunk: ChunkRef, buffer: memoryview, prefer: Sequence[str] = ()) -> None:
+    def read_chunk_into(
+        self, chunk: ChunkRef, buffer: memoryview, prefer: Sequence[str] = (), report: ReadReport | None = None
+    ) -> None:
         """Fill ``buffer`` with one chunk's verified bytes, whatever its stored form (raw, a
         codec, a delta chain: core/chunks.py); a chunk with a form per region codec is read in
-        its cheapest form first (``_forms_by_cost``), the others on failure."""
+        its cheapest form first (``_forms_by_cost``), the others on failure. ``report``, when given,
+        receives where each blob came from and why a copy was passed over."""
+
+        def read(digest: str, view: memoryview, only: Sequence[str] | None = None) -> None:
+            passed_over: dict[str, str] = {}
+            try:
+                served = self.read_blob_into(digest, view, prefer, skipped=passed_over, only=only)
+            finally:
+                if report is not None:
+                    report.note_passed_over(passed_over)
+            if report is not None:
+                report.served.append(served)
+
         if chunk.forms is None:
-            resolve_into(lambda digest, view: self.read_blob_into(digest, view, prefer), chunk, buffer)
+            resolve_into(read, chunk, buffer)
             return
         first: BlobUnavailableError | None = None
         causes: dict[str, str] = {}  # every region's first cause, whichever form it was asked for
         for form, holders in self._forms_by_cost(chunk, prefer):
             try:
-                resolve_into(lambda digest, view, h=holders: self.read_blob_into(digest, view, only=h), form, buffer)
+                resolve_into(lambda digest, view, h=holders: read(digest, view, only=h), form, buffer)
                 return
             except BlobUnavailableError as exc:
                 first = first or exc
