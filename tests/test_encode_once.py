@@ -165,3 +165,30 @@ def test_regions_with_different_codecs_encode_an_unchanged_state_once(tmp_path: 
     assert fourth.bytes_written >= sum(t.numel() * 4 for t in state.values())
     only = Store([open_region(str(tmp_path / "r0"))], chunk_bytes=CHUNK)
     assert _load(only, "run", fourth.version) == _raw(state)
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_a_region_is_asked_once_per_reused_blob(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mixed: bool) -> None:
+    """Naming an unchanged chunk checks that its blobs are still there; the copy step that follows does
+    not ask the same region again (on an object store each question is a request per chunk)."""
+    for name in ("r0", "r1"):
+        (tmp_path / name).mkdir()
+    r0, r1 = open_region(str(tmp_path / "r0")), open_region(str(tmp_path / "r1"))
+    codecs_of = {r0.name: "none", r1.name: "auto"} if mixed else {r0.name: "auto", r1.name: "auto"}
+    store = Store([r0, r1], chunk_bytes=CHUNK, region_codecs=codecs_of)
+    state = _state(5)
+    store.commit("run", _plan(state), step=1)
+    asked: dict[tuple[str, str], int] = {}
+    for region in (r0, r1):
+        real = region.size
+
+        def counted(key: str, *args, _real=real, _name=region.name, **kwargs):
+            if key.startswith("blobs/"):
+                asked[(_name, key)] = asked.get((_name, key), 0) + 1
+            return _real(key, *args, **kwargs)
+
+        monkeypatch.setattr(region, "size", counted)
+    second = store.commit("run", _plan(state), step=2)
+    assert second.bytes_written == 0 and asked
+    assert max(asked.values()) == 1, {key: n for key, n in asked.items() if n > 1}
+    assert _load(store, "run", second.version) == _raw(state)

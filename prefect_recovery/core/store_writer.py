@@ -450,6 +450,8 @@ class StoreWrites(StoreListing, StorePages):
 
         # What the last save's forms are remembered under: the codec, or every region's codec when they differ.
         remembered_as = distinct[0] if len(distinct) == 1 else "/".join(codec_of_region)
+        # (region, blob) pairs ``_still_stored`` found held, so ``put`` does not ask that region again.
+        held: set[tuple[str, str]] = set()
 
         def prepare_as(
             index: int, data: memoryview, codec: CodecName, parent: ChunkRef | None, content: str | None = None
@@ -462,7 +464,7 @@ class StoreWrites(StoreListing, StorePages):
                 parent=parent,
                 read_parent=self._read_parent,
                 min_saving=self.codec_min_saving,
-                known=(lambda content, size: self._still_stored(self._encoded_last.get((codec, content, size))))
+                known=(lambda content, size: self._still_stored(self._encoded_last.get((codec, content, size)), held))
                 if len(distinct) == 1
                 else None,
                 content=content,
@@ -483,7 +485,7 @@ class StoreWrites(StoreListing, StorePages):
             content = hash_bytes(data, self.hash_algorithm)
             if parent is not None and parent.size == len(data) and parent.content_digest == content:
                 return _Prepared(parent, {})  # unchanged: the base's reference, forms and all
-            earlier = self._still_stored(self._encoded_last.get((remembered_as, content, len(data))))
+            earlier = self._still_stored(self._encoded_last.get((remembered_as, content, len(data))), held)
             if earlier is not None:
                 return _Prepared(earlier, {})  # saved unchanged by the last save: named, not encoded again
             forms: list[ChunkRef] = []
@@ -518,7 +520,8 @@ class StoreWrites(StoreListing, StorePages):
                         claimed[region.name].add(digest)
                     data = prepared.blobs.get(digest)
                     if data is None:
-                        self._ensure_copied(region, digest, size)
+                        if (region.name, digest) not in held:
+                            self._ensure_copied(region, digest, size)
                     elif self._ensure_blob(region, digest, memoryview(data)):
                         with lock:
                             written[0] += len(data)
@@ -564,22 +567,23 @@ class StoreWrites(StoreListing, StorePages):
                 }
         return causes, written[0], refs
 
-    def _still_stored(self, ref: ChunkRef | None) -> ChunkRef | None:
+    def _still_stored(self, ref: ChunkRef | None, held: set[tuple[str, str]]) -> ChunkRef | None:
         """``ref`` (a form the last save wrote) when some region still holds each of its blobs, so
         naming it again loses nothing (a region lacking one gets a verified copy, ``_ensure_copied``);
-        else None, and the chunk is encoded anew."""
+        else None, and the chunk is encoded anew. Each (region, blob) found is added to ``held``."""
         if ref is None:
             return None
         for digest, size in ref.blobs():  # every form's, when the regions' codecs differ
-            held = False
+            found = False
             for region in self.regions:
                 try:
-                    held = region.size(blob_key(digest)) == size
+                    found = region.size(blob_key(digest)) == size
                 except RegionError:
                     continue
-                if held:
+                if found:
+                    held.add((region.name, digest))
                     break
-            if not held:
+            if not found:
                 return None
         return ref
 
