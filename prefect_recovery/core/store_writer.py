@@ -207,7 +207,7 @@ class StoreWrites(StoreListing, StorePages):
         metadata: dict[str, JsonValue] | None,
     ) -> CheckpointInfo:
         self._check_can_commit(lineage)  # before a single byte is written
-        written = self.write_entries(entries, base=self._delta_base(lineage) if self.delta else None)
+        written = self.write_entries(entries, base=self.delta_base(lineage))
         return self.commit_entries(
             lineage,
             written,
@@ -226,9 +226,12 @@ class StoreWrites(StoreListing, StorePages):
                 "every reader would reject what it writes; set the store's signing key (or accept_unsigned)"
             )
 
-    def _delta_base(self, lineage: str) -> list[Entry]:
-        """The entries of ``lineage``'s latest consistent version (the parents a delta save's
-        chunks may name); none when it has none that can be read."""
+    def delta_base(self, lineage: str) -> list[Entry] | None:
+        """What ``write_entries`` takes as ``base`` for the next version of ``lineage``: with ``delta`` on,
+        the entries of its latest consistent version (the parents a delta chunk may name; a DCP save's
+        ranks each pass it too), empty when it has none that can be read; None with ``delta`` off."""
+        if not self.delta:
+            return None
         try:
             manifest, holders = self.resolve(lineage)  # type: ignore[attr-defined]
             return self.manifest_entries(manifest, prefer=holders)

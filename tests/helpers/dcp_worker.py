@@ -39,13 +39,15 @@ from prefect_recovery.core.store_pages import DEFAULT_PAGE_ENTRIES
 from prefect_recovery.distributed import StoreWriter, committed_version, dcp_reader, dcp_writer
 
 
-def open_store(regions: str, page_entries: int | None = DEFAULT_PAGE_ENTRIES) -> Store:
+def open_store(regions: str, page_entries: int | None = DEFAULT_PAGE_ENTRIES, delta: bool = False) -> Store:
     roots = regions.split(",")
     return Store(
         [LocalRegionIO(root, name=Path(root).name) for root in roots],
         write_quorum=len(roots),
         chunk_bytes=512,
         page_entries=page_entries,
+        codec="zstd" if delta else "none",
+        delta=delta,
     )
 
 
@@ -268,12 +270,13 @@ def main() -> None:
     parser.add_argument("--saved-world", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--page-entries", type=int, default=DEFAULT_PAGE_ENTRIES, help="low: paged")
+    parser.add_argument("--delta", action="store_true", help="a zstd store with delta chunks")
     args = parser.parse_args()
     dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout))
     try:
         for scenario in args.scenarios.split(","):
             args.scenario = scenario
-            SCENARIOS[scenario](args, open_store(args.regions, args.page_entries))
+            SCENARIOS[scenario](args, open_store(args.regions, args.page_entries, args.delta))
     except BaseException:  # a failing rank (a failure scenario's sys.exit(3) too) exits as it raised
         dist.destroy_process_group()
         raise
