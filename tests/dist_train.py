@@ -72,14 +72,14 @@ def install_kill_in_save() -> None:
     original = Store.write_entries
     calls = {"n": 0}
 
-    def write_entries(self, entries):
+    def write_entries(self, entries, **options):
         if len(self.regions) == 1:  # a light save (first region only): not counted
-            return original(self, entries)
+            return original(self, entries, **options)
         calls["n"] += 1
         if calls["n"] == nth and len(entries) > 1:
-            original(self, list(entries)[: len(entries) // 2])  # part of this rank's blobs land
+            original(self, list(entries)[: len(entries) // 2], **options)  # part of this rank's blobs land
             os.kill(os.getpid(), signal.SIGKILL)
-        return original(self, entries)
+        return original(self, entries, **options)
 
     Store.write_entries = write_entries
 

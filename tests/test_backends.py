@@ -259,8 +259,17 @@ def test_put_if_absent_is_create_only(layout: Layout) -> None:
         assert place.read(key) == b"first"
 
 
-def test_concurrent_writers_of_one_lineage_lose_no_version(layout: Layout) -> None:
+def test_concurrent_writers_of_one_lineage_lose_no_version(layout: Layout, request: pytest.FixtureRequest) -> None:
     """Two writers (each with its own clients, as two processes) commit the same lineage at once."""
+    if request.node.callspec.params["layout"] == "gcs":
+        # Two buckets of the GCS emulator, which ignores ifGenerationMatch=0 (pinned by
+        # test_create_only_gcs_emulator_ignores_if_generation_match_and_overwrites): the store's read-back
+        # catches a manifest overwritten before it reads it back, not one overwritten after, so two writers
+        # racing for one version can both think they created it. Google Cloud Storage enforces the
+        # precondition; this emulator cannot show it. Seen once in a fresh-clone rehearsal under load.
+        request.applymarker(
+            pytest.mark.xfail(reason="the GCS emulator ignores create-only preconditions", strict=False)
+        )
     writers = [layout.store(own_clients=True) for _ in range(2)]
     saves_each = 2
     barrier = threading.Barrier(len(writers))
