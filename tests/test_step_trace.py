@@ -88,3 +88,14 @@ def test_no_trace_without_the_variable(tmp_path: Path, monkeypatch: pytest.Monke
         ckpt.step()
     assert ckpt._trace is None
     assert not list(tmp_path.rglob("*.jsonl"))
+
+
+def test_traces_of_datasets_with_other_tensors_differ_in_the_dataset() -> None:
+    """Two traces whose datasets hold a different number of tensors (another pipeline's loader) are told apart,
+    not an IndexError."""
+    record = {"step": 1, "gradients": {"w": "g"}, "parameters": {"w": "p"}}
+    a = [{**record, "dataset": ["x", "y"]}]
+    b = [{**record, "dataset": ["x"]}]
+    assert step_trace.first_difference(a, b) == {"step": 1, "gradients": [], "parameters": [], "dataset": [1]}
+    assert step_trace.first_difference(b, a) == {"step": 1, "gradients": [], "parameters": [], "dataset": [1]}
+    assert step_trace.first_difference(a, a) is None

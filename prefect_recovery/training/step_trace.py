@@ -136,7 +136,11 @@ def first_difference(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[s
             kind: sorted(name for name in mine[kind] if mine[kind][name] != other[kind].get(name))
             for kind in ("gradients", "parameters")
         }
-        found["dataset"] = [i for i, digest in enumerate(mine.get("dataset", [])) if digest != other["dataset"][i]]
+        mine_data, other_data = mine.get("dataset", []), other.get("dataset", [])
+        # a tensor only one trace has (two datasets of different shapes) counts as differing
+        found["dataset"] = [
+            i for i in range(max(len(mine_data), len(other_data))) if mine_data[i : i + 1] != other_data[i : i + 1]
+        ]
         if found["gradients"] or found["parameters"] or found["dataset"]:
             return {"step": mine["step"], **found}
     return None
