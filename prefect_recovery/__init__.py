@@ -11,6 +11,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from . import reproducible_kernels
+
+# Before anything computes: MKL fixes its reproducibility mode at its first computation.
+reproducible_kernels.request()
+
 _EXPORTS = {
     "CheckpointStore": "prefect_recovery.blocks",
     "Region": "prefect_recovery.blocks",

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+import prefect_recovery  # noqa: F401  (first, as the README asks: MKL's reproducible mode is fixed at its first use)
+
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 

@@ -115,9 +115,9 @@ class DistributedCheckpointer(Checkpointer):
         if kwargs.get("resume_from") is None and context.lineage == lineage:
             # The launcher's hand-over (run_ranks: the environment), when the script passed none.
             kwargs["resume_from"] = context.resume_point(store)
-        super().__init__(store, lineage, **kwargs)
-        self.rank = dist.get_rank()
+        self.rank = dist.get_rank()  # before the base's __init__, which asks _reports_warnings
         self.world_size = dist.get_world_size()
+        super().__init__(store, lineage, **kwargs)
         if "optimizer" in self.objects and "model" not in self.objects:
             raise ValueError("a distributed Checkpointer saves the optimizer with its model: pass model= too")
         timeout = timedelta(seconds=collective_timeout)

@@ -100,7 +100,7 @@ def environment_differences(
 
 
 # Fields of the execution fingerprint that a checkpoint cannot restore and that change how results round.
-_KERNEL_FIELDS = ("cpu", "cpu_capability", "float32_matmul_precision", "mkldnn_enabled")
+_KERNEL_FIELDS = ("cpu", "cpu_capability", "float32_matmul_precision", "mkldnn_enabled", "mkl_cnr")
 
 
 def _kernel_differences(recorded: Any, now: Any) -> list[str]:

@@ -63,6 +63,7 @@ from .determinism import (
     execution_fingerprint,
     extra_state,
     load_extra_state,
+    mkl_cnr,
     restore_rng,
     seed_everything,
 )
@@ -88,6 +89,34 @@ class Preempted(SystemExit):
 
 class UnseededInitWarning(UserWarning):
     """A first run's model was built before torch was seeded with the Checkpointer's seed."""
+
+
+class NonReproducibleKernelsWarning(UserWarning):
+    """This process's MKL computes without conditional numerical reproducibility (``reproducible_kernels``)."""
+
+
+_kernels_reported = False  # once per process: every Checkpointer of it computes with the same MKL mode
+
+
+def check_reproducible_kernels(strict: bool, report: bool = True) -> None:
+    """MKL without CNR may round differently from run to run (``prefect_recovery.reproducible_kernels``): warn
+    once per process; strict determinism refuses to train."""
+    global _kernels_reported
+    if mkl_cnr() != "off":
+        return
+    message = (
+        "torch computes with Intel MKL's conditional numerical reproducibility off in this process (MKL_CBWR "
+        "was unset when torch ran its first matrix product: before prefect_recovery was imported, or with "
+        "PREFECT_RECOVERY_REPRODUCIBLE_KERNELS=0), and MKL may then round differently from run to run, so a "
+        "repeated or resumed run may not be bit-identical. Import prefect_recovery before torch computes "
+        "anything, or start the process with MKL_CBWR=AUTO (docs/DETERMINISM.md)."
+    )
+    if strict:
+        raise rng_guard.DeterminismError(message)
+    if report and not _kernels_reported:
+        _kernels_reported = True
+        logger.warning(message)
+        warnings.warn(message, NonReproducibleKernelsWarning, stacklevel=4)
 
 
 def _torch_initial_seed() -> int | None:
@@ -251,6 +280,7 @@ class Checkpointer:
         if strict_determinism is None:
             strict_determinism = os.environ.get("PREFECT_RECOVERY_STRICT_DETERMINISM", "").lower() in ("1", "true")
         self.strict_determinism = strict_determinism
+        check_reproducible_kernels(strict_determinism, report=self._reports_warnings)
         self.rng_interference: list[rng_guard.Interference] = []  # foreign draws, served privately
         self._claimed = False
         self._watchdog: threading.Timer | None = None

@@ -178,6 +178,49 @@ def _cpu_model() -> str:
     return ", ".join(part for part in parts if part)
 
 
+# mkl_cbwr_get's answers (mkl_service.h): the code branch MKL keeps run to run, 1 when CNR is off.
+_MKL_CBWR_BRANCHES = {
+    1: "off", 2: "auto", 3: "compatible", 4: "sse2", 6: "ssse3", 7: "sse4_1", 8: "sse4_2", 9: "avx", 10: "avx2",
+    11: "avx512_mic", 12: "avx512", 13: "avx512_mic_e1", 14: "avx512_e1",
+}  # fmt: skip
+_MKL_CBWR_STRICT = 0x10000
+
+
+@functools.cache
+def _mkl_cbwr_get() -> Any:
+    """MKL's ``mkl_cbwr_get``: exported as ``mkl_serv_cbwr_get`` by PyTorch's CPU build (MKL linked in), as
+    ``mkl_cbwr_get`` by a build against a shared MKL; None without MKL."""
+    import ctypes
+
+    candidates = [os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"), None]
+    for path in candidates:
+        try:
+            library = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in ("mkl_serv_cbwr_get", "mkl_cbwr_get"):
+            function = getattr(library, name, None)
+            if function is not None:
+                function.argtypes, function.restype = [ctypes.c_int], ctypes.c_int
+                return function
+    return None
+
+
+def mkl_cnr() -> str | None:
+    """MKL's conditional numerical reproducibility mode in this process: ``"off"`` (MKL's default: results
+    may differ from run to run), a branch such as ``"auto"`` (``+strict`` when strict), or None when
+    torch does not compute with MKL. Fixed at MKL's first computation (``prefect_recovery.reproducible_kernels``
+    asks for ``auto`` at import)."""
+    if not torch.backends.mkl.is_available():
+        return None
+    get = _mkl_cbwr_get()
+    if get is None:
+        return None
+    mode = get(-1)  # MKL_CBWR_ALL: the branch and the strict flag
+    branch = _MKL_CBWR_BRANCHES.get(mode & ~_MKL_CBWR_STRICT, str(mode & ~_MKL_CBWR_STRICT))
+    return branch + ("+strict" if mode & _MKL_CBWR_STRICT else "")
+
+
 def execution_fingerprint() -> dict[str, Any]:
     """What decides *how* this process computes (not *what*): the CPU, the instruction set ATen dispatches to,
     thread pools, matmul precision and the kernel-selecting environment variables.
@@ -198,6 +241,7 @@ def execution_fingerprint() -> dict[str, Any]:
         "interop_threads": torch.get_num_interop_threads(),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "mkldnn_enabled": bool(torch.backends.mkldnn.enabled),
+        "mkl_cnr": mkl_cnr(),
         "environment": {
             name: value for name, value in sorted(os.environ.items()) if name.startswith(NUMERIC_ENV_PREFIXES)
         },
