@@ -2,12 +2,13 @@
 
 Now and then one uninterrupted run of the example, on this loaded 2-core VM, ends with weights about 1e-6
 away from another run of the same seed: from its first checkpoint on, model and optimizer floats differ
-while the RNG states, data position, counters and settings are identical (docs/DETERMINISM.md; cause still
-open). A test that compares a run with a reference reports exactly that case as an expected failure with
-its figures (so CI does not reject unrelated work on it) and keeps the two differing checkpoints and the
-step traces for diagnosis. Everything else still fails: a difference in an RNG, the data, a counter or a
-setting, any difference of 1e-4 or more, a missing checkpoint, and any difference that first appears in
-what a *resumed* process computed (a resume must reproduce the uninterrupted run exactly).
+while the RNG states, data position, counters and settings are identical (docs/DETERMINISM.md; likely cause:
+MKL computing with CNR off, fixed but unproven). A test that compares a run with a reference reports exactly
+that case as an expected failure with its figures and both processes' MKL mode (so CI does not reject
+unrelated work on it) and keeps the two differing checkpoints and the step traces for diagnosis.
+Everything else still fails: a difference in an RNG, the data, a counter or a setting, any difference of
+1e-4 or more, a missing checkpoint, and any difference that first appears in what a *resumed* process
+computed (a resume must reproduce the uninterrupted run exactly).
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ class Divergence:
     sizes: dict[str, float]
     reference: Any
     state: Any
+    # How each saving process computed (execution fingerprints): if both name MKL's CNR mode on ("auto") and
+    # still diverge, CNR is not the cause (docs/DETERMINISM.md, "The likely cause").
+    executions: tuple[Any, Any] = (None, None)
 
     @property
     def rounding_only(self) -> bool:
@@ -66,7 +70,8 @@ class Divergence:
 
     def __str__(self) -> str:
         largest = dict(sorted(self.sizes.items(), key=lambda item: -item[1])[:6])
-        return f"first differs at {self.key}: {largest or self.leaves[:8]}"
+        modes = [execution.get("mkl_cnr") if isinstance(execution, dict) else None for execution in self.executions]
+        return f"first differs at {self.key}: {largest or self.leaves[:8]}; MKL CNR reference/run: {modes}"
 
 
 def first_divergence(
@@ -88,8 +93,15 @@ def first_divergence(
         mine = _store(run_where).load_checkpoint(lineage=version[0], version=version[1])
         found = differing_leaves(want, mine)
         if found:
-            return Divergence(key, found, max_abs_difference(want, mine), want, mine)
+            executions = (_execution(ref_where, *theirs[key]), _execution(run_where, *version))
+            return Divergence(key, found, max_abs_difference(want, mine), want, mine, executions)
     return None
+
+
+def _execution(where: Path | CheckpointStore, lineage: str, version: int) -> Any:
+    """The execution fingerprint the checkpoint's saving process recorded (None before they existed)."""
+    info = next((info for info in _store(where).list(lineage) if info.version == version), None)
+    return None if info is None else info.metadata.get("execution")
 
 
 def keep_evidence(label: str, divergence: Divergence) -> Path:
@@ -100,7 +112,8 @@ def keep_evidence(label: str, divergence: Divergence) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(divergence.reference, folder / "reference.pt")
     torch.save(divergence.state, folder / "run.pt")
-    summary = {"checkpoint": divergence.key, "leaves": divergence.leaves, "sizes": divergence.sizes}
+    summary = {"checkpoint": divergence.key, "leaves": divergence.leaves, "sizes": divergence.sizes,
+               "executions": divergence.executions}  # fmt: skip
     summary["step_trace"] = os.environ.get("PREFECT_RECOVERY_STEP_TRACE")
     (folder / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return folder
