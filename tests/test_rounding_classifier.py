@@ -4,6 +4,7 @@ appears in what an uninterrupted process wrote."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,8 @@ def write(store: CheckpointStore, lineage: str, changed_from: int | None = None,
         name = lineage + ".light" if tier == "light" else lineage
         value = state(step, **change) if changed_from is not None and step >= changed_from else state(step)
         # what a Checkpointer writes (its light tier is a derived lineage the public API does not save to)
-        save_state(store.core, value, lineage=name, step=step, metadata={"tier": tier, "trigger": "every_n_steps"})
+        metadata = {"tier": tier, "trigger": "every_n_steps", "execution": {"mkl_cnr": "auto"}}
+        save_state(store.core, value, lineage=name, step=step, metadata=metadata)
 
 
 @pytest.fixture(autouse=True)
@@ -58,6 +60,9 @@ def test_a_rounding_difference_of_the_weights_is_issue_18_and_its_evidence_is_ke
     assert set(divergence.leaves) == {"/model/0.weight", "/metrics/loss"}
     assert folder.parent == evidence and (folder / "summary.json").is_file()
     assert torch.load(folder / "run.pt")["counters"] == {"step": 20}
+    # how both processes computed, to confirm or refute the likely cause (MKL with CNR off)
+    assert "MKL CNR reference/run: ['auto', 'auto']" in str(divergence)
+    assert json.loads((folder / "summary.json").read_text())["executions"] == [{"mkl_cnr": "auto"}] * 2
 
 
 @pytest.mark.parametrize(
