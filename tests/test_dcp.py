@@ -625,3 +625,21 @@ def test_ddp_on_two_ranks_with_a_delta_store_loads_bit_identical(tmp_path):
     deltas = [(e.shard.rank, c) for e in manifest.entries if e.kind == "tensor" for c in e.chunks if c.parent]
     assert {rank for rank, _ in deltas} == {0, 1}  # both ranks wrote delta chunks
     assert verify_store(store, decode=True).healthy
+
+
+def test_ddp_on_two_ranks_with_a_paged_delta_store_finds_each_ranks_base_in_its_own_pages(tmp_path):
+    """With a paged manifest each rank reads only its own pages of the base (and the coordinator's):
+    both ranks still write delta chunks, and both versions load bit for bit on both ranks."""
+    from prefect_recovery.core.verify import verify_store
+
+    done = torchrun(tmp_path, 2, "ddp-save,ddp-load", "--delta", "--page-entries", "4")
+    assert done.returncode == 0, done.stderr[-4000:]
+    loaded = reports(tmp_path, "ddp-load")
+    assert len(loaded) == 2 and all(r["differences"] == {"1": [], "2": []} for r in loaded)
+    store = make_store(tmp_path)
+    manifest, holders = store.resolve("ddp", 2)
+    assert manifest.paged and {tuple(page.ranks) for page in manifest.pages} >= {(0,), (1,)}
+    entries = store.manifest_entries(manifest, prefer=holders)
+    deltas = [(e.shard.rank, c) for e in entries if e.kind == "tensor" for c in e.chunks if c.parent]
+    assert {rank for rank, _ in deltas} == {0, 1}
+    assert verify_store(store, decode=True).healthy

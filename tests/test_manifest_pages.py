@@ -485,3 +485,48 @@ def test_a_paged_manifests_tree_naming_no_entry_of_its_pages_is_refused_and_repo
     report = verify_store(store)
     assert not report.healthy
     assert any(p.kind == "unreadable manifest" and "lacks" in p.detail for p in report.problems)
+
+
+def _fine_tune_parts(store: Store, ranks: int, nudge: float, base: dict[int, list] | None = None) -> list:
+    """Each rank's shards of three 16 KiB weights (a fine-tune nudges them by ``nudge``), written against
+    ``base[rank]`` when given (what ``delta_base`` gave that rank), plus a coordinator part of no rank."""
+    parts = []
+    for rank in range(ranks):
+        plans = []
+        for i in range(3):
+            weights = torch.linspace(-1, 1, 4096, dtype=torch.float32) * (rank + i + 1) + nudge
+            shard = ShardInfo(global_shape=[4096 * ranks], offsets=[4096 * rank], rank=rank)
+            data = memoryview(weights.numpy().tobytes())
+            plans.append(EntryPlan(f"model/w{i}@{rank}", "tensor", data, dtype="float32", shape=[4096], shard=shard))
+        parts.append(store.write_entries(plans, base=None if base is None else base[rank]))
+    parts.append(store.write_entries([EntryPlan(name="meta", kind="bytes", data=memoryview(b"coordinator"))]))
+    return parts
+
+
+def test_a_delta_stores_rank_reads_only_its_own_pages_of_the_base(tmp_path):
+    """Issue 17: with ``delta`` on, each DCP rank asks for the base of its next save (``delta_base(lineage,
+    ranks=[rank])``); of a paged base it reads its own pages and the coordinator's, not every rank's, and
+    still finds the parent of each of its chunks."""
+    regions = regions_at(tmp_path, "a")
+    store = Store(regions, write_quorum=1, straggler_grace=None, page_entries=2, codec="zstd", delta=True,
+                  chunk_bytes=4096)  # fmt: skip
+    store.commit_entries("ft", _fine_tune_parts(store, ranks=4, nudge=0.0), step=1)
+    manifest, _ = store.resolve("ft")
+    assert len(manifest.pages) == 4 * 2 + 1  # 3 entries per rank at 2 per page, and the coordinator's
+
+    regions[0].gets.clear()
+    bases = {rank: store.delta_base("ft", ranks=[rank]) for rank in range(4)}
+    pages_read = [key for key in regions[0].gets.elements() if key.startswith("blobs/")]
+    assert len(pages_read) == 4 * (2 + 1)  # each rank: its two pages and the coordinator's, nothing else
+    assert [e.name for e in bases[2]] == [f"model/w{i}@2" for i in range(3)] + ["meta"]
+
+    store.commit_entries("ft", _fine_tune_parts(store, ranks=4, nudge=1e-6, base=bases), step=2)
+    entries = store.manifest_entries(store.resolve("ft", 2)[0])
+    tensors = [e for e in entries if e.kind == "tensor"]
+    assert all(chunk.parent for e in tensors for chunk in e.chunks)  # every rank found every parent
+    expected = torch.linspace(-1, 1, 4096, dtype=torch.float32) * 3 + 1e-6  # rank 2, w0
+    buffer = bytearray(4096 * 4)
+    store.read_entries_into([(next(e for e in tensors if e.name == "model/w0@2"), memoryview(buffer))])
+    assert torch.frombuffer(buffer, dtype=torch.float32).numpy().tobytes() == expected.numpy().tobytes()
+    assert store.delta_base("ft", ranks=None) is not None and len(store.delta_base("ft")) == 4 * 3 + 1
+    assert Store(regions, write_quorum=1).delta_base("ft", ranks=[0]) is None  # delta off: no base read

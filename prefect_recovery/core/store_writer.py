@@ -226,15 +226,19 @@ class StoreWrites(StoreListing, StorePages):
                 "every reader would reject what it writes; set the store's signing key (or accept_unsigned)"
             )
 
-    def delta_base(self, lineage: str) -> list[Entry] | None:
+    def delta_base(self, lineage: str, *, ranks: Iterable[int] | None = None) -> list[Entry] | None:
         """What ``write_entries`` takes as ``base`` for the next version of ``lineage``: with ``delta`` on,
-        the entries of its latest consistent version (the parents a delta chunk may name; a DCP save's
-        ranks each pass it too), empty when it has none that can be read; None with ``delta`` off."""
+        the entries of its latest consistent version (the parents a delta chunk may name), empty when it has
+        none that can be read; None with ``delta`` off.
+
+        ``ranks``: a DCP save's rank asks for its own (``manifest_entries(ranks=...)``): of a paged version it
+        reads only its own pages and those of no rank, not every rank's. A shard that another rank wrote last
+        time (the sharding changed) is then written whole, as a renamed one is."""
         if not self.delta:
             return None
         try:
             manifest, holders = self.resolve(lineage)  # type: ignore[attr-defined]
-            return self.manifest_entries(manifest, prefer=holders)
+            return self.manifest_entries(manifest, prefer=holders, ranks=ranks)
         except CheckpointError:  # no base (a first save, a damaged latest): the save is written whole
             return []
 

@@ -239,8 +239,8 @@ class StoreWriter(StorageWriter):
             plans.append(entry_plan)
         # With a delta store, each chunk that changed little since the lineage's latest version is stored as
         # an XOR against that version's chunk of the same entry (a shard keeps its name while the sharding
-        # does); every rank reads the base itself, in parallel.
-        written = self.store.write_entries(plans, base=self.store.delta_base(self.lineage))
+        # does); every rank reads its own part of the base (its pages, of a paged manifest), in parallel.
+        written = self.store.write_entries(plans, base=self.store.delta_base(self.lineage, ranks=[rank]))
         if page and written.entries:
             # This rank's entry pages, written (to every region, like blobs) in parallel with the
             # other ranks': the coordinator only lists them (benchmarks/ranks.py, SCALING.md).
