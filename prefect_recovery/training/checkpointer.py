@@ -53,7 +53,7 @@ from ..core.layout import LIGHT_SUFFIX, check_base_lineage
 from ..core.manifest import Component
 from ..core.models import CheckpointInfo
 from ..core.store import core_store
-from . import rng_guard
+from . import first_calls, rng_guard
 from .async_saver import AsyncSaver
 from .context import ResumePoint, active_hooks
 from .determinism import (
@@ -281,6 +281,7 @@ class Checkpointer:
             strict_determinism = os.environ.get("PREFECT_RECOVERY_STRICT_DETERMINISM", "").lower() in ("1", "true")
         self.strict_determinism = strict_determinism
         check_reproducible_kernels(strict_determinism, report=self._reports_warnings)
+        first_calls.settle()  # before the first step: MKL's racing first parallel call rounds differently
         self.rng_interference: list[rng_guard.Interference] = []  # foreign draws, served privately
         self._claimed = False
         self._watchdog: threading.Timer | None = None

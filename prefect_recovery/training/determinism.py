@@ -15,11 +15,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import first_calls
 from .encoding import DTYPES
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and every CUDA device) from one integer."""
+    """Seed Python, NumPy and torch (CPU and every CUDA device) from one integer, and make the math
+    libraries' first calls on this thread (``first_calls``: a racing first call rounds differently)."""
+    first_calls.settle()
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
