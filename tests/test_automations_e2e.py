@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from conftest import CLI, REPO
 from helpers.live_prefect import BIN, LiveServer, api, deployment_id, flow_runs, live_server, serving, wait_for
-from helpers.rounding import checkpoints, xfail_if_rounding
+from helpers.rounding import checkpoints, fail_if_rounding
 from helpers.step_values import differing_leaves, final_state
 
 from prefect_recovery import CheckpointStore
@@ -256,7 +256,7 @@ def test_automatic_recovery_after_sigkill(live: Live) -> None:
         assert recovered.finished["final_version"] == info.version
         differing = differing_leaves(reference_state, state)
         if differing:  # issue 18's divergence, before the kill or in the reference, is reported with its figures
-            xfail_if_rounding(LINEAGE, (store, REFERENCE), (store, LINEAGE), uninterrupted=before)
+            fail_if_rounding(LINEAGE, (store, REFERENCE), (store, LINEAGE), uninterrupted=before)
         assert differing == []
         assert recovered.finished["final_digest"] == ref_result["final_digest"]
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import CLI
-from helpers.rounding import xfail_if_rounding
+from helpers.rounding import fail_if_rounding
 from safetensors.torch import load_file
 
 from prefect_recovery import CheckpointStore
@@ -110,7 +110,7 @@ def test_demo_is_bit_identical_across_runs(demo_run, recovery_home: Path) -> Non
     second = json_of(result)
     assert second["status"] == "completed"
     if second["final_digest"] != first["final_digest"]:  # issue 18's divergence is reported with its figures
-        xfail_if_rounding("demo-again", (demo_run[0], "demo"), (recovery_home, "demo"))
+        fail_if_rounding("demo-again", (demo_run[0], "demo"), (recovery_home, "demo"))
     assert second["final_digest"] == first["final_digest"]
 
 

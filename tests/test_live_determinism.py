@@ -153,11 +153,11 @@ def test_runs_of_the_same_pipeline_are_bit_identical_against_a_live_server(stack
             )
     diverged = {lineage: str(found) for lineage, found in divergences.items() if found is not None}
     if diverged and all(found.rounding_only() for found in divergences.values() if found is not None):
-        # Known and open (issue 18, docs/DETERMINISM.md): now and then, under the CPU load of several runs, one
-        # run's weights differ from the others' by about 1e-6 from the first checkpoint on, while its RNG states,
-        # data position and settings are identical. Reported as an expected failure with its figures, so that CI
-        # does not reject unrelated work; any other divergence (an RNG, the data, a missing checkpoint) fails.
+        # Issue 18 (docs/DETERMINISM.md): under the CPU load of several runs, one run's weights differed from the
+        # others' by about 1e-6 from the first checkpoint on, RNG states, data position and settings identical:
+        # MKL's vector math racing at its first call, fixed (training/first_calls.py). Should it come back, the
+        # failure keeps the evidence (both checkpoints, both processes' fingerprints) to find what else does it.
         kept = {name: rounding_divergence(name, (store, cli_lineages[0]), (store, name)) for name in diverged}
         evidence = {name: str(found[1]) for name, found in kept.items() if found is not None}
-        pytest.xfail(f"issue 18, rounding-level divergence under load: {diverged}; evidence in {evidence}")
+        pytest.fail(f"issue 18 again, rounding-level divergence under load: {diverged}; evidence in {evidence}")
     assert not diverged, diverged

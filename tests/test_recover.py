@@ -36,7 +36,7 @@ from conftest import CLI, REPO
 from helpers import recover_pipeline
 from helpers.prefect_events import read_lineage_events
 from helpers.recover_pipeline import BLOCK_ENV, HOLD_ENV, MODULE, PIPELINE, TRACE_ENV, save_numbers
-from helpers.rounding import checkpoints, xfail_if_rounding
+from helpers.rounding import checkpoints, fail_if_rounding
 from helpers.snapshot import snapshot
 from helpers.step_values import differing_leaves
 
@@ -518,7 +518,7 @@ def test_example_pipeline_killed_mid_training_is_recovered_bit_identical(env, de
     assert result["reused_steps"] == ["prepare-data"]
     assert result["resumed_from"] == {"version": latest.version, "step": latest.step}
     if result["final_digest"] != demo_reference.result["final_digest"]:  # issue 18's, before the kill: its figures
-        xfail_if_rounding(lineage, (demo_reference.home, "reference"), (store, lineage), uninterrupted=before)
+        fail_if_rounding(lineage, (demo_reference.home, "reference"), (store, lineage), uninterrupted=before)
     assert result["final_digest"] == demo_reference.result["final_digest"]
     state, info = final_state(env.home, lineage)
     assert info.version == result["final_version"]

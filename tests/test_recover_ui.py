@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from conftest import CLI, REPO
 from helpers.live_prefect import Stack, deployment_id, flow_runs, live_stack, wait_completed, wait_for
-from helpers.rounding import checkpoints, xfail_if_rounding
+from helpers.rounding import checkpoints, fail_if_rounding
 from helpers.step_values import differing_leaves
 from helpers.ui import open_custom_run, submit_custom_run, ui_page
 
@@ -140,5 +140,5 @@ def test_recover_a_killed_run_from_the_ui(stack: Stack, start_demo: Callable[[st
     ]
     differing = differing_leaves(final_state(store, "ref"), final_state(store, lineage))
     if differing:  # issue 18's divergence, before the kill or in the reference, is reported with its figures
-        xfail_if_rounding(lineage, (store, "ref"), (store, lineage), uninterrupted=before)
+        fail_if_rounding(lineage, (store, "ref"), (store, lineage), uninterrupted=before)
     assert differing == []

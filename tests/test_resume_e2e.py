@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 from conftest import CLI, REPO
-from helpers.rounding import checkpoints, xfail_if_rounding
+from helpers.rounding import checkpoints, fail_if_rounding
 from helpers.step_values import differing_leaves, final_state
 
 from prefect_recovery import CheckpointStore
@@ -178,7 +178,7 @@ def resume_and_compare(reference: Reference, home: Path, lineage: str, api_url: 
     assert info.version == result["final_version"]
     differing = differing_leaves(reference.state, state)
     if differing:  # issue 18's divergence before the kill is reported with its figures, not as a resume failure
-        xfail_if_rounding(lineage, (reference.home, reference.lineage), (home, lineage), uninterrupted=before)
+        fail_if_rounding(lineage, (reference.home, reference.lineage), (home, lineage), uninterrupted=before)
     assert differing == []
     assert result["final_digest"] == reference.result["final_digest"]
     return result
@@ -325,7 +325,7 @@ def test_python_rng_is_not_polluted_by_prefect_keepalive(reference, api_url, rec
     state, _info = final_state(recovery_home, lineage, STEPS)
     differing = differing_leaves(reference.state, state)
     if differing:  # no fault here: issue 18's divergence is reported with its figures
-        xfail_if_rounding(lineage, (reference.home, reference.lineage), (recovery_home, lineage))
+        fail_if_rounding(lineage, (reference.home, reference.lineage), (recovery_home, lineage))
     assert differing == []
     assert result["final_digest"] == reference.result["final_digest"]
 

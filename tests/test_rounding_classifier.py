@@ -1,6 +1,6 @@
-"""tests/helpers/rounding.py decides when a bit-identity test reports issue 18 as an expected failure instead
-of failing: it must excuse nothing but a rounding-level difference of the weights and optimizer that first
-appears in what an uninterrupted process wrote."""
+"""tests/helpers/rounding.py decides when a bit-identity test's failure is issue 18's divergence (reported with
+its figures and evidence kept; an expected failure until its cause was fixed): nothing but a rounding-level
+difference of the weights and optimizer that first appears in what an uninterrupted process wrote."""
 
 from __future__ import annotations
 

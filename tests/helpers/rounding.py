@@ -2,10 +2,10 @@
 
 Now and then one uninterrupted run of the example, on this loaded 2-core VM, ends with weights about 1e-6
 away from another run of the same seed: from its first checkpoint on, model and optimizer floats differ
-while the RNG states, data position, counters and settings are identical (docs/DETERMINISM.md; likely cause:
-MKL computing with CNR off, fixed but unproven). A test that compares a run with a reference reports exactly
-that case as an expected failure with its figures and both processes' MKL mode (so CI does not reject
-unrelated work on it) and keeps the two differing checkpoints and the step traces for diagnosis.
+while the RNG states, data position, counters and settings are identical. Its cause, MKL's vector math
+racing at its first call in a process, is fixed (training/first_calls.py, docs/DETERMINISM.md). A test that
+compares a run with a reference reports that case as a failure with its figures and both processes' MKL
+mode, and keeps the two differing checkpoints and the step traces for diagnosis.
 Everything else still fails: a difference in an RNG, the data, a counter or a setting, any difference of
 1e-4 or more, a missing checkpoint, and any difference that first appears in what a *resumed* process
 computed (a resume must reproduce the uninterrupted run exactly).
@@ -135,15 +135,18 @@ def rounding_divergence(
     return found, keep_evidence(label, found)
 
 
-def xfail_if_rounding(
+def fail_if_rounding(
     label: str,
     reference: tuple[Path | CheckpointStore, str],
     run: tuple[Path | CheckpointStore, str],
     uninterrupted: set[tuple[str, int]] | None = None,
 ) -> None:
-    """Call where a run was found to differ from its reference: reports issue 18's divergence as an expected
-    failure (with its figures and where the evidence is); returns otherwise, so that the caller's own
-    assertion fails with its usual message."""
+    """Call where a run was found to differ from its reference: issue 18's divergence fails with its figures,
+    both processes' MKL mode and where the evidence is kept (it was an expected failure until its cause, a
+    racing first call of MKL's vector math, was fixed: training/first_calls.py); returns otherwise, so that
+    the caller's own assertion fails with its usual message."""
     found = rounding_divergence(label, reference, run, uninterrupted)
     if found is not None:
-        pytest.xfail(f"issue 18, rounding-level divergence of an uninterrupted run: {found[0]}; evidence in {found[1]}")
+        pytest.fail(
+            f"issue 18 again, rounding-level divergence of an uninterrupted run: {found[0]}; evidence in {found[1]}"
+        )
