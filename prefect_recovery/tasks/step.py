@@ -42,6 +42,7 @@ from ..core.errors import (
 )
 from ..core.manifest import canonical_json
 from ..core.models import CheckpointInfo
+from ..training import first_calls
 from ..training.context import ResumePoint
 from ..training.encoding import UnsupportedValueError, encode_state
 from ..training.state_io import load_state, save_state
@@ -225,6 +226,9 @@ def step(
 
         @functools.wraps(func)
         def run_step(*args: Any, **kwargs: Any) -> Any:
+            # Before any step's code (a data step's too, not only training's Checkpointer): MKL's vector math
+            # set up on this one thread, since its racing first parallel call rounds differently (issue 18).
+            first_calls.settle()
             run = current_run()
             if run is None:
                 return func(*args, **kwargs)
