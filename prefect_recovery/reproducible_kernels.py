@@ -3,9 +3,9 @@
 Bit-identical resumes need every run of the same state to round the same way. PyTorch's CPU build
 does its matrix products with Intel MKL, and MKL's default is *not* run-to-run reproducible: Intel
 documents that bitwise-identical results from run to run need conditional numerical reproducibility
-(CNR, ``MKL_CBWR``) on, a fixed thread count, and ``MKL_DYNAMIC=FALSE``. Without CNR, MKL may pick
-code paths at run time; issue 18's rare 1e-6 divergences (one process of several, under load, on
-Intel hosts; docs/DETERMINISM.md) are what that allows.
+(CNR, ``MKL_CBWR``) on, a fixed thread count, and ``MKL_DYNAMIC=FALSE``. (Issue 18's rare 1e-6
+divergences turned out to have another cause, MKL's vector math racing at its first call:
+``training/first_calls.py``. CNR did not stop that; it is kept as the condition Intel documents.)
 
 MKL reads ``MKL_CBWR`` once, at its first computation, and refuses to change mode afterwards. So
 this runs when ``prefect_recovery`` is imported (before torch's first matrix product in any program
