@@ -27,6 +27,8 @@ import pytest
 import torch
 from conftest import REPO
 
+from prefect_recovery.training.determinism import execution_fingerprint
+
 PARALLEL = 4
 PROCESSES = int(os.environ.get("PREFECT_RECOVERY_FIRST_CALL_PROCESSES", "40"))
 CONTROL_LIMIT = 240  # the control runs fresh processes until one diverges, at most this many
@@ -59,18 +61,13 @@ print(lib.mkl_serv_cbwr_get_auto_branch())
 """
 
 
-def _cpu_vendor() -> str:
-    with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-        return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("vendor_id")), "")
-
-
 @pytest.fixture(scope="module")
 def intel_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The environment under which MKL takes its Intel code paths: nothing on an Intel CPU, the vendor-check
     stand-in elsewhere (skipped, with the reason, where MKL cannot take them)."""
     if not torch.backends.mkl.is_available():
         pytest.skip("this torch build does not compute with MKL")
-    if _cpu_vendor() == "GenuineIntel":
+    if execution_fingerprint()["cpu"].startswith("GenuineIntel"):  # the fingerprint's CPU: vendor first
         return {}
     compiler = shutil.which("gcc") or shutil.which("cc")
     if compiler is None or not sys.platform.startswith("linux"):
